@@ -1,0 +1,74 @@
+// The fcnfast._C extension: op schemas for the PyTorch dispatcher and a small
+// pybind11 module with build information. Kernels live in csrc/cpu/<op>.cpp
+// and csrc/cuda/<op>.cu; each backend file registers its own implementations
+// (TORCH_LIBRARY_IMPL), so an op without a kernel for a device simply falls
+// back to fcnfast.reference in Python.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef FCNFAST_VERSION
+#define FCNFAST_VERSION "unknown"
+#endif
+#ifndef FCNFAST_TORCH_VERSION
+#define FCNFAST_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(fcnfast, m) {
+  // crop is always explicit (top, left, height, width); Python resolves None.
+  m.def(
+      "conv_transpose2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation, int[4] crop) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_bias); an entry not asked for in
+  // output_mask is an empty tensor.
+  m.def(
+      "conv_transpose2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] output_padding, int groups, int[2] dilation, int[4] crop, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  m.def("bilinear_upsample2d(Tensor x, int scale, int[4] crop) -> Tensor");
+  m.def(
+      "bilinear_upsample2d_backward(Tensor grad, int in_height, int in_width, int scale, "
+      "int[4] crop) -> Tensor");
+
+  m.def("skip_add_crop(Tensor coarse, Tensor skip, int[2] offset) -> Tensor");
+  m.def(
+      "skip_add_crop_backward(Tensor grad, int skip_height, int skip_width, int[2] offset) "
+      "-> Tensor");
+
+  m.def(
+      "score_skip(Tensor coarse, Tensor feature, Tensor weight, Tensor? bias, float scale, "
+      "int[2] offset) -> Tensor");
+  // Returns (grad_feature, grad_weight, grad_bias); grad_coarse is grad itself.
+  m.def(
+      "score_skip_backward(Tensor grad, Tensor feature, Tensor weight, float scale, "
+      "int[2] offset, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  m.def("upsample_argmax(Tensor x, int scale, int[4] crop) -> Tensor");
+  m.def(
+      "upsample_cross_entropy(Tensor x, Tensor target, int scale, int[4] crop, "
+      "int ignore_index, str reduction) -> Tensor");
+  m.def(
+      "upsample_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor target, int scale, "
+      "int[4] crop, int ignore_index, str reduction) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fcnfast native kernels (ops are registered under torch.ops.fcnfast)";
+  m.attr("__version__") = FCNFAST_VERSION;
+  m.attr("torch_version") = FCNFAST_TORCH_VERSION;
+#ifdef FCNFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+#ifdef FCNFAST_SANITIZE
+  m.attr("sanitize") = FCNFAST_SANITIZE;
+#else
+  m.attr("sanitize") = "";
+#endif
+}

@@ -1,0 +1,35 @@
+"""fcnfast: fast native kernels and models for fully convolutional networks (FCN).
+
+The three FCN-specific steps -- transposed convolution with a fused output crop,
+frozen bilinear upsampling, and the skip score+crop+add -- run as native C++
+(and CUDA) kernels registered with the PyTorch dispatcher; ``fcnfast.reference``
+defines every op in plain PyTorch and is the fallback when the extension is
+missing.
+"""
+__version__ = "0.1.0"
+
+from ._backend import backend, build_info, use_backend  # noqa: E402
+from . import ops, reference  # noqa: E402
+from .ops import (  # noqa: E402
+    bilinear_upsample2d,
+    conv_transpose2d,
+    score_skip,
+    skip_add_crop,
+    upsample_argmax,
+    upsample_cross_entropy,
+)
+
+__all__ = [
+    "__version__",
+    "backend",
+    "build_info",
+    "use_backend",
+    "ops",
+    "reference",
+    "conv_transpose2d",
+    "bilinear_upsample2d",
+    "skip_add_crop",
+    "score_skip",
+    "upsample_argmax",
+    "upsample_cross_entropy",
+]

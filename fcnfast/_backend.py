@@ -1,0 +1,134 @@
+"""Which implementation runs an op: the compiled extension or the reference.
+
+Order: the compiled extension ``fcnfast._C`` when it loaded and has a kernel for
+the tensor's device, otherwise ``fcnfast.reference``. ``FCNFAST_BACKEND``
+forces a choice: ``reference`` always uses the pure-PyTorch ops, ``native``
+raises if the extension cannot be loaded. A missing or broken extension never
+raises ImportError: it warns once and the reference runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+
+import torch
+
+_VALID = ("auto", "native", "reference")
+_lock = threading.Lock()
+_state = {"ext": None, "error": None, "loaded": False, "override": None}
+_on_load = []  # callbacks run once the extension has loaded (op registrations)
+
+
+def on_extension_load(callback):
+    """Run ``callback()`` now if the extension is loaded, else right after it loads."""
+    if _state["ext"] is not None:
+        callback()
+    else:
+        _on_load.append(callback)
+
+
+def _load_extension():
+    with _lock:
+        if _state["loaded"]:
+            return _state["ext"]
+        _state["loaded"] = True
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.fcnfast.*)
+        except Exception as exc:  # ImportError, undefined symbols, ABI mismatch ...
+            _state["error"] = exc
+            if _requested() == "native":
+                raise RuntimeError(
+                    "FCNFAST_BACKEND=native but the fcnfast._C extension failed to load: %s" % exc
+                ) from exc
+            if _requested() != "reference":
+                warnings.warn(
+                    "fcnfast: native extension not available (%s: %s); using the pure-PyTorch "
+                    "reference ops. Rebuild with `pip install --no-build-isolation .` against the "
+                    "installed torch (%s)." % (type(exc).__name__, exc, torch.__version__),
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        _state["ext"] = _C
+    for callback in _on_load:
+        callback()
+    _on_load.clear()
+    return _C
+
+
+def _requested() -> str:
+    if _state["override"] is not None:
+        return _state["override"]
+    value = os.environ.get("FCNFAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _VALID:
+        raise ValueError("FCNFAST_BACKEND must be one of %s, got %r" % (_VALID, value))
+    return value
+
+
+def extension():
+    """The loaded ``fcnfast._C`` module, or None (reference fallback)."""
+    if _requested() == "reference" and not _state["loaded"]:
+        # do not even try to load a possibly broken extension
+        return None
+    return _load_extension()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the native backend should run ``op`` for tensors on ``device_type``."""
+    if _requested() == "reference" or extension() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fcnfast::" + op, key)
+
+
+def backend() -> str:
+    """``"native"`` when the compiled extension is in use, else ``"reference"``."""
+    return "native" if (_requested() != "reference" and extension() is not None) else "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily force ``"reference"`` or ``"native"`` (or ``"auto"``) in this process."""
+    if name not in _VALID:
+        raise ValueError("backend must be one of %s, got %r" % (_VALID, name))
+    if name == "native" and _load_extension() is None:
+        raise RuntimeError("native backend requested but fcnfast._C failed to load: %s"
+                           % _state["error"])
+    previous = _state["override"]
+    _state["override"] = name
+    try:
+        yield
+    finally:
+        _state["override"] = previous
+
+
+def build_info() -> dict:
+    """Version, backend and how the extension was built (for ``fcnfast info``)."""
+    from . import __version__
+
+    ext = extension()
+    info = {
+        "version": __version__,
+        "backend": backend(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if ext is not None:
+        info.update(
+            compiled_version=ext.__version__,
+            compiled_torch=ext.torch_version,
+            compiled_cpu=True,
+            compiled_cuda=bool(ext.with_cuda),
+            openmp=bool(ext.with_openmp),
+            sanitize=ext.sanitize or None,
+        )
+    else:
+        info.update(compiled_cpu=False, compiled_cuda=False,
+                    load_error=repr(_state["error"]) if _state["error"] else None)
+    return info

@@ -1,0 +1,155 @@
+"""Pure-PyTorch definition of every fcnfast op.
+
+This module is the readable specification, the fallback when the native
+extension is missing, and the oracle the tests compare the kernels against.
+Each function is the one-line PyTorch expression given in its docstring (plus
+argument checks); gradients come from PyTorch autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _geometry as geo
+
+__all__ = [
+    "bilinear_filter",
+    "conv_transpose2d",
+    "bilinear_upsample2d",
+    "skip_add_crop",
+    "score_skip",
+    "upsample_argmax",
+    "upsample_cross_entropy",
+]
+
+
+def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Caffe's 2-D bilinear upsampling filter of size ``kernel_size`` x ``kernel_size``.
+
+    ``f = ceil(k/2)``, ``c = f-1`` (k odd) or ``f-0.5`` (k even),
+    ``w(i, j) = (1 - |i-c|/f) * (1 - |j-c|/f)``.
+    """
+    if kernel_size <= 0:
+        raise ValueError("kernel_size must be positive, got %d" % kernel_size)
+    f = math.ceil(kernel_size / 2)
+    c = f - 1 if kernel_size % 2 == 1 else f - 0.5
+    idx = torch.arange(kernel_size, dtype=torch.float64, device=device)
+    w1 = 1 - (idx - c).abs() / f
+    return torch.outer(w1, w1).to(dtype)
+
+
+def _crop(out: torch.Tensor, crop) -> torch.Tensor:
+    top, left, h, w = crop
+    return out[..., top:top + h, left:left + w]
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1, crop=None):
+    """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``"""
+    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
+        x, weight, bias, stride, padding, output_padding, groups, dilation)
+    crop = geo.resolve_crop(crop, *full)
+    out = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _crop(out, crop)
+
+
+def bilinear_upsample2d(x, scale: int, crop=None):
+    """``F.conv_transpose2d(x, bilinear_filter(2*scale).expand(C, 1, k, k), stride=scale, groups=C)[crop]``
+
+    The FCN "upscore" layer with frozen Caffe bilinear weights (depthwise). Not
+    ``F.interpolate``: the output is shifted and its borders are zero-padded.
+    """
+    geo.check_tensor(x, "x", 4)
+    scale = geo.check_scale(scale)
+    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    channels = x.shape[1]
+    k = 2 * scale
+    weight = bilinear_filter(k, x.dtype, x.device).expand(channels, 1, k, k)
+    out = F.conv_transpose2d(x, weight, stride=scale, groups=max(channels, 1)) if channels else \
+        x.new_zeros(x.shape[0], 0, *geo.bilinear_full_size(x, scale))
+    return _crop(out, crop)
+
+
+def skip_add_crop(coarse, skip, offset):
+    """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
+    geo.check_tensor(coarse, "coarse", 4)
+    geo.check_tensor(skip, "skip", 4)
+    geo.check_same(coarse, "coarse", skip, "skip")
+    if coarse.shape[:2] != skip.shape[:2]:
+        raise ValueError("coarse %s and skip %s must agree in batch and channels"
+                         % (tuple(coarse.shape), tuple(skip.shape)))
+    oy, ox = geo.skip_window(coarse, skip.shape[2:], offset)
+    h, w = coarse.shape[2:]
+    return coarse + skip[..., oy:oy + h, ox:ox + w]
+
+
+def _check_score_skip(coarse, feature, weight, bias, offset):
+    geo.check_tensor(coarse, "coarse", 4)
+    geo.check_tensor(feature, "feature", 4)
+    geo.check_tensor(weight, "weight", 4)
+    geo.check_same(coarse, "coarse", feature, "feature")
+    geo.check_same(coarse, "coarse", weight, "weight")
+    if weight.shape[2:] != (1, 1):
+        raise ValueError("weight must be a 1x1 convolution weight (K, C, 1, 1), got %s"
+                         % (tuple(weight.shape),))
+    if weight.shape[1] != feature.shape[1]:
+        raise ValueError("weight.shape[1] (%d) must equal feature channels (%d)"
+                         % (weight.shape[1], feature.shape[1]))
+    if coarse.shape[0] != feature.shape[0] or coarse.shape[1] != weight.shape[0]:
+        raise ValueError("coarse %s must have batch %d and %d channels (weight.shape[0])"
+                         % (tuple(coarse.shape), feature.shape[0], weight.shape[0]))
+    if bias is not None:
+        geo.check_tensor(bias, "bias", 1)
+        geo.check_same(coarse, "coarse", bias, "bias")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError("bias has %d elements, expected %d" % (bias.shape[0], weight.shape[0]))
+    return geo.skip_window(coarse, feature.shape[2:], offset, "feature")
+
+
+def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0, 0)):
+    """``coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]``
+
+    The FCN skip step: score a pooled feature map with a 1x1 convolution
+    (``scale`` is the at-once FCN-8s feature scaling), crop it to the coarse
+    map's window and add.
+    """
+    oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
+    h, w = coarse.shape[2:]
+    return coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy + h, ox:ox + w]
+
+
+def upsample_argmax(x, scale: int, crop=None):
+    """``bilinear_upsample2d(x, scale, crop).argmax(1)`` (int64 label map)."""
+    return bilinear_upsample2d(x, scale, crop).argmax(1)
+
+
+def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
+                           reduction: str = "mean"):
+    """``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``
+
+    ``reduction`` is ``"mean"`` (over non-ignored pixels) or ``"sum"`` (Caffe's
+    unnormalised loss).
+    """
+    _check_cross_entropy_args(x, target, scale, crop, reduction)
+    return F.cross_entropy(bilinear_upsample2d(x, scale, crop), target,
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_cross_entropy_args(x, target, scale, crop, reduction):
+    geo.check_tensor(x, "x", 4)
+    geo.check_tensor(target, "target", 3, floating=False)
+    if target.dtype != torch.int64:
+        raise ValueError("target must be an int64 label map, got %s" % target.dtype)
+    if target.device != x.device:
+        raise ValueError("x and target must be on the same device, got %s and %s"
+                         % (x.device, target.device))
+    if reduction not in ("mean", "sum"):
+        raise ValueError("reduction must be 'mean' or 'sum', got %r" % (reduction,))
+    scale = geo.check_scale(scale)
+    top, left, h, w = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    if tuple(target.shape) != (x.shape[0], h, w):
+        raise ValueError("target shape %s must be (N, H, W) = %s of the upsampled crop"
+                         % (tuple(target.shape), (x.shape[0], h, w)))

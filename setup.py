@@ -1,0 +1,129 @@
+"""Build fcnfast and its native extension ``fcnfast._C``.
+
+Environment switches (printed at build time):
+
+  FCNFAST_CUDA=auto|0|1       build the CUDA kernels: auto = when nvcc and a CUDA build of torch exist
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0")
+  FCNFAST_NATIVE_ARCH=1       add -march=native (not portable; the default baseline is AVX2+FMA)
+  FCNFAST_SANITIZE=address,undefined   compile the CPU kernels with ASan/UBSan (see README)
+  DEBUG=1                     -O0 -g
+  MAX_JOBS                    parallel compile jobs (ninja)
+
+Build against the installed torch with ``pip install --no-build-isolation .``: an isolated build
+could compile against a different torch than the one that loads the extension.
+"""
+import glob
+import os
+import platform
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "fcnfast", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def env_flag(name, default="auto"):
+    return os.environ.get(name, default).strip().lower()
+
+
+def rel(paths):
+    # setuptools wants source paths relative to setup.py
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def want_cuda(torch, cuda_home):
+    setting = env_flag("FCNFAST_CUDA")
+    if setting in ("0", "false", "no", "off"):
+        return False
+    available = cuda_home is not None and torch.version.cuda is not None
+    if setting in ("1", "true", "yes", "on"):
+        if not available:
+            raise RuntimeError(
+                "FCNFAST_CUDA=1 but no CUDA toolchain (CUDA_HOME=%r) or the installed torch is a "
+                "CPU build (torch.version.cuda=%r)" % (cuda_home, torch.version.cuda))
+        return True
+    return available
+
+
+def cpu_flags():
+    flags = ["-std=c++20", "-fopenmp"]
+    if os.environ.get("DEBUG") == "1":
+        flags += ["-O0", "-g"]
+    else:
+        flags += ["-O3"]
+    machine = platform.machine().lower()
+    if env_flag("FCNFAST_NATIVE_ARCH", "0") == "1":
+        flags.append("-march=native")
+    elif machine in ("x86_64", "amd64"):
+        # portable baseline: any x86-64 with AVX2 + FMA (Haswell and later)
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def sanitize_flags():
+    sanitize = os.environ.get("FCNFAST_SANITIZE", "").strip()
+    if not sanitize:
+        return [], [], ""
+    flags = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in sanitize:
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags, ["-fsanitize=" + sanitize], sanitize
+
+
+def make_extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    version = read_version()
+    with_cuda = want_cuda(torch, CUDA_HOME)
+    san_cflags, san_ldflags, sanitize = sanitize_flags()
+    define = [
+        ("FCNFAST_VERSION", '"%s"' % version),
+        ("FCNFAST_TORCH_VERSION", '"%s"' % torch.__version__),
+    ]
+    if sanitize:
+        define.append(("FCNFAST_SANITIZE", '"%s"' % sanitize))
+    sources = rel([os.path.join(HERE, "csrc", "bindings.cpp")]
+                  + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cxx = cpu_flags() + san_cflags
+    extra_compile_args = {"cxx": cxx}
+    extra_link_args = ["-fopenmp"] + san_ldflags
+    ext_cls = CppExtension
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+                       + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        define.append(("FCNFAST_WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        ext_cls = CUDAExtension
+    print("fcnfast build: version=%s torch=%s cuda=%s arch_list=%s cxx=%s sanitize=%s max_jobs=%s"
+          % (version, torch.__version__, with_cuda,
+             os.environ.get("TORCH_CUDA_ARCH_LIST", "-") if with_cuda else "-",
+             " ".join(cxx), sanitize or "-", os.environ.get("MAX_JOBS", "auto")))
+    return [ext_cls(
+        name="fcnfast._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        define_macros=define,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+    )]
+
+
+def build_ext_cls():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["fcnfast", "fcnfast.*"]),
+    ext_modules=make_extensions(),
+    cmdclass={"build_ext": build_ext_cls()},
+    zip_safe=False,
+)

@@ -1,0 +1,80 @@
+"""Shared test helpers: native-vs-reference comparison with per-dtype tolerances."""
+import os
+
+import pytest
+import torch
+
+import fcnfast
+from fcnfast import _backend
+
+# fp32: max abs error <= 1e-5 relative to the output scale; fp64: <= 1e-10 (DESIGN.md)
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-3,
+}
+
+REFERENCE_ONLY = os.environ.get("FCNFAST_BACKEND", "").lower() == "reference"
+
+
+def require_native(op: str, device: str = "cpu") -> None:
+    """Fail (not skip) when the native kernel for ``op`` is missing: otherwise a
+    native-vs-reference test would silently compare the reference with itself."""
+    if REFERENCE_ONLY:
+        pytest.skip("FCNFAST_BACKEND=reference")
+    assert _backend.has_kernel(op, device), (
+        "native kernel fcnfast::%s for %s is not available (backend=%s, build_info=%s)"
+        % (op, device, fcnfast.backend(), fcnfast.build_info()))
+
+
+def assert_close_scaled(actual, expected, dtype=None, what="output"):
+    """max|actual - expected| <= tol * max(1, max|expected|)."""
+    dtype = dtype or expected.dtype
+    assert actual.shape == expected.shape, "%s shape %s != %s" % (what, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, "%s dtype %s != %s" % (what, actual.dtype, expected.dtype)
+    if expected.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    # NaN/Inf must appear in the same places
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), "%s NaN pattern differs" % what
+    finite = torch.isfinite(e)
+    assert torch.equal(a[~finite].nan_to_num(0), e[~finite].nan_to_num(0)), "%s Inf differs" % what
+    if finite.any():
+        scale = max(1.0, e[finite].abs().max().item())
+        err = (a[finite] - e[finite]).abs().max().item()
+        assert err <= TOLERANCE[dtype] * scale, (
+            "%s max abs error %.3g > %.3g (scale %.3g, dtype %s)"
+            % (what, err, TOLERANCE[dtype] * scale, scale, dtype))
+
+
+def compare_forward_backward(native_fn, reference_fn, inputs, grad_seed=0):
+    """Run both functions on clones of ``inputs`` (tensors requiring grad get a
+    gradient), compare outputs and every input gradient."""
+    def run(fn):
+        args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+                else t for t in inputs]
+        out = fn(*args)
+        grads = []
+        if out.requires_grad:
+            g = torch.Generator().manual_seed(grad_seed)
+            grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+            wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+        return out, grads
+
+    out_n, grads_n = run(native_fn)
+    out_r, grads_r = run(reference_fn)
+    assert_close_scaled(out_n, out_r, what="output")
+    for i, (gn, gr) in enumerate(zip(grads_n, grads_r)):
+        if gr is None:
+            assert gn is None or not gn.any(), "grad %d: reference has none" % i
+            continue
+        assert gn is not None, "grad %d missing" % i
+        assert_close_scaled(gn, gr, what="grad %d" % i)
+    return out_n, out_r
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
