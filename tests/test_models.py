@@ -30,9 +30,8 @@ def randomize(model: FCN, std: float = 0.05, seed: int = 0, upsampling: bool = T
     prefixes = ("score", "upscore") if upsampling else ("score",)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
             if name.startswith(prefixes):
-                p.add_(noise * std)
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
     return model
 
 
