@@ -77,7 +77,7 @@ ConvTArgs check_conv_transpose2d(const at::Tensor& x, const at::Tensor& weight,
                       ", ", op[1], ") must be smaller than stride (", s[0], ", ", s[1],
                       ") or dilation (", d[0], ", ", d[1], ")");
   }
-  TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be positive, got ", groups);
+  TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be a positive int, got ", groups);
   const int64_t cin = x.size(1);
   TORCH_CHECK_VALUE(weight.size(0) == cin, "fcnfast: weight.shape[0] (", weight.size(0),
                     ") must equal the input channels x.shape[1] (", cin, ")");
@@ -539,10 +539,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
                         grad.size(2) == g.crop_h && grad.size(3) == g.crop_w,
                     "fcnfast: grad has shape ", shape_str(grad), ", expected [", a.batch, ", ",
                     g.out_channels, ", ", g.crop_h, ", ", g.crop_w, "] (the cropped output)");
-  const auto empty = at::empty({0}, x.options());
-  at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), x.options()) : empty;
-  at::Tensor gw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : empty;
-  at::Tensor gb = empty;
+  // outputs not asked for are distinct empty tensors (outputs must not alias)
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), x.options()) : empty();
+  at::Tensor gw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : empty();
+  at::Tensor gb = empty();
   if (output_mask[2]) {
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     gb = grad.sum({0, 2, 3}, false, acc).to(x.scalar_type());
