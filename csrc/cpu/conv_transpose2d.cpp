@@ -165,6 +165,13 @@ PhasePlan make_plan(const ConvTranspose2dGeom& g) {
       g.in_channels / g.groups, g.out_channels / g.groups};
 }
 
+// at::parallel_for grain so that a chunk carries at least ~64K multiply-adds:
+// small problems then run inline, without the cost of a parallel region.
+int64_t grain_for(int64_t work_per_item) {
+  constexpr int64_t kMinWork = int64_t(1) << 16;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
 bool force_direct() {
   const char* v = std::getenv("FCNFAST_CONV_TRANSPOSE_DIRECT");
   return v != nullptr && v[0] == '1';
@@ -189,7 +196,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wt.data_ptr<scalar_t>();
     const int64_t cin = weight.size(0), kh = p.h.kernel, kw = p.w.kernel;
-    at::parallel_for(0, cin, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, cin, grain_for(th * tw * p.m_cols()), [&](int64_t b, int64_t e) {
       for (int64_t ci = b; ci < e; ++ci) {
         const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
         for (int64_t my = 0; my < th; ++my)
@@ -218,7 +225,7 @@ template <typename acc_t, typename scalar_t>
 void unphase_weight(const acc_t* dwt, const PhasePlan& p, int64_t cin, scalar_t* gw) {
   const int64_t sh = p.h.stride, sw = p.w.stride, kh = p.h.kernel, kw = p.w.kernel;
   const int64_t dh = p.h.dilation, dw = p.w.dilation;
-  at::parallel_for(0, cin, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, cin, grain_for(p.cout_g * kh * kw), [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
       for (int64_t co = 0; co < p.cout_g; ++co)
@@ -236,13 +243,15 @@ void unphase_weight(const acc_t* dwt, const PhasePlan& p, int64_t cin, scalar_t*
 }
 
 // cols[(ci, my, mx), (qy - qy0) * nq_w + qx] = x[ci, q_lo_h + qy - my, q_lo_w + qx - mx]
-// (zero outside x) for the block rows qy in [qy0, qy1) of one image and group.
-// Each cols row is a contiguous copy of an x row segment.
+// (zero outside x) for the block rows qy in [qy0, qy1) of one image and group
+// and the group's input channels [cl0, cl1). Each cols row is a contiguous
+// copy of an x row segment.
 template <typename scalar_t, typename acc_t>
-void gather_cols(const scalar_t* x_ng, const PhasePlan& p, int64_t qy0, int64_t qy1, acc_t* cols) {
+void gather_cols(const scalar_t* x_ng, const PhasePlan& p, int64_t qy0, int64_t qy1, acc_t* cols,
+                 int64_t cl0, int64_t cl1) {
   const int64_t nqw = p.w.nq, ncols = (qy1 - qy0) * nqw;
   const int64_t in_h = p.h.in, in_w = p.w.in;
-  for (int64_t cl = 0; cl < p.cin_g; ++cl)
+  for (int64_t cl = cl0; cl < cl1; ++cl)
     for (int64_t my = 0; my < p.h.taps; ++my)
       for (int64_t mx = 0; mx < p.w.taps; ++mx) {
         acc_t* row = cols + ((cl * p.h.taps + my) * p.w.taps + mx) * ncols;
@@ -334,7 +343,7 @@ template <typename scalar_t, typename acc_t>
 void gather_grad_input(const acc_t* dcols, const PhasePlan& p, scalar_t* gx_ng) {
   const int64_t in_h = p.h.in, in_w = p.w.in, nqh = p.h.nq, nqw = p.w.nq;
   const int64_t nb = p.blocks();
-  at::parallel_for(0, p.cin_g * in_h, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.cin_g * in_h, grain_for(in_w * p.h.taps * p.w.taps), [&](int64_t b, int64_t e) {
     std::vector<acc_t> acc(in_w);
     for (int64_t r = b; r < e; ++r) {
       const int64_t cl = r / in_h, iy = r % in_h;
@@ -372,13 +381,13 @@ void forward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
   const auto opts = wt.options();
   // One unit = one block row of one image and group: gather its cols, one GEMM,
   // permute into the output while the result is still in cache.
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units, grain_for(nqw * p.k_rows() * p.m_cols()), [&](int64_t begin, int64_t end) {
     at::Tensor cols = at::empty({p.k_rows(), nqw}, opts);
     at::Tensor rt = at::empty({nqw, p.m_cols()}, opts);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t qy = u % rows, ng = u / rows, grp = ng % g.groups, n = ng / g.groups;
       const scalar_t* x_ng = xp + (n * g.in_channels + grp * p.cin_g) * g.in_h * g.in_w;
-      gather_cols(x_ng, p, qy, qy + 1, cols.data_ptr<acc_t>());
+      gather_cols(x_ng, p, qy, qy + 1, cols.data_ptr<acc_t>(), 0, p.cin_g);
       at::mm_out(rt, cols.t(), wt[grp]);
       scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
       scatter_row(rt.data_ptr<acc_t>(), p, qy, bias ? bias + grp * p.cout_g : nullptr, out_ng);
@@ -406,13 +415,16 @@ void backward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   for (int64_t n = 0; n < a.batch; ++n)
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       const scalar_t* grad_ng = gp + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-      at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, rows, grain_for(p.w.nq * p.m_cols()), [&](int64_t b, int64_t e) {
         for (int64_t qy = b; qy < e; ++qy)
           gather_grad_row(grad_ng, p, qy, gt.data_ptr<acc_t>() + qy * p.w.nq * p.m_cols());
       });
       if (grad_weight) {
         const scalar_t* x_ng = xp + (n * g.in_channels + grp * p.cin_g) * g.in_h * g.in_w;
-        gather_cols(x_ng, p, 0, rows, cols.data_ptr<acc_t>());
+        const int64_t per_channel = p.h.taps * p.w.taps * nb;
+        at::parallel_for(0, p.cin_g, grain_for(per_channel), [&](int64_t b, int64_t e) {
+          gather_cols(x_ng, p, 0, rows, cols.data_ptr<acc_t>(), b, e);
+        });
         at::Tensor d = dwt[grp];
         d.addmm_(cols, gt);
       }
@@ -440,7 +452,8 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
   const scalar_t* wp = weight.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t rows = a.batch * g.out_channels * g.crop_h;
-  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+  const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
+  at::parallel_for(0, rows, grain_for(g.crop_w * taps), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t y = r % g.crop_h, nc = r / g.crop_h, co = nc % g.out_channels,
                     n = nc / g.out_channels;
@@ -468,7 +481,8 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
   const int64_t g_img = g.out_channels * g.crop_h * g.crop_w;
   if (grad_x) {
     scalar_t* gx = grad_x->data_ptr<scalar_t>();
-    at::parallel_for(0, a.batch * g.in_channels * g.in_h, 1, [&](int64_t b, int64_t e) {
+    const int64_t taps = (g.out_channels / g.groups) * g.kernel_h * g.kernel_w;
+    at::parallel_for(0, a.batch * g.in_channels * g.in_h, grain_for(g.in_w * taps), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t iy = r % g.in_h, nc = r / g.in_h, ci = nc % g.in_channels,
                       n = nc / g.in_channels;
@@ -483,7 +497,8 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
     scalar_t* gw = grad_weight->data_ptr<scalar_t>();
     const int64_t cout_g = g.out_channels / g.groups;
     const int64_t khw = g.kernel_h * g.kernel_w;
-    at::parallel_for(0, grad_weight->numel(), 1, [&](int64_t b, int64_t e) {
+    const int64_t per_elem = a.batch * g.in_h * g.in_w;
+    at::parallel_for(0, grad_weight->numel(), grain_for(per_elem), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t kx = i % g.kernel_w, ky = (i / g.kernel_w) % g.kernel_h;
         const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);
