@@ -18,8 +18,10 @@ the source tree's ``csrc``.
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import sys
 import threading
 
 import torch
@@ -87,6 +89,23 @@ def compile_options(include_dir: str):
     return ("-std=c++17", "-I" + include_dir)
 
 
+def cuda_include_dir(cuda_path=None):
+    """A directory with cuda_fp16.h / cuda_bf16.h for NVRTC: the CUDA toolkit's include
+    (``cuda_path``, CUDA_PATH, CUDA_HOME, /usr/local/cuda) or the one of the NVIDIA pip wheels."""
+    candidates = [os.path.join(p, "include") for p in
+                  (cuda_path, os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
+                   "/usr/local/cuda") if p]
+    for entry in sys.path:
+        nvidia = os.path.join(entry, "nvidia")
+        if os.path.isdir(nvidia):
+            candidates += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")), reverse=True)
+            candidates.append(os.path.join(nvidia, "cuda_runtime", "include"))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cuda_bf16.h")):
+            return path
+    return None
+
+
 def read_source(filename: str, root=None) -> str:
     root = root or source_dir()
     if root is None:
@@ -117,8 +136,8 @@ def _function(filename: str, kernel: str, dtype: torch.dtype, device: torch.devi
             cupy = _cupy()
             root = source_dir()
             options = compile_options(root)
-            cuda_include = os.path.join(cupy.cuda.get_cuda_path() or "", "include")
-            if os.path.isfile(os.path.join(cuda_include, "cuda_bf16.h")):
+            cuda_include = cuda_include_dir(cupy.cuda.get_cuda_path())
+            if cuda_include is not None:
                 options += ("-I" + cuda_include,)  # cuda_fp16.h / cuda_bf16.h
             with cupy.cuda.Device(device.index):
                 module = cupy.RawModule(
