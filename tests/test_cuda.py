@@ -16,6 +16,7 @@ found and list the kernels it launches, they compile with NVRTC (when libnvrtc
 is installed, e.g. the nvidia-cuda-nvrtc wheel) through the same name
 expressions, and ``setup.py build_py`` ships them in the package.
 """
+import contextlib
 import ctypes
 import glob
 import os
@@ -601,6 +602,83 @@ def test_sources_compile_with_nvrtc():
         assert rc == 0, "%s:\n%s" % (filename, log)
         assert "warning" not in log, "%s:\n%s" % (filename, log)
         assert set(lowered) == set(exprs) and all(v.startswith("_Z") for v in lowered.values())
+
+
+def _kernel_params(kernel, filename):
+    """Parameter kinds of a kernel as declared in its source: ptr, acc, i64 or i32."""
+    root = _cupy.source_dir()
+    text = _cupy.read_source(filename, root) + open(os.path.join(root, "cuda",
+                                                                 "kernel_utils.cuh")).read()
+    for name, body in re.findall(r"#define (\w+)\s*((?:[^\n]*\\\n)*[^\n]*)", text):
+        text = text.replace(name, body.replace("\\\n", " ")) if name.endswith("_PARAMS") else text
+    match = re.search(r"__global__\s+void\s+%s\s*\(([^)]*)\)" % kernel, text)
+    assert match, kernel
+    kinds = []
+    for param in match.group(1).split(","):
+        if "*" in param:
+            kinds.append("ptr")
+        elif "AccOf<T>::type" in param:
+            kinds.append("acc")
+        elif "int64_t" in param:
+            kinds.append("i64")
+        else:
+            assert re.match(r"\s*int\s+\w+\s*$", param), param
+            kinds.append("i32")
+    return kinds
+
+
+def _cupy_calls():
+    x, w, b = torch.randn(2, 6, 5, 7), torch.randn(6, 2, 3, 4), torch.randn(6)
+    geom = ([3, 2], [1, 2], [1, 0], 3, [2, 1], [1, 2, 11, 9])
+    u, crop = torch.randn(2, 3, 4, 5), [3, 2, 12, 14]
+    skip, feature, ws = torch.randn(2, 3, 9, 9), torch.randn(2, 7, 9, 9), torch.randn(3, 7, 1, 1)
+    target = torch.randint(0, 3, (2, 12, 14))
+    target[0, 0] = 255
+    mask = [True, True, True]
+    return [
+        ("conv_transpose2d", (x, w, b) + geom),
+        ("conv_transpose2d_backward", (torch.randn(2, 6, 11, 9), x, w) + geom + (mask,)),
+        ("bilinear_upsample2d", (u, 4, crop)),
+        ("bilinear_upsample2d_backward", (torch.randn(2, 3, 12, 14), 4, 5, 4, crop)),
+        ("skip_add_crop", (u, skip, [2, 3])),
+        ("skip_add_crop_backward", (u, 9, 9, [2, 3])),
+        ("score_skip", (u, feature, ws, torch.randn(3), 0.5, [2, 3])),
+        ("score_skip_backward", (u, feature, ws, 0.5, [2, 3], mask)),
+        ("upsample_argmax", (u, 4, crop)),
+        ("upsample_cross_entropy", (u, target, 4, crop, 255, "mean")),
+        ("upsample_cross_entropy_backward", (torch.ones(()), u, target, 4, crop, 255, "sum")),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cupy_launch_arguments_match_kernel_signatures(dtype, monkeypatch):
+    """Run every CuPy op implementation on the CPU with the launch replaced by a recorder:
+    each launch names a kernel its file compiles, and passes exactly the parameters the kernel
+    declares, with the matching scalar types (a mismatch would be silent garbage on the GPU)."""
+    np = pytest.importorskip("numpy")
+    launches = []
+    monkeypatch.setattr(_cupy, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(_cupy, "_device", lambda t: contextlib.nullcontext())
+    monkeypatch.setattr(_cupy, "_launch", lambda *a: launches.append(a))
+    acc = np.float64 if dtype == torch.float64 else np.float32
+    expected_type = {"ptr": np.uint64, "acc": acc, "i64": np.int64, "i32": np.int32}
+    launched = set()
+    for op, args in _cupy_calls():
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args)
+        del launches[:]
+        _cupy.IMPLS[op](*args)
+        assert launches, op
+        for filename, kernel, kdtype, device, grid, kargs in launches:
+            assert kernel in _cupy.KERNELS[filename] and kdtype == dtype, (op, kernel)
+            assert isinstance(grid, int) and grid >= 1, (op, kernel, grid)
+            kinds = _kernel_params(kernel, filename)
+            assert len(kargs) == len(kinds), (op, kernel, len(kargs), kinds)
+            for i, (arg, kind) in enumerate(zip(kargs, kinds)):
+                assert type(arg) is expected_type[kind], (op, kernel, i, type(arg), kind)
+            launched.add(kernel)
+    every = {k for kernels in _cupy.KERNELS.values() for k in kernels}
+    assert launched == every
 
 
 def test_build_py_ships_cuda_sources(tmp_path):
