@@ -125,12 +125,13 @@ def test_batch_equals_per_image_and_uint8_equals_float():
         torch.testing.assert_close(batched[b], single, rtol=0, atol=0)
 
 
-def test_lattice_self_weight_is_its_diagonal():
+@pytest.mark.parametrize("dim", [3, 5, 9])  # 9: the untabulated path (d + 1 > 8)
+def test_lattice_self_weight_is_its_diagonal(dim):
     """permutohedral_filter(exclude_self=True) == L - diag(L), L recovered column by column."""
     require_native("permutohedral_filter")
     g = torch.Generator().manual_seed(0)
     points = 300
-    features = torch.rand(points, 5, generator=g) * 3
+    features = torch.rand(points, dim, generator=g) * 3
     eye = torch.eye(points)
     full = torch.ops.fcnfast.permutohedral_filter(features, eye, False).double()
     excluded = torch.ops.fcnfast.permutohedral_filter(features, eye, True).double()
