@@ -134,9 +134,13 @@ def backend(device=None) -> str:
     device: for CUDA ``"native"`` (compiled CUDA kernels), ``"cupy"`` (the same
     kernels compiled at run time by CuPy) or ``"reference"``.
     """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        from . import _cupy
+        _cupy.requested()  # a bad FCNFAST_CUDA_BACKEND is an error even without the extension
     if _requested() == "reference" or extension() is None:
         return "reference"
-    if device is not None and torch.device(device).type == "cuda":
+    if cuda:
         return _state["cuda"] or "reference"
     return "native"
 

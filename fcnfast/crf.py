@@ -89,6 +89,7 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
         q = q.to(logits.dtype)
     else:
         q = _mean_field_reference(logits, appearance, *params)
+    q = q.to(unary_logits.dtype)
     return q.squeeze(0) if squeeze else q
 
 
@@ -111,7 +112,7 @@ def dense_crf_reference(unary_logits, image, iterations: int = 5, spatial_std: f
     logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
     params = _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
                            bilateral_color_std, bilateral_weight)
-    q = _mean_field_reference(logits, appearance, *params)
+    q = _mean_field_reference(logits, appearance, *params).to(unary_logits.dtype)
     return q.squeeze(0) if squeeze else q
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "make_datasets",
     "pad_collate",
     "evaluate",
+    "crf_labels",
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -79,6 +80,7 @@ class TrainConfig:
     backbone: str = "tiny"
     num_classes: int = 21
     fixed_upsampling: bool = False
+    dropout: float = 0.5              # fc6/fc7 element-wise dropout (the paper's 0.5)
     epochs: int = 1
     optimizer: str = "sgd"            # sgd | adam | caffe
     lr: Optional[float] = None
@@ -91,6 +93,7 @@ class TrainConfig:
     train_images: int = 64
     val_images: int = 16
     image_size: int = 64
+    ignore_border: int = 0            # label pixels this close to another class 255 (VOC-like)
     data_seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
@@ -100,11 +103,12 @@ class TrainConfig:
     num_workers: int = 0
     save_every: int = 0               # also checkpoint every N steps (0: only after each epoch)
     max_steps: Optional[int] = None   # stop after this many steps in total
+    time_limit: Optional[float] = None  # stop training after this many seconds (checked each step)
     validate: bool = True
     quiet: bool = False
 
     RUNTIME_FIELDS = ("epochs", "out", "device", "num_workers", "save_every", "max_steps",
-                      "validate", "quiet")
+                      "time_limit", "validate", "quiet")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the optimiser preset filled in and every value checked."""
@@ -119,13 +123,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_classes", "train_images", "image_size"):
             if getattr(cfg, name) <= 0:
                 raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
-        for name in ("val_images", "num_workers", "save_every"):
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1), got %r" % (cfg.dropout,))
+        for name in ("val_images", "num_workers", "save_every", "ignore_border"):
             if getattr(cfg, name) < 0:
                 raise ValueError("%s must be >= 0, got %r" % (name, getattr(cfg, name)))
         if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
             raise ValueError("lr must be a positive number, got %r" % (cfg.lr,))
-        if cfg.max_steps is not None and cfg.max_steps <= 0:
-            raise ValueError("max_steps must be positive, got %r" % (cfg.max_steps,))
+        for name in ("max_steps", "time_limit"):
+            if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+                raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
         return cfg
 
     def to_dict(self) -> dict:
@@ -181,11 +188,12 @@ def make_datasets(cfg: TrainConfig):
     from . import data
 
     if cfg.data == "synthetic":
-        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size,
-                                         num_classes=cfg.num_classes, seed=cfg.data_seed)
+        options = dict(num_classes=cfg.num_classes, ignore_border=cfg.ignore_border)
+        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size, seed=cfg.data_seed,
+                                         **options)
+        # a disjoint seed: validation scenes are never training scenes
         val_set = data.SyntheticScenes(cfg.val_images, cfg.image_size,
-                                       num_classes=cfg.num_classes,
-                                       seed=cfg.data_seed + 1_000_003)
+                                       seed=cfg.data_seed + 1_000_003, **options)
         return train_set, val_set
     root = Path(cfg.data)
     if not root.is_dir():
@@ -310,6 +318,19 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
     return conf.cpu(), _all_reduce_sum(conf_crf, ctx).cpu()
 
 
+def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Labels after ``fcnfast.crf.dense_crf`` refinement of ``logits`` (N, C, H, W) with the
+    RGB ``images`` (N, 3, H, W, normalised by ``data.image_to_tensor``).
+
+    Raises ImportError when ``fcnfast.crf`` is not available.
+    """
+    from . import crf
+    from .data import tensor_to_image
+
+    raw = torch.stack([torch.from_numpy(tensor_to_image(im)).permute(2, 0, 1) for im in images])
+    return crf.dense_crf(logits, raw.to(logits.device)).argmax(1)
+
+
 def _val_loader(val_set, cfg: TrainConfig, ctx: _Dist, device: torch.device):
     # each process scores a disjoint shard (no padding duplicates, unlike DistributedSampler)
     shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world)) if ctx.world > 1 else val_set
@@ -418,7 +439,7 @@ def build_model_from_config(cfg: TrainConfig) -> nn.Module:
     from .models import build_model
 
     return build_model(cfg.model, num_classes=cfg.num_classes, backbone=cfg.backbone,
-                       fixed_upsampling=cfg.fixed_upsampling)
+                       fixed_upsampling=cfg.fixed_upsampling, dropout=cfg.dropout)
 
 
 def load_model(path, device="cpu"):
@@ -518,12 +539,14 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             "rng": rng_states,
             "config": cfg.to_dict(),
             "metrics": metrics,
+            "confusion": result.conf if metrics is not None else None,
             "fcnfast_version": _version(),
         }
         result.checkpoint = save_checkpoint(state, out / "checkpoint.pt")
 
     try:
-        while epoch < cfg.epochs and not _reached(step, cfg.max_steps):
+        stop = False
+        while epoch < cfg.epochs and not stop:
             sampler.set_epoch(epoch)
             loader = DataLoader(train_set, batch_size=cfg.batch_size,
                                 sampler=_SkipSampler(sampler, batch_in_epoch * cfg.batch_size),
@@ -551,11 +574,16 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
                 bar.set_postfix(loss="%.4g" % value, refresh=False)
                 if cfg.save_every and step % cfg.save_every == 0:
                     checkpoint(epoch, batch_in_epoch, loss_sum)
-                if _reached(step, cfg.max_steps):
+                stop = _should_stop(step, cfg, start_time, ctx, device)
+                if stop:
                     break
             bar.close()
             if batch_in_epoch < math.ceil(len(sampler) / cfg.batch_size):
-                checkpoint(epoch, batch_in_epoch, loss_sum)  # stopped mid-epoch by max_steps
+                checkpoint(epoch, batch_in_epoch, loss_sum)  # stopped mid-epoch (limit)
+                say("stopped at step %d (epoch %d, batch %d): %s reached"
+                    % (step, epoch + 1, batch_in_epoch,
+                       "max_steps" if cfg.max_steps is not None and step >= cfg.max_steps
+                       else "time_limit"))
                 break
             epoch += 1
             batch_in_epoch = 0
@@ -580,6 +608,9 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             if out is not None and ctx.main:
                 with open(out / "history.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+        dump = os.environ.get("FCNFAST_RANK_STATE_DIR")
+        if dump:  # debugging/testing aid: every process saves its final weights
+            torch.save(model.state_dict(), Path(dump) / ("rank%d.pt" % ctx.rank))
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -587,8 +618,16 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     return result
 
 
-def _reached(step: int, max_steps: Optional[int]) -> bool:
-    return max_steps is not None and step >= max_steps
+def _should_stop(step: int, cfg: TrainConfig, start_time: float, ctx: _Dist, device) -> bool:
+    """max_steps or time_limit reached (the time is rank 0's, so all processes agree)."""
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        return True
+    if cfg.time_limit is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - start_time > cfg.time_limit)], device=device)
+    if ctx.world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _version() -> str:

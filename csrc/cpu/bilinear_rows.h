@@ -202,23 +202,26 @@ class UpsampledRows {
   int64_t key_[2][2] = {{-1, -1}, {-1, -1}};
 };
 
-// The upsampled values of crop row y (full row Y = top + y) of image n for all
-// channels, each channel's row passed to `use(c, values)` (values: Acc[width],
-// already rounded through scalar_t so they equal bilinear_upsample2d's output).
+// The upsampled values of full output row Y of image n for all channels:
+// channel c's row is written to buffer + c * channel_stride (stride 0 reuses
+// one row) and passed to use(c, values). The values are rounded through
+// scalar_t, so they equal bilinear_upsample2d's output bitwise.
 template <typename scalar_t, typename Acc, typename Use>
 void upsampled_row(UpsampledRows<scalar_t, Acc>& rows, int64_t n, int64_t Y, int64_t scale,
-                   int64_t in_h, int64_t channels, Acc* buffer, Use&& use) {
+                   int64_t in_h, int64_t channels, Acc* buffer, int64_t channel_stride,
+                   Use&& use) {
   const auto ty = bilinear_taps<Acc>(Y, scale, in_h);
   const Acc* lo = ty.has_lo ? rows.get(n, ty.lo) : nullptr;
   const Acc* hi = ty.has_hi ? rows.get(n, ty.lo + 1) : nullptr;
   const int64_t width = rows.width();
   for (const auto c : c10::irange(channels)) {
+    Acc* dst = buffer + c * channel_stride;
     blend_rows(lo ? lo + c * width : nullptr, ty.w_lo, hi ? hi + c * width : nullptr, ty.w_hi,
-               width, buffer);
+               width, dst);
     if constexpr (!std::is_same_v<scalar_t, Acc>) {
-      for (int64_t x = 0; x < width; ++x) buffer[x] = static_cast<Acc>(static_cast<scalar_t>(buffer[x]));
+      for (int64_t x = 0; x < width; ++x) dst[x] = static_cast<Acc>(static_cast<scalar_t>(dst[x]));
     }
-    use(c, static_cast<const Acc*>(buffer));
+    use(c, static_cast<const Acc*>(dst));
   }
 }
 
@@ -279,6 +282,57 @@ void walk_bands(int64_t i0, int64_t i1, int64_t in_h, int64_t scale, int64_t top
   if (held[first] >= 0) finish(held[first], slots[first]);
   if (held[1 - first] >= 0) finish(held[1 - first], slots[1 - first]);
 }
+
+// The gradient w.r.t. x of a crop-sized row source, for a chunk of input rows:
+// grad_x row i of channel c = column gather of the fma-accumulated band rows.
+// Scratch (two full-width accumulators per channel) is owned per thread.
+template <typename Acc>
+class BandGather {
+ public:
+  BandGather(int64_t channels, int64_t in_h, int64_t in_w, int64_t scale, const Crop& crop,
+             int64_t full_w)
+      : channels_(channels), in_h_(in_h), in_w_(in_w), scale_(scale), full_w_(full_w),
+        crop_(crop), weights_(tap_weights<Acc>(scale)),
+        storage_(2 * channels * full_w, Acc(0)), scratch_(in_w) {}
+
+  // Input rows [begin, end) of the flattened (n, i) index, written to out
+  // (N x C x in_h x in_w). prepare(n, Y) runs once per full output row Y before
+  // source(n, Y, c) is asked for channel c's crop row (width values).
+  template <typename Out, typename Prepare, typename Source>
+  void run(int64_t begin, int64_t end, Out* out, Prepare&& prepare, Source&& source) {
+    Acc* slots[2] = {storage_.data(), storage_.data() + channels_ * full_w_};
+    const int64_t left = crop_.left, width = crop_.width;
+    for (int64_t r = begin; r < end;) {
+      const int64_t n = r / in_h_, i0 = r % in_h_, i1 = std::min(in_h_, i0 + (end - r));
+      Out* out_n = out + n * channels_ * in_h_ * in_w_;
+      walk_bands<Acc>(
+          i0, i1, in_h_, scale_, crop_.top, crop_.height, slots,
+          [&](int64_t Y) { prepare(n, Y); },
+          [&](int64_t Y, Acc wy, Acc* acc) {
+            for (int64_t c = 0; c < channels_; ++c) {
+              const auto* __restrict src = source(n, Y, c);
+              Acc* __restrict a = acc + c * full_w_ + left;
+              for (int64_t x = 0; x < width; ++x) a[x] = bl_fma(wy, static_cast<Acc>(src[x]), a[x]);
+            }
+          },
+          [&](int64_t i, const Acc* acc) {
+            for (int64_t c = 0; c < channels_; ++c) {
+              gather_columns(acc + c * full_w_, weights_, scale_, in_w_, scratch_.data(),
+                             out_n + (c * in_h_ + i) * in_w_);
+            }
+          },
+          [&](Acc* acc) {
+            for (int64_t c = 0; c < channels_; ++c) std::fill_n(acc + c * full_w_ + left, width, Acc(0));
+          });
+      r += i1 - i0;
+    }
+  }
+
+ private:
+  int64_t channels_, in_h_, in_w_, scale_, full_w_;
+  Crop crop_;
+  std::vector<Acc> weights_, storage_, scratch_;
+};
 
 }  // namespace cpu
 }  // namespace fcnfast

@@ -73,40 +73,16 @@ at::Tensor bilinear_upsample2d_backward_cpu(const at::Tensor& grad, int64_t in_h
   auto g = grad.contiguous();
   auto out = at::zeros({N, C, H, W}, g.options());
   if (out.numel() == 0 || g.numel() == 0) return out;
-  const int64_t h = geo.crop.height, w = geo.crop.width, left = geo.crop.left;
-  const int64_t full_w = geo.full_w;
+  const int64_t h = geo.crop.height, w = geo.crop.width;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "bilinear_upsample2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const auto weights = cpu::tap_weights<acc_t>(scale);
     at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
-      // accumulators span the full output width, zero outside the crop
-      std::vector<acc_t> storage(2 * C * full_w, acc_t(0)), scratch(W);
-      acc_t* slots[2] = {storage.data(), storage.data() + C * full_w};
-      for (int64_t r = begin; r < end;) {
-        const int64_t n = r / H, i0 = r % H, i1 = std::min(H, i0 + (end - r));
-        cpu::walk_bands<acc_t>(
-            i0, i1, H, scale, geo.crop.top, h, slots, [](int64_t) {},
-            [&](int64_t Y, acc_t wy, acc_t* acc) {
-              const int64_t y = Y - geo.crop.top;
-              for (int64_t c = 0; c < C; ++c) {
-                const scalar_t* __restrict src = gp + ((n * C + c) * h + y) * w;
-                acc_t* __restrict a = acc + c * full_w + left;
-                for (int64_t x = 0; x < w; ++x) a[x] = bl_fma(wy, static_cast<acc_t>(src[x]), a[x]);
-              }
-            },
-            [&](int64_t i, const acc_t* acc) {
-              for (int64_t c = 0; c < C; ++c) {
-                cpu::gather_columns(acc + c * full_w, weights, scale, W, scratch.data(),
-                                    op + ((n * C + c) * H + i) * W);
-              }
-            },
-            [&](acc_t* acc) {
-              for (int64_t c = 0; c < C; ++c) std::fill_n(acc + c * full_w + left, w, acc_t(0));
-            });
-        r += i1 - i0;
-      }
+      cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
+      gather.run(begin, end, op, [](int64_t, int64_t) {}, [&](int64_t n, int64_t Y, int64_t c) {
+        return gp + ((n * C + c) * h + (Y - geo.crop.top)) * w;
+      });
     });
   });
   return out;

@@ -17,7 +17,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -140,6 +143,14 @@ struct CrfParams {
 void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
                       int64_t C, int64_t K, const CrfParams& p, float* Q) {
   const int64_t P = H * W;
+  static const bool prof = std::getenv("CRF_PROF") != nullptr;
+  auto t0 = std::chrono::steady_clock::now();
+  auto tick = [&](const char* what) {
+    if (!prof) return;
+    auto t = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "%s %.4f\n", what, std::chrono::duration<double>(t - t0).count());
+    t0 = t;
+  };
   const bool use_spatial = p.spatial_weight != 0.0, use_bilateral = p.bilateral_weight != 0.0;
   std::vector<float> ones(P, 1.0f), sums(P), n_s(P), n_b(P), self_s(P, 1.0f), self_b(P);
   std::vector<float> scaled(P * C), filtered(P * C), energy(P * C);
@@ -161,10 +172,14 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
         f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
       }
     }
+    tick("setup");
     lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
+    tick("build");
     lattice->self_weights(self_b.data(), parallel);
     lattice->filter(ones.data(), sums.data(), 1, parallel);
+    tick("self");
     normaliser(sums.data(), self_b.data(), P, n_b.data());
+    tick("norm");
   }
 
   softmax_rows(logits, Q, P, C);
@@ -175,14 +190,17 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
       blur.apply(scaled.data(), filtered.data(), C);
       add_message(filtered.data(), self_s.data(), n_s.data(), Q, P, C,
                   static_cast<float>(p.spatial_weight), energy.data());
+      tick("spatial");
     }
     if (use_bilateral) {
       scale_rows(Q, n_b.data(), P, C, scaled.data());
       lattice->filter(scaled.data(), filtered.data(), C, parallel);
       add_message(filtered.data(), self_b.data(), n_b.data(), Q, P, C,
                   static_cast<float>(p.bilateral_weight), energy.data());
+      tick("bilateral");
     }
     softmax_rows(energy.data(), Q, P, C);
+    tick("softmax");
   }
 }
 
