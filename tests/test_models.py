@@ -183,6 +183,10 @@ def test_learned_upsampling_starts_bilinear(variant):
 def test_predict_is_argmax_of_forward(variant, fixed):
     model = randomize(build_model(variant, num_classes=5, backbone="tiny",
                                   fixed_upsampling=fixed), std=2.0).eval()
+    with torch.no_grad():
+        # no class favoured everywhere: no bias, and no response to the features' common mode
+        model.score_fr.bias.zero_()
+        model.score_fr.weight.sub_(model.score_fr.weight.mean(1, keepdim=True))
     x = torch.randn(2, 3, 45, 70)  # large enough for a 2x3 score map even for FCN-32s
     labels = model.predict(x)
     assert labels.dtype == torch.int64 and labels.shape == (2, 45, 70)
