@@ -7,17 +7,8 @@ from PIL import Image
 from fcnfast.data import (MEAN_RGB, STD_RGB, SyntheticScenes, VOCSegmentation, image_to_tensor,
                           load_image, load_label, save_label_png, tensor_to_image, voc_palette,
                           write_synthetic_voc)
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting makes many
-    small convolutions tens of times slower with 2 threads than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # -- palette and label PNGs -------------------------------------------------
 

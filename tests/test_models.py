@@ -1,6 +1,5 @@
 """FCN models: geometry (Caffe crop offsets, same-size output for every input size),
 upsampling semantics, native-vs-reference agreement, load_vgg16."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from fcnfast.models import BACKBONES, FCN, BackboneSpec, build_model, fcn8s, fcn
 from fcnfast.models.vgg import vgg16_key_map
 
 from conftest import assert_close_scaled
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 VARIANTS = ["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"]
 
@@ -40,15 +40,6 @@ def meta_model(variant, **kw):
         return build_model(variant, **kw)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting makes many
-    small convolutions tens of times slower with 2 threads than with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # -- geometry ---------------------------------------------------------------
 
@@ -402,3 +393,21 @@ def test_tiny_backbone_layout():
     assert len(norms) == 13 and convs[0].padding == (100, 100)
     assert model.fc6.kernel_size == (7, 7) and model.fc6.out_channels == 128
     assert model.drop6.p == 0.1 and fcn8s(backbone="tiny", dropout=0.5).drop7.p == 0.5
+
+
+def test_channels_last_gives_the_same_output_and_gradients():
+    model = randomize(fcn8s(num_classes=3, backbone="tiny", fixed_upsampling=True), std=0.3).eval()
+    x = torch.randn(2, 3, 26, 31)
+    target = torch.randint(0, 3, (2, 26, 31))
+
+    def run(m, inp):
+        m.zero_grad()
+        out = m(inp)
+        m.loss(inp, target).backward()
+        return out.detach().contiguous(), m.score_pool3.weight.grad.clone()
+
+    out, grad = run(model, x)
+    model = model.to(memory_format=torch.channels_last)
+    out_cl, grad_cl = run(model, x.contiguous(memory_format=torch.channels_last))
+    assert_close_scaled(out_cl, out)
+    assert_close_scaled(grad_cl, grad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Union
 
 import numpy as np
 import torch
