@@ -263,6 +263,21 @@ def _init_distributed(device_type: str) -> _Dist:
                  owns)
 
 
+def _average_buffers(model: nn.Module, ctx: _Dist) -> None:
+    """Average floating buffers (batch-norm running statistics) over the processes.
+
+    DDP keeps parameters identical but each process updates its running
+    statistics from its own shard; averaging them before a checkpoint makes the
+    replicas (and the saved model) agree.
+    """
+    if ctx.world <= 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world)
+
+
 def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
     if ctx.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -524,6 +539,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
 
     def checkpoint(epoch_done: int, batches_done: int, epoch_loss, metrics=None):
         # collectives: every process takes part
+        _average_buffers(model, ctx)
         rng_states = _gather_rng_states(ctx)
         epoch_loss = _all_reduce_sum(epoch_loss.clone(), ctx)
         if out is None or not ctx.main:

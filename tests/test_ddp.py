@@ -10,9 +10,10 @@ from fcnfast.train import TrainConfig, build_model_from_config, load_checkpoint,
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 images, 2 per process per step: the same 4 images per step as one process with batch 4
-DATA = dict(train_images=8, val_images=3, image_size=36, num_classes=4)
+# "small" has no batch norm, so 2 processes x batch 2 must equal 1 process x batch 4 exactly
+DATA = dict(train_images=8, val_images=3, image_size=36, num_classes=4, backbone="small")
 ARGS = ["--epochs", "1", "--train-images", "8", "--val-images", "3", "--image-size", "36",
-        "--num-classes", "4", "--optimizer", "sgd", "--lr", "0.05", "--dropout", "0",
+        "--num-classes", "4", "--backbone", "small", "--optimizer", "sgd", "--lr", "0.05", "--dropout", "0",
         "--batch-size", "2", "--quiet"]
 
 
