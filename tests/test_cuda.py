@@ -710,6 +710,24 @@ def test_backend_reports_per_device():
         assert fcnfast.backend("cuda") == "reference"
 
 
+def test_no_cuda_kernels_warns_once():
+    """Extension without CUDA kernels and no CuPy: CUDA tensors get the reference, one warning."""
+    if fcnfast.backend() != "native" or fcnfast.build_info()["compiled_cuda"] or _cupy.available():
+        pytest.skip("only for a CPU-only build without CuPy")
+    code = ("import warnings, fcnfast\n"
+            "from fcnfast import _backend\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    found = [_backend.has_kernel('skip_add_crop', 'cuda') for _ in range(3)]\n"
+            "print(found, fcnfast.backend('cuda'), "
+            "sum('CUDA tensors run the pure-PyTorch reference' in str(x.message) for x in w))\n")
+    env = dict(os.environ)
+    env.pop("FCNFAST_CUDA_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[False,", "False,", "False]", "reference", "1"], out.stdout
+
+
 def test_bad_cuda_backend_env_is_clear():
     env = dict(os.environ, FCNFAST_CUDA_BACKEND="fast")
     env.pop("FCNFAST_BACKEND", None)
