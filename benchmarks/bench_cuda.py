@@ -194,11 +194,20 @@ def main(argv=None):
         "fcnfast GB/s | % of copy BW | PyTorch peak MiB | fcnfast peak MiB |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    failed = 0
     for batch in args.batch:
         for label, torch_fn, fcn_fn, moved in cases(batch, dtype):
-            t_ms = time_ms(torch_fn, repeat=args.repeat)
-            f_ms = time_ms(fcn_fn, repeat=args.repeat)
-            t_mem, f_mem = peak_mib(torch_fn), peak_mib(fcn_fn)
+            try:
+                t_ms = time_ms(torch_fn, repeat=args.repeat)
+                f_ms = time_ms(fcn_fn, repeat=args.repeat)
+                t_mem, f_mem = peak_mib(torch_fn), peak_mib(fcn_fn)
+            except Exception as exc:  # one failing case must not lose the others' numbers
+                failed += 1
+                row = "| %d | %s | error: %s |  |  |  |  |  |  |" % (
+                    batch, label, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+                lines.append(row)
+                print(row, flush=True)
+                continue
             if moved:
                 gbs = moved / (f_ms * 1e-3) / 1e9
                 bw = "%.0f" % gbs
@@ -217,7 +226,7 @@ def main(argv=None):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("written:", path)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
