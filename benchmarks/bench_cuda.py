@@ -66,14 +66,13 @@ def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bilinear_weight(channels, scale, dtype):
+def bilinear_weight(channels, scale, dtype, device):
     k = 2 * scale
-    return reference.bilinear_filter(k, dtype, "cuda").expand(channels, 1, k, k).contiguous()
+    return reference.bilinear_filter(k, dtype, device).expand(channels, 1, k, k).contiguous()
 
 
-def cases(batch, dtype):
+def cases(batch, dtype, dev="cuda"):
     """(name, pytorch fn, fcnfast fn, bytes moved by fcnfast or None)."""
-    dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*shape, scale=1.0):
@@ -94,7 +93,7 @@ def cases(batch, dtype):
     target = torch.randint(0, c, (n, 500, 500), generator=g, device=dev)
     target[:, :40] = 255
     crop8 = (31, 31, 500, 500)
-    bw8 = bilinear_weight(c, 8, dtype)
+    bw8 = bilinear_weight(c, 8, dtype, dev)
     out500 = torch.empty(n, c, 500, 500, device=dev, dtype=dtype)
     grad500 = randn(n, c, 500, 500)
 
