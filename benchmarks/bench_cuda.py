@@ -66,14 +66,13 @@ def nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bilinear_weight(channels, scale, dtype):
+def bilinear_weight(channels, scale, dtype, device):
     k = 2 * scale
-    return reference.bilinear_filter(k, dtype, "cuda").expand(channels, 1, k, k).contiguous()
+    return reference.bilinear_filter(k, dtype, device).expand(channels, 1, k, k).contiguous()
 
 
-def cases(batch, dtype):
+def cases(batch, dtype, dev="cuda"):
     """(name, pytorch fn, fcnfast fn, bytes moved by fcnfast or None)."""
-    dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*shape, scale=1.0):
@@ -94,7 +93,7 @@ def cases(batch, dtype):
     target = torch.randint(0, c, (n, 500, 500), generator=g, device=dev)
     target[:, :40] = 255
     crop8 = (31, 31, 500, 500)
-    bw8 = bilinear_weight(c, 8, dtype)
+    bw8 = bilinear_weight(c, 8, dtype, dev)
     out500 = torch.empty(n, c, 500, 500, device=dev, dtype=dtype)
     grad500 = randn(n, c, 500, 500)
 
@@ -194,11 +193,20 @@ def main(argv=None):
         "fcnfast GB/s | % of copy BW | PyTorch peak MiB | fcnfast peak MiB |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    failed = 0
     for batch in args.batch:
         for label, torch_fn, fcn_fn, moved in cases(batch, dtype):
-            t_ms = time_ms(torch_fn, repeat=args.repeat)
-            f_ms = time_ms(fcn_fn, repeat=args.repeat)
-            t_mem, f_mem = peak_mib(torch_fn), peak_mib(fcn_fn)
+            try:
+                t_ms = time_ms(torch_fn, repeat=args.repeat)
+                f_ms = time_ms(fcn_fn, repeat=args.repeat)
+                t_mem, f_mem = peak_mib(torch_fn), peak_mib(fcn_fn)
+            except Exception as exc:  # one failing case must not lose the others' numbers
+                failed += 1
+                row = "| %d | %s | error: %s |  |  |  |  |  |  |" % (
+                    batch, label, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+                lines.append(row)
+                print(row, flush=True)
+                continue
             if moved:
                 gbs = moved / (f_ms * 1e-3) / 1e9
                 bw = "%.0f" % gbs
@@ -217,7 +225,7 @@ def main(argv=None):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("written:", path)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

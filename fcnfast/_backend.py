@@ -89,9 +89,9 @@ def _warn_no_cuda_kernels() -> None:
         return
     _state["cuda_warned"] = True
     warnings.warn(
-        "fcnfast: CUDA tensors run the pure-PyTorch reference ops: the extension was built "
-        "without CUDA kernels and CuPy is not installed (pip install fcnfast[cupy], or rebuild "
-        "with FCNFAST_CUDA=1).",
+        "fcnfast: CUDA tensors run the pure-PyTorch reference ops: the extension has no CUDA "
+        "kernels and the CuPy backend is not in use (install CuPy: pip install fcnfast[cupy]; "
+        "or rebuild with FCNFAST_CUDA=1).",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -168,7 +168,7 @@ def _check_case(name, dtype, device="cuda"):
     out_shape = _oracle_fn(op, dtype)(**oracle_args, **kwargs).shape
     grad_out = torch.randn(out_shape, dtype=torch.float64).to(dtype)
     out, grads = _run(getattr(ops, op), native_args, kwargs, grad_out)
-    assert out.device.type == "cuda"
+    assert out.device.type == torch.device(device).type
     ref_out, ref_grads = _run(_oracle_fn(op, dtype), oracle_args, kwargs, grad_out.double())
     _assert_close_to_oracle(out, ref_out, dtype, "%s output" % name)
     assert grads.keys() == ref_grads.keys()
@@ -708,6 +708,24 @@ def test_backend_reports_per_device():
         assert cuda_backend == "reference"
     with fcnfast.use_backend("reference"):
         assert fcnfast.backend("cuda") == "reference"
+
+
+def test_no_cuda_kernels_warns_once():
+    """Extension without CUDA kernels and no CuPy: CUDA tensors get the reference, one warning."""
+    if fcnfast.backend() != "native" or fcnfast.build_info()["compiled_cuda"] or _cupy.available():
+        pytest.skip("only for a CPU-only build without CuPy")
+    code = ("import warnings, fcnfast\n"
+            "from fcnfast import _backend\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    found = [_backend.has_kernel('skip_add_crop', 'cuda') for _ in range(3)]\n"
+            "print(found, fcnfast.backend('cuda'), "
+            "sum('CUDA tensors run the pure-PyTorch reference' in str(x.message) for x in w))\n")
+    env = dict(os.environ)
+    env.pop("FCNFAST_CUDA_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[False,", "False,", "False]", "reference", "1"], out.stdout
 
 
 def test_bad_cuda_backend_env_is_clear():
