@@ -18,7 +18,7 @@ from PIL import Image
 from . import _backend
 from .metrics import format_scores, plot_confusion, segmentation_scores
 from .train import (TrainConfig, build_model_from_config, build_optimizer, crf_labels,
-                    evaluate, make_datasets, pad_collate, segmentation_loss, train)
+                    evaluate, make_dataset, make_datasets, pad_collate, segmentation_loss, train)
 
 __all__ = ["DEMO_DEFAULTS", "demo_config", "run_demo", "time_backends"]
 
@@ -74,7 +74,7 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
 
     result = train(cfg, log=log)
     model = result.model.eval()
-    _, val_set = make_datasets(cfg)
+    val_set = make_dataset(cfg, "val")
     loader = _batches(val_set, range(len(val_set)), cfg.batch_size)
     crf = _crf_or_none()
     scores_crf = None

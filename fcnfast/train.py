@@ -46,6 +46,7 @@ __all__ = [
     "TrainConfig",
     "segmentation_loss",
     "build_optimizer",
+    "make_dataset",
     "make_datasets",
     "pad_collate",
     "evaluate",
@@ -183,24 +184,28 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                            weight_decay=cfg.weight_decay)
 
 
-def make_datasets(cfg: TrainConfig):
-    """(train, validation) datasets: SyntheticScenes or a VOC-format directory."""
+def make_dataset(cfg: TrainConfig, part: str):
+    """The ``"train"`` or ``"val"`` dataset of ``cfg``: SyntheticScenes or a VOC-format directory."""
     from . import data
 
+    if part not in ("train", "val"):
+        raise ValueError("part must be 'train' or 'val', got %r" % (part,))
     if cfg.data == "synthetic":
-        options = dict(num_classes=cfg.num_classes, ignore_border=cfg.ignore_border)
-        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size, seed=cfg.data_seed,
-                                         **options)
         # a disjoint seed: validation scenes are never training scenes
-        val_set = data.SyntheticScenes(cfg.val_images, cfg.image_size,
-                                       seed=cfg.data_seed + 1_000_003, **options)
-        return train_set, val_set
-    root = Path(cfg.data)
-    if not root.is_dir():
+        seed = cfg.data_seed if part == "train" else cfg.data_seed + 1_000_003
+        count = cfg.train_images if part == "train" else cfg.val_images
+        return data.SyntheticScenes(count, cfg.image_size, seed=seed,
+                                    num_classes=cfg.num_classes,
+                                    ignore_border=cfg.ignore_border)
+    if not Path(cfg.data).is_dir():
         raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a VOC-format "
-                                "directory)" % root)
-    return (data.VOCSegmentation(str(root), cfg.train_split),
-            data.VOCSegmentation(str(root), cfg.val_split))
+                                "directory)" % cfg.data)
+    return data.VOCSegmentation(cfg.data, cfg.train_split if part == "train" else cfg.val_split)
+
+
+def make_datasets(cfg: TrainConfig):
+    """(train, validation) datasets of ``cfg``."""
+    return make_dataset(cfg, "train"), make_dataset(cfg, "val")
 
 
 def pad_collate(batch):
