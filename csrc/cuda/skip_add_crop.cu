@@ -31,7 +31,7 @@ __global__ void skip_add_crop_backward_kernel(const T* __restrict__ grad, T* __r
     const int sx = idx % skip_w, row = idx / skip_w;
     const int sy = row % skip_h, plane = row / skip_h;
     const int y = sy - oy, x = sx - ox;
-    grad_skip[idx] = (y >= 0 && y < h && x >= 0 && x < w) ? grad[(plane * h + y) * w + x] : T(0.0f);
+    grad_skip[idx] = (y >= 0 && y < h && x >= 0 && x < w) ? grad[(plane * h + y) * w + x] : from_acc<T>(typename AccOf<T>::type(0));
   }
 }
 
