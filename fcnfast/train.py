@@ -490,6 +490,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         saved = TrainConfig.from_dict(ckpt["config"])
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.RUNTIME_FIELDS})
     cfg = cfg.resolved()
+    train_set, val_set = make_datasets(cfg)  # before any process group exists: errors exit cleanly
     device_type = _pick_device(cfg.device).type
     ctx = _init_distributed(device_type)
     device = _pick_device(cfg.device, ctx)
@@ -502,7 +503,6 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     np.random.seed(cfg.seed % 2**32)
     model = build_model_from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
-    train_set, val_set = make_datasets(cfg)
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_loss = [0.0, 0.0]
     if ckpt is not None:
@@ -513,6 +513,9 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         rng = ckpt["rng"]
         _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         say("resumed from %s at epoch %d, step %d" % (resume, epoch + 1, step))
+        if epoch >= cfg.epochs:
+            say("the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
+                % (epoch, cfg.epochs))
     elif ctx.world > 1:
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # independent dropout per process
 

@@ -89,6 +89,15 @@ def test_predict_on_odd_sized_image(checkpoint, tmp_path, capsys):
         assert im.mode == "P" and im.size == (53, 37)
         assert np.asarray(im).max() < 4
     assert "53x37" in capsys.readouterr().out
+    refined = tmp_path / "refined.png"
+    code = cli.main(["predict", str(image), "-o", str(refined), "--checkpoint", str(checkpoint),
+                     "--crf"])
+    if HAS_CRF:
+        assert code == 0
+        with Image.open(refined) as im:
+            assert im.mode == "P" and im.size == (53, 37)
+    else:
+        assert code == 2 and not refined.exists()
 
 
 def test_crf_flag(checkpoint, tmp_path, capsys):
