@@ -7,6 +7,7 @@ arguments print the same metrics (timings aside).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,16 +66,15 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
              log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the scores, the wall time and the timing comparison."""
     start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    threads_note = _set_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, epochs, seed, train_images, val_images, image_size, minutes, quiet)
     log("fcnfast demo: FCN-8s (tiny backbone, %d classes) on %d synthetic %dx%d scenes, "
-        "%d epochs max (%s), Adam lr %g, batch %d, seed %d, backend %s, %d threads"
+        "%d epochs max (%s), Adam lr %g, batch %d, seed %d, backend %s, threads %d"
         % (cfg.num_classes, cfg.train_images, cfg.image_size, cfg.image_size, cfg.epochs,
            "%.3g min limit" % minutes if minutes else "no time limit", cfg.lr, cfg.batch_size,
-           seed, _backend.backend(), torch.get_num_threads()))
+           seed, _backend.backend(), torch.get_num_threads()) + threads_note)
 
     result = train(cfg, log=log)
     model = result.model.eval()
@@ -107,6 +107,25 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
     return {"scores": scores, "scores_crf": scores_crf, "seconds": seconds,
             "train_seconds": result.seconds, "steps": len(result.losses), "timing": timings,
             "files": files}
+
+
+def _set_threads(threads: Optional[int]) -> str:
+    """Use ``threads`` CPU threads; by default torch's choice, or one thread when the machine
+    is already busy (load average >= cores): OpenMP threads that wait for a descheduled peer
+    made the demo several times slower, not faster, on a shared 2-core machine."""
+    if threads:
+        torch.set_num_threads(threads)
+        return ""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and load >= cores:
+        torch.set_num_threads(1)
+        return " (the machine is busy, load %.1f on %d cores; --threads N overrides)" \
+            % (load, cores)
+    return ""
 
 
 def _crf_or_none():
