@@ -65,6 +65,16 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
              timing: bool = True, quiet: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the scores, the wall time and the timing comparison."""
+    previous_threads = torch.get_num_threads()
+    try:
+        return _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size,
+                         threads, timing, quiet, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size, threads,
+              timing, quiet, log) -> dict:
     start = time.perf_counter()
     threads_note = _set_threads(threads)
     out = Path(out)
