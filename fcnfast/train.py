@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -262,7 +263,12 @@ def _init_distributed(device_type: str) -> _Dist:
         return _Dist()
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # FCNFAST_DIST_TIMEOUT (seconds): how long a collective may wait for a lost peer
+        # before failing (torch's default is 10-30 minutes)
+        timeout = os.environ.get("FCNFAST_DIST_TIMEOUT")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout))
+                                if timeout else None)
         owns = True
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                  owns)
