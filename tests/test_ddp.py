@@ -1,9 +1,11 @@
 """Two-process data-parallel training on the CPU (gloo) through torchrun."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fcnfast.train import TrainConfig, build_model_from_config, load_checkpoint, train
@@ -17,15 +19,33 @@ ARGS = ["--epochs", "1", "--train-images", "8", "--val-images", "3", "--image-si
         "--batch-size", "2", "--quiet"]
 
 
+def run_torchrun(args, env, timeout=400):
+    """torchrun with 2 local processes. On a timeout torchrun gets SIGTERM, which it forwards
+    to its workers (they run in sessions of their own; a SIGKILL would orphan them)."""
+    env = dict(env, FCNFAST_DIST_TIMEOUT="120")  # a worker that lost its peer gives up
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail("torchrun did not finish in %d s:\n%s\n%s" % (timeout, stdout[-2000:],
+                                                                   stderr[-2000:]))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def test_two_process_cpu_training_matches_one_process(tmp_path):
     out, dumps = tmp_path / "ddp", tmp_path / "dumps"
     dumps.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", FCNFAST_RANK_STATE_DIR=str(dumps),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "-m", "fcnfast", "train", *ARGS, "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    proc = run_torchrun(["-m", "fcnfast", "train", *ARGS, "--out", str(out)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 prints the epoch line and writes files
     assert proc.stdout.count("epoch 1/1") == 1, proc.stdout
