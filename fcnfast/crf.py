@@ -78,15 +78,18 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
     available, else the reference for small images), ``"native"`` or ``"reference"``. See the module
     docstring for the model, the parameter names of the paper and the normalisation.
     Equals ``dense_crf_reference(...)`` up to the lattice approximation of the appearance kernel.
+    Inference only: the native path returns a tensor without gradient; inputs on a GPU are
+    processed by the CPU kernel and the result is returned on their device.
     """
     logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
     params = _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
                            bilateral_color_std, bilateral_weight)
     impl = _choose_backend(backend, logits)
     if impl == "native":
-        q = torch.ops.fcnfast.dense_crf(logits.float().contiguous(),
-                                         appearance.float().contiguous(), *params)
-        q = q.to(logits.dtype)
+        # inference only (no autograd); tensors on another device run on the CPU kernel
+        q = torch.ops.fcnfast.dense_crf(logits.detach().to("cpu", torch.float32).contiguous(),
+                                         appearance.to("cpu", torch.float32).contiguous(), *params)
+        q = q.to(logits.device)
     else:
         q = _mean_field_reference(logits, appearance, *params)
     q = q.to(unary_logits.dtype)
@@ -220,11 +223,10 @@ def _choose_backend(backend, logits):
         raise ValueError("backend must be 'auto', 'native' or 'reference', got %r" % (backend,))
     if backend == "reference":
         return "reference"
-    native = _has_native(logits.device.type)
+    native = _has_native("cpu")  # the CPU kernel also serves tensors on other devices
     if backend == "native" and not native:
-        raise RuntimeError("dense_crf: backend='native' but the native kernel fcnfast::dense_crf is "
-                           "not available for %s (fcnfast backend: %s)"
-                           % (logits.device.type, _backend.backend()))
+        raise RuntimeError("dense_crf: backend='native' but the native CPU kernel fcnfast::dense_crf "
+                           "is not available (fcnfast backend: %s)" % _backend.backend())
     if native:
         return "native"
     pixels = logits.shape[2] * logits.shape[3]

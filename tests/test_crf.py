@@ -380,3 +380,11 @@ def test_native_op_errors():
         op(*good, -2, 3.0, 3.0, 80.0, 13.0, 10.0)
     with pytest.raises(ValueError, match="channels"):
         op(good[0], torch.zeros(1, 15, 4, 4), 1, 3.0, 3.0, 80.0, 13.0, 10.0)
+
+
+def test_logits_requiring_grad():
+    """dense_crf is inference-only: logits straight from a model (requires_grad) are accepted."""
+    image, _ = blocks_image(6, 7)
+    logits = random_logits(3, 6, 7).requires_grad_()
+    q = crf.dense_crf(logits, image, iterations=2)
+    torch.testing.assert_close(q.detach(), crf.dense_crf(logits.detach(), image, iterations=2))
