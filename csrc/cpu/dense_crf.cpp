@@ -214,19 +214,25 @@ void check_params(const CrfParams& p) {
                     p.spatial_weight, ", bilateral_weight=", p.bilateral_weight);
 }
 
+// Both inputs defined, `dim`-D, float32, on the CPU.
+void check_float_cpu_inputs(const at::Tensor& a, const char* na, const at::Tensor& b,
+                            const char* nb, int64_t dim, const char* op) {
+  check_defined(a, na);
+  check_defined(b, nb);
+  check_dim(a, dim, na);
+  check_dim(b, dim, nb);
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+                    "fcnfast: ", op, " takes float32 ", na, " and ", nb, ", got ",
+                    a.scalar_type(), " and ", b.scalar_type());
+  check_device(a, at::kCPU, na);
+  check_device(b, at::kCPU, nb);
+}
+
 at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
                          int64_t iterations, double spatial_std, double spatial_weight,
                          double bilateral_spatial_std, double bilateral_color_std,
                          double bilateral_weight) {
-  check_defined(logits, "unary_logits");
-  check_defined(appearance, "appearance");
-  check_dim(logits, 4, "unary_logits");
-  check_dim(appearance, 4, "appearance");
-  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && appearance.scalar_type() == at::kFloat,
-                    "fcnfast: dense_crf takes float32 unary_logits and appearance, got ",
-                    logits.scalar_type(), " and ", appearance.scalar_type());
-  check_device(logits, at::kCPU, "unary_logits");
-  check_device(appearance, at::kCPU, "appearance");
+  check_float_cpu_inputs(logits, "unary_logits", appearance, "appearance", 4, "dense_crf");
   TORCH_CHECK_VALUE(logits.size(0) == appearance.size(0) && logits.size(2) == appearance.size(2) &&
                         logits.size(3) == appearance.size(3),
                     "fcnfast: dense_crf unary_logits ", shape_str(logits), " and appearance ",
@@ -259,15 +265,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
 // already divided by their stds, values (P, C).
 at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor& values,
                                     bool exclude_self) {
-  check_defined(features, "features");
-  check_defined(values, "values");
-  check_dim(features, 2, "features");
-  check_dim(values, 2, "values");
-  TORCH_CHECK_VALUE(features.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
-                    "fcnfast: permutohedral_filter takes float32 features and values, got ",
-                    features.scalar_type(), " and ", values.scalar_type());
-  check_device(features, at::kCPU, "features");
-  check_device(values, at::kCPU, "values");
+  check_float_cpu_inputs(features, "features", values, "values", 2, "permutohedral_filter");
   TORCH_CHECK_VALUE(features.size(0) == values.size(0), "fcnfast: features ", shape_str(features),
                     " and values ", shape_str(values), " must have the same number of points");
   const int64_t P = features.size(0), C = values.size(1);
