@@ -35,8 +35,10 @@ Implementations:
   smoothness term is an exact separable Gaussian blur truncated at 4 std (relative tail error
   <= exp(-8)); the appearance term uses the permutohedral lattice (Adams et al. 2010), built once
   per image, whose operator ``L ~ c * k_b`` approximates the Gaussian (the lattice's own diagonal
-  is removed exactly and ``c`` cancels in the normalisation). The approximation changes Q by a few
-  hundredths at most in our tests (tests/test_crf.py); float32 internally.
+  is removed exactly and ``c`` cancels in the normalisation). On the test scenes one appearance
+  message is within 5-15% (relative L2) of the exact one and the labels after 5 iterations agree
+  with the reference on >= 99% of pixels (tests/test_crf.py). float32 internally, deterministic
+  (bitwise the same for any thread count).
 * reference (:func:`dense_crf_reference`), pure PyTorch, exact kernels, O(P^2) time and memory.
 
 Without the native kernel (extension not built, or ``fcnfast.use_backend("reference")``),
@@ -158,6 +160,8 @@ def _prepare(unary_logits, image, pca_components):
     if logits.shape[1] < 1:
         raise ValueError("unary_logits needs at least one class, got shape %s"
                          % (tuple(unary_logits.shape),))
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError("image must be finite (found NaN or Inf)")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return logits, appearance_features(image, pca_components), squeeze

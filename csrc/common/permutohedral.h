@@ -27,6 +27,18 @@ namespace permutohedral {
 constexpr int kMaxDim = 16;  // feature dimensions d (2 spatial + appearance)
 constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
 
+// Largest |feature| (in std units) whose lattice coordinates stay exact integers in float32 and
+// far from int32 overflow; features outside (or NaN/Inf) must be rejected before building.
+constexpr float kMaxFeature = 1e5f;
+
+// True when every feature is finite and |f| <= kMaxFeature.
+inline bool features_in_range(const float* f, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(std::fabs(f[i]) <= kMaxFeature)) return false;  // also false for NaN
+  }
+  return true;
+}
+
 // Open-addressing hash table from lattice keys (the first d of d+1 integer coordinates; the last
 // is minus their sum) to dense vertex ids 0..size()-1 in order of first insertion.
 class KeyTable {

@@ -100,6 +100,12 @@ void normaliser(const float* row_sum, const float* self, int64_t P, float* n) {
   }
 }
 
+void check_lattice_features(const float* f, int64_t count, const char* what) {
+  TORCH_CHECK_VALUE(permutohedral::features_in_range(f, count), "fcnfast: ", what,
+                    " must be finite and at most ", permutohedral::kMaxFeature,
+                    " in absolute value (NaN/Inf in the image, or a tiny bilateral std?)");
+}
+
 // One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
 // diagonal), and the buffers n * Q (filter input) and its filtered result.
 struct PairwiseTerm {
@@ -178,6 +184,7 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
         f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
       }
     }
+    check_lattice_features(features.data(), P * d, "dense_crf: appearance / bilateral_color_std");
     lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
     terms.push_back(new_term(true, p.bilateral_weight));
     lattice->self_weights(terms.back().self.data(), parallel);
@@ -277,6 +284,7 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor
   auto v = values.contiguous();
   auto out = at::empty({P, C}, v.options());
   if (P == 0 || C == 0) return out.zero_();
+  check_lattice_features(f.data_ptr<float>(), f.numel(), "permutohedral_filter: features");
   permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)));
   lattice.filter(v.data_ptr<float>(), out.data_ptr<float>(), C, parallel);
   if (exclude_self) {
