@@ -5,6 +5,12 @@ the tensor's device, otherwise ``fcnfast.reference``. ``FCNFAST_BACKEND``
 forces a choice: ``reference`` always uses the pure-PyTorch ops, ``native``
 raises if the extension cannot be loaded. A missing or broken extension never
 raises ImportError: it warns once and the reference runs.
+
+CUDA tensors: the compiled CUDA kernels when the extension was built with
+CUDA, else the same kernel sources JIT-compiled by CuPy (``fcnfast._cupy``),
+else the reference (one warning). ``FCNFAST_CUDA_BACKEND=auto|native|cupy``
+forces the choice (``cupy`` also replaces compiled CUDA kernels; it raises when
+CuPy is missing).
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import torch
 
 _VALID = ("auto", "native", "reference")
 _lock = threading.Lock()
-_state = {"ext": None, "error": None, "loaded": False, "override": None}
+_state = {"ext": None, "error": None, "loaded": False, "override": None,
+          "cuda": None, "cuda_warned": False}
 _on_load = []  # callbacks run once the extension has loaded (op registrations)
 
 
@@ -55,7 +62,39 @@ def _load_extension():
     for callback in _on_load:
         callback()
     _on_load.clear()
+    _setup_cuda(_C)
     return _C
+
+
+def _setup_cuda(ext) -> None:
+    """Decide which kernels CUDA tensors get; register the CuPy ones when they are needed."""
+    from . import _cupy
+
+    choice = _cupy.requested()
+    if choice == "native" or (choice == "auto" and ext.with_cuda):
+        _state["cuda"] = "native" if ext.with_cuda else None
+        return
+    if not _cupy.available():
+        if choice == "cupy":
+            raise RuntimeError("%s=cupy but CuPy is not installed (pip install fcnfast[cupy])"
+                               % _cupy.ENV)
+        return
+    if choice == "cupy" or torch.cuda.is_available():
+        _cupy.register()
+        _state["cuda"] = "cupy"
+
+
+def _warn_no_cuda_kernels() -> None:
+    if _state["cuda_warned"]:
+        return
+    _state["cuda_warned"] = True
+    warnings.warn(
+        "fcnfast: CUDA tensors run the pure-PyTorch reference ops: the extension was built "
+        "without CUDA kernels and CuPy is not installed (pip install fcnfast[cupy], or rebuild "
+        "with FCNFAST_CUDA=1).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _requested() -> str:
@@ -82,12 +121,28 @@ def has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fcnfast::" + op, key)
+    found = torch._C._dispatch_has_kernel_for_dispatch_key("fcnfast::" + op, key)
+    if not found and key == "CUDA":
+        _warn_no_cuda_kernels()
+    return found
 
 
-def backend() -> str:
-    """``"native"`` when the compiled extension is in use, else ``"reference"``."""
-    return "native" if (_requested() != "reference" and extension() is not None) else "reference"
+def backend(device=None) -> str:
+    """Which backend runs the ops: ``"native"`` (compiled extension) or ``"reference"``.
+
+    With ``device`` (a ``torch.device`` or string), the backend for tensors on that
+    device: for CUDA ``"native"`` (compiled CUDA kernels), ``"cupy"`` (the same
+    kernels compiled at run time by CuPy) or ``"reference"``.
+    """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        from . import _cupy
+        _cupy.requested()  # a bad FCNFAST_CUDA_BACKEND is an error even without the extension
+    if _requested() == "reference" or extension() is None:
+        return "reference"
+    if cuda:
+        return _state["cuda"] or "reference"
+    return "native"
 
 
 @contextlib.contextmanager
@@ -119,6 +174,8 @@ def build_info() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_available": torch.cuda.is_available(),
     }
+    if info["cuda_available"]:
+        info["cuda_backend"] = backend("cuda")
     if ext is not None:
         info.update(
             compiled_version=ext.__version__,

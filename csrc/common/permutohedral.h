@@ -1,0 +1,342 @@
+// Permutohedral lattice (Adams, Baek & Davis, Eurographics 2010) for high-dimensional Gaussian
+// filtering in time linear in the number of points, as used by the fully connected CRF of
+// Kraehenbuehl & Koltun (NIPS 2011). Host-only, torch-free C++.
+//
+// Points with d-dimensional features (already divided by the Gaussian's standard deviations) are
+// embedded in the d-dimensional hyperplane H_d of Z^(d+1); each point "splats" its value onto the
+// d+1 vertices of its enclosing simplex with barycentric weights, the lattice values are blurred
+// with [1/2 1 1/2] along each of the d+1 lattice directions, and each point "slices" (interpolates)
+// the result back with the same weights. The composite linear operator
+//     L = alpha * S^T B S        (S: splat matrix, B: blur, alpha = 1 / (1 + 2^-d))
+// approximates c * exp(-|f_i - f_j|^2 / 2) up to a constant scale c (removed by normalisation).
+//
+// Everything here is deterministic: vertices get ids in order of first insertion (pixel order),
+// splatting is a gather over the transposed splat matrix (no atomics), and the parallel loops
+// (supplied by the caller as `par(begin, end, fn)`) write disjoint outputs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace fcnfast {
+namespace permutohedral {
+
+constexpr int kMaxDim = 16;  // feature dimensions d (2 spatial + appearance)
+constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
+
+// Open-addressing hash table from lattice keys (the first d of d+1 integer coordinates; the last
+// is minus their sum) to dense vertex ids 0..size()-1 in order of first insertion.
+class KeyTable {
+ public:
+  KeyTable(int d, int64_t expected) : d_(d) {
+    size_t cap = 64;
+    while (cap < static_cast<size_t>(expected) * 2) cap <<= 1;
+    slots_.assign(cap, -1);
+    keys_.reserve(static_cast<size_t>(expected) * d);
+  }
+
+  int64_t size() const { return static_cast<int64_t>(keys_.size()) / d_; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * d_; }
+
+  // Id of `key`, or -1 when absent.
+  int32_t find(const int32_t* key) const {
+    for (size_t s = hash(key) & mask();; s = (s + 1) & mask()) {
+      int32_t id = slots_[s];
+      if (id < 0 || equal(id, key)) return id;
+    }
+  }
+
+  // Id of `key`, inserting it when absent.
+  int32_t insert(const int32_t* key) {
+    if (static_cast<size_t>(size() + 1) * 2 > slots_.size()) grow();
+    for (size_t s = hash(key) & mask();; s = (s + 1) & mask()) {
+      int32_t id = slots_[s];
+      if (id >= 0 && equal(id, key)) return id;
+      if (id < 0) {
+        id = static_cast<int32_t>(size());
+        keys_.insert(keys_.end(), key, key + d_);
+        slots_[s] = id;
+        return id;
+      }
+    }
+  }
+
+ private:
+  size_t mask() const { return slots_.size() - 1; }
+  size_t hash(const int32_t* key) const {
+    size_t h = 0;
+    for (int i = 0; i < d_; ++i) {
+      h += static_cast<uint32_t>(key[i]);
+      h *= 2531011u;
+    }
+    return h ^ (h >> 29);
+  }
+  bool equal(int32_t id, const int32_t* key) const {
+    return std::memcmp(keys_.data() + static_cast<size_t>(id) * d_, key, sizeof(int32_t) * d_) == 0;
+  }
+  void grow() {
+    std::vector<int32_t> old(slots_.size() * 2, -1);
+    slots_.swap(old);
+    for (int32_t id = 0; id < size(); ++id) {
+      size_t s = hash(key(id)) & mask();
+      while (slots_[s] >= 0) s = (s + 1) & mask();
+      slots_[s] = id;
+    }
+  }
+
+  int d_;
+  std::vector<int32_t> slots_;
+  std::vector<int32_t> keys_;
+};
+
+class Lattice {
+ public:
+  // features: num_points x d, row-major, each coordinate already divided by its std.
+  Lattice(const float* features, int64_t num_points, int d)
+      : d_(d), n_(num_points), table_(d, num_points * (d + 1)) {
+    vertex_.resize(n_ * (d + 1));
+    weight_.resize(n_ * (d + 1));
+    rank_.resize(n_ * (d + 1));
+    for (int64_t i = 0; i < n_; ++i) embed(features + i * d, i);
+    m_ = table_.size();
+    build_neighbors();
+    build_splat_gather();
+    alpha_ = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(d)));
+  }
+
+  int64_t num_vertices() const { return m_; }
+
+  // out = L in, for `channels` values per point (in, out: num_points x channels; may not alias).
+  template <class ParFor>
+  void filter(const float* in, float* out, int64_t channels, ParFor par) const {
+    const int64_t C = channels, D1 = d_ + 1;
+    // row 0 of each buffer is an always-zero "absent vertex"; vertex v lives in row v + 1
+    std::vector<float> cur((m_ + 1) * C, 0.0f), next((m_ + 1) * C, 0.0f);
+    par(0, m_, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        float* dst = cur.data() + (v + 1) * C;
+        for (int64_t e = splat_start_[v]; e < splat_start_[v + 1]; ++e) {
+          const int64_t entry = splat_entry_[e];
+          const float w = weight_[entry];
+          const float* src = in + (entry / D1) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
+        }
+      }
+    });
+    for (int j = 0; j < D1; ++j) {
+      const int32_t* nb = neighbor_.data() + 2 * j;
+      par(0, m_, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          const float* self = cur.data() + (v + 1) * C;
+          const float* plus = cur.data() + (nb[2 * D1 * v] + 1) * C;
+          const float* minus = cur.data() + (nb[2 * D1 * v + 1] + 1) * C;
+          float* dst = next.data() + (v + 1) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = self[c] + 0.5f * (plus[c] + minus[c]);
+        }
+      });
+      cur.swap(next);
+    }
+    par(0, n_, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* dst = out + i * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f;
+        for (int64_t a = 0; a < D1; ++a) {
+          const float w = alpha_ * weight_[i * D1 + a];
+          const float* src = cur.data() + (vertex_[i * D1 + a] + 1) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
+        }
+      }
+    });
+  }
+
+  // The diagonal L_ii for all points: how much of point i's own value comes back to it. It is
+  // alpha * sum_{a,b} w_a w_b B[v_a, v_b], where B[v, u] sums 0.5^(#moves) over the blur paths
+  // from v to u (one move of +-1 or none per direction, directions d..0, all intermediate vertices
+  // present). Subtracting it gives the paper's i != j messages exactly for the lattice operator.
+  // Two vertices of a simplex differ by sum_{j in S} e_j for a direction set S read off the
+  // point's rank permutation; B[v, v + sum_S e_j] depends only on (v, S) and is tabulated per
+  // vertex for all 2^(d+1) sets when d+1 <= kMaxTabulated.
+  template <class ParFor>
+  void self_weights(float* out, ParFor par) const {
+    const int D1 = d_ + 1;
+    const bool tabulate = D1 <= kMaxTabulated;
+    const int64_t sets = int64_t{1} << D1;
+    std::vector<float> table;
+    if (tabulate) {
+      table.resize(m_ * sets);
+      par(0, m_, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          for (int64_t set = 0; set < sets; ++set) {
+            table[v * sets + set] = static_cast<float>(blur_entry(static_cast<int32_t>(v),
+                                                                  static_cast<uint32_t>(set)));
+          }
+        }
+      });
+    }
+    par(0, n_, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t* verts = vertex_.data() + i * D1;
+        const float* w = weight_.data() + i * D1;
+        // by_rank[r]: the direction bit of the coordinate with rank r
+        uint32_t by_rank[kMaxDim + 1];
+        for (int k = 0; k < D1; ++k) by_rank[rank_[i * D1 + k]] = 1u << k;
+        double total = 0.0;
+        for (int a = 0; a < D1; ++a) {
+          double row = 0.0;
+          for (int b = 0; b < D1; ++b) {
+            const uint32_t set = direction_set(by_rank, a, b);
+            row += w[b] * (tabulate ? table[verts[a] * sets + set] : blur_entry(verts[a], set));
+          }
+          total += row * w[a];
+        }
+        out[i] = static_cast<float>(alpha_ * total);
+      }
+    });
+  }
+
+ private:
+  // Adams et al.: elevate onto H_d, find the enclosing simplex, barycentric weights.
+  void embed(const float* f, int64_t i) {
+    const int d = d_, D1 = d + 1;
+    float elevated[kMaxDim + 1], barycentric[kMaxDim + 2];
+    int32_t rem0[kMaxDim + 1], rank[kMaxDim + 1], key[kMaxDim + 1];
+    // scale so that the lattice blur approximates a unit-std Gaussian
+    const float inv_std = std::sqrt(2.0f / 3.0f) * D1;
+    float sum = 0.0f;
+    for (int j = d; j > 0; --j) {
+      const float cf = f[j - 1] * inv_std / std::sqrt(static_cast<float>(j * (j + 1)));
+      elevated[j] = sum - j * cf;
+      sum += cf;
+    }
+    elevated[0] = sum;
+    // nearest remainder-0 lattice point
+    int32_t rem_sum = 0;
+    for (int k = 0; k < D1; ++k) {
+      const float v = elevated[k] / D1;
+      const float up = std::ceil(v) * D1, down = std::floor(v) * D1;
+      rem0[k] = static_cast<int32_t>(up - elevated[k] < elevated[k] - down ? up : down);
+      rem_sum += rem0[k];
+    }
+    rem_sum /= D1;
+    // rank of each coordinate's differential, then move back onto the plane
+    for (int k = 0; k < D1; ++k) rank[k] = 0;
+    for (int k = 0; k < d; ++k) {
+      const float dk = elevated[k] - rem0[k];
+      for (int l = k + 1; l < D1; ++l) {
+        if (dk < elevated[l] - rem0[l]) ++rank[k]; else ++rank[l];
+      }
+    }
+    for (int k = 0; k < D1; ++k) {
+      rank[k] += rem_sum;
+      if (rank[k] < 0) {
+        rank[k] += D1;
+        rem0[k] += D1;
+      } else if (rank[k] > d) {
+        rank[k] -= D1;
+        rem0[k] -= D1;
+      }
+    }
+    for (int k = 0; k < D1 + 1; ++k) barycentric[k] = 0.0f;
+    for (int k = 0; k < D1; ++k) {
+      const float v = (elevated[k] - rem0[k]) / D1;
+      barycentric[d - rank[k]] += v;
+      barycentric[d - rank[k] + 1] -= v;
+    }
+    barycentric[0] += 1.0f + barycentric[D1];
+    // the simplex vertices: rem0 + canonical simplex (remainder r) permuted by rank
+    for (int r = 0; r < D1; ++r) {
+      for (int k = 0; k < d; ++k) key[k] = rem0[k] + (rank[k] <= d - r ? r : r - D1);
+      vertex_[i * D1 + r] = table_.insert(key);
+      rank_[i * D1 + r] = static_cast<int8_t>(rank[r]);
+      weight_[i * D1 + r] = barycentric[r];
+    }
+  }
+
+  // neighbor_[(v * (d+1) + j) * 2 + {0, 1}] (vertex-major: one cache line per vertex) = id of v + e_j / v - e_j, e_j = (d+1) delta_j - 1.
+  void build_neighbors() {
+    const int d = d_, D1 = d + 1;
+    neighbor_.resize(static_cast<size_t>(D1) * m_ * 2);
+    int32_t plus[kMaxDim + 1], minus[kMaxDim + 1];
+    for (int j = 0; j < D1; ++j) {
+      for (int64_t v = 0; v < m_; ++v) {
+        const int32_t* key = table_.key(v);
+        for (int k = 0; k < d; ++k) {
+          plus[k] = key[k] - 1;
+          minus[k] = key[k] + 1;
+        }
+        if (j < d) {  // coordinate d is implicit (minus the sum of the others)
+          plus[j] = key[j] + d;
+          minus[j] = key[j] - d;
+        }
+        neighbor_[(v * D1 + j) * 2] = table_.find(plus);
+        neighbor_[(v * D1 + j) * 2 + 1] = table_.find(minus);
+      }
+    }
+  }
+
+  // Transpose of the splat matrix (CSR by vertex), entries in point order: splatting becomes a
+  // deterministic gather that parallelises over vertices.
+  void build_splat_gather() {
+    const int64_t entries = n_ * (d_ + 1);
+    splat_start_.assign(m_ + 1, 0);
+    for (int64_t e = 0; e < entries; ++e) ++splat_start_[vertex_[e] + 1];
+    for (int64_t v = 0; v < m_; ++v) splat_start_[v + 1] += splat_start_[v];
+    std::vector<int64_t> fill(splat_start_.begin(), splat_start_.end() - 1);
+    splat_entry_.resize(entries);
+    for (int64_t e = 0; e < entries; ++e) splat_entry_[fill[vertex_[e]]++] = e;
+  }
+
+  // S with v_b = v_a + sum_{j in S} e_j for vertices a, b of a point's simplex. Vertex r is
+  // rem0 + (r, ..., r) - (d+1) [rank_k > d - r], so for a < b the coordinates with rank in
+  // (d-b, d-a] move by -e_j (S is their complement, the e_j sum to zero) and for a > b those with
+  // rank in (d-a, d-b] move by +e_j.
+  uint32_t direction_set(const uint32_t* by_rank, int a, int b) const {
+    const int d = d_;
+    uint32_t set = 0;
+    if (a < b) {
+      for (int r = d - b + 1; r <= d - a; ++r) set |= by_rank[r];
+      return ~set & ((1u << (d + 1)) - 1);
+    }
+    for (int r = d - a + 1; r <= d - b; ++r) set |= by_rank[r];
+    return set;
+  }
+
+  // B[v, v + sum_{j in S} e_j]: the paths with moves +e_j (j in S), or -e_j (j not in S); for
+  // S empty also +e_j for all j.
+  double blur_entry(int32_t v, uint32_t set) const {
+    double total = walk(v, set, +1) + walk(v, ~set & ((1u << (d_ + 1)) - 1), -1);
+    if (set == 0) total += walk(v, (1u << (d_ + 1)) - 1, +1);
+    return total;
+  }
+
+  // Weight 0.5^|moves| of the blur path from v moving `sign` e_j for j in `moves`, directions
+  // d..0 (the order B = B_d ... B_0 applies them); 0 when it steps onto an absent vertex.
+  double walk(int32_t v, uint32_t moves, int sign) const {
+    double w = 1.0;
+    int32_t cur = v;
+    for (int j = d_; j >= 0; --j) {
+      if (!(moves >> j & 1u)) continue;
+      cur = neighbor_[(static_cast<int64_t>(cur) * (d_ + 1) + j) * 2 + (sign > 0 ? 0 : 1)];
+      if (cur < 0) return 0.0;
+      w *= 0.5;
+    }
+    return w;
+  }
+
+  int d_;
+  int64_t n_, m_ = 0;
+  float alpha_ = 1.0f;
+  KeyTable table_;
+  std::vector<int32_t> vertex_;    // n x (d+1) vertex ids of each point's simplex
+  std::vector<float> weight_;      // n x (d+1) barycentric weights
+  std::vector<int8_t> rank_;       // n x (d+1) rank of each elevated coordinate's remainder
+  std::vector<int32_t> neighbor_;  // m x (d+1) x 2
+  std::vector<int64_t> splat_start_;
+  std::vector<int64_t> splat_entry_;
+};
+
+}  // namespace permutohedral
+}  // namespace fcnfast

@@ -1,0 +1,318 @@
+// CPU mean-field inference for the fully connected CRF (Kraehenbuehl & Koltun, NIPS 2011) with
+// Potts compatibility, a Gaussian smoothness kernel and a bilateral appearance kernel.
+//
+// Per image, with P = H*W pixels and logits z (C x P):
+//   Q = softmax(z);  repeat `iterations` times:
+//     Q = softmax(z + spatial_weight * msg_s(Q) + bilateral_weight * msg_b(Q))
+//   msg_m(Q)_i = n_i * sum_{j != i} k_m(i, j) n_j Q_j,   n_i = (sum_{j != i} k_m(i, j))^(-1/2)
+// (symmetric normalisation as in densecrf v2 / pydensecrf; n_i = 0 when the row sum is below
+// 1e-4 of the self weight, i.e. a pixel with no neighbour under that kernel gets no message).
+//   spatial:   k_s = exp(-|p_i - p_j|^2 / (2 spatial_std^2)), an exact separable Gaussian blur
+//              truncated at 4 std (relative tail error <= exp(-8) = 3.4e-4);
+//   bilateral: k_b = exp(-|p_i - p_j|^2 / (2 theta_a^2) - |I_i - I_j|^2 / (2 theta_b^2)), the
+//              permutohedral lattice operator L ~ c k_b (Adams et al. 2010) with its own diagonal
+//              L_ii removed exactly (csrc/common/permutohedral.h); c cancels in the normalisation.
+// fcnfast.crf.dense_crf_reference computes the same with exact kernels in O(P^2).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/permutohedral.h"
+
+namespace fcnfast {
+namespace {
+
+// A row sum below this fraction of the self weight counts as "no neighbours" (no message).
+constexpr float kIsolated = 1e-4f;
+constexpr double kTruncate = 4.0;  // spatial Gaussian radius in standard deviations
+
+auto parallel = [](int64_t begin, int64_t end, auto&& fn) {
+  at::parallel_for(begin, end, 1024, [&](int64_t b, int64_t e) { fn(b, e); });
+};
+
+// Exact Gaussian blur of an H x W x C (channels last) image with zero outside, separable.
+class SpatialBlur {
+ public:
+  SpatialBlur(int64_t h, int64_t w, double std) : h_(h), w_(w) {
+    const int64_t reach = std::max(h, w) - 1;
+    radius_ = std::min<int64_t>(static_cast<int64_t>(std::ceil(kTruncate * std)), reach);
+    taps_.resize(radius_ + 1);
+    for (int64_t t = 0; t <= radius_; ++t) {
+      taps_[t] = static_cast<float>(std::exp(-0.5 * t * t / (std * std)));
+    }
+  }
+
+  void apply(const float* in, float* out, int64_t C) const {
+    const int64_t row = w_ * C;
+    std::vector<float> tmp(h_ * row);
+    at::parallel_for(0, h_, 8, [&](int64_t begin, int64_t end) {  // vertical pass
+      for (int64_t y = begin; y < end; ++y) {
+        float* dst = tmp.data() + y * row;
+        std::fill(dst, dst + row, 0.0f);
+        const int64_t lo = std::max<int64_t>(0, y - radius_), hi = std::min(h_ - 1, y + radius_);
+        for (int64_t yy = lo; yy <= hi; ++yy) {
+          const float g = taps_[std::abs(yy - y)];
+          const float* src = in + yy * row;
+          for (int64_t k = 0; k < row; ++k) dst[k] += g * src[k];
+        }
+      }
+    });
+    at::parallel_for(0, h_, 8, [&](int64_t begin, int64_t end) {  // horizontal pass
+      // the row padded with radius zeros on both sides, so the inner loop has no bounds checks
+      std::vector<float> padded((w_ + 2 * radius_) * C, 0.0f);
+      for (int64_t y = begin; y < end; ++y) {
+        std::copy(tmp.data() + y * row, tmp.data() + (y + 1) * row, padded.data() + radius_ * C);
+        float* dst = out + y * row;
+        const float* center = padded.data() + radius_ * C;
+        for (int64_t k = 0; k < row; ++k) dst[k] = taps_[0] * center[k];
+        for (int64_t t = 1; t <= radius_; ++t) {
+          const float g = taps_[t];
+          const float* left = center - t * C;
+          const float* right = center + t * C;
+          for (int64_t k = 0; k < row; ++k) dst[k] += g * (left[k] + right[k]);
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t h_, w_, radius_;
+  std::vector<float> taps_;
+};
+
+// n_i = (row_sum_i - self_i)^(-1/2), 0 for isolated pixels.
+void normaliser(const float* row_sum, const float* self, int64_t P, float* n) {
+  for (int64_t i = 0; i < P; ++i) {
+    const float others = row_sum[i] - self[i];
+    n[i] = others > kIsolated * self[i] ? 1.0f / std::sqrt(others) : 0.0f;
+  }
+}
+
+// scaled_i = n_i * Q_i
+void scale_rows(const float* Q, const float* n, int64_t P, int64_t C, float* scaled) {
+  parallel(0, P, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t c = 0; c < C; ++c) scaled[i * C + c] = n[i] * Q[i * C + c];
+    }
+  });
+}
+
+// msg_i = n_i * (filtered_i - self_i * n_i * Q_i), adds weight * msg to energy.
+void add_message(const float* filtered, const float* self, const float* n, const float* Q,
+                 int64_t P, int64_t C, float weight, float* energy) {
+  parallel(0, P, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float ni = n[i], s = self[i] * ni;
+      const float* f = filtered + i * C;
+      const float* q = Q + i * C;
+      float* e = energy + i * C;
+      for (int64_t c = 0; c < C; ++c) e[c] += weight * ni * (f[c] - s * q[c]);
+    }
+  });
+}
+
+void softmax_rows(const float* energy, float* Q, int64_t P, int64_t C) {
+  parallel(0, P, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* e = energy + i * C;
+      float* q = Q + i * C;
+      float top = e[0];
+      for (int64_t c = 1; c < C; ++c) top = std::max(top, e[c]);
+      float total = 0.0f;
+      for (int64_t c = 0; c < C; ++c) total += (q[c] = std::exp(e[c] - top));
+      const float inv = 1.0f / total;
+      for (int64_t c = 0; c < C; ++c) q[c] *= inv;
+    }
+  });
+}
+
+struct CrfParams {
+  int64_t iterations;
+  double spatial_std, spatial_weight, bilateral_spatial_std, bilateral_color_std, bilateral_weight;
+};
+
+// One image: logits and the returned Q are P x C (channels last), appearance P x K.
+void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
+                      int64_t C, int64_t K, const CrfParams& p, float* Q) {
+  const int64_t P = H * W;
+  static const bool prof = std::getenv("CRF_PROF") != nullptr;
+  auto t0 = std::chrono::steady_clock::now();
+  auto tick = [&](const char* what) {
+    if (!prof) return;
+    auto t = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "%s %.4f\n", what, std::chrono::duration<double>(t - t0).count());
+    t0 = t;
+  };
+  const bool use_spatial = p.spatial_weight != 0.0, use_bilateral = p.bilateral_weight != 0.0;
+  std::vector<float> ones(P, 1.0f), sums(P), n_s(P), n_b(P), self_s(P, 1.0f), self_b(P);
+  std::vector<float> scaled(P * C), filtered(P * C), energy(P * C);
+
+  SpatialBlur blur(H, W, p.spatial_std);
+  if (use_spatial) {
+    blur.apply(ones.data(), sums.data(), 1);
+    normaliser(sums.data(), self_s.data(), P, n_s.data());
+  }
+  std::unique_ptr<permutohedral::Lattice> lattice;
+  if (use_bilateral) {
+    const int d = static_cast<int>(2 + K);
+    std::vector<float> features(P * d);
+    for (int64_t i = 0; i < P; ++i) {
+      float* f = features.data() + i * d;
+      f[0] = static_cast<float>((i % W) / p.bilateral_spatial_std);
+      f[1] = static_cast<float>((i / W) / p.bilateral_spatial_std);
+      for (int64_t k = 0; k < K; ++k) {
+        f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
+      }
+    }
+    tick("setup");
+    lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
+    tick("build");
+    lattice->self_weights(self_b.data(), parallel);
+    lattice->filter(ones.data(), sums.data(), 1, parallel);
+    tick("self");
+    normaliser(sums.data(), self_b.data(), P, n_b.data());
+    tick("norm");
+  }
+
+  softmax_rows(logits, Q, P, C);
+  for (int64_t it = 0; it < p.iterations; ++it) {
+    std::copy(logits, logits + P * C, energy.begin());
+    if (use_spatial) {
+      scale_rows(Q, n_s.data(), P, C, scaled.data());
+      blur.apply(scaled.data(), filtered.data(), C);
+      add_message(filtered.data(), self_s.data(), n_s.data(), Q, P, C,
+                  static_cast<float>(p.spatial_weight), energy.data());
+      tick("spatial");
+    }
+    if (use_bilateral) {
+      scale_rows(Q, n_b.data(), P, C, scaled.data());
+      lattice->filter(scaled.data(), filtered.data(), C, parallel);
+      add_message(filtered.data(), self_b.data(), n_b.data(), Q, P, C,
+                  static_cast<float>(p.bilateral_weight), energy.data());
+      tick("bilateral");
+    }
+    softmax_rows(energy.data(), Q, P, C);
+    tick("softmax");
+  }
+}
+
+void check_params(const CrfParams& p) {
+  TORCH_CHECK_VALUE(p.iterations >= 0, "fcnfast: dense_crf iterations must be >= 0, got ",
+                    p.iterations);
+  const std::pair<const char*, double> stds[] = {
+      {"spatial_std", p.spatial_std},
+      {"bilateral_spatial_std", p.bilateral_spatial_std},
+      {"bilateral_color_std", p.bilateral_color_std}};
+  for (const auto& [name, value] : stds) {
+    TORCH_CHECK_VALUE(std::isfinite(value) && value > 0.0, "fcnfast: dense_crf ", name,
+                      " must be a positive finite number, got ", value);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(p.spatial_weight) && std::isfinite(p.bilateral_weight),
+                    "fcnfast: dense_crf weights must be finite, got spatial_weight=",
+                    p.spatial_weight, ", bilateral_weight=", p.bilateral_weight);
+}
+
+at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
+                         int64_t iterations, double spatial_std, double spatial_weight,
+                         double bilateral_spatial_std, double bilateral_color_std,
+                         double bilateral_weight) {
+  check_defined(logits, "unary_logits");
+  check_defined(appearance, "appearance");
+  check_dim(logits, 4, "unary_logits");
+  check_dim(appearance, 4, "appearance");
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && appearance.scalar_type() == at::kFloat,
+                    "fcnfast: dense_crf takes float32 unary_logits and appearance, got ",
+                    logits.scalar_type(), " and ", appearance.scalar_type());
+  check_device(logits, at::kCPU, "unary_logits");
+  check_device(appearance, at::kCPU, "appearance");
+  TORCH_CHECK_VALUE(logits.size(0) == appearance.size(0) && logits.size(2) == appearance.size(2) &&
+                        logits.size(3) == appearance.size(3),
+                    "fcnfast: dense_crf unary_logits ", shape_str(logits), " and appearance ",
+                    shape_str(appearance), " must agree in batch, height and width");
+  const int64_t N = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  const int64_t K = appearance.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K + 2 <= permutohedral::kMaxDim,
+                    "fcnfast: dense_crf appearance must have 1 to ", permutohedral::kMaxDim - 2,
+                    " channels, got ", K);
+  const CrfParams params{iterations, spatial_std, spatial_weight, bilateral_spatial_std,
+                         bilateral_color_std, bilateral_weight};
+  check_params(params);
+  check_index32(N * C * H * W, "unary_logits");
+  check_index32(H * W * (K + 3), "appearance lattice entries");
+
+  // channels last: every per-pixel loop runs over contiguous classes
+  auto z = logits.permute({0, 2, 3, 1}).contiguous();
+  auto a = appearance.permute({0, 2, 3, 1}).contiguous();
+  auto q = at::empty_like(z);
+  if (q.numel() == 0) return q.permute({0, 3, 1, 2});
+  const int64_t P = H * W;
+  for (int64_t b = 0; b < N; ++b) {
+    mean_field_image(z.data_ptr<float>() + b * P * C, a.data_ptr<float>() + b * P * K, H, W, C, K,
+                     params, q.data_ptr<float>() + b * P * C);
+  }
+  return q.permute({0, 3, 1, 2}).contiguous();
+}
+
+// The raw lattice operator, for tests: out = L values (or (L - diag L) values), features (P, d)
+// already divided by their stds, values (P, C).
+at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor& values,
+                                    bool exclude_self) {
+  check_defined(features, "features");
+  check_defined(values, "values");
+  check_dim(features, 2, "features");
+  check_dim(values, 2, "values");
+  TORCH_CHECK_VALUE(features.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+                    "fcnfast: permutohedral_filter takes float32 features and values, got ",
+                    features.scalar_type(), " and ", values.scalar_type());
+  check_device(features, at::kCPU, "features");
+  check_device(values, at::kCPU, "values");
+  TORCH_CHECK_VALUE(features.size(0) == values.size(0), "fcnfast: features ", shape_str(features),
+                    " and values ", shape_str(values), " must have the same number of points");
+  const int64_t P = features.size(0), C = values.size(1);
+  TORCH_CHECK_VALUE(features.size(1) >= 1 && features.size(1) <= permutohedral::kMaxDim,
+                    "fcnfast: features must have 1 to ", permutohedral::kMaxDim,
+                    " dimensions, got ", features.size(1));
+  check_index32(P * (features.size(1) + 1), "lattice entries");
+  auto f = features.contiguous();
+  auto v = values.contiguous();
+  auto out = at::empty({P, C}, v.options());
+  if (P == 0 || C == 0) return out.zero_();
+  permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)));
+  lattice.filter(v.data_ptr<float>(), out.data_ptr<float>(), C, parallel);
+  if (exclude_self) {
+    float* o = out.data_ptr<float>();
+    const float* in = v.data_ptr<float>();
+    std::vector<float> self(P);
+    lattice.self_weights(self.data(), parallel);
+    for (int64_t i = 0; i < P; ++i) {
+      for (int64_t c = 0; c < C; ++c) o[i * C + c] -= self[i] * in[i * C + c];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fcnfast, m) {
+  // logits (N, C, H, W) and appearance (N, K, H, W) float32 in 0..255 units -> Q (N, C, H, W)
+  m.def(
+      "dense_crf(Tensor unary_logits, Tensor appearance, int iterations, float spatial_std, "
+      "float spatial_weight, float bilateral_spatial_std, float bilateral_color_std, "
+      "float bilateral_weight) -> Tensor");
+  m.def("permutohedral_filter(Tensor features, Tensor values, bool exclude_self) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fcnfast, CPU, m) {
+  m.impl("dense_crf", &dense_crf_cpu);
+  m.impl("permutohedral_filter", &permutohedral_filter_cpu);
+}
+
+}  // namespace fcnfast

@@ -1,0 +1,150 @@
+// Device helpers shared by the fcnfast CUDA kernels (csrc/cuda/*.cu).
+//
+// Torch-free and NVRTC-compatible: the same .cu sources are compiled by nvcc
+// into the extension and by NVRTC through CuPy (fcnfast/_cupy.py). Kernels are
+// templates in namespace fcnfast::cuda, instantiated by the host launchers
+// under nvcc and by name expressions (e.g.
+// "fcnfast::cuda::skip_add_crop_kernel<__half>") under NVRTC. Host code sits
+// behind `#ifndef __CUDACC_RTC__`. Include paths are relative to csrc/.
+#pragma once
+
+#ifdef __CUDACC_RTC__
+// NVRTC has no <cstdint>; geometry.h and the kernels only need these two.
+#ifndef FCNFAST_RTC_INT_TYPES
+#define FCNFAST_RTC_INT_TYPES
+typedef long long int64_t;
+typedef int int32_t;
+#endif
+#else
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#endif
+
+// PyTorch's CUDAExtension defines these to keep at::Half unambiguous; these
+// files include no torch header, and the shared csrc/common functions convert
+// with Acc(x), which needs the __half / __nv_bfloat16 conversion operators.
+#undef __CUDA_NO_HALF_OPERATORS__
+#undef __CUDA_NO_HALF_CONVERSIONS__
+#undef __CUDA_NO_HALF2_OPERATORS__
+#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
+#undef __CUDA_NO_BFLOAT16_OPERATORS__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/geometry.h"
+
+namespace fcnfast {
+namespace cuda {
+
+// Threads per block of every kernel. Reductions assume exactly this many.
+constexpr int kBlock = 256;
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T>
+struct AccOf {
+  typedef float type;
+};
+template <>
+struct AccOf<double> {
+  typedef double type;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
+  return T(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Round an accumulated value to the storage type and back: the fused kernels
+// (argmax, cross-entropy) then see the values bilinear_upsample2d would store.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type round_to(typename AccOf<T>::type v) {
+  return to_acc(from_acc<T>(v));
+}
+
+// Deterministic sum over the block (blockDim.x == kBlock, a power of two): a
+// fixed shared-memory tree, so the result depends only on the inputs. Every
+// thread of the block must call it; every thread gets the sum.
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v) {
+  __shared__ Acc buf[kBlock];
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = kBlock / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half) buf[threadIdx.x] += buf[threadIdx.x + half];
+    __syncthreads();
+  }
+  const Acc total = buf[0];
+  __syncthreads();  // buf may be reused by the next call
+  return total;
+}
+
+// Grid-stride loops. Sizes are int32 (the host checks every tensor against
+// INT32_MAX); the counter is unsigned so i + stride cannot overflow.
+#define FCN_GRID_STRIDE(i, n)                                                       \
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n);      \
+       i += blockDim.x * gridDim.x)
+// One block per output element: block-level grid-stride over outputs.
+#define FCN_BLOCK_STRIDE(b, n) for (unsigned b = blockIdx.x; b < (unsigned)(n); b += gridDim.x)
+
+// Sum over a (planes = outer*channels, size) tensor of the entries of one
+// channel: out[c] = sum_{o, p} v[(o*channels + c)*size + p]. One block per
+// channel, fixed order (the bias gradients).
+template <typename T>
+__global__ void channel_sum_kernel(const T* __restrict__ v, T* __restrict__ out, int outer,
+                                   int channels, int size) {
+  typedef typename AccOf<T>::type Acc;
+  const int count = outer * size;
+  FCN_BLOCK_STRIDE(c, channels) {
+    Acc acc = Acc(0);
+    for (int j = threadIdx.x; j < count; j += kBlock) {
+      const int o = j / size, p = j - o * size;
+      acc += to_acc(v[(o * channels + static_cast<int>(c)) * size + p]);
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) out[c] = from_acc<T>(acc);
+  }
+}
+
+#ifndef __CUDACC_RTC__
+// ---- host side (nvcc only) ----
+
+// Blocks for a grid-stride loop over n elements (n > 0).
+inline unsigned grid_for(long long n) {
+  long long blocks = (n + kBlock - 1) / kBlock;
+  if (blocks > 65535) blocks = 65535;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+}
+// Blocks for one-block-per-output kernels (n > 0).
+inline unsigned blocks_for(long long n) {
+  return static_cast<unsigned>(n > (1 << 20) ? (1 << 20) : (n < 1 ? 1 : n));
+}
+
+// Calls f(T{}) with T the kernel storage type of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(double{});
+    case 2: return f(__half{});
+    case 3: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+#endif
+
+}  // namespace cuda
+}  // namespace fcnfast

@@ -1,0 +1,230 @@
+// CUDA kernels for upsample_cross_entropy, the final upsampling fused with the
+// softmax cross-entropy:
+//   F.cross_entropy(bilinear_upsample2d(x, s, crop), target, ignore_index=ii, reduction=r)
+// The full-resolution logits and their gradient never exist; only one
+// log-sum-exp per kept pixel is held (1/C of the logits) for the backward.
+//
+// Forward (deterministic two-pass reduction, no atomics):
+//   pass 1  ce_pixel_kernel: a fixed grid of at most kCeMaxBlocks blocks; each
+//           thread walks its pixels in a fixed order computing
+//           lse = logsumexp_c z_c and loss = lse - z_target (online softmax);
+//           each block writes (sum of losses, number of counted pixels).
+//   pass 2  ce_finalize_kernel: one block sums the partials in a fixed order
+//           and writes the loss (sum, or sum / count for "mean"), or in the
+//           backward the coefficient grad_loss (/ count).
+// Backward: pass 1 (storing lse), pass 2 (coefficient), then
+//   ce_grad_x_kernel: each input element gathers over its 2s x 2s footprint
+//           coef * sum w(Y) w(X) (softmax_c(Y, X) - [target == c]) over
+//           non-ignored pixels.
+// Scores are csrc/common/bilinear.h bilinear_pixel values (the ones
+// bilinear_upsample2d computes), rounded to the storage dtype before the
+// softmax, as the unfused expression does.
+#include "cuda/kernel_utils.cuh"  // first: NVRTC integer types
+#include "common/bilinear.h"
+#ifndef __CUDACC_RTC__
+#include "cuda/launchers.h"
+#endif
+
+namespace fcnfast {
+namespace cuda {
+
+template <typename T>
+__global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                                int64_t ignore_index, typename AccOf<T>::type* __restrict__ lse_out,
+                                typename AccOf<T>::type* __restrict__ partials, int pixels,
+                                int channels, int in_h, int in_w, int scale, int top, int left,
+                                int out_h, int out_w) {
+  typedef typename AccOf<T>::type Acc;
+  const int in_plane = in_h * in_w;
+  Acc loss_sum = Acc(0), count = Acc(0);
+  FCN_GRID_STRIDE(i, pixels) {
+    const int idx = static_cast<int>(i);
+    const int ox = idx % out_w, r1 = idx / out_w;
+    const int oy = r1 % out_h, n = r1 / out_h;
+    const int64_t t = target[idx];
+    if (t == ignore_index) {
+      if (lse_out != nullptr) lse_out[idx] = Acc(0);
+      continue;
+    }
+    const T* xn = x + n * channels * in_plane;
+    // online softmax: running max m and sum of exp(z - m)
+    Acc m = Acc(0), sum = Acc(0), z_target = Acc(0) / Acc(0);  // NaN unless t is a class
+    for (int c = 0; c < channels; ++c) {
+      const Acc z = round_to<T>(
+          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
+      if (c == 0) {
+        m = z;
+        sum = Acc(1);
+      } else if (z > m) {
+        sum = sum * exp(m - z) + Acc(1);
+        m = z;
+      } else {
+        sum += exp(z - m);
+      }
+      if (c == t) z_target = z;
+    }
+    const Acc lse = m + log(sum);
+    if (lse_out != nullptr) lse_out[idx] = lse;
+    loss_sum += lse - z_target;
+    count += Acc(1);
+  }
+  loss_sum = block_sum(loss_sum);
+  count = block_sum(count);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = loss_sum;
+    partials[2 * blockIdx.x + 1] = count;
+  }
+}
+
+// One block. loss != null: write the loss (forward). coef != null: write
+// grad_loss[0] (/ count for mean) (backward).
+template <typename T>
+__global__ void ce_finalize_kernel(const typename AccOf<T>::type* __restrict__ partials,
+                                   int n_partials, int mean, const T* __restrict__ grad_loss,
+                                   T* __restrict__ loss, typename AccOf<T>::type* __restrict__ coef) {
+  typedef typename AccOf<T>::type Acc;
+  Acc loss_sum = Acc(0), count = Acc(0);
+  for (int j = threadIdx.x; j < n_partials; j += kBlock) {
+    loss_sum += partials[2 * j];
+    count += partials[2 * j + 1];
+  }
+  loss_sum = block_sum(loss_sum);
+  count = block_sum(count);
+  if (threadIdx.x == 0) {
+    if (loss != nullptr) loss[0] = from_acc<T>(mean ? loss_sum / count : loss_sum);
+    if (coef != nullptr) {
+      const Acc g = to_acc(grad_loss[0]);
+      coef[0] = mean ? g / count : g;
+    }
+  }
+}
+
+// One thread per input element (n, c, iy, ix).
+template <typename T>
+__global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                                 int64_t ignore_index,
+                                 const typename AccOf<T>::type* __restrict__ lse,
+                                 const typename AccOf<T>::type* __restrict__ coef,
+                                 T* __restrict__ grad_x, int total, int channels, int in_h,
+                                 int in_w, int scale, int top, int left, int out_h, int out_w) {
+  typedef typename AccOf<T>::type Acc;
+  const int in_plane = in_h * in_w;
+  const Acc k = coef[0];
+  FCN_GRID_STRIDE(i, total) {
+    const int idx = static_cast<int>(i);
+    const int jx = idx % in_w, r1 = idx / in_w;
+    const int iy = r1 % in_h, r2 = r1 / in_h;
+    const int c = r2 % channels, n = r2 / channels;
+    const T* plane = x + (n * channels + c) * in_plane;
+    int64_t y0, y1, x0, x1;
+    bilinear_band(iy, scale, top, out_h, &y0, &y1);
+    bilinear_band(jx, scale, left, out_w, &x0, &x1);
+    Acc acc = Acc(0);
+    bool any = false;
+    for (int y = static_cast<int>(y0); y < y1; ++y) {
+      const int prow = (n * out_h + y) * out_w;
+      Acc row = Acc(0);
+      for (int xo = static_cast<int>(x0); xo < x1; ++xo) {
+        const int64_t t = target[prow + xo];
+        if (t == ignore_index) continue;
+        const Acc z = round_to<T>(
+            bilinear_pixel<T, Acc>(plane, in_h, in_w, scale, top + y, left + xo));
+        const Acc d = exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
+        row += bilinear_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
+        any = true;
+      }
+      acc += bilinear_tap_weight<Acc>(top + y - iy * scale, scale) * row;
+    }
+    // no counted pixel: exactly 0 (mean over zero pixels would give 0 * Inf)
+    grad_x[idx] = from_acc<T>(any ? acc * k : Acc(0));
+  }
+}
+
+#ifndef __CUDACC_RTC__
+namespace {
+
+// Upper bound on the pass-1 grid; the grid depends only on the pixel count
+// (never on the device), so the summation order is fixed. fcnfast/_cupy.py
+// uses the same rule.
+constexpr int kCeMaxBlocks = 1024;
+
+int ce_blocks(long long pixels) {
+  long long b = (pixels + kBlock - 1) / kBlock;
+  return static_cast<int>(b < 1 ? 1 : (b > kCeMaxBlocks ? kCeMaxBlocks : b));
+}
+
+// Workspace layout (in doubles, so it is aligned for either accumulator):
+// [0, 2*blocks) partials, [2*blocks] coefficient, then one lse per pixel.
+template <typename Acc>
+struct CeWorkspace {
+  Acc* partials;
+  Acc* coef;
+  Acc* lse;
+  CeWorkspace(void* base, int blocks) {
+    char* p = static_cast<char*>(base);
+    partials = reinterpret_cast<Acc*>(p);
+    coef = reinterpret_cast<Acc*>(p + 2 * blocks * sizeof(double));
+    lse = reinterpret_cast<Acc*>(p + (2 * blocks + 1) * sizeof(double));
+  }
+};
+
+long long ce_pixels(const UpsampleShape& s) {
+  return static_cast<long long>(s.n) * s.out_h * s.out_w;
+}
+
+}  // namespace
+
+size_t upsample_cross_entropy_workspace_bytes(const UpsampleShape& s) {
+  const long long pixels = ce_pixels(s);
+  return static_cast<size_t>(2 * ce_blocks(pixels) + 1 + pixels) * sizeof(double);
+}
+
+cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* target,
+                                   int64_t ignore_index, bool mean, void* loss, void* workspace,
+                                   const UpsampleShape& s, cudaStream_t stream) {
+  const long long pixels = ce_pixels(s);
+  const int blocks = ce_blocks(pixels);
+  return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename AccOf<T>::type;
+    CeWorkspace<Acc> ws(workspace, blocks);
+    ce_pixel_kernel<T><<<blocks, kBlock, 0, stream>>>(
+        static_cast<const T*>(x), target, ignore_index, nullptr, ws.partials,
+        static_cast<int>(pixels), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
+        s.out_w);
+    ce_finalize_kernel<T><<<1, kBlock, 0, stream>>>(ws.partials, blocks, mean ? 1 : 0, nullptr,
+                                                    static_cast<T*>(loss), nullptr);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, const void* x,
+                                            const int64_t* target, int64_t ignore_index,
+                                            bool mean, void* grad_x, void* workspace,
+                                            const UpsampleShape& s, cudaStream_t stream) {
+  const long long pixels = ce_pixels(s);
+  const long long total = static_cast<long long>(s.n) * s.channels * s.in_h * s.in_w;
+  const int blocks = ce_blocks(pixels);
+  if (total == 0) return cudaSuccess;
+  return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename AccOf<T>::type;
+    CeWorkspace<Acc> ws(workspace, blocks);
+    ce_pixel_kernel<T><<<blocks, kBlock, 0, stream>>>(
+        static_cast<const T*>(x), target, ignore_index, ws.lse, ws.partials,
+        static_cast<int>(pixels), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
+        s.out_w);
+    ce_finalize_kernel<T><<<1, kBlock, 0, stream>>>(ws.partials, blocks, mean ? 1 : 0,
+                                                    static_cast<const T*>(grad_loss), nullptr,
+                                                    ws.coef);
+    ce_grad_x_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
+        static_cast<const T*>(x), target, ignore_index, ws.lse, ws.coef, static_cast<T*>(grad_x),
+        static_cast<int>(total), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
+        s.out_w);
+    return cudaGetLastError();
+  });
+}
+#endif  // __CUDACC_RTC__
+
+}  // namespace cuda
+}  // namespace fcnfast

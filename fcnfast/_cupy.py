@@ -1,0 +1,520 @@
+"""CuPy backend: the CUDA kernels of ``csrc/cuda/*.cu`` compiled at run time with NVRTC.
+
+Used for CUDA tensors when the compiled extension ``fcnfast._C`` has no CUDA
+kernels (a CPU-only wheel on a GPU machine), or when forced with
+``FCNFAST_CUDA_BACKEND=cupy``. The very same ``.cu`` sources the nvcc build
+compiles are handed to ``cupy.RawModule``: the kernels are templates in
+``fcnfast::cuda`` instantiated through NVRTC name expressions (e.g.
+``fcnfast::cuda::skip_add_crop_kernel<__half>``); the host launchers in those
+files sit behind ``#ifndef __CUDACC_RTC__``. This module repeats their launch
+logic (grid sizes, kernel order) and registers Python implementations of the
+``fcnfast::<op>`` dispatcher ops for the CUDA key, so the autograd and fake
+registrations of ``fcnfast.ops`` apply unchanged.
+
+Tensors are exchanged zero-copy (raw ``data_ptr``); kernels run on
+``torch.cuda.current_stream()`` of the input's device. Sources are looked up in
+``fcnfast/_csrc`` (copied there by ``setup.py build_py`` for wheels) and then in
+the source tree's ``csrc``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+import threading
+
+import torch
+
+from . import _geometry as geo
+from . import reference
+
+ENV = "FCNFAST_CUDA_BACKEND"
+CHOICES = ("auto", "native", "cupy")
+
+BLOCK = 256  # kernel_utils.cuh kBlock
+_GRID_MAX = 65535  # kernel_utils.cuh grid_for
+_BLOCKS_MAX = 1 << 20  # kernel_utils.cuh blocks_for
+_CE_MAX_BLOCKS = 1024  # upsample_cross_entropy.cu kCeMaxBlocks
+_INT32_MAX = 2 ** 31 - 1
+
+# kernels (templates in namespace fcnfast::cuda) defined in or included by each source
+KERNELS = {
+    "skip_add_crop.cu": ("skip_add_crop_kernel", "skip_add_crop_backward_kernel"),
+    "score_skip.cu": ("score_skip_kernel", "score_skip_grad_feature_kernel",
+                      "score_skip_grad_weight_kernel", "channel_sum_kernel"),
+    "conv_transpose2d.cu": ("conv_transpose2d_kernel", "conv_transpose2d_grad_x_kernel",
+                            "conv_transpose2d_grad_weight_kernel", "channel_sum_kernel"),
+    "bilinear_upsample2d.cu": ("bilinear_upsample2d_kernel",
+                               "bilinear_upsample2d_backward_kernel"),
+    "upsample_argmax.cu": ("upsample_argmax_kernel",),
+    "upsample_cross_entropy.cu": ("ce_pixel_kernel", "ce_finalize_kernel", "ce_grad_x_kernel"),
+}
+
+TYPE_NAMES = {
+    torch.float32: "float",
+    torch.float64: "double",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+}
+
+
+def requested() -> str:
+    """``FCNFAST_CUDA_BACKEND``: ``auto`` (compiled CUDA kernels, else CuPy), ``native``, ``cupy``."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError("%s must be one of %s, got %r" % (ENV, CHOICES, value))
+    return value
+
+
+def available() -> bool:
+    """CuPy is installed (not imported here: importing it is slow)."""
+    return importlib.util.find_spec("cupy") is not None
+
+
+def source_dir():
+    """Directory holding ``common/*.h`` and ``cuda/*.cu`` (the include root), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if os.path.isfile(os.path.join(root, "cuda", "kernel_utils.cuh")):
+            return root
+    return None
+
+
+def name_expression(kernel: str, dtype: torch.dtype) -> str:
+    return "fcnfast::cuda::%s<%s>" % (kernel, TYPE_NAMES[dtype])
+
+
+def compile_options(include_dir: str):
+    """NVRTC options (CuPy adds the architecture and the CUDA include path)."""
+    return ("-std=c++17", "-I" + include_dir)
+
+
+def cuda_include_dir(cuda_path=None):
+    """A directory with cuda_fp16.h / cuda_bf16.h for NVRTC: the CUDA toolkit's include
+    (``cuda_path``, CUDA_PATH, CUDA_HOME, /usr/local/cuda) or the one of the NVIDIA pip wheels."""
+    candidates = [os.path.join(p, "include") for p in
+                  (cuda_path, os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
+                   "/usr/local/cuda") if p]
+    for entry in sys.path:
+        nvidia = os.path.join(entry, "nvidia")
+        if os.path.isdir(nvidia):
+            candidates += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")), reverse=True)
+            candidates.append(os.path.join(nvidia, "cuda_runtime", "include"))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cuda_bf16.h")):
+            return path
+    return None
+
+
+def read_source(filename: str, root=None) -> str:
+    root = root or source_dir()
+    if root is None:
+        raise RuntimeError("fcnfast: the CUDA sources (fcnfast/_csrc or csrc) were not found; "
+                           "reinstall fcnfast to use the CuPy backend")
+    with open(os.path.join(root, "cuda", filename)) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------------------
+# compilation and launching
+# ---------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_modules = {}
+
+
+def _cupy():
+    import cupy  # noqa: PLC0415  (optional dependency, imported on first use)
+    return cupy
+
+
+def _function(filename: str, kernel: str, dtype: torch.dtype, device: torch.device):
+    key = (filename, dtype, device.index)
+    with _lock:
+        module = _modules.get(key)
+        if module is None:
+            cupy = _cupy()
+            root = source_dir()
+            options = compile_options(root)
+            cuda_include = cuda_include_dir(cupy.cuda.get_cuda_path())
+            if cuda_include is not None:
+                options += ("-I" + cuda_include,)  # cuda_fp16.h / cuda_bf16.h
+            with cupy.cuda.Device(device.index):
+                module = cupy.RawModule(
+                    code=read_source(filename, root), options=options,
+                    name_expressions=[name_expression(k, dtype) for k in KERNELS[filename]])
+                module.compile()
+            _modules[key] = module
+    return module.get_function(name_expression(kernel, dtype))
+
+
+def _launch(filename, kernel, dtype, device, grid, args):
+    cupy = _cupy()
+    fn = _function(filename, kernel, dtype, device)
+    with cupy.cuda.Device(device.index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream,
+                                          device.index)
+        with stream:
+            fn((int(grid),), (BLOCK,), tuple(args))
+
+
+def _grid_for(n: int) -> int:
+    return max(1, min((n + BLOCK - 1) // BLOCK, _GRID_MAX))
+
+
+def _blocks_for(n: int) -> int:
+    return max(1, min(n, _BLOCKS_MAX))
+
+
+def _ptr(t):
+    return _np().uint64(t.data_ptr() if t is not None else 0)
+
+
+def _i32(*values):
+    np = _np()
+    return tuple(np.int32(v) for v in values)
+
+
+def _acc(dtype, value):
+    np = _np()
+    return np.float64(value) if dtype == torch.float64 else np.float32(value)
+
+
+def _np():
+    import numpy
+    return numpy
+
+
+# ---------------------------------------------------------------------------
+# argument checks (the compiled binding's checks; fcnfast.ops has run geo checks)
+# ---------------------------------------------------------------------------
+
+# Indirections a CPU-only test replaces to run the launch plumbing without a GPU.
+_DEVICE_TYPE = "cuda"
+
+
+def _device(t):
+    """Context making t's device current (tensors allocated there, streams looked up there)."""
+    return torch.cuda.device(t.device)
+
+
+def _check_cuda(t, name, ndim=4):
+    geo.check_tensor(t, name, ndim)
+    if t.device.type != _DEVICE_TYPE:
+        raise ValueError("%s must be on CUDA, got %s" % (name, t.device))
+    _check_index32(t.numel(), name)
+
+
+def _check_like(ref, ref_name, t, name, ndim):
+    geo.check_tensor(t, name, ndim)
+    geo.check_same(ref, ref_name, t, name)
+    _check_index32(t.numel(), name)
+
+
+def _check_index32(numel, name):
+    if numel > _INT32_MAX:
+        raise ValueError("%s has %d elements, more than 32-bit indexing allows (%d)"
+                         % (name, numel, _INT32_MAX))
+
+
+def _empty(t):
+    return t.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------
+# op implementations (schemas in csrc/bindings.cpp)
+# ---------------------------------------------------------------------------
+
+def skip_add_crop(coarse, skip, offset):
+    _check_cuda(coarse, "coarse")
+    _check_like(coarse, "coarse", skip, "skip", 4)
+    if coarse.shape[:2] != skip.shape[:2]:
+        raise ValueError("coarse %s and skip %s must agree in batch and channels"
+                         % (tuple(coarse.shape), tuple(skip.shape)))
+    oy, ox = geo.skip_window(coarse, skip.shape[2:], offset)
+    n, c, h, w = coarse.shape
+    with _device(coarse):
+        coarse, skip = coarse.contiguous(), skip.contiguous()
+        out = torch.empty_like(coarse)
+        if out.numel():
+            _launch("skip_add_crop.cu", "skip_add_crop_kernel", coarse.dtype, coarse.device,
+                    _grid_for(out.numel()),
+                    (_ptr(coarse), _ptr(skip), _ptr(out))
+                    + _i32(out.numel(), h, w, skip.shape[2], skip.shape[3], oy, ox))
+    return out
+
+
+def skip_add_crop_backward(grad, skip_height, skip_width, offset):
+    _check_cuda(grad, "grad")
+    oy, ox = geo.skip_window(grad, (skip_height, skip_width), offset)
+    n, c, h, w = grad.shape
+    _check_index32(n * c * skip_height * skip_width, "grad_skip")
+    with _device(grad):
+        grad = grad.contiguous()
+        out = grad.new_empty((n, c, skip_height, skip_width))
+        if out.numel():
+            _launch("skip_add_crop.cu", "skip_add_crop_backward_kernel", grad.dtype, grad.device,
+                    _grid_for(out.numel()),
+                    (_ptr(grad), _ptr(out))
+                    + _i32(out.numel(), h, w, skip_height, skip_width, oy, ox))
+    return out
+
+
+def _check_score_skip(ref, feature, weight, bias, offset):
+    _check_cuda(ref, "coarse")
+    for t, name in ((feature, "feature"), (weight, "weight"), (bias, "bias")):
+        if t is not None:
+            _check_index32(t.numel(), name)
+    return reference._check_score_skip(ref, feature, weight, bias, offset)
+
+
+def score_skip(coarse, feature, weight, bias, scale, offset):
+    oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
+    n, k, h, w = coarse.shape
+    with _device(coarse):
+        coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        out = torch.empty_like(coarse)
+        if out.numel():
+            _launch("score_skip.cu", "score_skip_kernel", coarse.dtype, coarse.device,
+                    _grid_for(out.numel()),
+                    (_ptr(coarse), _ptr(feature), _ptr(weight), _ptr(bias),
+                     _acc(coarse.dtype, scale), _ptr(out))
+                    + _i32(out.numel(), k, feature.shape[1], h, w, feature.shape[2],
+                           feature.shape[3], oy, ox))
+    return out
+
+
+def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
+    oy, ox = _check_score_skip(grad, feature, weight, None, offset)
+    n, k, h, w = grad.shape
+    f = "score_skip.cu"
+    with _device(grad):
+        grad, feature, weight = grad.contiguous(), feature.contiguous(), weight.contiguous()
+        dt, dev, c = grad.dtype, grad.device, feature.shape[1]
+        dims = _i32(k, c, h, w, feature.shape[2], feature.shape[3], oy, ox)
+        gf = torch.empty_like(feature) if output_mask[0] else _empty(grad)
+        gw = torch.empty_like(weight) if output_mask[1] else _empty(grad)
+        gb = grad.new_empty((k,)) if output_mask[2] else _empty(grad)
+        if output_mask[0] and gf.numel():
+            _launch(f, "score_skip_grad_feature_kernel", dt, dev, _grid_for(gf.numel()),
+                    (_ptr(grad), _ptr(weight), _acc(dt, scale), _ptr(gf)) + _i32(gf.numel())
+                    + dims)
+        if output_mask[1] and gw.numel():
+            _launch(f, "score_skip_grad_weight_kernel", dt, dev, _blocks_for(gw.numel()),
+                    (_ptr(grad), _ptr(feature), _acc(dt, scale), _ptr(gw)) + _i32(n) + dims)
+        if output_mask[2] and k:
+            _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(k),
+                    (_ptr(grad), _ptr(gb)) + _i32(n, k, h * w))
+    return gf, gw, gb
+
+
+def _conv_dims(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
+    _check_cuda(x, "x")
+    _check_index32(weight.numel(), "weight")
+    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
+        x, weight, bias, stride, padding, output_padding, groups, dilation)
+    top, left, oh, ow = geo.resolve_crop(crop, *full)
+    for a in range(2):
+        if full[a] + padding[a] + dilation[a] * weight.shape[2 + a] > _INT32_MAX // 2:
+            raise ValueError("conv_transpose2d full output %s is too large for 32-bit indexing"
+                             % (full,))
+    cout = weight.shape[1] * groups
+    _check_index32(x.shape[0] * cout * oh * ow, "output")
+    dims = _i32(x.shape[1], x.shape[2], x.shape[3], cout, groups, weight.shape[2], weight.shape[3],
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], top, left,
+                oh, ow)
+    return cout, oh, ow, dims
+
+
+def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
+    cout, oh, ow, dims = _conv_dims(x, weight, bias, stride, padding, output_padding, groups,
+                                    dilation, crop)
+    with _device(x):
+        x, weight = x.contiguous(), weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        out = x.new_empty((x.shape[0], cout, oh, ow))
+        if out.numel():
+            _launch("conv_transpose2d.cu", "conv_transpose2d_kernel", x.dtype, x.device,
+                    _grid_for(out.numel()),
+                    (_ptr(x), _ptr(weight), _ptr(bias), _ptr(out)) + _i32(out.numel()) + dims)
+    return out
+
+
+def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, groups, dilation,
+                              crop, output_mask):
+    cout, oh, ow, dims = _conv_dims(x, weight, None, stride, padding, output_padding, groups,
+                                    dilation, crop)
+    _check_like(x, "x", grad, "grad", 4)
+    if tuple(grad.shape) != (x.shape[0], cout, oh, ow):
+        raise ValueError("grad %s must have the output shape %s"
+                         % (tuple(grad.shape), (x.shape[0], cout, oh, ow)))
+    f = "conv_transpose2d.cu"
+    with _device(x):
+        grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
+        dt, dev = x.dtype, x.device
+        gx = torch.empty_like(x) if output_mask[0] else _empty(x)
+        gw = torch.empty_like(weight) if output_mask[1] else _empty(x)
+        gb = x.new_empty((cout,)) if output_mask[2] else _empty(x)
+        if output_mask[0] and gx.numel():
+            _launch(f, "conv_transpose2d_grad_x_kernel", dt, dev, _grid_for(gx.numel()),
+                    (_ptr(grad), _ptr(weight), _ptr(gx)) + _i32(gx.numel()) + dims)
+        if output_mask[1] and gw.numel():
+            _launch(f, "conv_transpose2d_grad_weight_kernel", dt, dev, _blocks_for(gw.numel()),
+                    (_ptr(x), _ptr(grad), _ptr(gw)) + _i32(x.shape[0]) + dims)
+        if output_mask[2] and cout:
+            _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(cout),
+                    (_ptr(grad), _ptr(gb)) + _i32(x.shape[0], cout, oh * ow))
+    return gx, gw, gb
+
+
+def _upsample_dims(n, c, in_h, in_w, scale, crop):
+    geo.check_scale(scale)
+    full_h, full_w = (in_h + 1) * scale, (in_w + 1) * scale
+    if max(full_h, full_w) > _INT32_MAX // 2:
+        raise ValueError("upsampled size %dx%d is too large for 32-bit indexing" % (full_h, full_w))
+    top, left, oh, ow = geo.resolve_crop(crop, full_h, full_w)
+    return oh, ow, _i32(in_h, in_w, scale, top, left, oh, ow)
+
+
+def bilinear_upsample2d(x, scale, crop):
+    _check_cuda(x, "x")
+    n, c, h, w = x.shape
+    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
+    _check_index32(n * c * oh * ow, "output")
+    with _device(x):
+        x = x.contiguous()
+        out = x.new_empty((n, c, oh, ow))
+        if out.numel():
+            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x.dtype, x.device,
+                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel()) + dims)
+    return out
+
+
+def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
+    _check_cuda(grad, "grad")
+    n, c = grad.shape[:2]
+    oh, ow, dims = _upsample_dims(n, c, in_height, in_width, scale, crop)
+    if tuple(grad.shape[2:]) != (oh, ow):
+        raise ValueError("grad %s must match the crop %dx%d" % (tuple(grad.shape), oh, ow))
+    _check_index32(n * c * in_height * in_width, "grad_x")
+    with _device(grad):
+        grad = grad.contiguous()
+        out = grad.new_empty((n, c, in_height, in_width))
+        if out.numel():
+            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad.dtype,
+                    grad.device, _grid_for(out.numel()),
+                    (_ptr(grad), _ptr(out)) + _i32(out.numel()) + dims)
+    return out
+
+
+def upsample_argmax(x, scale, crop):
+    _check_cuda(x, "x")
+    n, c, h, w = x.shape
+    if c == 0:
+        raise ValueError("upsample_argmax needs at least one channel, got x %s" % (tuple(x.shape),))
+    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
+    with _device(x):
+        x = x.contiguous()
+        out = x.new_empty((n, oh, ow), dtype=torch.int64)
+        if out.numel():
+            _launch("upsample_argmax.cu", "upsample_argmax_kernel", x.dtype, x.device,
+                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel(), c) + dims)
+    return out
+
+
+def _check_cross_entropy(x, target, scale, crop, ignore_index, reduction):
+    _check_cuda(x, "x")
+    reference._check_cross_entropy_args(x, target, scale, crop, reduction)
+    n, c, h, w = x.shape
+    if c == 0:
+        raise ValueError("upsample_cross_entropy needs at least one class, got x %s"
+                         % (tuple(x.shape),))
+    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
+    # F.cross_entropy's contract: every label is a class or ignore_index (one host sync)
+    if target.numel() and bool((((target < 0) | (target >= c)) & (target != ignore_index)).any()):
+        raise ValueError("target has labels outside [0, %d) that are not ignore_index (%d)"
+                         % (c, ignore_index))
+    return n * oh * ow, dims
+
+
+def _ce_workspace(x, pixels):
+    blocks = max(1, min((pixels + BLOCK - 1) // BLOCK, _CE_MAX_BLOCKS))
+    ws = torch.empty(2 * blocks + 1 + pixels, dtype=torch.float64, device=x.device)
+    base = ws.data_ptr()
+    np = _np()
+    # partials, coefficient, lse (layout of upsample_cross_entropy.cu CeWorkspace)
+    return ws, blocks, np.uint64(base), np.uint64(base + 16 * blocks), np.uint64(
+        base + 8 * (2 * blocks + 1))
+
+
+def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
+    pixels, dims = _check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    f, np = "upsample_cross_entropy.cu", _np()
+    with _device(x):
+        x, target = x.contiguous(), target.contiguous()
+        loss = x.new_empty(())
+        ws, blocks, partials, _, _ = _ce_workspace(x, pixels)
+        _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
+                (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials)
+                + _i32(pixels, x.shape[1]) + dims)
+        _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
+                (partials,) + _i32(blocks, reduction == "mean")
+                + (np.uint64(0), _ptr(loss), np.uint64(0)))
+        # ws may be freed now: the caching allocator reuses it only in the same stream order
+        del ws
+    return loss
+
+
+def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_index, reduction):
+    pixels, dims = _check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    geo.check_same(x, "x", grad_loss, "grad_loss")
+    if grad_loss.numel() != 1:
+        raise ValueError("grad_loss must have one element, got shape %s" % (tuple(grad_loss.shape),))
+    f, np = "upsample_cross_entropy.cu", _np()
+    with _device(x):
+        x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()
+        gx = torch.empty_like(x)
+        if gx.numel() == 0:
+            return gx
+        ws, blocks, partials, coef, lse = _ce_workspace(x, pixels)
+        _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
+                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials)
+                + _i32(pixels, x.shape[1]) + dims)
+        _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
+                (partials,) + _i32(blocks, reduction == "mean")
+                + (_ptr(grad_loss), np.uint64(0), coef))
+        _launch(f, "ce_grad_x_kernel", x.dtype, x.device, _grid_for(gx.numel()),
+                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, coef, _ptr(gx))
+                + _i32(gx.numel(), x.shape[1]) + dims)
+        del ws
+    return gx
+
+
+IMPLS = {
+    "conv_transpose2d": conv_transpose2d,
+    "conv_transpose2d_backward": conv_transpose2d_backward,
+    "bilinear_upsample2d": bilinear_upsample2d,
+    "bilinear_upsample2d_backward": bilinear_upsample2d_backward,
+    "skip_add_crop": skip_add_crop,
+    "skip_add_crop_backward": skip_add_crop_backward,
+    "score_skip": score_skip,
+    "score_skip_backward": score_skip_backward,
+    "upsample_argmax": upsample_argmax,
+    "upsample_cross_entropy": upsample_cross_entropy,
+    "upsample_cross_entropy_backward": upsample_cross_entropy_backward,
+}
+
+_library = None
+
+
+def register() -> None:
+    """Register the CuPy implementations as the CUDA kernels of every fcnfast op (once)."""
+    global _library
+    if _library is not None:
+        return
+    lib = torch.library.Library("fcnfast", "IMPL")
+    for name, fn in IMPLS.items():
+        lib.impl(name, fn, "CUDA")
+    _library = lib

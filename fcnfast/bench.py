@@ -1,0 +1,420 @@
+"""``fcnfast bench``: fcnfast's ops vs the PyTorch expressions they replace, side by side.
+
+Every case times the PyTorch expression (the one ``fcnfast.reference`` states)
+and the fcnfast op on the same inputs in the same run, interleaved, and reports
+the median times, their ratio, the peak memory each allocates, and how close
+fcnfast gets to the machine's floor: memory bandwidth (a large tensor copy) or
+FP32 GEMM throughput, both measured at the start of the same run.
+
+Shapes are the FCN-8s head of a 500x500 input (Caffe geometry, DESIGN.md):
+score_fr 16x16, pool4 44x44 (crop 5), pool3 88x88 (crop 9), upscore2 k4 s2,
+upscore_pool4 k4 s2, upscore8 k16 s8 to 568x568 cropped at 31 to 500x500.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, ops, reference
+
+# FCN-8s geometry for a 500x500 input
+SIZE = 500
+SCORE_FR = 16
+POOL4, POOL4_OFFSET, FUSE4 = 44, 5, 34
+POOL3, POOL3_OFFSET, FUSE3 = 88, 9, 70
+FINAL_OFFSET = 31
+
+
+@dataclass
+class Case:
+    name: str
+    classes: int
+    batch: int
+    torch_fn: Callable[[], object]
+    fcnfast_fn: Callable[[], object]
+    floor: str = ""            # "bandwidth" or "flops"
+    work: float = 0.0          # bytes that must move, or useful FLOPs
+    baseline: str = "PyTorch"  # what the torch side computes
+    result: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------
+
+def _median_time(fn: Callable[[], object], min_time: float, min_reps: int) -> List[float]:
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return times
+
+
+def compare_times(fn_a, fn_b, min_time=0.3, min_reps=3, rounds=3):
+    """Median seconds of fn_a and fn_b, measured in alternating rounds (noise hits both)."""
+    fn_a()
+    fn_b()  # warm-up (allocations, lazy init)
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta += _median_time(fn_a, min_time / rounds, min_reps)
+        tb += _median_time(fn_b, min_time / rounds, min_reps)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by PyTorch's CPU allocator while ``fn`` runs (profiler allocation events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    allocs = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    allocs.sort()
+    current = peak = 0
+    for _, size in allocs:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def measure_floors(quick: bool = False) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and FP32 GEMM rate (FLOP/s) of this machine."""
+    n = (1 << 24) if quick else (1 << 26)
+    src = torch.ones(n)
+    dst = torch.empty(n)
+    t = min(_median_time(lambda: dst.copy_(src), 0.2, 5))
+    bandwidth = 2 * src.numel() * 4 / t
+    m = 1024 if quick else 2048
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    t = min(_median_time(lambda: torch.mm(a, b), 0.3, 3))
+    return {"bandwidth": bandwidth, "flops": 2 * m ** 3 / t}
+
+
+# ---------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------
+
+def _bilinear_weight(c: int, k: int) -> torch.Tensor:
+    return reference.bilinear_filter(k).expand(c, 1, k, k).contiguous()
+
+
+def _grad_step(fn, inputs):
+    def step():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return step
+
+
+def bilinear_cases(c: int, n: int) -> List[Case]:
+    x = torch.randn(n, c, FUSE3, FUSE3)
+    crop = (FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
+    w = _bilinear_weight(c, 16)
+    out_bytes = n * c * SIZE * SIZE * 4 + x.numel() * 4
+    deconv = lambda: F.conv_transpose2d(x, w, stride=8, groups=c)[..., 31:531, 31:531]  # noqa: E731
+    interp = lambda: F.interpolate(x, size=(SIZE, SIZE), mode="bilinear")  # noqa: E731
+    ours = lambda: ops.bilinear_upsample2d(x, 8, crop)  # noqa: E731
+    xg = x.clone().requires_grad_()
+    return [
+        Case("bilinear_upsample2d x8 fwd", c, n, deconv, ours, "bandwidth", out_bytes),
+        Case("bilinear_upsample2d x8 fwd", c, n, interp, ours, "bandwidth", out_bytes,
+             baseline="F.interpolate"),
+        Case("bilinear_upsample2d x8 fwd+bwd", c, n,
+             _grad_step(lambda: F.conv_transpose2d(xg, w, stride=8, groups=c)[..., 31:531, 31:531], [xg]),
+             _grad_step(lambda: ops.bilinear_upsample2d(xg, 8, crop), [xg]), "bandwidth", 2 * out_bytes),
+    ]
+
+
+def deconv_cases(c: int, n: int) -> List[Case]:
+    x = torch.randn(n, c, FUSE3, FUSE3, requires_grad=True)
+    w = torch.randn(c, c, 16, 16, requires_grad=True)
+    crop = (FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
+    flops = 2.0 * n * c * c * SIZE * SIZE * 4  # each output pixel gathers 2x2 taps per input channel
+    fwd_t = lambda: F.conv_transpose2d(x, w, stride=8)[..., 31:531, 31:531]  # noqa: E731
+    fwd_f = lambda: ops.conv_transpose2d(x, w, stride=8, crop=crop)  # noqa: E731
+    xd, wd = x.detach(), w.detach()
+    x2 = torch.randn(n, c, SCORE_FR, SCORE_FR)
+    w2 = torch.randn(c, c, 4, 4)
+    cases = [
+        Case("conv_transpose2d k16s8+crop fwd", c, n,
+             lambda: F.conv_transpose2d(xd, wd, stride=8)[..., 31:531, 31:531],
+             lambda: ops.conv_transpose2d(xd, wd, stride=8, crop=crop), "flops", flops),
+    ]
+    cases.append(Case("conv_transpose2d k16s8+crop fwd+bwd", c, n, _grad_step(fwd_t, [x, w]),
+                      _grad_step(fwd_f, [x, w]), "flops", 3 * flops))
+    cases.append(Case("conv_transpose2d k4s2 fwd", c, n, lambda: F.conv_transpose2d(x2, w2, stride=2),
+                      lambda: ops.conv_transpose2d(x2, w2, stride=2), "flops",
+                      2.0 * n * c * c * (2 * SCORE_FR + 2) ** 2 * 4))
+    return cases
+
+
+def skip_cases(c: int, n: int) -> List[Case]:
+    cases = []
+    for name, channels, size, offset, out in (("pool4", 512, POOL4, POOL4_OFFSET, FUSE4),
+                                              ("pool3", 256, POOL3, POOL3_OFFSET, FUSE3)):
+        coarse = torch.randn(n, c, out, out)
+        feat = torch.randn(n, channels, size, size)
+        w = torch.randn(c, channels, 1, 1)
+        b = torch.randn(c)
+        sl = slice(offset, offset + out)
+        cases.append(Case("score_skip %s fwd" % name, c, n,
+                          lambda coarse=coarse, feat=feat, w=w, b=b, sl=sl:
+                          coarse + F.conv2d(feat, w, b)[..., sl, sl],
+                          lambda coarse=coarse, feat=feat, w=w, b=b, offset=offset:
+                          ops.score_skip(coarse, feat, w, b, 1.0, (offset, offset)),
+                          "flops", 2.0 * n * c * channels * out * out))
+    coarse = torch.randn(n, c, FUSE3, FUSE3)
+    skip = torch.randn(n, c, POOL3, POOL3)
+    cases.append(Case("skip_add_crop pool3 fwd", c, n,
+                      lambda: coarse + skip[..., 9:79, 9:79],
+                      lambda: ops.skip_add_crop(coarse, skip, (9, 9)),
+                      "bandwidth", 3 * coarse.numel() * 4))
+    return cases
+
+
+def fused_cases(c: int, n: int) -> List[Case]:
+    x = torch.randn(n, c, FUSE3, FUSE3)
+    crop = (FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
+    w = _bilinear_weight(c, 16)
+    target = torch.randint(0, c, (n, SIZE, SIZE))
+    target[:, :20] = 255
+    xg = x.clone().requires_grad_()
+
+    def unfused_ce():
+        xg.grad = None
+        up = F.conv_transpose2d(xg, w, stride=8, groups=c)[..., 31:531, 31:531]
+        F.cross_entropy(up, target, ignore_index=255).backward()
+
+    def fused_ce():
+        xg.grad = None
+        ops.upsample_cross_entropy(xg, target, 8, crop).backward()
+
+    return [
+        Case("upsample_argmax x8", c, n,
+             lambda: F.conv_transpose2d(x, w, stride=8, groups=c)[..., 31:531, 31:531].argmax(1),
+             lambda: ops.upsample_argmax(x, 8, crop), "bandwidth",
+             x.numel() * 4 + n * SIZE * SIZE * 8),
+        Case("upsample_cross_entropy x8 fwd+bwd", c, n, unfused_ce, fused_ce, "bandwidth",
+             2 * x.numel() * 4 + target.numel() * 8),
+    ]
+
+
+class _Head(torch.nn.Module):
+    """FCN-8s head after score_fr: learned upscore2/upscore_pool4/upscore8 and the two skips."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        bil = lambda k: torch.nn.Parameter(  # noqa: E731
+            torch.eye(c)[:, :, None, None] * reference.bilinear_filter(k))
+        self.up2, self.up4, self.up8 = bil(4), bil(4), bil(16)
+        self.w4 = torch.nn.Parameter(torch.randn(c, 512, 1, 1) * 0.01)
+        self.b4 = torch.nn.Parameter(torch.zeros(c))
+        self.w3 = torch.nn.Parameter(torch.randn(c, 256, 1, 1) * 0.01)
+        self.b3 = torch.nn.Parameter(torch.zeros(c))
+
+    def torch_forward(self, score, pool4, pool3):
+        up2 = F.conv_transpose2d(score, self.up2, stride=2)
+        fuse4 = up2 + F.conv2d(pool4, self.w4, self.b4)[..., 5:5 + FUSE4, 5:5 + FUSE4]
+        up4 = F.conv_transpose2d(fuse4, self.up4, stride=2)
+        fuse3 = up4 + F.conv2d(pool3, self.w3, self.b3)[..., 9:9 + FUSE3, 9:9 + FUSE3]
+        return F.conv_transpose2d(fuse3, self.up8, stride=8)[..., 31:531, 31:531]
+
+    def fcnfast_forward(self, score, pool4, pool3):
+        up2 = ops.conv_transpose2d(score, self.up2, stride=2)
+        fuse4 = ops.score_skip(up2, pool4, self.w4, self.b4, 1.0, (5, 5))
+        up4 = ops.conv_transpose2d(fuse4, self.up4, stride=2)
+        fuse3 = ops.score_skip(up4, pool3, self.w3, self.b3, 1.0, (9, 9))
+        return ops.conv_transpose2d(fuse3, self.up8, stride=8,
+                                    crop=(FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE))
+
+
+def head_cases(c: int, n: int) -> List[Case]:
+    head = _Head(c)
+    score = torch.randn(n, c, SCORE_FR, SCORE_FR, requires_grad=True)
+    pool4 = torch.randn(n, 512, POOL4, POOL4, requires_grad=True)
+    pool3 = torch.randn(n, 256, POOL3, POOL3, requires_grad=True)
+    args = (score, pool4, pool3)
+    params = list(head.parameters()) + list(args)
+    flops = 2.0 * n * c * c * SIZE * SIZE * 4
+
+    def nograd(fn):
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+        return run
+
+    return [
+        Case("FCN-8s head fwd", c, n, nograd(head.torch_forward), nograd(head.fcnfast_forward),
+             "flops", flops),
+        Case("FCN-8s head fwd+bwd", c, n, _grad_step(lambda: head.torch_forward(*args), params),
+             _grad_step(lambda: head.fcnfast_forward(*args), params), "flops", 3 * flops),
+    ]
+
+
+def model_cases(c: int, n: int, size: int = 256) -> List[Case]:
+    """A whole FCN-8s (tiny backbone) run with the native ops vs the reference ops."""
+    try:
+        from .models import fcn8s
+        model = fcn8s(num_classes=c, backbone="tiny")
+    except Exception:  # models not available in this build
+        return []
+    model.eval()
+    x = torch.randn(n, 3, size, size)
+
+    def run(backend_name, train):
+        def go():
+            with _backend.use_backend(backend_name):
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(x).sum().backward()
+                else:
+                    with torch.no_grad():
+                        return model(x)
+        return go
+
+    return [
+        Case("FCN-8s tiny %dx%d fwd" % (size, size), c, n, run("reference", False),
+             run("auto", False), "", 0.0, baseline="reference ops"),
+        Case("FCN-8s tiny %dx%d fwd+bwd" % (size, size), c, n, run("reference", True),
+             run("auto", True), "", 0.0, baseline="reference ops"),
+    ]
+
+
+CASE_GROUPS = {
+    "bilinear": bilinear_cases,
+    "deconv": deconv_cases,
+    "skip": skip_cases,
+    "fused": fused_cases,
+    "head": head_cases,
+    "model": model_cases,
+}
+
+
+# ---------------------------------------------------------------------------
+# running and reporting
+# ---------------------------------------------------------------------------
+
+def run_case(case: Case, floors: dict, min_time: float, memory: bool) -> dict:
+    t_torch, t_ours = compare_times(case.torch_fn, case.fcnfast_fn, min_time=min_time)
+    row = {
+        "case": case.name, "C": case.classes, "N": case.batch, "baseline": case.baseline,
+        "torch_ms": t_torch * 1e3, "fcnfast_ms": t_ours * 1e3, "ratio": t_torch / t_ours,
+    }
+    if memory:
+        row["torch_peak_mb"] = peak_memory(case.torch_fn) / 2 ** 20
+        row["fcnfast_peak_mb"] = peak_memory(case.fcnfast_fn) / 2 ** 20
+    if case.floor:
+        floor_s = case.work / floors[case.floor]
+        row["floor"] = case.floor
+        row["pct_of_floor"] = 100.0 * floor_s / t_ours
+    return row
+
+
+def format_table(rows: List[dict]) -> str:
+    lines = ["| case | C | N | baseline | baseline ms | fcnfast ms | ratio | baseline peak MB "
+             "| fcnfast peak MB | % of floor |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem_t = "%.1f" % r["torch_peak_mb"] if "torch_peak_mb" in r else "-"
+        mem_f = "%.1f" % r["fcnfast_peak_mb"] if "fcnfast_peak_mb" in r else "-"
+        floor = "%.0f%% (%s)" % (r["pct_of_floor"], r["floor"]) if "pct_of_floor" in r else "-"
+        lines.append("| %s | %d | %d | %s | %.2f | %.2f | %.2fx | %s | %s | %s |" % (
+            r["case"], r["C"], r["N"], r["baseline"], r["torch_ms"], r["fcnfast_ms"], r["ratio"],
+            mem_t, mem_f, floor))
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return ("CPU: %s; torch %s, %d threads, capability %s; fcnfast backend %s"
+            % (model, torch.__version__, torch.get_num_threads(),
+               torch.backends.cpu.get_cpu_capability(), _backend.backend()))
+
+
+def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8),
+        min_time: float = 0.5, memory: bool = True, quick: bool = False, echo=print) -> dict:
+    groups = groups or list(CASE_GROUPS)
+    floors = measure_floors(quick)
+    echo(machine_description())
+    echo("floors: copy bandwidth %.1f GB/s, fp32 GEMM %.1f GFLOP/s"
+         % (floors["bandwidth"] / 1e9, floors["flops"] / 1e9))
+    rows = []
+    for group in groups:
+        for c in classes:
+            for n in batches:
+                for case in CASE_GROUPS[group](c, n):
+                    row = run_case(case, floors, min_time, memory)
+                    rows.append(row)
+                    echo("  %-40s C=%-3d N=%d  %8.2f ms -> %8.2f ms  %.2fx"
+                         % (row["case"], c, n, row["torch_ms"], row["fcnfast_ms"], row["ratio"]))
+    return {"machine": machine_description(), "floors": floors, "rows": rows}
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark fcnfast's ops against PyTorch (markdown table)")
+    p.add_argument("--groups", nargs="+", choices=sorted(CASE_GROUPS), default=None,
+                   help="case groups to run (default: all)")
+    p.add_argument("--classes", nargs="+", type=int, default=[21, 59, 150])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per case and side")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--quick", action="store_true", help="C=21, N=1, short timings")
+    p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also save the table as a markdown file")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for value, name in ((args.classes, "--classes"), (args.batch, "--batch")):
+        if any(v <= 0 for v in value):
+            raise ValueError("%s must be positive, got %s" % (name, value))
+    classes, batches, min_time = args.classes, args.batch, args.min_time
+    if args.quick:
+        classes, batches, min_time = [21], [1], min(min_time, 0.1)
+    result = run(args.groups, classes, batches, min_time, not args.no_memory, args.quick)
+    table = format_table(result["rows"])
+    print()
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# fcnfast CPU benchmark\n\n%s\n\nFloors measured in the same run: copy bandwidth "
+                    "%.1f GB/s, fp32 GEMM %.1f GFLOP/s.\n\n%s\n"
+                    % (result["machine"], result["floors"]["bandwidth"] / 1e9,
+                       result["floors"]["flops"] / 1e9, table))
+    return 0

@@ -1,0 +1,124 @@
+"""Image and label I/O and the input normalisation shared by every dataset and ``fcnfast predict``.
+
+Normalisation (``image_to_tensor``): RGB, scaled to [0, 1], minus the ImageNet
+mean (0.485, 0.456, 0.406), divided by the std (0.229, 0.224, 0.225) -- the
+convention of torchvision's VGG16 weights, which is the format ``load_vgg16``
+reads. (Caffe's BGR-minus-mean (104.007, 116.669, 122.679) matches
+Caffe-converted weights instead; mixing the two would silently degrade a
+pretrained backbone, so fcnfast uses the torchvision one everywhere.)
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["MEAN_RGB", "STD_RGB", "IGNORE_INDEX", "VOC_CLASSES", "image_to_tensor",
+           "tensor_to_image", "load_image", "load_label", "save_label_png", "voc_palette"]
+
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+PathLike = Union[str, os.PathLike]
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB array -> float32 (3, H, W): ``(image / 255 - MEAN_RGB) / STD_RGB``."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError("image must be a uint8 (H, W, 3) RGB array, got %s %s"
+                         % (array.dtype, array.shape))
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
+    std = torch.tensor(STD_RGB).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std).contiguous()
+
+
+def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of ``image_to_tensor``: float (3, H, W) -> uint8 (H, W, 3) (rounded, clipped)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] != 3:
+        raise ValueError("tensor must be a (3, H, W) tensor, got %s"
+                         % (tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)))
+    mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
+    std = torch.tensor(STD_RGB).view(3, 1, 1)
+    rgb = (tensor.detach().cpu().float() * std + mean) * 255.0
+    return rgb.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _open(path: PathLike, what: str) -> Image.Image:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError("%s file not found: %s" % (what, path))
+    try:
+        img = Image.open(path)
+        img.load()  # decode now so truncated/corrupt files fail here, naming the file
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise ValueError("cannot read %s %s: %s" % (what, path, exc)) from exc
+    return img
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image file as a uint8 (H, W, 3) RGB array (Pillow; any mode is converted)."""
+    return np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8).copy()
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map, (256, 3) uint8 (index 255, "ignore", is (224, 224, 192))."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        c, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def load_label(path: PathLike) -> np.ndarray:
+    """Read a label PNG as a uint8 (H, W) class-index array (255 = ignore).
+
+    Palette ("P") and greyscale ("L") PNGs hold the indices directly; an RGB
+    label is mapped back through ``voc_palette`` (unknown colours -> ValueError).
+    """
+    img = _open(path, "label")
+    if img.mode in ("P", "L"):
+        return np.asarray(img, dtype=np.uint8).copy()
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint32)
+        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        pal = voc_palette().astype(np.uint32)
+        pal_codes = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+        order = np.argsort(pal_codes)
+        pos = np.clip(np.searchsorted(pal_codes[order], codes), 0, 255)
+        found = pal_codes[order][pos] == codes
+        if not found.all():
+            raise ValueError("label %s has colours outside the VOC palette" % os.fspath(path))
+        return order[pos].astype(np.uint8)
+    raise ValueError("label %s has image mode %r; expected a palette (P), L or RGB PNG"
+                     % (os.fspath(path), img.mode))
+
+
+def save_label_png(labels, path: PathLike) -> None:
+    """Write an (H, W) label map (values 0..255) as a palette PNG with the VOC colours."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    array = np.asarray(labels)
+    if array.ndim != 2:
+        raise ValueError("labels must be a 2-D (H, W) array, got shape %s" % (array.shape,))
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError("labels must lie in 0..255 for a palette PNG, got %s..%s"
+                         % (array.min(), array.max()))
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    img = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
+    img.putpalette(voc_palette().reshape(-1).tolist())
+    img.save(os.fspath(path), format="PNG")

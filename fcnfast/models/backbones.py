@@ -1,0 +1,88 @@
+"""VGG16 backbones for the FCNs, laid out exactly like torchvision's ``vgg16().features``.
+
+The ``features`` ``nn.Sequential`` uses the torchvision indices (conv layers at
+0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28; max-pools at 4, 9, 16, 23, 30)
+so a torchvision VGG16 ``state_dict`` loads into it key for key. Two things
+differ from the classifier, as in the FCN paper's Caffe nets:
+
+* ``conv1_1`` is padded by 100 pixels, so every input size -- even 1x1 --
+  reaches ``fc6`` with at least 7x7 cells and the output can be cropped back
+  to the input size;
+* max-pooling rounds its output size up (``ceil_mode=True``), as Caffe does;
+  the fixed crop offsets rely on it.
+
+``fc6`` (7x7) and ``fc7`` (1x1) are the classifier's fully connected layers
+written as convolutions, each followed by ReLU and element-wise dropout.
+
+Backbones (``BACKBONES``):
+
+* ``"vgg16"`` -- the paper's network: widths 64, 128, 256, 512, 512; fc 4096.
+* ``"tiny"`` -- the same layers, padding and pooling (so the same geometry and
+  crop offsets) with every width divided by 16: 4, 8, 16, 32, 32; fc 128.
+  About 1/250 of VGG16's arithmetic: it trains from scratch on a 2-core CPU
+  in minutes (small synthetic scenes), for demos and tests.
+* ``"small"`` -- widths divided by 8: 8, 16, 32, 64, 64; fc 256.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from torch import nn
+
+__all__ = ["BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING", "POOL_INDEX",
+           "backbone_spec", "make_features", "make_fc"]
+
+# Convolutions per block of VGG16 (configuration "D").
+VGG16_LAYOUT: Tuple[int, ...] = (2, 2, 3, 3, 3)
+CONV1_PADDING = 100
+FC6_KERNEL = 7
+
+# index in ``features`` of the max-pool closing each block (pool1 .. pool5)
+POOL_INDEX = {1: 4, 2: 9, 3: 16, 4: 23, 5: 30}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    widths: Tuple[int, int, int, int, int]  # output channels of blocks 1..5
+    fc_width: int  # fc6 / fc7 channels
+
+
+BACKBONES = {
+    "vgg16": BackboneSpec("vgg16", (64, 128, 256, 512, 512), 4096),
+    "small": BackboneSpec("small", (8, 16, 32, 64, 64), 256),
+    "tiny": BackboneSpec("tiny", (4, 8, 16, 32, 32), 128),
+}
+
+
+def backbone_spec(backbone) -> BackboneSpec:
+    """A ``BackboneSpec`` or one of the names in ``BACKBONES``."""
+    if isinstance(backbone, BackboneSpec):
+        return backbone
+    try:
+        return BACKBONES[backbone]
+    except (KeyError, TypeError):
+        raise ValueError("backbone must be one of %s, got %r" % (sorted(BACKBONES), backbone)) from None
+
+
+def make_features(spec: BackboneSpec, in_channels: int = 3) -> nn.Sequential:
+    """conv1_1 .. pool5 with torchvision's ``vgg16().features`` indices."""
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
+        raise ValueError("in_channels must be a positive int, got %r" % (in_channels,))
+    layers = []
+    channels = in_channels
+    for block, (convs, width) in enumerate(zip(VGG16_LAYOUT, spec.widths)):
+        for i in range(convs):
+            padding = CONV1_PADDING if block == 0 and i == 0 else 1
+            layers += [nn.Conv2d(channels, width, 3, padding=padding), nn.ReLU(inplace=True)]
+            channels = width
+        layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+    return nn.Sequential(*layers)
+
+
+def make_fc(spec: BackboneSpec, dropout: float = 0.5) -> Tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module]:
+    """fc6 (7x7 conv), its dropout, fc7 (1x1 conv), its dropout (element-wise, as Caffe)."""
+    fc6 = nn.Conv2d(spec.widths[-1], spec.fc_width, FC6_KERNEL)
+    fc7 = nn.Conv2d(spec.fc_width, spec.fc_width, 1)
+    return fc6, nn.Dropout(dropout), fc7, nn.Dropout(dropout)

@@ -1,0 +1,299 @@
+"""FCN-32s, FCN-16s, FCN-8s and at-once FCN-8s (Long, Shelhamer & Darrell, CVPR 2015).
+
+The geometry is the Caffe reference nets' (``voc-fcn32s``, ``voc-fcn16s``,
+``voc-fcn8s``, ``voc-fcn8s-atonce``): a VGG16 backbone with ``conv1_1``
+padded by 100 and ceil-mode pooling, ``fc6``/``fc7`` as 7x7 / 1x1
+convolutions, a 1x1 ``score_fr``, and
+
+* FCN-32s: ``upscore`` (k64 s32), crop 19;
+* FCN-16s: ``upscore2`` (k4 s2), ``score_pool4`` cropped at 5 and added,
+  ``upscore16`` (k32 s16), crop 27;
+* FCN-8s: as FCN-16s up to the pool4 fusion, then ``upscore_pool4`` (k4 s2),
+  ``score_pool3`` cropped at 9 and added, ``upscore8`` (k16 s8), crop 31;
+* at-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001
+  before scoring (so all streams can be trained together from the start).
+
+The crop offsets are not typed in: ``FCN.__init__`` derives them from the
+layers' kernels, strides and paddings (the coordinate mapping of Caffe's
+``coord_map.py``), so they also hold for the width-reduced backbones; the
+tests check they equal the Caffe constants above. The output has the input's
+height and width for every input size.
+
+Upsampling (``fixed_upsampling``). The CVPR paper (Sec. 4.3, "Upsampling"):
+"the final layer deconvolutional filters are fixed to bilinear interpolation,
+while intermediate upsampling layers are initialized to bilinear upsampling,
+and then learned". The later reference Caffe nets freeze all of them.
+
+* ``fixed_upsampling=False`` (default): every upsampling layer is a learned
+  (C, C, 2s, 2s) deconvolution without bias initialised to bilinear
+  interpolation (``fcnfast.nn.BilinearUpsample2d(learnable=True)``).
+* ``fixed_upsampling=True``: the final ``upscore``/``upscore16``/``upscore8``
+  is the frozen analytic bilinear op (no parameters), as in the paper; the
+  intermediate 2x layers stay learned unless ``fixed_skip_upsampling=True``
+  (the reference Caffe nets: everything frozen). With the final layer frozen,
+  ``predict`` uses ``ops.upsample_argmax`` and ``loss`` uses
+  ``ops.upsample_cross_entropy`` on the coarse scores, so the full-resolution
+  C x H x W scores are never held.
+
+Score layers (``score_fr``, ``score_pool4``, ``score_pool3``) start at zero,
+as in the FCN reference code; backbone convolutions use He initialisation
+(replace them with ``load_vgg16`` for ImageNet weights).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..nn import BilinearUpsample2d, SkipFuse
+from .backbones import POOL_INDEX, backbone_spec, make_fc, make_features
+
+__all__ = ["FCN", "VARIANTS", "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "build_model"]
+
+# variant -> (final upsampling stride, skip streams fused, feature scale per skip)
+VARIANTS = {
+    "fcn32s": (32, (), {}),
+    "fcn16s": (16, (4,), {4: 1.0}),
+    "fcn8s": (8, (4, 3), {4: 1.0, 3: 1.0}),
+    "fcn8s_atonce": (8, (4, 3), {4: 0.01, 3: 0.0001}),
+}
+
+_FINAL_NAME = {32: "upscore", 16: "upscore16", 8: "upscore8"}
+
+
+# ---------------------------------------------------------------------------
+# coordinate maps: index y of a blob sits at input coordinate a*y + b
+# ---------------------------------------------------------------------------
+
+CoordMap = Tuple[Fraction, Fraction]
+
+
+def _through_conv(cmap: CoordMap, kernel: int, stride: int, padding: int) -> CoordMap:
+    # conv / pool output y covers input cells stride*y - padding .. + kernel-1; its centre:
+    a, b = cmap
+    return a * stride, b + a * (Fraction(kernel - 1, 2) - padding)
+
+
+def _through_deconv(cmap: CoordMap, kernel: int, stride: int) -> CoordMap:
+    # deconvolution (no padding): output y is centred on input (y - (kernel-1)/2) / stride
+    a, b = cmap
+    return a / stride, b - a * Fraction(kernel - 1, 2) / stride
+
+
+def _layer_geometry(module) -> Optional[Tuple[int, int, int]]:
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        k, s, p = (module.kernel_size, module.stride, module.padding)
+        k, s, p = (v if isinstance(v, int) else v[0] for v in (k, s, p))
+        return k, s, p
+    return None
+
+
+def _crop_offset(cropped: CoordMap, reference: CoordMap, what: str) -> int:
+    """Offset o such that ``cropped[o + y]`` and ``reference[y]`` are the same place."""
+    if cropped[0] != reference[0]:
+        raise AssertionError("%s: blobs have different strides %s and %s" % (what, cropped[0],
+                                                                              reference[0]))
+    offset = (reference[1] - cropped[1]) / cropped[0]
+    if offset.denominator != 1 or offset < 0:
+        raise AssertionError("%s: crop offset %s is not a non-negative integer" % (what, offset))
+    return int(offset)
+
+
+class FCN(nn.Module):
+    """A fully convolutional network of one of the ``VARIANTS``; see the module docstring.
+
+    ``forward(x)`` -> (N, num_classes, H, W) logits for x of shape
+    (N, in_channels, H, W), any H, W >= 1. ``coarse_scores(x)`` -> (scores,
+    crop) with ``forward(x) == <final upsampling>(scores, crop=crop)``;
+    ``upscale`` is the final stride; ``predict(x)`` the int64 label map.
+    """
+
+    def __init__(self, variant: str = "fcn8s", num_classes: int = 21, in_channels: int = 3,
+                 backbone="vgg16", fixed_upsampling: bool = False,
+                 fixed_skip_upsampling: bool = False, dropout: float = 0.5):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError("variant must be one of %s, got %r" % (sorted(VARIANTS), variant))
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError("num_classes must be a positive int, got %r" % (num_classes,))
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1), got %r" % (dropout,))
+        self.variant = variant
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.spec = backbone_spec(backbone)
+        self.fixed_upsampling = bool(fixed_upsampling)
+        self.fixed_skip_upsampling = bool(fixed_skip_upsampling)
+        self.upscale, self.skips, scales = VARIANTS[variant]
+
+        self.features = make_features(self.spec, in_channels)
+        self.fc6, self.drop6, self.fc7, self.drop7 = make_fc(self.spec, dropout)
+        self.score_fr = nn.Conv2d(self.spec.fc_width, num_classes, 1)
+        learn_skip = not self.fixed_skip_upsampling
+        if 4 in self.skips:
+            self.upscore2 = BilinearUpsample2d(num_classes, 2, learnable=learn_skip)
+            self.score_pool4 = SkipFuse(self.spec.widths[3], num_classes, scale=scales[4])
+        if 3 in self.skips:
+            self.upscore_pool4 = BilinearUpsample2d(num_classes, 2, learnable=learn_skip)
+            self.score_pool3 = SkipFuse(self.spec.widths[2], num_classes, scale=scales[3])
+        setattr(self, _FINAL_NAME[self.upscale],
+                BilinearUpsample2d(num_classes, self.upscale, learnable=not self.fixed_upsampling))
+        self.offsets = self._derive_offsets()
+        for name in ("score_pool4", "score_pool3"):
+            if hasattr(self, name):
+                getattr(self, name).offset = (self.offsets[name],) * 2
+        self.reset_parameters()
+
+    # -- construction ------------------------------------------------------
+
+    @property
+    def final_upsample(self) -> BilinearUpsample2d:
+        return getattr(self, _FINAL_NAME[self.upscale])
+
+    def _derive_offsets(self) -> Dict[str, int]:
+        """Crop offsets from the layers' geometry (Caffe's ``coord_map``)."""
+        cmap: CoordMap = (Fraction(1), Fraction(0))
+        maps = {}
+        for index, module in enumerate(self.features):
+            geometry = _layer_geometry(module)
+            if geometry is not None:
+                cmap = _through_conv(cmap, *geometry)
+            for pool, pool_index in POOL_INDEX.items():
+                if index == pool_index:
+                    maps["pool%d" % pool] = cmap
+        for fc in (self.fc6, self.fc7, self.score_fr):
+            cmap = _through_conv(cmap, *_layer_geometry(fc))
+        offsets = {}
+        if 4 in self.skips:
+            cmap = _through_deconv(cmap, 4, 2)
+            offsets["score_pool4"] = _crop_offset(maps["pool4"], cmap, "score_pool4")
+        if 3 in self.skips:
+            cmap = _through_deconv(cmap, 4, 2)
+            offsets["score_pool3"] = _crop_offset(maps["pool3"], cmap, "score_pool3")
+        cmap = _through_deconv(cmap, 2 * self.upscale, self.upscale)
+        offsets[_FINAL_NAME[self.upscale]] = _crop_offset(cmap, (Fraction(1), Fraction(0)),
+                                                          _FINAL_NAME[self.upscale])
+        return offsets
+
+    @property
+    def crop_offset(self) -> int:
+        """Offset of the final crop (19, 27, 31 for FCN-32s/16s/8s)."""
+        return self.offsets[_FINAL_NAME[self.upscale]]
+
+    def reset_parameters(self) -> None:
+        for module in list(self.features) + [self.fc6, self.fc7]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for name in ("score_fr", "score_pool4", "score_pool3"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name).weight)
+                nn.init.zeros_(getattr(self, name).bias)
+
+    # -- computation -------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError("x must be a (N, %d, H, W) tensor, got %s"
+                             % (self.in_channels, tuple(x.shape) if isinstance(x, torch.Tensor)
+                                else type(x).__name__))
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError("x must have a positive height and width, got %s" % (tuple(x.shape),))
+
+    def coarse_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+        """Scores before the final upsampling and the crop that upsampling takes.
+
+        ``forward(x) == self.final_upsample(scores, crop=crop)``; with
+        ``fixed_upsampling`` that is ``ops.bilinear_upsample2d(scores, self.upscale, crop)``.
+        """
+        self._check_input(x)
+        pool3 = self.features[:POOL_INDEX[3] + 1](x)
+        pool4 = self.features[POOL_INDEX[3] + 1:POOL_INDEX[4] + 1](pool3)
+        pool5 = self.features[POOL_INDEX[4] + 1:](pool4)
+        h = self.drop6(F.relu(self.fc6(pool5), inplace=True))
+        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        scores = self.score_fr(h)
+        if 4 in self.skips:
+            scores = self.score_pool4(self.upscore2(scores), pool4)
+        if 3 in self.skips:
+            scores = self.score_pool3(self.upscore_pool4(scores), pool3)
+        offset = self.crop_offset
+        return scores, (offset, offset, x.shape[2], x.shape[3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, crop = self.coarse_scores(x)
+        return self.final_upsample(scores, crop=crop)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) int64 labels, ``forward(x).argmax(1)`` (call ``eval()`` first).
+
+        With a frozen final upsampling the label map comes from
+        ``ops.upsample_argmax`` on the coarse scores (no C x H x W scores held).
+        """
+        if self.fixed_upsampling:
+            scores, crop = self.coarse_scores(x)
+            return ops.upsample_argmax(scores, self.upscale, crop)
+        return self.forward(x).argmax(1)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+             reduction: str = "mean") -> torch.Tensor:
+        """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target`` (N, H, W).
+
+        ``reduction="sum"`` is Caffe's unnormalised loss. With a frozen final
+        upsampling it runs the fused ``ops.upsample_cross_entropy``.
+        """
+        if self.fixed_upsampling:
+            scores, crop = self.coarse_scores(x)
+            return ops.upsample_cross_entropy(scores, target, self.upscale, crop,
+                                              ignore_index=ignore_index, reduction=reduction)
+        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
+                               reduction=reduction)
+
+    def extra_repr(self) -> str:
+        return ("variant=%s, num_classes=%d, in_channels=%d, backbone=%s, fixed_upsampling=%s, "
+                "fixed_skip_upsampling=%s" % (self.variant, self.num_classes, self.in_channels,
+                                              self.spec.name, self.fixed_upsampling,
+                                              self.fixed_skip_upsampling))
+
+
+def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
+           fixed_upsampling: bool = False, **kwargs) -> FCN:
+    """FCN-32s: score_fr upsampled 32x (k64), crop 19."""
+    return FCN("fcn32s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
+           fixed_upsampling: bool = False, **kwargs) -> FCN:
+    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27."""
+    return FCN("fcn16s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
+          fixed_upsampling: bool = False, **kwargs) -> FCN:
+    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31."""
+    return FCN("fcn8s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
+                 fixed_upsampling: bool = False, **kwargs) -> FCN:
+    """At-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001 before scoring."""
+    return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+_BUILDERS = {"fcn32s": fcn32s, "fcn16s": fcn16s, "fcn8s": fcn8s, "fcn8s_atonce": fcn8s_atonce}
+
+
+def build_model(name: str, **kwargs) -> FCN:
+    """``build_model("fcn8s", num_classes=21, in_channels=3, backbone="vgg16", fixed_upsampling=False)``.
+
+    Names: fcn32s, fcn16s, fcn8s, fcn8s_atonce (``-`` is accepted for ``_``).
+    """
+    key = str(name).lower().replace("-", "_")
+    if key not in _BUILDERS:
+        raise ValueError("model must be one of %s, got %r" % (sorted(_BUILDERS), name))
+    return _BUILDERS[key](**kwargs)

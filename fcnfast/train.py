@@ -1,0 +1,636 @@
+"""Training and evaluation of fcnfast's FCN models.
+
+* Loss: per-pixel softmax cross-entropy with ignore label 255, averaged over the
+  labelled pixels (``loss="mean"``) or summed (``loss="sum"``, Caffe's unnormalised
+  loss). When a model's final upsampling is frozen (``model.fixed_upsampling``) the
+  loss is ``fcnfast.ops.upsample_cross_entropy`` on ``model.coarse_scores(x)``: the
+  full-resolution logits and their gradient are never held in memory.
+* Optimisers: ``sgd``, ``adam`` and the paper's recipe ``caffe`` (SGD, momentum 0.99,
+  lr 1e-10 with the summed loss, batch 1, weight decay 5e-4); see ``OPTIMIZER_PRESETS``.
+* Validation after every epoch: the FCN paper's four metrics from ONE confusion matrix
+  summed over the whole validation set (and over all processes).
+* Checkpoints (model, optimiser, epoch, step, RNG states, config) are written
+  atomically; ``resume`` continues so that the next step is the one the uninterrupted
+  run would have taken (the data order depends only on ``seed`` and the epoch).
+* Data-parallel over processes started by ``torchrun`` (DistributedDataParallel; gloo on
+  CPU, nccl on GPU). Only rank 0 prints and writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from . import ops
+from .metrics import confusion_matrix, format_scores, segmentation_scores
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OPTIMIZER_PRESETS",
+    "TrainConfig",
+    "segmentation_loss",
+    "build_optimizer",
+    "make_datasets",
+    "pad_collate",
+    "evaluate",
+    "crf_labels",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "train",
+]
+
+IGNORE_INDEX = 255
+CHECKPOINT_FORMAT = "fcnfast-checkpoint-1"
+
+# Defaults each optimiser name fills in for the TrainConfig fields left at None.
+OPTIMIZER_PRESETS = {
+    "sgd": dict(lr=1e-2, momentum=0.9, weight_decay=5e-4, batch_size=4, loss="mean"),
+    "adam": dict(lr=1e-3, momentum=0.0, weight_decay=0.0, batch_size=4, loss="mean"),
+    # FCN paper / Caffe solver: unnormalised (summed) loss, hence the tiny learning rate.
+    "caffe": dict(lr=1e-10, momentum=0.99, weight_decay=5e-4, batch_size=1, loss="sum"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    ``lr``, ``momentum``, ``weight_decay``, ``batch_size`` and ``loss`` left at None take
+    the values of ``OPTIMIZER_PRESETS[optimizer]`` (see ``resolved()``).
+    """
+    data: str = "synthetic"           # "synthetic" or a VOC-format directory
+    model: str = "fcn8s"
+    backbone: str = "tiny"
+    num_classes: int = 21
+    fixed_upsampling: bool = False
+    dropout: float = 0.5              # fc6/fc7 element-wise dropout (the paper's 0.5)
+    epochs: int = 1
+    optimizer: str = "sgd"            # sgd | adam | caffe
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    batch_size: Optional[int] = None
+    loss: Optional[str] = None        # mean | sum
+    seed: int = 0
+    # synthetic data (SyntheticScenes): training / validation image counts, side length
+    train_images: int = 64
+    val_images: int = 16
+    image_size: int = 64
+    ignore_border: int = 0            # label pixels this close to another class 255 (VOC-like)
+    data_seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    # runtime (not part of the experiment's identity)
+    out: Optional[str] = None         # directory for checkpoint.pt and history.jsonl
+    device: str = "auto"
+    num_workers: int = 0
+    save_every: int = 0               # also checkpoint every N steps (0: only after each epoch)
+    max_steps: Optional[int] = None   # stop after this many steps in total
+    time_limit: Optional[float] = None  # stop training after this many seconds (checked each step)
+    validate: bool = True
+    quiet: bool = False
+
+    RUNTIME_FIELDS = ("epochs", "out", "device", "num_workers", "save_every", "max_steps",
+                      "time_limit", "validate", "quiet")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the optimiser preset filled in and every value checked."""
+        if self.optimizer not in OPTIMIZER_PRESETS:
+            raise ValueError("optimizer must be one of %s, got %r"
+                             % (sorted(OPTIMIZER_PRESETS), self.optimizer))
+        preset = OPTIMIZER_PRESETS[self.optimizer]
+        cfg = dataclasses.replace(self, **{k: v for k, v in preset.items()
+                                           if getattr(self, k) is None})
+        if cfg.loss not in ("mean", "sum"):
+            raise ValueError("loss must be 'mean' or 'sum', got %r" % (cfg.loss,))
+        for name in ("epochs", "batch_size", "num_classes", "train_images", "image_size"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1), got %r" % (cfg.dropout,))
+        for name in ("val_images", "num_workers", "save_every", "ignore_border"):
+            if getattr(cfg, name) < 0:
+                raise ValueError("%s must be >= 0, got %r" % (name, getattr(cfg, name)))
+        if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+            raise ValueError("lr must be a positive number, got %r" % (cfg.lr,))
+        for name in ("max_steps", "time_limit"):
+            if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+                raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# ---------------------------------------------------------------------------
+# loss, optimiser, data
+# ---------------------------------------------------------------------------
+
+def segmentation_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Per-pixel cross-entropy of ``model`` on ``images`` (ignore label 255).
+
+    With a frozen final upsampling the fused ``ops.upsample_cross_entropy`` runs on the
+    coarse scores; otherwise ``F.cross_entropy(model(images), targets, ...)``.
+    """
+    if getattr(model, "fixed_upsampling", False):
+        scores, crop = model.coarse_scores(images)
+        return ops.upsample_cross_entropy(scores, targets, model.upscale, crop,
+                                          ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(model(images), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+class _LossModule(nn.Module):
+    """model + loss in one forward, so DistributedDataParallel sees the whole step
+    (``coarse_scores`` is not ``forward`` and would bypass DDP's gradient hooks)."""
+
+    def __init__(self, model: nn.Module, reduction: str):
+        super().__init__()
+        self.model = model
+        self.reduction = reduction
+
+    def forward(self, images, targets):
+        return segmentation_loss(self.model, images, targets, self.reduction)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def make_datasets(cfg: TrainConfig):
+    """(train, validation) datasets: SyntheticScenes or a VOC-format directory."""
+    from . import data
+
+    if cfg.data == "synthetic":
+        options = dict(num_classes=cfg.num_classes, ignore_border=cfg.ignore_border)
+        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size, seed=cfg.data_seed,
+                                         **options)
+        # a disjoint seed: validation scenes are never training scenes
+        val_set = data.SyntheticScenes(cfg.val_images, cfg.image_size,
+                                       seed=cfg.data_seed + 1_000_003, **options)
+        return train_set, val_set
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a VOC-format "
+                                "directory)" % root)
+    return (data.VOCSegmentation(str(root), cfg.train_split),
+            data.VOCSegmentation(str(root), cfg.val_split))
+
+
+def pad_collate(batch):
+    """Stack (image, label) pairs; images of different sizes are padded at the bottom/right
+    (image with 0, label with the ignore label, so padding never counts)."""
+    images, labels = zip(*batch)
+    height = max(im.shape[-2] for im in images)
+    width = max(im.shape[-1] for im in images)
+    if all(im.shape[-2:] == (height, width) for im in images):
+        return torch.stack(images), torch.stack(labels)
+    out_images = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    out_labels = labels[0].new_full((len(labels), height, width), IGNORE_INDEX)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        out_images[i, :, :im.shape[-2], :im.shape[-1]] = im
+        out_labels[i, :lab.shape[-2], :lab.shape[-1]] = lab
+    return out_images, out_labels
+
+
+class _SkipSampler(Sampler):
+    """The indices of ``sampler`` after the first ``skip`` (resuming mid-epoch)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler = sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        for i, index in enumerate(self.sampler):
+            if i >= self.skip:
+                yield index
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+# ---------------------------------------------------------------------------
+# distributed helpers
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                 owns)
+
+
+def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
+    if ctx.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _pick_device(name: str, ctx: Optional[_Dist] = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank if ctx else torch.cuda.current_device())
+    return device
+
+
+# ---------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------
+
+def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: bool = False,
+             crf: Optional[Callable] = None, ctx: Optional[_Dist] = None):
+    """Confusion matrix of ``model`` over every batch of ``loader`` (summed over processes).
+
+    ``progress``: show a progress bar (only on a TTY).
+
+    With ``crf`` (a callable ``crf(logits, images) -> (N, H, W) labels``) a second matrix
+    for the CRF-refined labels is returned as well: ``(conf, conf_crf)``.
+    """
+    from tqdm.auto import tqdm
+
+    device = device or next(model.parameters()).device
+    ctx = ctx or _Dist()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    conf_crf = torch.zeros_like(conf) if crf is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, targets in tqdm(loader, desc="validate", leave=False,
+                                        disable=None if progress and ctx.main else True):
+                images, targets = images.to(device), targets.to(device)
+                if crf is None:
+                    confusion_matrix(model.predict(images), targets, num_classes, out=conf)
+                    continue
+                logits = model(images)
+                confusion_matrix(logits.argmax(1), targets, num_classes, out=conf)
+                confusion_matrix(crf(logits, images), targets, num_classes, out=conf_crf)
+    finally:
+        model.train(was_training)
+    _all_reduce_sum(conf, ctx)
+    if conf_crf is None:
+        return conf.cpu()
+    return conf.cpu(), _all_reduce_sum(conf_crf, ctx).cpu()
+
+
+def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Labels after ``fcnfast.crf.dense_crf`` refinement of ``logits`` (N, C, H, W) with the
+    RGB ``images`` (N, 3, H, W, normalised by ``data.image_to_tensor``).
+
+    Raises ImportError when ``fcnfast.crf`` is not available.
+    """
+    from . import crf
+    from .data import tensor_to_image
+
+    raw = torch.stack([torch.from_numpy(tensor_to_image(im)).permute(2, 0, 1) for im in images])
+    return crf.dense_crf(logits, raw.to(logits.device)).argmax(1)
+
+
+def _val_loader(val_set, cfg: TrainConfig, ctx: _Dist, device: torch.device):
+    # each process scores a disjoint shard (no padding duplicates, unlike DistributedSampler)
+    shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world)) if ctx.world > 1 else val_set
+    return DataLoader(shard, batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=cfg.num_workers, collate_fn=pad_collate,
+                      pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same
+    directory, flushed and fsynced, then ``os.replace``d over ``path``. A failure at any
+    point leaves an existing checkpoint at ``path`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    # make the rename itself durable (POSIX); not possible on every platform
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError("checkpoint not found: %s" % path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, wrong format ...
+        raise ValueError("cannot read checkpoint %s (corrupt or not a torch checkpoint): %s"
+                         % (path, exc)) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("%s is not an fcnfast checkpoint (missing format %r)"
+                         % (path, CHECKPOINT_FORMAT))
+    return state
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(ctx: _Dist) -> list:
+    states = [None] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(states, _rng_state())
+    else:
+        states[0] = _rng_state()
+    return states
+
+
+def build_model_from_config(cfg: TrainConfig) -> nn.Module:
+    from .models import build_model
+
+    return build_model(cfg.model, num_classes=cfg.num_classes, backbone=cfg.backbone,
+                       fixed_upsampling=cfg.fixed_upsampling, dropout=cfg.dropout)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a training checkpoint."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model_from_config(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError("checkpoint %s does not fit model %s/%s: %s"
+                         % (path, cfg.model, cfg.backbone, exc)) from exc
+    return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    config: TrainConfig
+    losses: list = field(default_factory=list)     # (step, loss) of every step this run took
+    history: list = field(default_factory=list)    # per-epoch dicts (loss, metrics)
+    conf: Optional[torch.Tensor] = None            # last validation confusion matrix
+    checkpoint: Optional[Path] = None
+    seconds: float = 0.0
+
+
+def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; resume from checkpoint ``resume`` if given.
+
+    On resume the checkpoint's config defines the experiment (model, data, optimiser,
+    seed); ``cfg`` only contributes the runtime fields (epochs, out, device, ...).
+    """
+    from tqdm.auto import tqdm
+
+    start_time = time.perf_counter()
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.RUNTIME_FIELDS})
+    cfg = cfg.resolved()
+    device_type = _pick_device(cfg.device).type
+    ctx = _init_distributed(device_type)
+    device = _pick_device(cfg.device, ctx)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    say = log if ctx.main else (lambda message: None)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = build_model_from_config(cfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+    train_set, val_set = make_datasets(cfg)
+    epoch, batch_in_epoch, step = 0, 0, 0
+    resumed_loss = [0.0, 0.0]
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, batch_in_epoch, step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        resumed_loss = ckpt["epoch_loss"]
+        rng = ckpt["rng"]
+        _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
+        say("resumed from %s at epoch %d, step %d" % (resume, epoch + 1, step))
+    elif ctx.world > 1:
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # independent dropout per process
+
+    step_module = _LossModule(model, cfg.loss)
+    if ctx.world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed)
+    val_loader = _val_loader(val_set, cfg, ctx, device) if cfg.validate and len(val_set) else None
+    out = Path(cfg.out) if cfg.out else None
+    result = TrainResult(model=model, config=cfg)
+    progress_off = True if (cfg.quiet or not ctx.main) else None  # None: auto, off when not a TTY
+
+    def checkpoint(epoch_done: int, batches_done: int, epoch_loss, metrics=None):
+        # collectives: every process takes part
+        rng_states = _gather_rng_states(ctx)
+        epoch_loss = _all_reduce_sum(epoch_loss.clone(), ctx)
+        if out is None or not ctx.main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch_done,
+            "batch_in_epoch": batches_done,
+            "step": step,
+            "epoch_loss": epoch_loss.tolist(),  # (sum, count) of this epoch's losses so far
+            "rng": rng_states,
+            "config": cfg.to_dict(),
+            "metrics": metrics,
+            "confusion": result.conf if metrics is not None else None,
+            "fcnfast_version": _version(),
+        }
+        result.checkpoint = save_checkpoint(state, out / "checkpoint.pt")
+
+    try:
+        stop = False
+        while epoch < cfg.epochs and not stop:
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=cfg.batch_size,
+                                sampler=_SkipSampler(sampler, batch_in_epoch * cfg.batch_size),
+                                num_workers=cfg.num_workers, collate_fn=pad_collate,
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            model.train()
+            # a mid-epoch checkpoint holds the all-reduced partial sum: rank 0 carries it
+            loss_sum = torch.tensor(resumed_loss if batch_in_epoch and ctx.main else [0.0, 0.0],
+                                    dtype=torch.float64, device=device)
+            bar = tqdm(loader, desc="epoch %d/%d" % (epoch + 1, cfg.epochs), leave=False,
+                       disable=progress_off)
+            for images, targets in bar:
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = step_module(images, targets)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                value = loss.item()
+                result.losses.append((step, value))
+                loss_sum += torch.tensor([value, 1.0], dtype=torch.float64, device=device)
+                bar.set_postfix(loss="%.4g" % value, refresh=False)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    checkpoint(epoch, batch_in_epoch, loss_sum)
+                stop = _should_stop(step, cfg, start_time, ctx, device)
+                if stop:
+                    break
+            bar.close()
+            if batch_in_epoch < math.ceil(len(sampler) / cfg.batch_size):
+                checkpoint(epoch, batch_in_epoch, loss_sum)  # stopped mid-epoch (limit)
+                say("stopped at step %d (epoch %d, batch %d): %s reached"
+                    % (step, epoch + 1, batch_in_epoch,
+                       "max_steps" if cfg.max_steps is not None and step >= cfg.max_steps
+                       else "time_limit"))
+                break
+            epoch += 1
+            batch_in_epoch = 0
+            record = {"epoch": epoch, "step": step}
+            _all_reduce_sum(loss_sum, ctx)
+            if loss_sum[1] > 0:
+                record["loss"] = float(loss_sum[0] / loss_sum[1])
+            metrics = None
+            if val_loader is not None:
+                conf = evaluate(model, val_loader, cfg.num_classes, device,
+                                progress=progress_off is None, ctx=ctx)
+                metrics = segmentation_scores(conf)
+                result.conf = conf
+                record.update({k: metrics[k] for k in ("pixel_acc", "mean_acc", "mean_iu",
+                                                       "fw_iu")})
+            record["seconds"] = round(time.perf_counter() - start_time, 3)
+            result.history.append(record)
+            say("epoch %d/%d  step %d  loss %.4g%s" % (
+                epoch, cfg.epochs, step, record.get("loss", float("nan")),
+                ("  " + format_scores(metrics)) if metrics else ""))
+            checkpoint(epoch, 0, torch.zeros(2, dtype=torch.float64, device=device), metrics)
+            if out is not None and ctx.main:
+                with open(out / "history.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        dump = os.environ.get("FCNFAST_RANK_STATE_DIR")
+        if dump:  # debugging/testing aid: every process saves its final weights
+            torch.save(model.state_dict(), Path(dump) / ("rank%d.pt" % ctx.rank))
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _should_stop(step: int, cfg: TrainConfig, start_time: float, ctx: _Dist, device) -> bool:
+    """max_steps or time_limit reached (the time is rank 0's, so all processes agree)."""
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        return True
+    if cfg.time_limit is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - start_time > cfg.time_limit)], device=device)
+    if ctx.world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
