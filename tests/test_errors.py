@@ -654,15 +654,15 @@ def test_empty_batch_returns_empty(op):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from fcnfast.train import save_checkpoint
+    from fcnfast import train
     path, size = sys.argv[1], int(sys.argv[2])
     step = 0
     while True:
         step += 1
-        state = {"step": step, "weights": torch.full((size,), float(step)),
-                 "tail": torch.arange(1000) + step}
+        state = {"format": getattr(train, "CHECKPOINT_FORMAT", None), "step": step,
+                 "weights": torch.full((size,), float(step)), "tail": torch.arange(1000) + step}
         print("writing", step, flush=True)
-        save_checkpoint(state, path)
+        train.save_checkpoint(state, path)
         print("saved", step, flush=True)
 """)
 
@@ -671,7 +671,7 @@ def _load(path):
     from fcnfast import train
 
     loader = getattr(train, "load_checkpoint", None)
-    return loader(path) if loader else torch.load(path, map_location="cpu", weights_only=False)
+    return loader(path) if loader else torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path):
