@@ -19,10 +19,10 @@ ARGS = ["--epochs", "1", "--train-images", "8", "--val-images", "3", "--image-si
         "--batch-size", "2", "--quiet"]
 
 
-def run_torchrun(args, env, timeout=400):
+def run_torchrun(args, env, timeout=560):
     """torchrun with 2 local processes. On a timeout torchrun gets SIGTERM, which it forwards
     to its workers (they run in sessions of their own; a SIGKILL would orphan them)."""
-    env = dict(env, FCNFAST_DIST_TIMEOUT="120")  # a worker that lost its peer gives up
+    env = dict(env, FCNFAST_DIST_TIMEOUT="300")  # a worker that lost its peer gives up
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
