@@ -66,14 +66,8 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
 def skip_add_crop(coarse, skip, offset):
     """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
-    if _use_native("skip_add_crop", coarse.device.type) and isinstance(skip, torch.Tensor):
-        geo.check_tensor(coarse, "coarse", 4)
-        geo.check_tensor(skip, "skip", 4)
-        geo.check_same(coarse, "coarse", skip, "skip")
-        if coarse.shape[:2] != skip.shape[:2]:
-            raise ValueError("coarse %s and skip %s must agree in batch and channels"
-                             % (tuple(coarse.shape), tuple(skip.shape)))
-        offset = geo.skip_window(coarse, skip.shape[2:], offset)
+    offset = reference._check_skip_add_crop(coarse, skip, offset)
+    if _use_native("skip_add_crop", coarse.device.type):
         return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
     return reference.skip_add_crop(coarse, skip, offset)
 

@@ -75,15 +75,19 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
 def skip_add_crop(coarse, skip, offset):
     """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
+    oy, ox = _check_skip_add_crop(coarse, skip, offset)
+    h, w = coarse.shape[2:]
+    return coarse + skip[..., oy:oy + h, ox:ox + w]
+
+
+def _check_skip_add_crop(coarse, skip, offset):
     geo.check_tensor(coarse, "coarse", 4)
     geo.check_tensor(skip, "skip", 4)
     geo.check_same(coarse, "coarse", skip, "skip")
     if coarse.shape[:2] != skip.shape[:2]:
         raise ValueError("coarse %s and skip %s must agree in batch and channels"
                          % (tuple(coarse.shape), tuple(skip.shape)))
-    oy, ox = geo.skip_window(coarse, skip.shape[2:], offset)
-    h, w = coarse.shape[2:]
-    return coarse + skip[..., oy:oy + h, ox:ox + w]
+    return geo.skip_window(coarse, skip.shape[2:], offset)
 
 
 def _check_score_skip(coarse, feature, weight, bias, offset):

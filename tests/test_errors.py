@@ -184,9 +184,7 @@ def test_bad_argument(impl, op, change, match):
 
 
 @pytest.mark.parametrize("impl", [
-    pytest.param(ops, id="ops", marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-        "fcnfast/ops.py skip_add_crop reads coarse.device before checking coarse; remove this "
-        "mark with the fix"))),
+    pytest.param(ops, id="ops"),
     pytest.param(reference, id="reference")])
 def test_skip_add_crop_coarse_not_a_tensor(impl):
     with pytest.raises(ValueError, match=r"coarse must be a torch.Tensor"):
