@@ -20,8 +20,10 @@ import fcnfast
 
 
 def pytest_collect_file(file_path, parent):
-    # benchmark files are named bench_*.py so the test run never collects them
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # benchmark files are named bench_*.py so the test run never collects them;
+    # a file named on the command line is collected by pytest itself
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

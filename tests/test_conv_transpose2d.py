@@ -1,9 +1,10 @@
 """conv_transpose2d (+ fused crop): native CPU kernels vs fcnfast.reference.
 
-The native op has two paths (phase GEMM for dense geometries, per-pixel gather
-for dilated/sparse ones, the latter sharing csrc/common/conv_transpose2d.h with
-the CUDA kernels); FCNFAST_CONV_TRANSPOSE_DIRECT=1 forces the gather path so
-every geometry is checked on both.
+The native op has two paths (a phase convolution for dense geometries, a
+per-pixel gather for dilated/sparse ones, built on the torch-free
+csrc/common/conv_transpose2d.h meant for the CUDA kernels too);
+FCNFAST_CONV_TRANSPOSE_DIRECT=1 forces the gather path so every geometry is
+checked on both.
 """
 import pytest
 import torch
@@ -53,7 +54,7 @@ def _make(shape, dtype=torch.float32, bias=True):
     return x, weight, b, kwargs
 
 
-@pytest.fixture(params=["gemm", "direct"])
+@pytest.fixture(params=["phase", "direct"])
 def path(request, monkeypatch):
     monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT", "1" if request.param == "direct" else "0")
     return request.param

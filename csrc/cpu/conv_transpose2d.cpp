@@ -20,10 +20,12 @@
 //
 // * Direct gather (dilated / sparse geometries, and FCNFAST_CONV_TRANSPOSE_DIRECT=1
 //   for testing): every output pixel and every gradient element is one call of
-//   the per-pixel functions in csrc/common/conv_transpose2d.h, the same math
-//   the CUDA kernels run.
+//   the per-pixel functions in csrc/common/conv_transpose2d.h (torch-free,
+//   FCN_HD, written for the CUDA kernels to share).
 //
-// Every path is deterministic: fixed summation orders, no atomics.
+// Both paths are deterministic: gathers with fixed summation orders, no
+// atomics; the phase convolution's GEMMs (oneDNN / BLAS) are reproducible run
+// to run for a fixed thread count, and images are accumulated in order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -173,10 +175,11 @@ PhasePlan make_plan(const ConvTranspose2dGeom& g) {
       g.in_channels / g.groups, g.out_channels / g.groups};
 }
 
-// at::parallel_for grain so that a chunk carries at least ~64K multiply-adds:
-// small problems then run inline, without the cost of a parallel region.
+// at::parallel_for grain so that a chunk carries at least ~256K elementary
+// operations: small steps run inline, without a parallel region (whose
+// barrier costs a scheduler time slice when the cores are shared).
 int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = int64_t(1) << 16;
+  constexpr int64_t kMinWork = int64_t(1) << 18;
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
@@ -187,7 +190,7 @@ bool force_direct() {
 
 // The phase convolution multiplies stride^2 * taps^2 weight entries per (ci, co)
 // where kernel^2 are non-zero; use it unless that wastes more than 2x.
-bool use_phase_gemm(const PhasePlan& p) {
+bool use_phase_conv(const PhasePlan& p) {
   if (force_direct() || p.cin_g == 0 || p.cout_g == 0) return false;
   const int64_t dense = p.h.stride * p.w.stride * p.h.taps * p.w.taps;
   return dense <= 2 * p.h.kernel * p.w.kernel;
@@ -280,13 +283,36 @@ at::Tensor window_view(const at::Tensor& t, const InputWindow& w, bool window_co
   return t.slice(2, w.y0 - oy, w.y1 - oy).slice(3, w.x0 - ox, w.x1 - ox);
 }
 
-at::Tensor phase_input(const at::Tensor& x, const InputWindow& w, at::ScalarType acc_type) {
-  const auto opts = x.options().dtype(acc_type).memory_format(at::MemoryFormat::ChannelsLast);
-  const bool inside = w.y0 == w.origin_y && w.x0 == w.origin_x &&
-                      w.y1 == w.origin_y + w.height && w.x1 == w.origin_x + w.width;
-  const std::vector<int64_t> size{x.size(0), x.size(1), w.height, w.width};
-  at::Tensor win = inside ? at::empty(size, opts) : at::zeros(size, opts);
-  if (w.y1 > w.y0 && w.x1 > w.x0) window_view(win, w, true).copy_(window_view(x, w, false));
+// x must be contiguous (NCHW); the window is written channels-last.
+template <typename scalar_t, typename acc_t>
+at::Tensor phase_input(const at::Tensor& x, const InputWindow& w) {
+  const auto opts = x.options()
+                        .dtype(c10::CppTypeToScalarType<acc_t>::value)
+                        .memory_format(at::MemoryFormat::ChannelsLast);
+  const int64_t batch = x.size(0), C = x.size(1), in_h = x.size(2), in_w = x.size(3);
+  at::Tensor win = at::empty({batch, C, w.height, w.width}, opts);
+  const scalar_t* src = x.data_ptr<scalar_t>();
+  acc_t* dst = win.data_ptr<acc_t>();
+  at::parallel_for(0, batch * w.height, grain_for(w.width * C), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / w.height, iy = w.origin_y + r % w.height;
+      acc_t* drow = dst + r * w.width * C;  // (n, y) row of the NHWC window
+      if (iy < 0 || iy >= in_h) {
+        std::fill(drow, drow + w.width * C, acc_t(0));
+        continue;
+      }
+      for (int64_t j = 0; j < w.width; ++j) {
+        const int64_t ix = w.origin_x + j;
+        acc_t* d = drow + j * C;
+        if (ix < 0 || ix >= in_w) {
+          std::fill(d, d + C, acc_t(0));
+          continue;
+        }
+        const scalar_t* s = src + (n * C * in_h + iy) * in_w + ix;
+        for (int64_t c = 0; c < C; ++c) d[c] = static_cast<acc_t>(s[c * in_h * in_w]);
+      }
+    }
+  });
   return win;
 }
 
@@ -408,51 +434,55 @@ at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t gro
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Block rows per phase-convolution call: the result chunk stays below ~16 MB
-// so the allocator reuses it (no fresh zeroed pages per call) and the
-// permutation reads it from cache, while oneDNN still gets large GEMMs (and
-// its per-call weight reorder is amortised).
-int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
-  const int64_t row_bytes = p.w.nq * groups * p.m_cols() * elem_size;
-  return std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
+// Block rows per phase-convolution call: a result chunk stays below ~8 MB so
+// the permutation reads it from cache and the allocator reuses it (no fresh
+// zeroed pages per call), and there are at least as many chunks as threads.
+int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t batch, int64_t elem_size) {
+  const int64_t image_bytes = p.h.nq * p.w.nq * groups * p.m_cols() * elem_size;
+  int64_t chunks = std::max<int64_t>(1, (image_bytes + (8 << 20) - 1) >> 23);
+  const int64_t threads = at::get_num_threads();
+  if (batch * chunks < threads) chunks = (threads + batch - 1) / batch;
+  chunks = std::min(chunks, p.h.nq);
+  return (p.h.nq + chunks - 1) / chunks;
 }
 
+// One parallel region: each thread runs whole chunks (a single-threaded phase
+// convolution, then the permutation of its rows into the output), so threads
+// meet at one barrier per call instead of one per step (what matters when the
+// cores are shared).
 template <typename scalar_t>
-void forward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
+void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
                         const at::Tensor& weight, const scalar_t* bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor input = phase_input(x, input_window(p), acc_type);
+  const at::Tensor input = phase_input<scalar_t, acc_t>(x, input_window(p));
   const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
-  const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(acc_t));
-  for (int64_t n = 0; n < a.batch; ++n)
-    for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
-      const int64_t q1 = std::min(q0 + chunk, rows);
+  const int64_t chunk = rows_per_chunk(p, g.groups, a.batch, sizeof(acc_t));
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  at::parallel_for(0, a.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(g.crop_w);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / chunks, q0 = (u % chunks) * chunk, q1 = std::min(q0 + chunk, rows);
       // block rows [q0, q1) need window rows [q0, q1 + taps_h - 1)
       const at::Tensor r = phase_conv(
           input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
       const acc_t* rp = r.data_ptr<acc_t>();
-      // one unit = one block row of one group: a permutation of the phase
-      // convolution's channels-last rows into the output
-      at::parallel_for(0, g.groups * (q1 - q0), grain_for(nqw * p.m_cols()),
-                       [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> row(g.crop_w);
-        for (int64_t u = begin; u < end; ++u) {
-          const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
-          scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+        for (int64_t qy = q0; qy < q1; ++qy)
           scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
                       bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data());
-        }
-        store_fence();
-      });
+      }
     }
+    store_fence();
+  });
 }
 
 template <typename scalar_t>
-void backward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& grad,
+void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& grad,
                          const at::Tensor& x, const at::Tensor& weight, at::Tensor* grad_x,
                          at::Tensor* grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -460,7 +490,7 @@ void backward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
   const InputWindow win = input_window(p);
-  const at::Tensor input = phase_input(x, win, acc_type);
+  const at::Tensor input = phase_input<scalar_t, acc_t>(x, win);
   const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   // one image's gradient permuted into the phase convolution's output layout
   at::Tensor gt = at::empty({1, ld, rows, nqw},
@@ -590,8 +620,8 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-    if (use_phase_gemm(plan))
-      forward_phase_gemm<scalar_t>(a, plan, xc, wc, bp, out);
+    if (use_phase_conv(plan))
+      forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
     else
       forward_direct<scalar_t>(a, xc, wc, bp, out);
   });
@@ -631,8 +661,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
   at::Tensor* gx_p = output_mask[0] ? &gx : nullptr;
   at::Tensor* gw_p = output_mask[1] ? &gw : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d_backward", [&] {
-    if (use_phase_gemm(plan))
-      backward_phase_gemm<scalar_t>(a, plan, gc, xc, wc, gx_p, gw_p);
+    if (use_phase_conv(plan))
+      backward_phase_conv<scalar_t>(a, plan, gc, xc, wc, gx_p, gw_p);
     else
       backward_direct<scalar_t>(a, gc, xc, wc, gx_p, gw_p);
   });

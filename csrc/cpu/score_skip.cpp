@@ -26,8 +26,14 @@ struct Window {
   int64_t oy, ox;                     // window offset in the feature map
 };
 
-Window check_window(const at::Tensor& feature, const at::Tensor& weight, int64_t n, int64_t k,
-                    int64_t h, int64_t w, at::IntArrayRef offset) {
+// Checks shared by the forward and the backward; `lead` is coarse (forward)
+// or grad (backward): (N, K, H, W) with H x W the window size.
+Window check_window(const at::Tensor& lead, const char* lead_name, const at::Tensor& feature,
+                    const at::Tensor& weight, at::IntArrayRef offset) {
+  check_defined(lead, lead_name);
+  check_floating(lead, lead_name);
+  check_dim(lead, 4, lead_name);
+  const int64_t n = lead.size(0), k = lead.size(1), h = lead.size(2), w = lead.size(3);
   check_defined(feature, "feature");
   check_defined(weight, "weight");
   check_floating(feature, "feature");
@@ -39,9 +45,9 @@ Window check_window(const at::Tensor& feature, const at::Tensor& weight, int64_t
                     shape_str(weight));
   TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
                     weight.size(1), ") must equal feature channels (", feature.size(1), ")");
-  TORCH_CHECK_VALUE(n == feature.size(0) && k == weight.size(0), "fcnfast: coarse/grad batch ",
-                    n, " and channels ", k, " must have batch ", feature.size(0), " and ",
-                    weight.size(0), " channels (weight.shape[0])");
+  TORCH_CHECK_VALUE(n == feature.size(0) && k == weight.size(0), "fcnfast: ", lead_name,
+                    " has batch ", n, " and ", k, " channels, expected batch ", feature.size(0),
+                    " and ", weight.size(0), " channels (weight.shape[0])");
   auto off = pair_arg(offset, "offset");
   const int64_t fh = feature.size(2), fw = feature.size(3);
   TORCH_CHECK_VALUE(off[0] >= 0 && off[1] >= 0 && off[0] + h <= fh && off[1] + w <= fw,
@@ -49,7 +55,8 @@ Window check_window(const at::Tensor& feature, const at::Tensor& weight, int64_t
                     " lies outside feature of size ", fh, "x", fw);
   check_index32(feature.numel(), "feature");
   check_index32(weight.numel(), "weight");
-  check_index32(n * k * h * w, "coarse");
+  check_index32(n * k * h * w, lead_name);
+  check_same(lead, lead_name, feature, "feature");
   return Window{n, feature.size(1), k, h, w, fh, fw, off[0], off[1]};
 }
 
@@ -98,12 +105,7 @@ int64_t grain_for(int64_t work_per_item) {
 at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           double scale, at::IntArrayRef offset) {
-  check_defined(coarse, "coarse");
-  check_floating(coarse, "coarse");
-  check_dim(coarse, 4, "coarse");
-  const Window win = check_window(feature, weight, coarse.size(0), coarse.size(1), coarse.size(2),
-                                  coarse.size(3), offset);
-  check_same(coarse, "coarse", feature, "feature");
+  const Window win = check_window(coarse, "coarse", feature, weight, offset);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_dim(*bias, 1, "bias");
@@ -152,12 +154,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
     const at::Tensor& grad, const at::Tensor& feature, const at::Tensor& weight, double scale,
     at::IntArrayRef offset, std::array<bool, 3> output_mask) {
-  check_defined(grad, "grad");
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad");
-  const Window win = check_window(feature, weight, grad.size(0), grad.size(1), grad.size(2),
-                                  grad.size(3), offset);
-  check_same(grad, "grad", feature, "feature");
+  const Window win = check_window(grad, "grad", feature, weight, offset);
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, grad.options()); };
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
