@@ -3,7 +3,8 @@
 Environment switches (printed at build time):
 
   FCNFAST_CUDA=auto|0|1       build the CUDA kernels: auto = when nvcc and a CUDA build of torch exist
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0"; add "+PTX" for newer GPUs)
+  FCNFAST_CUDA_BACKEND        run time, not build time: auto|native|cupy (see fcnfast/_backend.py)
   FCNFAST_NATIVE_ARCH=1       add -march=native (not portable; the default baseline is AVX2+FMA)
   FCNFAST_SANITIZE=address,undefined   compile the CPU kernels with ASan/UBSan (see README)
   DEBUG=1                     -O0 -g
@@ -16,8 +17,10 @@ import glob
 import os
 import platform
 import re
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,12 +68,29 @@ def cpu_flags():
     return flags
 
 
+SANITIZERS = ("address", "undefined", "leak")
+
+
 def sanitize_flags():
-    sanitize = os.environ.get("FCNFAST_SANITIZE", "").strip()
+    """Compile and link flags for FCNFAST_SANITIZE (comma list of address, undefined, leak).
+
+    The extension is loaded into an uninstrumented Python, so the sanitizer runtimes must be
+    preloaded at run time; .ci/sanitize shows how (LD_PRELOAD, ASAN_OPTIONS, UBSAN_OPTIONS).
+    """
+    sanitize = os.environ.get("FCNFAST_SANITIZE", "").strip().replace(" ", "")
     if not sanitize:
         return [], [], ""
-    flags = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g"]
+    unknown = sorted(set(sanitize.split(",")) - set(SANITIZERS))
+    if unknown:
+        raise RuntimeError("FCNFAST_SANITIZE=%s: unknown sanitizer(s) %s (choose from %s)"
+                           % (sanitize, ", ".join(unknown), ", ".join(SANITIZERS)))
+    # -O1: the optimisation level ASan documents for readable reports (the later -O wins).
+    # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which defines signed overflow and so
+    # silently disables UBSan's signed-integer-overflow check -- exactly the 32-bit index
+    # overflow these builds look for.
+    flags = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g", "-O1", "-fno-wrapv"]
     if "undefined" in sanitize:
+        # every UBSan finding aborts (non-zero exit) instead of printing and going on
         flags.append("-fno-sanitize-recover=undefined")
     return flags, ["-fsanitize=" + sanitize], sanitize
 
@@ -99,7 +119,12 @@ def make_extensions():
         sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
                        + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
         define.append(("FCNFAST_WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        # The .cu files are torch-free C++17 (the same standard NVRTC compiles them with for
+        # the CuPy backend, and what .ci/cuda_compile_check uses); bindings_cuda.cpp is host
+        # C++ and gets the cxx flags. -lineinfo keeps kernels profilable at no speed cost.
+        nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc += ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]
+        extra_compile_args["nvcc"] = nvcc
         ext_cls = CUDAExtension
     print("fcnfast build: version=%s torch=%s cuda=%s arch_list=%s cxx=%s sanitize=%s max_jobs=%s"
           % (version, torch.__version__, with_cuda,
@@ -115,6 +140,24 @@ def make_extensions():
     )]
 
 
+# The CuPy backend (fcnfast/_cupy.py) compiles csrc/cuda/*.cu at run time, so wheels ship those
+# sources and the headers they include under fcnfast/_csrc/{common,cuda}.
+CUDA_SOURCE_GLOBS = ("common/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h")
+
+
+class BuildPyWithCudaSources(build_py):
+    def run(self):
+        super().run()
+        if self.dry_run:
+            return
+        for pattern in CUDA_SOURCE_GLOBS:
+            for src in glob.glob(os.path.join(HERE, "csrc", pattern)):
+                dst = os.path.join(self.build_lib, "fcnfast", "_csrc",
+                                   os.path.relpath(src, os.path.join(HERE, "csrc")))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
+
+
 def build_ext_cls():
     from torch.utils.cpp_extension import BuildExtension
     return BuildExtension.with_options(use_ninja=True)
@@ -124,6 +167,6 @@ setup(
     version=read_version(),
     packages=find_packages(include=["fcnfast", "fcnfast.*"]),
     ext_modules=make_extensions(),
-    cmdclass={"build_ext": build_ext_cls()},
+    cmdclass={"build_ext": build_ext_cls(), "build_py": BuildPyWithCudaSources},
     zip_safe=False,
 )

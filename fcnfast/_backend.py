@@ -89,9 +89,9 @@ def _warn_no_cuda_kernels() -> None:
         return
     _state["cuda_warned"] = True
     warnings.warn(
-        "fcnfast: CUDA tensors run the pure-PyTorch reference ops: the extension was built "
-        "without CUDA kernels and CuPy is not installed (pip install fcnfast[cupy], or rebuild "
-        "with FCNFAST_CUDA=1).",
+        "fcnfast: CUDA tensors run the pure-PyTorch reference ops: the extension has no CUDA "
+        "kernels and the CuPy backend is not in use (install CuPy: pip install fcnfast[cupy]; "
+        "or rebuild with FCNFAST_CUDA=1).",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -134,9 +134,13 @@ def backend(device=None) -> str:
     device: for CUDA ``"native"`` (compiled CUDA kernels), ``"cupy"`` (the same
     kernels compiled at run time by CuPy) or ``"reference"``.
     """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        from . import _cupy
+        _cupy.requested()  # a bad FCNFAST_CUDA_BACKEND is an error even without the extension
     if _requested() == "reference" or extension() is None:
         return "reference"
-    if device is not None and torch.device(device).type == "cuda":
+    if cuda:
         return _state["cuda"] or "reference"
     return "native"
 

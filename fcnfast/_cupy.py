@@ -18,13 +18,16 @@ the source tree's ``csrc``.
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import sys
 import threading
 
 import torch
 
 from . import _geometry as geo
+from . import reference
 
 ENV = "FCNFAST_CUDA_BACKEND"
 CHOICES = ("auto", "native", "cupy")
@@ -87,6 +90,23 @@ def compile_options(include_dir: str):
     return ("-std=c++17", "-I" + include_dir)
 
 
+def cuda_include_dir(cuda_path=None):
+    """A directory with cuda_fp16.h / cuda_bf16.h for NVRTC: the CUDA toolkit's include
+    (``cuda_path``, CUDA_PATH, CUDA_HOME, /usr/local/cuda) or the one of the NVIDIA pip wheels."""
+    candidates = [os.path.join(p, "include") for p in
+                  (cuda_path, os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
+                   "/usr/local/cuda") if p]
+    for entry in sys.path:
+        nvidia = os.path.join(entry, "nvidia")
+        if os.path.isdir(nvidia):
+            candidates += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")), reverse=True)
+            candidates.append(os.path.join(nvidia, "cuda_runtime", "include"))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cuda_bf16.h")):
+            return path
+    return None
+
+
 def read_source(filename: str, root=None) -> str:
     root = root or source_dir()
     if root is None:
@@ -117,8 +137,8 @@ def _function(filename: str, kernel: str, dtype: torch.dtype, device: torch.devi
             cupy = _cupy()
             root = source_dir()
             options = compile_options(root)
-            cuda_include = os.path.join(cupy.cuda.get_cuda_path() or "", "include")
-            if os.path.isfile(os.path.join(cuda_include, "cuda_bf16.h")):
+            cuda_include = cuda_include_dir(cupy.cuda.get_cuda_path())
+            if cuda_include is not None:
                 options += ("-I" + cuda_include,)  # cuda_fp16.h / cuda_bf16.h
             with cupy.cuda.Device(device.index):
                 module = cupy.RawModule(
@@ -170,9 +190,18 @@ def _np():
 # argument checks (the compiled binding's checks; fcnfast.ops has run geo checks)
 # ---------------------------------------------------------------------------
 
+# Indirections a CPU-only test replaces to run the launch plumbing without a GPU.
+_DEVICE_TYPE = "cuda"
+
+
+def _device(t):
+    """Context making t's device current (tensors allocated there, streams looked up there)."""
+    return torch.cuda.device(t.device)
+
+
 def _check_cuda(t, name, ndim=4):
     geo.check_tensor(t, name, ndim)
-    if t.device.type != "cuda":
+    if t.device.type != _DEVICE_TYPE:
         raise ValueError("%s must be on CUDA, got %s" % (name, t.device))
     _check_index32(t.numel(), name)
 
@@ -189,12 +218,6 @@ def _check_index32(numel, name):
                          % (name, numel, _INT32_MAX))
 
 
-def _check_window(oy, ox, h, w, full_h, full_w, name):
-    if oy < 0 or ox < 0 or oy + h > full_h or ox + w > full_w:
-        raise ValueError("offset (%d, %d) with window %dx%d lies outside %s of size %dx%d"
-                         % (oy, ox, h, w, name, full_h, full_w))
-
-
 def _empty(t):
     return t.new_empty((0,))
 
@@ -209,10 +232,9 @@ def skip_add_crop(coarse, skip, offset):
     if coarse.shape[:2] != skip.shape[:2]:
         raise ValueError("coarse %s and skip %s must agree in batch and channels"
                          % (tuple(coarse.shape), tuple(skip.shape)))
-    oy, ox = geo.pair(offset, "offset")
+    oy, ox = geo.skip_window(coarse, skip.shape[2:], offset)
     n, c, h, w = coarse.shape
-    _check_window(oy, ox, h, w, skip.shape[2], skip.shape[3], "skip")
-    with torch.cuda.device(coarse.device):
+    with _device(coarse):
         coarse, skip = coarse.contiguous(), skip.contiguous()
         out = torch.empty_like(coarse)
         if out.numel():
@@ -225,11 +247,10 @@ def skip_add_crop(coarse, skip, offset):
 
 def skip_add_crop_backward(grad, skip_height, skip_width, offset):
     _check_cuda(grad, "grad")
-    oy, ox = geo.pair(offset, "offset")
+    oy, ox = geo.skip_window(grad, (skip_height, skip_width), offset)
     n, c, h, w = grad.shape
-    _check_window(oy, ox, h, w, skip_height, skip_width, "skip")
     _check_index32(n * c * skip_height * skip_width, "grad_skip")
-    with torch.cuda.device(grad.device):
+    with _device(grad):
         grad = grad.contiguous()
         out = grad.new_empty((n, c, skip_height, skip_width))
         if out.numel():
@@ -240,31 +261,18 @@ def skip_add_crop_backward(grad, skip_height, skip_width, offset):
     return out
 
 
-def _check_score(ref, ref_name, feature, weight):
-    _check_like(ref, ref_name, feature, "feature", 4)
-    _check_like(ref, ref_name, weight, "weight", 4)
-    if tuple(weight.shape[2:]) != (1, 1):
-        raise ValueError("weight must be a 1x1 convolution weight (K, C, 1, 1), got %s"
-                         % (tuple(weight.shape),))
-    if weight.shape[1] != feature.shape[1]:
-        raise ValueError("weight.shape[1] (%d) must equal feature channels (%d)"
-                         % (weight.shape[1], feature.shape[1]))
-    if ref.shape[0] != feature.shape[0] or ref.shape[1] != weight.shape[0]:
-        raise ValueError("%s %s must have batch %d and %d channels (weight.shape[0])"
-                         % (ref_name, tuple(ref.shape), feature.shape[0], weight.shape[0]))
+def _check_score_skip(ref, feature, weight, bias, offset):
+    _check_cuda(ref, "coarse")
+    for t, name in ((feature, "feature"), (weight, "weight"), (bias, "bias")):
+        if t is not None:
+            _check_index32(t.numel(), name)
+    return reference._check_score_skip(ref, feature, weight, bias, offset)
 
 
 def score_skip(coarse, feature, weight, bias, scale, offset):
-    _check_cuda(coarse, "coarse")
-    _check_score(coarse, "coarse", feature, weight)
-    if bias is not None:
-        _check_like(coarse, "coarse", bias, "bias", 1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError("bias has %d elements, expected %d" % (bias.shape[0], weight.shape[0]))
-    oy, ox = geo.pair(offset, "offset")
+    oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
     n, k, h, w = coarse.shape
-    _check_window(oy, ox, h, w, feature.shape[2], feature.shape[3], "feature")
-    with torch.cuda.device(coarse.device):
+    with _device(coarse):
         coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         out = torch.empty_like(coarse)
@@ -279,13 +287,10 @@ def score_skip(coarse, feature, weight, bias, scale, offset):
 
 
 def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
-    _check_cuda(grad, "grad")
-    _check_score(grad, "grad", feature, weight)
-    oy, ox = geo.pair(offset, "offset")
+    oy, ox = _check_score_skip(grad, feature, weight, None, offset)
     n, k, h, w = grad.shape
-    _check_window(oy, ox, h, w, feature.shape[2], feature.shape[3], "feature")
     f = "score_skip.cu"
-    with torch.cuda.device(grad.device):
+    with _device(grad):
         grad, feature, weight = grad.contiguous(), feature.contiguous(), weight.contiguous()
         dt, dev, c = grad.dtype, grad.device, feature.shape[1]
         dims = _i32(k, c, h, w, feature.shape[2], feature.shape[3], oy, ox)
@@ -305,15 +310,11 @@ def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
     return gf, gw, gb
 
 
-def _conv_dims(x, weight, stride, padding, output_padding, groups, dilation, crop):
+def _conv_dims(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
     _check_cuda(x, "x")
-    _check_like(x, "x", weight, "weight", 4)
-    if x.shape[1] % groups or weight.shape[0] != x.shape[1]:
-        raise ValueError("weight %s and groups %d do not fit the input channels %d"
-                         % (tuple(weight.shape), groups, x.shape[1]))
-    full = [geo.conv_transpose_out_size(x.shape[2 + a], weight.shape[2 + a], stride[a],
-                                        padding[a], output_padding[a], dilation[a])
-            for a in range(2)]
+    _check_index32(weight.numel(), "weight")
+    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
+        x, weight, bias, stride, padding, output_padding, groups, dilation)
     top, left, oh, ow = geo.resolve_crop(crop, *full)
     for a in range(2):
         if full[a] + padding[a] + dilation[a] * weight.shape[2 + a] > _INT32_MAX // 2:
@@ -328,14 +329,9 @@ def _conv_dims(x, weight, stride, padding, output_padding, groups, dilation, cro
 
 
 def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
-    cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, output_padding, groups, dilation,
-                                    crop)
-    if bias is not None:
-        _check_like(x, "x", bias, "bias", 1)
-        if bias.shape[0] != cout:
-            raise ValueError("bias has %d elements, expected the output channels %d"
-                             % (bias.shape[0], cout))
-    with torch.cuda.device(x.device):
+    cout, oh, ow, dims = _conv_dims(x, weight, bias, stride, padding, output_padding, groups,
+                                    dilation, crop)
+    with _device(x):
         x, weight = x.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         out = x.new_empty((x.shape[0], cout, oh, ow))
@@ -348,14 +344,14 @@ def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, d
 
 def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, groups, dilation,
                               crop, output_mask):
-    cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, output_padding, groups, dilation,
-                                    crop)
+    cout, oh, ow, dims = _conv_dims(x, weight, None, stride, padding, output_padding, groups,
+                                    dilation, crop)
     _check_like(x, "x", grad, "grad", 4)
     if tuple(grad.shape) != (x.shape[0], cout, oh, ow):
         raise ValueError("grad %s must have the output shape %s"
                          % (tuple(grad.shape), (x.shape[0], cout, oh, ow)))
     f = "conv_transpose2d.cu"
-    with torch.cuda.device(x.device):
+    with _device(x):
         grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
         dt, dev = x.dtype, x.device
         gx = torch.empty_like(x) if output_mask[0] else _empty(x)
@@ -387,7 +383,7 @@ def bilinear_upsample2d(x, scale, crop):
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
     _check_index32(n * c * oh * ow, "output")
-    with torch.cuda.device(x.device):
+    with _device(x):
         x = x.contiguous()
         out = x.new_empty((n, c, oh, ow))
         if out.numel():
@@ -403,7 +399,7 @@ def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
     if tuple(grad.shape[2:]) != (oh, ow):
         raise ValueError("grad %s must match the crop %dx%d" % (tuple(grad.shape), oh, ow))
     _check_index32(n * c * in_height * in_width, "grad_x")
-    with torch.cuda.device(grad.device):
+    with _device(grad):
         grad = grad.contiguous()
         out = grad.new_empty((n, c, in_height, in_width))
         if out.numel():
@@ -419,7 +415,7 @@ def upsample_argmax(x, scale, crop):
     if c == 0:
         raise ValueError("upsample_argmax needs at least one channel, got x %s" % (tuple(x.shape),))
     oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
-    with torch.cuda.device(x.device):
+    with _device(x):
         x = x.contiguous()
         out = x.new_empty((n, oh, ow), dtype=torch.int64)
         if out.numel():
@@ -430,22 +426,13 @@ def upsample_argmax(x, scale, crop):
 
 def _check_cross_entropy(x, target, scale, crop, ignore_index, reduction):
     _check_cuda(x, "x")
-    geo.check_tensor(target, "target", 3, floating=False)
-    if target.dtype != torch.int64:
-        raise ValueError("target must be an int64 label map, got %s" % target.dtype)
-    if target.device != x.device:
-        raise ValueError("x and target must be on the same device, got %s and %s"
-                         % (x.device, target.device))
-    if reduction not in ("mean", "sum"):
-        raise ValueError("reduction must be 'mean' or 'sum', got %r" % (reduction,))
+    reference._check_cross_entropy_args(x, target, scale, crop, reduction)
     n, c, h, w = x.shape
     if c == 0:
         raise ValueError("upsample_cross_entropy needs at least one class, got x %s"
                          % (tuple(x.shape),))
     oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
-    if tuple(target.shape) != (n, oh, ow):
-        raise ValueError("target shape %s must be (N, H, W) = %s of the upsampled crop"
-                         % (tuple(target.shape), (n, oh, ow)))
+    # F.cross_entropy's contract: every label is a class or ignore_index (one host sync)
     if target.numel() and bool((((target < 0) | (target >= c)) & (target != ignore_index)).any()):
         raise ValueError("target has labels outside [0, %d) that are not ignore_index (%d)"
                          % (c, ignore_index))
@@ -465,7 +452,7 @@ def _ce_workspace(x, pixels):
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
     pixels, dims = _check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
     f, np = "upsample_cross_entropy.cu", _np()
-    with torch.cuda.device(x.device):
+    with _device(x):
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
         ws, blocks, partials, _, _ = _ce_workspace(x, pixels)
@@ -486,7 +473,7 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
     if grad_loss.numel() != 1:
         raise ValueError("grad_loss must have one element, got shape %s" % (tuple(grad_loss.shape),))
     f, np = "upsample_cross_entropy.cu", _np()
-    with torch.cuda.device(x.device):
+    with _device(x):
         x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()
         gx = torch.empty_like(x)
         if gx.numel() == 0:

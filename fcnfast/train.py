@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -46,9 +47,11 @@ __all__ = [
     "TrainConfig",
     "segmentation_loss",
     "build_optimizer",
+    "make_dataset",
     "make_datasets",
     "pad_collate",
     "evaluate",
+    "crf_labels",
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -79,6 +82,7 @@ class TrainConfig:
     backbone: str = "tiny"
     num_classes: int = 21
     fixed_upsampling: bool = False
+    dropout: float = 0.5              # fc6/fc7 element-wise dropout (the paper's 0.5)
     epochs: int = 1
     optimizer: str = "sgd"            # sgd | adam | caffe
     lr: Optional[float] = None
@@ -91,6 +95,7 @@ class TrainConfig:
     train_images: int = 64
     val_images: int = 16
     image_size: int = 64
+    ignore_border: int = 0            # label pixels this close to another class 255 (VOC-like)
     data_seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
@@ -100,11 +105,12 @@ class TrainConfig:
     num_workers: int = 0
     save_every: int = 0               # also checkpoint every N steps (0: only after each epoch)
     max_steps: Optional[int] = None   # stop after this many steps in total
+    time_limit: Optional[float] = None  # stop training after this many seconds (checked each step)
     validate: bool = True
     quiet: bool = False
 
     RUNTIME_FIELDS = ("epochs", "out", "device", "num_workers", "save_every", "max_steps",
-                      "validate", "quiet")
+                      "time_limit", "validate", "quiet")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the optimiser preset filled in and every value checked."""
@@ -119,13 +125,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_classes", "train_images", "image_size"):
             if getattr(cfg, name) <= 0:
                 raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
-        for name in ("val_images", "num_workers", "save_every"):
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1), got %r" % (cfg.dropout,))
+        for name in ("val_images", "num_workers", "save_every", "ignore_border"):
             if getattr(cfg, name) < 0:
                 raise ValueError("%s must be >= 0, got %r" % (name, getattr(cfg, name)))
         if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
             raise ValueError("lr must be a positive number, got %r" % (cfg.lr,))
-        if cfg.max_steps is not None and cfg.max_steps <= 0:
-            raise ValueError("max_steps must be positive, got %r" % (cfg.max_steps,))
+        for name in ("max_steps", "time_limit"):
+            if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+                raise ValueError("%s must be positive, got %r" % (name, getattr(cfg, name)))
         return cfg
 
     def to_dict(self) -> dict:
@@ -176,23 +185,28 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                            weight_decay=cfg.weight_decay)
 
 
-def make_datasets(cfg: TrainConfig):
-    """(train, validation) datasets: SyntheticScenes or a VOC-format directory."""
+def make_dataset(cfg: TrainConfig, part: str):
+    """The ``"train"`` or ``"val"`` dataset of ``cfg``: SyntheticScenes or a VOC-format directory."""
     from . import data
 
+    if part not in ("train", "val"):
+        raise ValueError("part must be 'train' or 'val', got %r" % (part,))
     if cfg.data == "synthetic":
-        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size,
-                                         num_classes=cfg.num_classes, seed=cfg.data_seed)
-        val_set = data.SyntheticScenes(cfg.val_images, cfg.image_size,
-                                       num_classes=cfg.num_classes,
-                                       seed=cfg.data_seed + 1_000_003)
-        return train_set, val_set
-    root = Path(cfg.data)
-    if not root.is_dir():
+        # a disjoint seed: validation scenes are never training scenes
+        seed = cfg.data_seed if part == "train" else cfg.data_seed + 1_000_003
+        count = cfg.train_images if part == "train" else cfg.val_images
+        return data.SyntheticScenes(count, cfg.image_size, seed=seed,
+                                    num_classes=cfg.num_classes,
+                                    ignore_border=cfg.ignore_border)
+    if not Path(cfg.data).is_dir():
         raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a VOC-format "
-                                "directory)" % root)
-    return (data.VOCSegmentation(str(root), cfg.train_split),
-            data.VOCSegmentation(str(root), cfg.val_split))
+                                "directory)" % cfg.data)
+    return data.VOCSegmentation(cfg.data, cfg.train_split if part == "train" else cfg.val_split)
+
+
+def make_datasets(cfg: TrainConfig):
+    """(train, validation) datasets of ``cfg``."""
+    return make_dataset(cfg, "train"), make_dataset(cfg, "val")
 
 
 def pad_collate(batch):
@@ -249,10 +263,30 @@ def _init_distributed(device_type: str) -> _Dist:
         return _Dist()
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # FCNFAST_DIST_TIMEOUT (seconds): how long a collective may wait for a lost peer
+        # before failing (torch's default is 10-30 minutes)
+        timeout = os.environ.get("FCNFAST_DIST_TIMEOUT")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout))
+                                if timeout else None)
         owns = True
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                  owns)
+
+
+def _average_buffers(model: nn.Module, ctx: _Dist) -> None:
+    """Average floating buffers (batch-norm running statistics) over the processes.
+
+    DDP keeps parameters identical but each process updates its running
+    statistics from its own shard; averaging them before a checkpoint makes the
+    replicas (and the saved model) agree.
+    """
+    if ctx.world <= 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world)
 
 
 def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
@@ -308,6 +342,19 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
     if conf_crf is None:
         return conf.cpu()
     return conf.cpu(), _all_reduce_sum(conf_crf, ctx).cpu()
+
+
+def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Labels after ``fcnfast.crf.dense_crf`` refinement of ``logits`` (N, C, H, W) with the
+    RGB ``images`` (N, 3, H, W, normalised by ``data.image_to_tensor``).
+
+    Raises ImportError when ``fcnfast.crf`` is not available.
+    """
+    from . import crf
+    from .data import tensor_to_image
+
+    raw = torch.stack([torch.from_numpy(tensor_to_image(im)).permute(2, 0, 1) for im in images])
+    return crf.dense_crf(logits, raw.to(logits.device)).argmax(1)
 
 
 def _val_loader(val_set, cfg: TrainConfig, ctx: _Dist, device: torch.device):
@@ -418,7 +465,7 @@ def build_model_from_config(cfg: TrainConfig) -> nn.Module:
     from .models import build_model
 
     return build_model(cfg.model, num_classes=cfg.num_classes, backbone=cfg.backbone,
-                       fixed_upsampling=cfg.fixed_upsampling)
+                       fixed_upsampling=cfg.fixed_upsampling, dropout=cfg.dropout)
 
 
 def load_model(path, device="cpu"):
@@ -464,6 +511,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         saved = TrainConfig.from_dict(ckpt["config"])
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.RUNTIME_FIELDS})
     cfg = cfg.resolved()
+    train_set, val_set = make_datasets(cfg)  # before any process group exists: errors exit cleanly
     device_type = _pick_device(cfg.device).type
     ctx = _init_distributed(device_type)
     device = _pick_device(cfg.device, ctx)
@@ -476,7 +524,6 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     np.random.seed(cfg.seed % 2**32)
     model = build_model_from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
-    train_set, val_set = make_datasets(cfg)
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_loss = [0.0, 0.0]
     if ckpt is not None:
@@ -487,6 +534,9 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         rng = ckpt["rng"]
         _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         say("resumed from %s at epoch %d, step %d" % (resume, epoch + 1, step))
+        if epoch >= cfg.epochs:
+            say("the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
+                % (epoch, cfg.epochs))
     elif ctx.world > 1:
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # independent dropout per process
 
@@ -503,6 +553,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
 
     def checkpoint(epoch_done: int, batches_done: int, epoch_loss, metrics=None):
         # collectives: every process takes part
+        _average_buffers(model, ctx)
         rng_states = _gather_rng_states(ctx)
         epoch_loss = _all_reduce_sum(epoch_loss.clone(), ctx)
         if out is None or not ctx.main:
@@ -518,12 +569,14 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             "rng": rng_states,
             "config": cfg.to_dict(),
             "metrics": metrics,
+            "confusion": result.conf if metrics is not None else None,
             "fcnfast_version": _version(),
         }
         result.checkpoint = save_checkpoint(state, out / "checkpoint.pt")
 
     try:
-        while epoch < cfg.epochs and not _reached(step, cfg.max_steps):
+        stop = False
+        while epoch < cfg.epochs and not stop:
             sampler.set_epoch(epoch)
             loader = DataLoader(train_set, batch_size=cfg.batch_size,
                                 sampler=_SkipSampler(sampler, batch_in_epoch * cfg.batch_size),
@@ -551,11 +604,16 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
                 bar.set_postfix(loss="%.4g" % value, refresh=False)
                 if cfg.save_every and step % cfg.save_every == 0:
                     checkpoint(epoch, batch_in_epoch, loss_sum)
-                if _reached(step, cfg.max_steps):
+                stop = _should_stop(step, cfg, start_time, ctx, device)
+                if stop:
                     break
             bar.close()
             if batch_in_epoch < math.ceil(len(sampler) / cfg.batch_size):
-                checkpoint(epoch, batch_in_epoch, loss_sum)  # stopped mid-epoch by max_steps
+                checkpoint(epoch, batch_in_epoch, loss_sum)  # stopped mid-epoch (limit)
+                say("stopped at step %d (epoch %d, batch %d): %s reached"
+                    % (step, epoch + 1, batch_in_epoch,
+                       "max_steps" if cfg.max_steps is not None and step >= cfg.max_steps
+                       else "time_limit"))
                 break
             epoch += 1
             batch_in_epoch = 0
@@ -580,6 +638,9 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             if out is not None and ctx.main:
                 with open(out / "history.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+        dump = os.environ.get("FCNFAST_RANK_STATE_DIR")
+        if dump:  # debugging/testing aid: every process saves its final weights
+            torch.save(model.state_dict(), Path(dump) / ("rank%d.pt" % ctx.rank))
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -587,8 +648,16 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     return result
 
 
-def _reached(step: int, max_steps: Optional[int]) -> bool:
-    return max_steps is not None and step >= max_steps
+def _should_stop(step: int, cfg: TrainConfig, start_time: float, ctx: _Dist, device) -> bool:
+    """max_steps or time_limit reached (the time is rank 0's, so all processes agree)."""
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        return True
+    if cfg.time_limit is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - start_time > cfg.time_limit)], device=device)
+    if ctx.world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _version() -> str:

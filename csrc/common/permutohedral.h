@@ -12,7 +12,7 @@
 //
 // Everything here is deterministic: vertices get ids in order of first insertion (pixel order),
 // splatting is a gather over the transposed splat matrix (no atomics), and the parallel loops
-// (supplied by the caller as `par(begin, end, fn)`) write disjoint outputs.
+// (supplied by the caller as `par(begin, end, work_per_item, fn)`) write disjoint outputs.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +25,19 @@ namespace fcnfast {
 namespace permutohedral {
 
 constexpr int kMaxDim = 16;  // feature dimensions d (2 spatial + appearance)
+constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
+
+// Largest |feature| (in std units) whose lattice coordinates stay exact integers in float32 and
+// far from int32 overflow; features outside (or NaN/Inf) must be rejected before building.
+constexpr float kMaxFeature = 1e5f;
+
+// True when every feature is finite and |f| <= kMaxFeature.
+inline bool features_in_range(const float* f, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(std::fabs(f[i]) <= kMaxFeature)) return false;  // also false for NaN
+  }
+  return true;
+}
 
 // Open-addressing hash table from lattice keys (the first d of d+1 integer coordinates; the last
 // is minus their sum) to dense vertex ids 0..size()-1 in order of first insertion.
@@ -98,6 +111,7 @@ class Lattice {
       : d_(d), n_(num_points), table_(d, num_points * (d + 1)) {
     vertex_.resize(n_ * (d + 1));
     weight_.resize(n_ * (d + 1));
+    rank_.resize(n_ * (d + 1));
     for (int64_t i = 0; i < n_; ++i) embed(features + i * d, i);
     m_ = table_.size();
     build_neighbors();
@@ -113,7 +127,8 @@ class Lattice {
     const int64_t C = channels, D1 = d_ + 1;
     // row 0 of each buffer is an always-zero "absent vertex"; vertex v lives in row v + 1
     std::vector<float> cur((m_ + 1) * C, 0.0f), next((m_ + 1) * C, 0.0f);
-    par(0, m_, [&](int64_t begin, int64_t end) {
+    const int64_t per_vertex = C * (n_ * D1 / std::max<int64_t>(m_, 1) + 1);
+    par(0, m_, per_vertex, [&](int64_t begin, int64_t end) {
       for (int64_t v = begin; v < end; ++v) {
         float* dst = cur.data() + (v + 1) * C;
         for (int64_t e = splat_start_[v]; e < splat_start_[v + 1]; ++e) {
@@ -126,7 +141,7 @@ class Lattice {
     });
     for (int j = 0; j < D1; ++j) {
       const int32_t* nb = neighbor_.data() + 2 * j;
-      par(0, m_, [&](int64_t begin, int64_t end) {
+      par(0, m_, 3 * C, [&](int64_t begin, int64_t end) {
         for (int64_t v = begin; v < end; ++v) {
           const float* self = cur.data() + (v + 1) * C;
           const float* plus = cur.data() + (nb[2 * D1 * v] + 1) * C;
@@ -137,7 +152,7 @@ class Lattice {
       });
       cur.swap(next);
     }
-    par(0, n_, [&](int64_t begin, int64_t end) {
+    par(0, n_, D1 * C, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         float* dst = out + i * C;
         for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f;
@@ -154,33 +169,40 @@ class Lattice {
   // alpha * sum_{a,b} w_a w_b B[v_a, v_b], where B[v, u] sums 0.5^(#moves) over the blur paths
   // from v to u (one move of +-1 or none per direction, directions d..0, all intermediate vertices
   // present). Subtracting it gives the paper's i != j messages exactly for the lattice operator.
-  // B depends only on the simplex, which neighbouring points usually share: a small per-thread
-  // cache keyed by the simplex's vertex ids avoids recomputing it.
+  // Two vertices of a simplex differ by sum_{j in S} e_j for a direction set S read off the
+  // point's rank permutation; B[v, v + sum_S e_j] depends only on (v, S) and is tabulated per
+  // vertex for all 2^(d+1) sets when d+1 <= kMaxTabulated.
   template <class ParFor>
   void self_weights(float* out, ParFor par) const {
     const int D1 = d_ + 1;
-    par(0, n_, [&](int64_t begin, int64_t end) {
-      constexpr int kSlots = 256;
-      std::vector<int32_t> cached_ids(kSlots * D1, -1);
-      std::vector<double> cached_b(static_cast<size_t>(kSlots) * D1 * D1);
+    const bool tabulate = D1 <= kMaxTabulated;
+    const int64_t sets = int64_t{1} << D1;
+    std::vector<float> table;
+    if (tabulate) {
+      table.resize(m_ * sets);
+      par(0, m_, sets * D1, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          for (int64_t set = 0; set < sets; ++set) {
+            table[v * sets + set] = static_cast<float>(blur_entry(static_cast<int32_t>(v),
+                                                                  static_cast<uint32_t>(set)));
+          }
+        }
+      });
+    }
+    par(0, n_, D1 * D1 * (tabulate ? 2 : D1), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int32_t* verts = vertex_.data() + i * D1;
         const float* w = weight_.data() + i * D1;
-        uint32_t h = 0;
-        for (int a = 0; a < D1; ++a) h = h * 2654435761u + static_cast<uint32_t>(verts[a]);
-        const int slot = static_cast<int>((h ^ (h >> 16)) % kSlots);
-        int32_t* ids = cached_ids.data() + slot * D1;
-        double* b = cached_b.data() + static_cast<size_t>(slot) * D1 * D1;
-        if (!std::equal(verts, verts + D1, ids)) {
-          std::copy(verts, verts + D1, ids);
-          for (int a = 0; a < D1; ++a) {
-            for (int c = 0; c < D1; ++c) b[a * D1 + c] = blur_entry(verts[a], verts[c]);
-          }
-        }
+        // by_rank[r]: the direction bit of the coordinate with rank r
+        uint32_t by_rank[kMaxDim + 1];
+        for (int k = 0; k < D1; ++k) by_rank[rank_[i * D1 + k]] = 1u << k;
         double total = 0.0;
         for (int a = 0; a < D1; ++a) {
           double row = 0.0;
-          for (int c = 0; c < D1; ++c) row += b[a * D1 + c] * w[c];
+          for (int b = 0; b < D1; ++b) {
+            const uint32_t set = direction_set(by_rank, a, b);
+            row += w[b] * (tabulate ? table[verts[a] * sets + set] : blur_entry(verts[a], set));
+          }
           total += row * w[a];
         }
         out[i] = static_cast<float>(alpha_ * total);
@@ -241,6 +263,7 @@ class Lattice {
     for (int r = 0; r < D1; ++r) {
       for (int k = 0; k < d; ++k) key[k] = rem0[k] + (rank[k] <= d - r ? r : r - D1);
       vertex_[i * D1 + r] = table_.insert(key);
+      rank_[i * D1 + r] = static_cast<int8_t>(rank[r]);
       weight_[i * D1 + r] = barycentric[r];
     }
   }
@@ -279,46 +302,41 @@ class Lattice {
     for (int64_t e = 0; e < entries; ++e) splat_entry_[fill[vertex_[e]]++] = e;
   }
 
-  // B[v, u] for two vertices of one simplex. u - v = sum_j s_j e_j with s_j in {0, 1}, or with
-  // s_j - 1 (the e_j sum to zero); for u == v also s_j = +1 for all j.
-  double blur_entry(int32_t v, int32_t u) const {
-    const int d = d_, D1 = d + 1;
-    int32_t delta[kMaxDim + 1];
-    const int32_t* kv = table_.key(v);
-    const int32_t* ku = table_.key(u);
-    int32_t last = 0, low = 0;
-    for (int k = 0; k < d; ++k) {
-      delta[k] = ku[k] - kv[k];
-      last -= delta[k];
+  // S with v_b = v_a + sum_{j in S} e_j for vertices a, b of a point's simplex. Vertex r is
+  // rem0 + (r, ..., r) - (d+1) [rank_k > d - r], so for a < b the coordinates with rank in
+  // (d-b, d-a] move by -e_j (S is their complement, the e_j sum to zero) and for a > b those with
+  // rank in (d-a, d-b] move by +e_j.
+  uint32_t direction_set(const uint32_t* by_rank, int a, int b) const {
+    const int d = d_;
+    uint32_t set = 0;
+    if (a < b) {
+      for (int r = d - b + 1; r <= d - a; ++r) set |= by_rank[r];
+      return ~set & ((1u << (d + 1)) - 1);
     }
-    delta[d] = last;
-    low = *std::min_element(delta, delta + D1);
-    int8_t s[kMaxDim + 1];
-    bool all_zero = true;
-    for (int k = 0; k < D1; ++k) {
-      s[k] = static_cast<int8_t>((delta[k] - low) / D1);
-      all_zero = all_zero && s[k] == 0;
-    }
-    double total = walk(v, u, s, 0);
-    total += walk(v, u, s, -1);
-    if (all_zero) total += walk(v, u, s, +1);
+    for (int r = d - a + 1; r <= d - b; ++r) set |= by_rank[r];
+    return set;
+  }
+
+  // B[v, v + sum_{j in S} e_j]: the paths with moves +e_j (j in S), or -e_j (j not in S); for
+  // S empty also +e_j for all j.
+  double blur_entry(int32_t v, uint32_t set) const {
+    double total = walk(v, set, +1) + walk(v, ~set & ((1u << (d_ + 1)) - 1), -1);
+    if (set == 0) total += walk(v, (1u << (d_ + 1)) - 1, +1);
     return total;
   }
 
-  // Weight of the blur path from v with moves (s_j + shift) e_j along directions d..0 (0 when a
-  // move lands on an absent vertex or a move is not in {-1, 0, 1}).
-  double walk(int32_t v, int32_t u, const int8_t* s, int shift) const {
+  // Weight 0.5^|moves| of the blur path from v moving `sign` e_j for j in `moves`, directions
+  // d..0 (the order B = B_d ... B_0 applies them); 0 when it steps onto an absent vertex.
+  double walk(int32_t v, uint32_t moves, int sign) const {
     double w = 1.0;
     int32_t cur = v;
     for (int j = d_; j >= 0; --j) {
-      const int step = s[j] + shift;
-      if (step == 0) continue;
-      if (step > 1 || step < -1) return 0.0;
-      cur = neighbor_[(static_cast<int64_t>(cur) * (d_ + 1) + j) * 2 + (step > 0 ? 0 : 1)];
+      if (!(moves >> j & 1u)) continue;
+      cur = neighbor_[(static_cast<int64_t>(cur) * (d_ + 1) + j) * 2 + (sign > 0 ? 0 : 1)];
       if (cur < 0) return 0.0;
       w *= 0.5;
     }
-    return cur == u ? w : 0.0;
+    return w;
   }
 
   int d_;
@@ -327,6 +345,7 @@ class Lattice {
   KeyTable table_;
   std::vector<int32_t> vertex_;    // n x (d+1) vertex ids of each point's simplex
   std::vector<float> weight_;      // n x (d+1) barycentric weights
+  std::vector<int8_t> rank_;       // n x (d+1) rank of each elevated coordinate's remainder
   std::vector<int32_t> neighbor_;  // m x (d+1) x 2
   std::vector<int64_t> splat_start_;
   std::vector<int64_t> splat_entry_;

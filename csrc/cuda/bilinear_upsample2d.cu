@@ -3,7 +3,10 @@
 // with the Caffe bilinear weights computed analytically. Forward: each kept
 // output pixel gathers its (at most) 2x2 input taps. Backward: each input
 // pixel gathers the kept gradient pixels of its 2s x 2s footprint (no atomics).
-#include "cuda/upsample_pixel.cuh"
+// The per-pixel math is csrc/common/bilinear.h, the CPU kernels' own, in the
+// same arithmetic order (explicit fma), so both backends compute the same values.
+#include "cuda/kernel_utils.cuh"  // first: NVRTC integer types
+#include "common/bilinear.h"
 #ifndef __CUDACC_RTC__
 #include "cuda/launchers.h"
 #endif
@@ -20,7 +23,7 @@ __global__ void bilinear_upsample2d_kernel(const T* __restrict__ x, T* __restric
     const int idx = static_cast<int>(i);
     const int ox = idx % out_w, r1 = idx / out_w;
     const int oy = r1 % out_h, plane = r1 / out_h;
-    out[idx] = from_acc<T>(upsample_value<T, Acc>(x + plane * in_h * in_w, in_h, in_w, scale,
+    out[idx] = from_acc<T>(bilinear_pixel<T, Acc>(x + plane * in_h * in_w, in_h, in_w, scale,
                                                   top + oy, left + ox));
   }
 }
@@ -35,18 +38,8 @@ __global__ void bilinear_upsample2d_backward_kernel(const T* __restrict__ grad,
     const int idx = static_cast<int>(i);
     const int jx = idx % in_w, r1 = idx / in_w;
     const int iy = r1 % in_h, plane = r1 / in_h;
-    int y0, y1, x0, x1;
-    upsample_band(iy, scale, top, out_h, &y0, &y1);
-    upsample_band(jx, scale, left, out_w, &x0, &x1);
-    const T* g = grad + plane * out_h * out_w;
-    Acc acc = Acc(0);
-    for (int y = y0; y < y1; ++y) {
-      Acc row = Acc(0);
-      for (int x = x0; x < x1; ++x)
-        row += upsample_tap_weight<Acc>(left + x - jx * scale, scale) * to_acc(g[y * out_w + x]);
-      acc += upsample_tap_weight<Acc>(top + y - iy * scale, scale) * row;
-    }
-    grad_x[idx] = from_acc<T>(acc);
+    grad_x[idx] = from_acc<T>(bilinear_grad_pixel<T, Acc>(grad + plane * out_h * out_w, out_h,
+                                                          out_w, top, left, scale, iy, jx));
   }
 }
 

@@ -119,39 +119,40 @@ at::Tensor skip_add_crop_backward_cuda(const at::Tensor& grad, int64_t skip_h, i
 // score_skip
 // ---------------------------------------------------------------------------
 
-void check_score_weight(const at::Tensor& weight, const at::Tensor& feature) {
+// Checks shared by the forward (ref = coarse) and the backward (ref = grad);
+// returns the launcher shape.
+cuda::ScoreSkipShape check_score_skip(const at::Tensor& ref, const char* ref_name,
+                                      const at::Tensor& feature, const at::Tensor& weight,
+                                      at::IntArrayRef offset) {
+  check_input(ref, ref_name);
+  check_like(ref, ref_name, feature, "feature", 4);
+  check_like(ref, ref_name, weight, "weight", 4);
   TORCH_CHECK_VALUE(weight.size(2) == 1 && weight.size(3) == 1,
                     "fcnfast: weight must be a 1x1 convolution weight (K, C, 1, 1), got ",
                     shape_str(weight));
   TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
                     weight.size(1), ") must equal feature channels (", feature.size(1), ")");
-}
-
-cuda::ScoreSkipShape score_shape(int64_t n, int64_t classes, int64_t channels, int64_t h,
-                                 int64_t w, const at::Tensor& feature, std::array<int64_t, 2> off) {
-  return {to_int(n), to_int(classes), to_int(channels), to_int(h), to_int(w),
-          to_int(feature.size(2)), to_int(feature.size(3)), to_int(off[0]), to_int(off[1])};
+  TORCH_CHECK_VALUE(ref.size(0) == feature.size(0) && ref.size(1) == weight.size(0), "fcnfast: ",
+                    ref_name, " ", shape_str(ref), " must have batch ", feature.size(0), " and ",
+                    weight.size(0), " channels (weight.shape[0])");
+  const auto off = pair_arg(offset, "offset");
+  check_window(off[0], off[1], ref.size(2), ref.size(3), feature.size(2), feature.size(3),
+               "feature");
+  return {to_int(ref.size(0)), to_int(ref.size(1)), to_int(feature.size(1)), to_int(ref.size(2)),
+          to_int(ref.size(3)), to_int(feature.size(2)), to_int(feature.size(3)), to_int(off[0]),
+          to_int(off[1])};
 }
 
 at::Tensor score_skip_cuda(const at::Tensor& coarse, const at::Tensor& feature,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            double scale, at::IntArrayRef offset) {
-  check_input(coarse, "coarse");
-  check_like(coarse, "coarse", feature, "feature", 4);
-  check_like(coarse, "coarse", weight, "weight", 4);
-  check_score_weight(weight, feature);
-  TORCH_CHECK_VALUE(coarse.size(0) == feature.size(0) && coarse.size(1) == weight.size(0),
-                    "fcnfast: coarse ", shape_str(coarse), " must have batch ", feature.size(0),
-                    " and ", weight.size(0), " channels (weight.shape[0])");
+  const auto shape = check_score_skip(coarse, "coarse", feature, weight, offset);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_like(coarse, "coarse", *bias, "bias", 1);
     TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "fcnfast: bias has ", bias->size(0),
                       " elements, expected ", weight.size(0));
   }
-  const auto off = pair_arg(offset, "offset");
-  const int64_t H = coarse.size(2), W = coarse.size(3);
-  check_window(off[0], off[1], H, W, feature.size(2), feature.size(3), "feature");
   c10::cuda::CUDAGuard guard(coarse.device());
   const auto c = coarse.contiguous();
   const auto f = feature.contiguous();
@@ -161,25 +162,14 @@ at::Tensor score_skip_cuda(const at::Tensor& coarse, const at::Tensor& feature,
   if (out.numel() == 0) return out;
   C10_CUDA_CHECK(cuda::score_skip(dtype_of(c), c.const_data_ptr(), f.const_data_ptr(),
                                   wt.const_data_ptr(), has_bias ? b.const_data_ptr() : nullptr,
-                                  scale, out.data_ptr(),
-                                  score_shape(c.size(0), c.size(1), f.size(1), H, W, f, off),
-                                  stream()));
+                                  scale, out.data_ptr(), shape, stream()));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
     const at::Tensor& grad, const at::Tensor& feature, const at::Tensor& weight, double scale,
     at::IntArrayRef offset, std::array<bool, 3> mask) {
-  check_input(grad, "grad");
-  check_like(grad, "grad", feature, "feature", 4);
-  check_like(grad, "grad", weight, "weight", 4);
-  check_score_weight(weight, feature);
-  TORCH_CHECK_VALUE(grad.size(0) == feature.size(0) && grad.size(1) == weight.size(0),
-                    "fcnfast: grad ", shape_str(grad), " must have batch ", feature.size(0),
-                    " and ", weight.size(0), " channels");
-  const auto off = pair_arg(offset, "offset");
-  const int64_t H = grad.size(2), W = grad.size(3);
-  check_window(off[0], off[1], H, W, feature.size(2), feature.size(3), "feature");
+  const auto shape = check_score_skip(grad, "grad", feature, weight, offset);
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   const auto f = feature.contiguous();
@@ -191,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
       dtype_of(g), g.const_data_ptr(), f.const_data_ptr(), wt.const_data_ptr(), scale,
       mask[0] ? gf.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,
       mask[2] ? gb.data_ptr() : nullptr,
-      score_shape(g.size(0), g.size(1), f.size(1), H, W, f, off), stream()));
+      shape, stream()));
   return {gf, gw, gb};
 }
 

@@ -21,6 +21,14 @@ typedef int int32_t;
 #include <cstdint>
 #endif
 
+// PyTorch's CUDAExtension defines these to keep at::Half unambiguous; these
+// files include no torch header, and the shared csrc/common functions convert
+// with Acc(x), which needs the __half / __nv_bfloat16 conversion operators.
+#undef __CUDA_NO_HALF_OPERATORS__
+#undef __CUDA_NO_HALF_CONVERSIONS__
+#undef __CUDA_NO_HALF2_OPERATORS__
+#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
+#undef __CUDA_NO_BFLOAT16_OPERATORS__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -2,8 +2,10 @@
 // without materialising the C x H x W scores. One thread per kept output pixel
 // walks the classes; each score is rounded to the storage dtype first (the
 // value bilinear_upsample2d would return). Ties go to the lowest class and a
-// NaN wins (first NaN), as torch.argmax.
-#include "cuda/upsample_pixel.cuh"
+// NaN wins (first NaN), as torch.argmax. Scores come from csrc/common/bilinear.h
+// bilinear_pixel, the values bilinear_upsample2d computes.
+#include "cuda/kernel_utils.cuh"  // first: NVRTC integer types
+#include "common/bilinear.h"
 #ifndef __CUDACC_RTC__
 #include "cuda/launchers.h"
 #endif
@@ -26,7 +28,7 @@ __global__ void upsample_argmax_kernel(const T* __restrict__ x, int64_t* __restr
     Acc best_v = Acc(0);
     for (int c = 0; c < channels; ++c) {
       const Acc v = round_to<T>(
-          upsample_value<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
+          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
       if (c == 0 || (v > best_v && best_v == best_v) || (v != v && best_v == best_v)) {
         best = c;
         best_v = v;

@@ -16,9 +16,11 @@
 //   ce_grad_x_kernel: each input element gathers over its 2s x 2s footprint
 //           coef * sum w(Y) w(X) (softmax_c(Y, X) - [target == c]) over
 //           non-ignored pixels.
-// Scores are rounded to the storage dtype before the softmax, as the
-// unfused expression does.
-#include "cuda/upsample_pixel.cuh"
+// Scores are csrc/common/bilinear.h bilinear_pixel values (the ones
+// bilinear_upsample2d computes), rounded to the storage dtype before the
+// softmax, as the unfused expression does.
+#include "cuda/kernel_utils.cuh"  // first: NVRTC integer types
+#include "common/bilinear.h"
 #ifndef __CUDACC_RTC__
 #include "cuda/launchers.h"
 #endif
@@ -49,7 +51,7 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
     Acc m = Acc(0), sum = Acc(0), z_target = Acc(0) / Acc(0);  // NaN unless t is a class
     for (int c = 0; c < channels; ++c) {
       const Acc z = round_to<T>(
-          upsample_value<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
+          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
       if (c == 0) {
         m = z;
         sum = Acc(1);
@@ -114,24 +116,24 @@ __global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restr
     const int iy = r1 % in_h, r2 = r1 / in_h;
     const int c = r2 % channels, n = r2 / channels;
     const T* plane = x + (n * channels + c) * in_plane;
-    int y0, y1, x0, x1;
-    upsample_band(iy, scale, top, out_h, &y0, &y1);
-    upsample_band(jx, scale, left, out_w, &x0, &x1);
+    int64_t y0, y1, x0, x1;
+    bilinear_band(iy, scale, top, out_h, &y0, &y1);
+    bilinear_band(jx, scale, left, out_w, &x0, &x1);
     Acc acc = Acc(0);
     bool any = false;
-    for (int y = y0; y < y1; ++y) {
+    for (int y = static_cast<int>(y0); y < y1; ++y) {
       const int prow = (n * out_h + y) * out_w;
       Acc row = Acc(0);
-      for (int xo = x0; xo < x1; ++xo) {
+      for (int xo = static_cast<int>(x0); xo < x1; ++xo) {
         const int64_t t = target[prow + xo];
         if (t == ignore_index) continue;
         const Acc z = round_to<T>(
-            upsample_value<T, Acc>(plane, in_h, in_w, scale, top + y, left + xo));
+            bilinear_pixel<T, Acc>(plane, in_h, in_w, scale, top + y, left + xo));
         const Acc d = exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
-        row += upsample_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
+        row += bilinear_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
         any = true;
       }
-      acc += upsample_tap_weight<Acc>(top + y - iy * scale, scale) * row;
+      acc += bilinear_tap_weight<Acc>(top + y - iy * scale, scale) * row;
     }
     // no counted pixel: exactly 0 (mean over zero pixels would give 0 * Inf)
     grad_x[idx] = from_acc<T>(any ? acc * k : Acc(0));
