@@ -6,6 +6,7 @@ Classes: 21 (VOC), 59 (PASCAL-Context), 150 (ADE20K).
 """
 import torch
 
+import fcnfast
 from fcnfast.bench import peak_memory  # PyTorch-allocator peak (profiler events)
 
 SCORE = 70
@@ -32,7 +33,8 @@ def labels(classes, batch, seed=1, ignored_fraction=0.1):
 def run(benchmark, group, fn, *args, rounds=15):
     """Time fn(*args) (pedantic: fixed rounds after warm-up), record threads and peak memory."""
     benchmark.group = group
-    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info.update(threads=torch.get_num_threads(), backend=fcnfast.backend(),
+                                cpu_capability=torch.backends.cpu.get_cpu_capability())
     # peak of the PyTorch allocator; fcnfast kernels add their scratch_mb
     benchmark.extra_info["torch_peak_mb"] = round(peak_memory(lambda: fn(*args)) / 2 ** 20, 2)
     benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=2, iterations=1)

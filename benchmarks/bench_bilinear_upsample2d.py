@@ -5,6 +5,7 @@ defined by (fcnfast.reference), and F.interpolate(bilinear) to the same size (a
 different, cheaper upsampling: the fastest thing PyTorch offers for this shape).
 
     python -m pytest benchmarks/bench_bilinear_upsample2d.py --benchmark-group-by=group
+    (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
 import pytest
 import torch

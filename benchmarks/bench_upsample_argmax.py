@@ -6,6 +6,7 @@ to separate the fusion gain from the upsampling kernel's. extra_info holds the
 PyTorch-allocator peak (torch_peak_mb) and the kernel's own scratch (scratch_mb).
 
     python -m pytest benchmarks/bench_upsample_argmax.py --benchmark-group-by=group
+    (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
 import pytest
 

@@ -7,6 +7,7 @@ step's share); "forward" = the loss alone. extra_info: PyTorch-allocator peak
 (torch_peak_mb) and the kernel's own scratch (scratch_mb).
 
     python -m pytest benchmarks/bench_upsample_cross_entropy.py --benchmark-group-by=group
+    (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
 import pytest
 import torch.nn.functional as F
