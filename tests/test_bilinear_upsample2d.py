@@ -45,22 +45,24 @@ def test_fcn8s_head_full_size():
     compare_forward_backward(*_fwd(8, (31, 31, 500, 500)), [x])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[6]])
-def test_bfloat16_vs_fp32_reference(shape):
+def test_reduced_precision_vs_fp32_reference(shape, dtype):
+    """bf16/fp16 in and out, fp32 arithmetic inside: compared with the fp32 reference."""
     require_native("bilinear_upsample2d")
     n, c, h, w, scale, crop = shape
-    x = torch.randn(n, c, h, w).bfloat16()
+    x = torch.randn(n, c, h, w).to(dtype)
     out = ops.bilinear_upsample2d(x, scale, crop)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     expected = reference.bilinear_upsample2d(x.float(), scale, crop)
-    assert_close_scaled(out.float(), expected, dtype=torch.bfloat16)
+    assert_close_scaled(out.float(), expected, dtype=dtype)
     grad = torch.randn(expected.shape)
-    gx = torch.ops.fcnfast.bilinear_upsample2d_backward(grad.bfloat16(), h, w, scale,
+    gx = torch.ops.fcnfast.bilinear_upsample2d_backward(grad.to(dtype), h, w, scale,
                                                         list(crop or (0, 0, *expected.shape[2:])))
     xf = x.float().requires_grad_()
     (gref,) = torch.autograd.grad(reference.bilinear_upsample2d(xf, scale, crop), xf, grad)
-    assert gx.dtype == torch.bfloat16
-    assert_close_scaled(gx.float(), gref, dtype=torch.bfloat16, what="grad")
+    assert gx.dtype == dtype
+    assert_close_scaled(gx.float(), gref, dtype=dtype, what="grad")
 
 
 def test_channels_last_and_noncontiguous():

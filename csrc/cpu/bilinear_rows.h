@@ -256,7 +256,7 @@ void gather_columns(const Acc* acc, const std::vector<Acc>& w, int64_t scale, in
 //   push(Y, weight, acc)       acc += weight * row(Y) for input row (acc's owner)
 //   finish(i, acc)             input row i is complete
 //   reset(acc)                 zero an accumulator before its first push
-// Rows of [i0, i1) no crop row feeds are never finished (the caller pre-zeroes).
+// Rows of [i0, i1) no crop row feeds are never finished (BandGather pre-zeroes them).
 template <typename Acc, typename Prepare, typename Push, typename Finish, typename Reset>
 void walk_bands(int64_t i0, int64_t i1, int64_t in_h, int64_t scale, int64_t top, int64_t height,
                 Acc* slots[2], Prepare&& prepare, Push&& push, Finish&& finish, Reset&& reset) {
@@ -296,7 +296,7 @@ class BandGather {
         storage_(2 * channels * full_w, Acc(0)), scratch_(in_w) {}
 
   // Input rows [begin, end) of the flattened (n, i) index, written to out
-  // (N x C x in_h x in_w). prepare(n, Y) runs once per full output row Y before
+  // (N x C x in_h x in_w; every row of the range is written, so out may be uninitialised). prepare(n, Y) runs once per full output row Y before
   // source(n, Y, c) is asked for channel c's crop row (width values).
   template <typename Out, typename Prepare, typename Source>
   void run(int64_t begin, int64_t end, Out* out, Prepare&& prepare, Source&& source) {
@@ -305,6 +305,9 @@ class BandGather {
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / in_h_, i0 = r % in_h_, i1 = std::min(in_h_, i0 + (end - r));
       Out* out_n = out + n * channels_ * in_h_ * in_w_;
+      for (int64_t c = 0; c < channels_; ++c) {  // rows no crop row feeds stay zero
+        std::fill_n(out_n + (c * in_h_ + i0) * in_w_, (i1 - i0) * in_w_, Out(0));
+      }
       walk_bands<Acc>(
           i0, i1, in_h_, scale_, crop_.top, crop_.height, slots,
           [&](int64_t Y) { prepare(n, Y); },

@@ -71,8 +71,8 @@ at::Tensor bilinear_upsample2d_backward_cpu(const at::Tensor& grad, int64_t in_h
   check_index32(N * C * H * W, "grad_x");
   check_index32(2 * C * geo.full_w, "the band accumulators");
   auto g = grad.contiguous();
-  auto out = at::zeros({N, C, H, W}, g.options());
-  if (out.numel() == 0 || g.numel() == 0) return out;
+  if (N * C * H * W == 0 || g.numel() == 0) return at::zeros({N, C, H, W}, g.options());
+  auto out = at::empty({N, C, H, W}, g.options());  // BandGather writes every row
   const int64_t h = geo.crop.height, w = geo.crop.width;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "bilinear_upsample2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -2,6 +2,13 @@
 // without the C x H x W scores. One output row at a time: each channel's
 // upsampled row (the very values bilinear_upsample2d returns, see
 // bilinear_rows.h) is folded into a running (best value, best class) row.
+//
+// The labels therefore equal fcnfast's bilinear_upsample2d(x).argmax(1) bit for
+// bit. The reference upsamples with F.conv_transpose2d, which multiplies by the
+// rounded 2-D weights w_y*w_x and sums the four taps in its own order; its
+// scores can differ from ours in the last bit, so where two classes are within
+// that rounding (a near-tie, |difference| ~ 1e-7 relative in float32) the
+// reference may pick the other class. Exact ties (equal scores) agree.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

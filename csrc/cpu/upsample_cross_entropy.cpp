@@ -90,7 +90,40 @@ void exp_minus_max(const Acc* v, const Acc* max, int64_t width, Acc* out) {
 struct CrossEntropyArgs {
   BilinearGeometry geo;
   bool mean;
+  int64_t N, C, H, W, h, w;  // x is N x C x H x W, the crop h x w
+  at::Tensor x, target;      // contiguous
+  int64_t valid;             // pixels whose target is not ignore_index
 };
+
+// Number of non-ignored pixels of a contiguous target; a value outside [0, C)
+// that is not ignore_index is an error naming the first such value. One pass
+// over the rows in parallel (a single parallel region: cheap on a busy machine).
+int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t width = target.size(2), rows = target.size(0) * target.size(1);
+  if (rows == 0 || width == 0) return 0;
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  std::vector<int64_t> count(rows), first_bad(rows, -1);  // first bad column per row
+  at::parallel_for(0, rows, rows_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t* t = tp + r * width;
+      int64_t n = 0;
+      for (int64_t x = 0; x < width; ++x) {
+        const bool ignored = t[x] == ignore_index;
+        if (!ignored && (t[x] < 0 || t[x] >= C) && first_bad[r] < 0) first_bad[r] = x;
+        n += !ignored;
+      }
+      count[r] = n;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(first_bad[r] < 0, "fcnfast: target value ", tp[r * width + first_bad[r]],
+                      " is out of bounds: classes are [0, ", C, ") (x has ", C,
+                      " channels) and ignore_index is ", ignore_index);
+    total += count[r];
+  }
+  return total;
+}
 
 // Shared by the forward and the backward: shapes, dtypes, reduction and the
 // target values (each in [0, C) or ignore_index) are checked before any work.
@@ -116,14 +149,15 @@ CrossEntropyArgs check_cross_entropy(const at::Tensor& x, const at::Tensor& targ
                     "] of the upsampled crop");
   check_index32(target.numel(), "target");
   check_index32(2 * C * args.geo.full_w, "the row buffers");
-  if (target.numel() > 0) {
-    const auto bad = ((target < 0) | (target >= C)) & (target != ignore_index);
-    if (bad.any().item<bool>()) {
-      const int64_t value = target.masked_select(bad).flatten()[0].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "fcnfast: target value ", value, " is out of bounds: classes are [0, ",
-                        C, ") (x has ", C, " channels) and ignore_index is ", ignore_index);
-    }
-  }
+  args.N = N;
+  args.C = C;
+  args.H = x.size(2);
+  args.W = x.size(3);
+  args.h = args.geo.crop.height;
+  args.w = args.geo.crop.width;
+  args.x = x.contiguous();
+  args.target = target.contiguous();
+  args.valid = count_valid_targets(args.target, C, ignore_index);
   return args;
 }
 
@@ -161,14 +195,9 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
                                       int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
                                       c10::string_view reduction) {
   const auto args = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
-  const auto& geo = args.geo;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t h = geo.crop.height, w = geo.crop.width;
-  auto xc = x.contiguous();
-  auto tc = target.contiguous();
+  const auto& [geo, mean, N, C, H, W, h, w, xc, tc, valid] = args;
   const int64_t rows_total = N * h;
   std::vector<double> row_loss(rows_total, 0.0);
-  std::vector<int64_t> row_count(rows_total, 0);
   if (rows_total > 0 && w > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -189,26 +218,19 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
           softmax_exps(logits.data(), C, w, max.data(), sum.data());
           // loss = logsumexp - logit[target] = log(sum) + max - logit[target]
           double loss = 0.0;
-          int64_t count = 0;
           for (int64_t x = 0; x < w; ++x) {
             if (t[x] == ignore_index) continue;
             loss += static_cast<double>(std::log(sum[x]) + max[x] - picked[x]);
-            ++count;
           }
           row_loss[r] = loss;
-          row_count[r] = count;
         }
       });
     });
   }
   double total = 0.0;
-  int64_t count = 0;
-  for (int64_t r = 0; r < rows_total; ++r) {  // fixed order: deterministic
-    total += row_loss[r];
-    count += row_count[r];
-  }
+  for (int64_t r = 0; r < rows_total; ++r) total += row_loss[r];  // fixed order: deterministic
   // mean over no pixel is 0/0 = NaN, as F.cross_entropy
-  const double loss = args.mean ? total / static_cast<double>(count) : total;
+  const double loss = mean ? total / static_cast<double>(valid) : total;
   return at::scalar_tensor(loss, xc.options());
 }
 
@@ -220,17 +242,12 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "fcnfast: grad_loss must hold one value (the loss ",
                     "is a scalar), got shape ", shape_str(grad_loss));
   const auto args = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
-  const auto& geo = args.geo;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t h = geo.crop.height, w = geo.crop.width;
-  auto xc = x.contiguous();
-  auto tc = target.contiguous();
-  auto out = at::zeros({N, C, H, W}, xc.options());
-  if (out.numel() == 0 || tc.numel() == 0) return out;
-  const int64_t valid = (tc != ignore_index).sum().item<int64_t>();
+  const auto& [geo, mean, N, C, H, W, h, w, xc, tc, valid] = args;
+  if (x.numel() == 0 || tc.numel() == 0) return at::zeros({N, C, H, W}, xc.options());
+  auto out = at::empty({N, C, H, W}, xc.options());  // BandGather writes every row
   const double g = grad_loss.item<double>();
   // weight of each non-ignored pixel; with no such pixel every weight is unused
-  const double pixel_weight = args.mean ? (valid > 0 ? g / static_cast<double>(valid) : 0.0) : g;
+  const double pixel_weight = mean ? (valid > 0 ? g / static_cast<double>(valid) : 0.0) : g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
