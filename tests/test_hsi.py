@@ -178,8 +178,8 @@ def test_synthetic_spatial_context_matters():
 
 
 def test_synthetic_large_and_errors():
-    cube, gt = synthetic_scene(1024, 1024, bands=4, num_classes=3, seed=0, regions_per_class=2)
-    assert cube.shape == (1024, 1024, 4) and set(np.unique(gt)) == {0, 1, 2, 3}
+    cube, gt = synthetic_scene(1024, 256, bands=4, num_classes=3, seed=0, regions_per_class=2)
+    assert cube.shape == (1024, 256, 4) and set(np.unique(gt)) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="height and width"):
         synthetic_scene(4, 40)
 

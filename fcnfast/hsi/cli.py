@@ -62,17 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     split = p.add_argument_group("split")
     split.add_argument("--split", choices=("block", "random"), default="block",
                        help="block: spatially disjoint with a buffer (default); random: per class")
-    split.add_argument("--train-fraction", type=float, default=0.3,
-                       help="fraction of labelled pixels per class for training (default 0.3)")
-    split.add_argument("--block", type=int, default=24, help="block side for --split block")
+    split.add_argument("--train-fraction", type=float, default=0.15,
+                       help="fraction of labelled pixels per class for training (default 0.15)")
+    split.add_argument("--block", type=int, default=16, help="block side for --split block (default 16)")
     split.add_argument("--buffer", type=int, default=None,
                        help="train/test buffer in pixels (default: the patch radius)")
     train = p.add_argument_group("training")
     train.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (split + init, default 3)")
     train.add_argument("--window", type=int, default=11, help="patch size w (odd, default 11)")
-    train.add_argument("--epochs", type=int, default=20, help="patch CNN epochs (default 20)")
-    train.add_argument("--fcn-steps", type=int, default=300,
-                       help="FCN steps, each a full augmented scene (default 300)")
+    train.add_argument("--epochs", type=int, default=10, help="patch CNN epochs (default 10)")
+    train.add_argument("--fcn-steps", type=int, default=150,
+                       help="FCN steps, each a full augmented scene (default 150)")
     train.add_argument("--width", type=int, default=16, help="conv width of both nets (default 16)")
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     out = p.add_argument_group("output")

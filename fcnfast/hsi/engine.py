@@ -30,8 +30,14 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator):
-    """The same random flip / rot90 of the last two dims of ``x`` (and ``y``)."""
+def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator, noise: float = 0.0):
+    """The same random flip / rot90 of the last two dims of ``x`` (and ``y``); with ``noise`` > 0
+    also a random brightness factor in [1 - noise/2, 1 + noise/2] per sample and additive
+    Gaussian noise of standard deviation ``noise`` (inputs are normalised to unit variance)."""
+    if noise > 0:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1) if x.dim() == 4 else (1,) * x.dim()
+        x = x * (1 + noise * (torch.rand(shape, generator=g) - 0.5))
+        x = x + noise * torch.randn(x.shape, generator=g)
     k = int(torch.randint(4, (1,), generator=g))
     if x.shape[-1] != x.shape[-2]:
         k = k // 2 * 2  # keep the shape of non-square inputs (crops are stacked)
@@ -45,8 +51,8 @@ def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator):
 
 
 def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, epochs: int,
-                    batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
-                    seed: int = 0) -> nn.Module:
+                    batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4,
+                    noise: float = 0.0, seed: int = 0) -> nn.Module:
     """Minibatches of ``window x window`` patches (gathered on the fly from the reflect-padded
     scene, never stored) around the training pixels; cross-entropy on the centre label."""
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +67,8 @@ def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor,
             idx = order[start:start + batch_size]
             if idx.numel() < 2:  # BatchNorm needs more than one sample
                 continue
-            patches, _ = _augment(extract_patches(padded, rows[idx], cols[idx], model.window), None, g)
+            patches, _ = _augment(extract_patches(padded, rows[idx], cols[idx], model.window), None, g,
+                                  noise)
             loss = F.cross_entropy(model(patches), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -99,8 +106,8 @@ def _random_crop(h: int, w: int, crop: int, g: torch.Generator) -> Tuple[slice, 
 
 
 def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps: int,
-              lr: float = 2e-3, weight_decay: float = 1e-4, crop: int = 160, batch_size: int = 2,
-              seed: int = 0) -> nn.Module:
+              lr: float = 3e-3, weight_decay: float = 1e-4, crop: int = 160, batch_size: int = 2,
+              noise: float = 0.0, seed: int = 0) -> nn.Module:
     """The FCN on the whole scene (or, for scenes larger than ``crop``, random ``crop x crop``
     windows holding training pixels); the loss is the cross-entropy over the training pixels only
     (``ignore_index=IGNORE``). One step = one augmented scene (or ``batch_size`` crops)."""
@@ -117,7 +124,7 @@ def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps
             y = target[sy, sx]
             if not whole and not (y != IGNORE).any():
                 continue
-            x, y = _augment(scene[:, sy, sx], y, g)
+            x, y = _augment(scene[:, sy, sx], y, g, noise)
             xs.append(x)
             ys.append(y)
         loss = F.cross_entropy(model(torch.stack(xs)), torch.stack(ys), ignore_index=IGNORE)
