@@ -434,13 +434,14 @@ at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t gro
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Block rows per phase-convolution call: the result chunk stays below ~16 MB
-// so the allocator reuses it (no fresh zeroed pages per call) and the
-// permutation reads it from cache, while oneDNN still gets large GEMMs (and
-// its per-call weight reorder is amortised).
+// Block rows per phase-convolution call: the result chunk stays below ~24 MB
+// so glibc's allocator reuses it (below its 32 MB mmap threshold: no fresh
+// zeroed pages per call), while oneDNN still gets large GEMMs, its per-call
+// weight reorder is amortised and few parallel regions are entered (the
+// FCN-8s 21-class case is one chunk).
 int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
   const int64_t row_bytes = p.w.nq * groups * p.m_cols() * elem_size;
-  return std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
+  return std::clamp<int64_t>((int64_t(24) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
 }
 
 template <typename scalar_t>
