@@ -434,22 +434,16 @@ at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t gro
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Block rows per phase-convolution call: a result chunk stays below ~8 MB so
-// the permutation reads it from cache and the allocator reuses it (no fresh
-// zeroed pages per call), and there are at least as many chunks as threads.
-int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t batch, int64_t elem_size) {
-  const int64_t image_bytes = p.h.nq * p.w.nq * groups * p.m_cols() * elem_size;
-  int64_t chunks = std::max<int64_t>(1, (image_bytes + (8 << 20) - 1) >> 23);
-  const int64_t threads = at::get_num_threads();
-  if (batch * chunks < threads) chunks = (threads + batch - 1) / batch;
-  chunks = std::min(chunks, p.h.nq);
-  return (p.h.nq + chunks - 1) / chunks;
+// Block rows per phase-convolution call: the result chunk stays below ~24 MB
+// so glibc's allocator reuses it (below its 32 MB mmap threshold: no fresh
+// zeroed pages per call), while oneDNN still gets large GEMMs, its per-call
+// weight reorder is amortised and few parallel regions are entered (the
+// FCN-8s 21-class case is one chunk).
+int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
+  const int64_t row_bytes = p.w.nq * groups * p.m_cols() * elem_size;
+  return std::clamp<int64_t>((int64_t(24) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
 }
 
-// One parallel region: each thread runs whole chunks (a single-threaded phase
-// convolution, then the permutation of its rows into the output), so threads
-// meet at one barrier per call instead of one per step (what matters when the
-// cores are shared).
 template <typename scalar_t>
 void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
                         const at::Tensor& weight, const scalar_t* bias, at::Tensor& out) {
@@ -460,25 +454,28 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
   const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
-  const int64_t chunk = rows_per_chunk(p, g.groups, a.batch, sizeof(acc_t));
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-  at::parallel_for(0, a.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(g.crop_w);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / chunks, q0 = (u % chunks) * chunk, q1 = std::min(q0 + chunk, rows);
+  const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(acc_t));
+  for (int64_t n = 0; n < a.batch; ++n)
+    for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
+      const int64_t q1 = std::min(q0 + chunk, rows);
       // block rows [q0, q1) need window rows [q0, q1 + taps_h - 1)
       const at::Tensor r = phase_conv(
           input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
       const acc_t* rp = r.data_ptr<acc_t>();
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-        for (int64_t qy = q0; qy < q1; ++qy)
+      // one unit = one block row of one group: a permutation of the phase
+      // convolution's channels-last rows into the output
+      at::parallel_for(0, g.groups * (q1 - q0), grain_for(nqw * p.m_cols()),
+                       [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> row(g.crop_w);
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
+          scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
           scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
                       bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data());
-      }
+        }
+        store_fence();
+      });
     }
-    store_fence();
-  });
 }
 
 template <typename scalar_t>

@@ -1,9 +1,10 @@
 // CPU kernels for score_skip, the fused FCN skip step:
 //   out = coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]
 // The 1x1 score convolution runs only on the kept H x W window: per image it is
-// the GEMM (K x C) @ (C x H*W) on the gathered window, with `scale` folded into
-// the weight. The backward is the same algebra transposed (gathers and GEMMs
-// in a fixed order: deterministic).
+// a 1x1 convolution (a GEMM (K x C) @ (C x H*W), run by ATen: oneDNN here) on
+// the gathered window, with `scale` folded into the weight. The backward is the
+// same algebra transposed: ATen's convolution backward on the window, then a
+// gather into grad_feature (zero outside the window); deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -60,9 +61,9 @@ Window check_window(const at::Tensor& lead, const char* lead_name, const at::Ten
   return Window{n, feature.size(1), k, h, w, fh, fw, off[0], off[1]};
 }
 
-// (K, C) weight matrix in the compute dtype with the feature scale folded in.
+// (K, C, 1, 1) weight in the compute dtype with the feature scale folded in.
 at::Tensor scaled_weight(const at::Tensor& weight, double scale, at::ScalarType acc_type) {
-  return (weight.reshape({weight.size(0), weight.size(1)}).to(acc_type) * scale).contiguous();
+  return (weight.to(acc_type) * scale).contiguous();
 }
 
 // buf[c, (y - y0) * w + x] = feature_n[c, oy + y, ox + x] for window rows [y0, y1)
@@ -97,9 +98,27 @@ void scatter_window(const acc_t* dwin, const Window& win, int64_t c0, int64_t c1
   }
 }
 
+
 int64_t grain_for(int64_t work_per_item) {
   constexpr int64_t kMinWork = int64_t(1) << 16;
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
+// The windows of all images, (N, C, h, w) contiguous in the compute dtype.
+template <typename scalar_t, typename acc_t>
+at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
+  at::Tensor out = at::empty({win.batch, win.channels, win.h, win.w},
+                             feature.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* fp = feature.data_ptr<scalar_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  const int64_t C = win.channels, plane = win.h * win.w;
+  at::parallel_for(0, win.batch * C, grain_for(plane), [&](int64_t b, int64_t e) {
+    for (int64_t nc = b; nc < e; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, c, c + 1, op + n * C * plane);
+    }
+  });
+  return out;
 }
 
 at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
@@ -123,30 +142,24 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wm = scaled_weight(weight, scale, acc_type);
     const scalar_t* cp = cc.data_ptr<scalar_t>();
-    const scalar_t* fp = fc.data_ptr<scalar_t>();
     const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t C = win.channels, K = win.classes, plane = win.h * win.w;
-    at::Tensor fwin = at::empty({C, plane}, wm.options());
-    at::Tensor res = at::empty({K, plane}, wm.options());
-    // Per image: gather the window (cheap next to the GEMM), one GEMM, one add.
-    for (int64_t n = 0; n < win.batch; ++n) {
-      at::parallel_for(0, C, grain_for(plane), [&](int64_t b, int64_t e) {
-        gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, b, e, fwin.data_ptr<acc_t>());
-      });
-      at::mm_out(res, wm, fwin);
-      const acc_t* rp = res.data_ptr<acc_t>();
-      at::parallel_for(0, K, grain_for(plane), [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) {
-          const acc_t bk = bp ? static_cast<acc_t>(bp[k]) : acc_t(0);
-          const scalar_t* ck = cp + (n * K + k) * plane;
-          const acc_t* rk = rp + k * plane;
-          scalar_t* ok = op + (n * K + k) * plane;
-          for (int64_t i = 0; i < plane; ++i)
-            ok[i] = static_cast<scalar_t>(static_cast<acc_t>(ck[i]) + rk[i] + bk);
-        }
-      });
-    }
+    const int64_t K = win.classes, plane = win.h * win.w;
+    // the 1x1 convolution on the window only (ATen: oneDNN on this CPU)
+    const at::Tensor res = at::convolution(gather_windows<scalar_t, acc_t>(fc, win), wm, std::nullopt,
+                                           {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+                               .contiguous();
+    const acc_t* rp = res.data_ptr<acc_t>();
+    at::parallel_for(0, win.batch * K, grain_for(plane), [&](int64_t b, int64_t e) {
+      for (int64_t nk = b; nk < e; ++nk) {
+        const acc_t bk = bp ? static_cast<acc_t>(bp[nk % K]) : acc_t(0);
+        const scalar_t* c = cp + nk * plane;
+        const acc_t* r = rp + nk * plane;
+        scalar_t* o = op + nk * plane;
+        for (int64_t i = 0; i < plane; ++i)
+          o[i] = static_cast<scalar_t>(static_cast<acc_t>(c[i]) + r[i] + bk);
+      }
+    });
   });
   return out;
 }
@@ -163,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
   if (!output_mask[0] && !output_mask[1]) return {empty(), empty(), gb};
   at::Tensor gf = output_mask[0] ? at::empty(feature.sizes(), feature.options()) : empty();
   at::Tensor gw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : empty();
-  const int64_t C = win.channels, K = win.classes, plane = win.h * win.w;
-  if (feature.numel() == 0 || weight.numel() == 0) {
+  const int64_t C = win.channels, plane = win.h * win.w;
+  if (grad.numel() == 0 || feature.numel() == 0 || weight.numel() == 0) {
     if (output_mask[0]) gf.zero_();
     return {gf, gw, gb};
   }
@@ -172,32 +185,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
   auto fc = feature.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "score_skip_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wm = scaled_weight(weight, scale, acc_type);  // (K, C)
-    const auto opts = wm.options();
-    const scalar_t* fp = fc.data_ptr<scalar_t>();
-    at::Tensor g_acc = gc.to(acc_type).reshape({win.batch, K, plane});
-    at::Tensor fwin = output_mask[1] ? at::empty({C, plane}, opts) : at::Tensor();
-    at::Tensor dwin = output_mask[0] ? at::empty({C, plane}, opts) : at::Tensor();
-    at::Tensor dw = output_mask[1] ? at::zeros({K, C}, opts) : at::Tensor();
-    const int64_t per_channel = plane;
-    // Images in a fixed order; each step is a deterministic GEMM or gather.
-    for (int64_t n = 0; n < win.batch; ++n) {
-      const at::Tensor g_n = g_acc[n];  // (K, h*w)
-      if (output_mask[1]) {
-        at::parallel_for(0, C, grain_for(per_channel), [&](int64_t b, int64_t e) {
-          gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, b, e, fwin.data_ptr<acc_t>());
-        });
-        dw.addmm_(g_n, fwin.t());
-      }
-      if (output_mask[0]) {
-        at::mm_out(dwin, wm.t(), g_n);
-        scalar_t* gf_n = gf.data_ptr<scalar_t>() + n * C * win.fh * win.fw;
-        at::parallel_for(0, C, grain_for(win.fh * win.fw), [&](int64_t b, int64_t e) {
-          scatter_window(dwin.data_ptr<acc_t>(), win, b, e, gf_n);
-        });
-      }
+    const at::Tensor wm = scaled_weight(weight, scale, acc_type);  // (K, C, 1, 1)
+    const at::Tensor g_acc = gc.to(acc_type);
+    // the transposed 1x1 convolution on the window (deterministic for a fixed
+    // thread count: ATen's CPU convolution backward has no atomics)
+    auto grads = at::convolution_backward(g_acc, gather_windows<scalar_t, acc_t>(fc, win), wm,
+                                          std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                          {output_mask[0], output_mask[1], false});
+    if (output_mask[0]) {
+      const at::Tensor dwin = std::get<0>(grads).contiguous();
+      const acc_t* dp = dwin.data_ptr<acc_t>();
+      scalar_t* gfp = gf.data_ptr<scalar_t>();
+      at::parallel_for(0, win.batch * C, grain_for(win.fh * win.fw), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const int64_t n = nc / C, c = nc % C;
+          scatter_window(dp + n * C * plane, win, c, c + 1, gfp + n * C * win.fh * win.fw);
+        }
+      });
     }
-    if (output_mask[1]) gw.copy_((dw * scale).view_as(gw));
+    if (output_mask[1]) gw.copy_(std::get<1>(grads) * scale);
   });
   return {gf, gw, gb};
 }
