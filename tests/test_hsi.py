@@ -284,10 +284,11 @@ def test_models_shapes_and_receptive_field():
 
 
 def test_memprobe_measures(tmp_path):
-    model = PatchCNN(bands=4, num_classes=3, window=7, width=4)
-    spec = {"method": "dense", "config": model.config, "state_dict": model.state_dict(),
-            "scene": torch.randn(4, 40, 40)}
-    assert _memprobe.measure(spec) >= 0.0
+    model = PatchCNN(bands=16, num_classes=3, window=7, width=4)
+    spec = {"method": "patch", "config": model.config, "state_dict": model.state_dict(),
+            "scene": torch.randn(16, 64, 64)}
+    # one batch of 2048 patches alone is 2048 * 16 * 7 * 7 * 4 bytes = 6.1 MiB
+    assert 3.0 < _memprobe.measure(spec) < 500
 
 
 # ---------------------------------------------------------------------------

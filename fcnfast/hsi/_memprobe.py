@@ -2,8 +2,10 @@
 
 ``python -m fcnfast.hsi._memprobe SPEC.pt`` loads ``{"method", "config", "state_dict", "scene",
 "threads"}``, builds the model, warms it up on a small crop, then prints JSON
-``{"extra_peak_mb": ...}``: the growth of ``ru_maxrss`` (the process's resident high-water mark)
-during the inference. PyTorch's CPU allocator has no peak counter and tracemalloc does not see
+``{"extra_peak_mb": ...}``: the peak resident set size during the inference minus the resident
+size just before it (Linux: the high-water mark ``VmHWM`` is reset through
+``/proc/self/clear_refs`` first; elsewhere ``ru_maxrss`` growth, which misses peaks lower than the
+import-time one). PyTorch's CPU allocator has no peak counter and tracemalloc does not see
 its buffers, hence the separate process.
 """
 from __future__ import annotations
@@ -28,10 +30,30 @@ def measure(spec) -> float:
     model.load_state_dict(spec["state_dict"])
     scene = spec["scene"]
     predict(model, scene[:, :24, :24].contiguous())  # warm-up: kernels, allocator pools
+    if _reset_peak():
+        before = _status_kib("VmRSS")
+        predict(model, scene)
+        return (_status_kib("VmHWM") - before) / 1024.0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     predict(model, scene)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0  # Linux reports KiB
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0  # KiB on Linux
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _status_kib(field: str):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
 
 
 def main(argv=None) -> int:

@@ -287,8 +287,8 @@ def _report(result: Dict, args, header: List[str], files: Dict[str, str]) -> str
                       % (100 * agree, diff, speed_dense),
                       "- FCN full-scene inference is %.1fx faster than the patch CNN patch by patch."
                       % speed_fcn,
-                      "- Peak memory: growth of the resident high-water mark (ru_maxrss) during one "
-                      "inference in a fresh process (fcnfast.hsi._memprobe). Input storage for the "
+                      "- Peak memory: peak resident set size during one inference minus the resident "
+                      "size before it, in a fresh process (fcnfast.hsi._memprobe, Linux VmHWM). Input storage for the "
                       "patch method = pixels x w x w x bands x 4 bytes (the patches the patch method "
                       "stores when materialised; here they are gathered batch by batch).",
                       "- Receptive fields are measured (gradient support of one output pixel).",
