@@ -23,6 +23,12 @@ OPS = tuple(ops.__all__)  # conv_transpose2d, bilinear_upsample2d, skip_add_crop
 # ops whose output has no gradient
 NOT_DIFFERENTIABLE = ("upsample_argmax",)
 
+REDUCED = (torch.bfloat16, torch.float16)
+# PyTorch 2.13's own bf16 conv_transpose2d on CPU is unsafe as an oracle: with channels_last
+# inputs and groups > 1 its weight gradient is uninitialised memory and some shapes (e.g. an
+# empty crop) segfault in backward. bf16 cases of that op are judged against fp64 only.
+UNSAFE_REDUCED_REFERENCE = ("conv_transpose2d",)
+
 LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted", "expanded")
 
 View = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -152,16 +158,19 @@ def check_case(case: Case) -> str:
     output and every gradient. Returns which path ran (``native``/``reference``)."""
     path = "native" if _backend.has_kernel(case.op, "cpu") else "reference"
     out_n, grads_n = forward_backward(ops, case)
-    out_r, grads_r = forward_backward(reference, case)
+    if case.dtype in REDUCED and case.op in UNSAFE_REDUCED_REFERENCE:
+        out_r, grads_r = None, [None] * len(grads_n)
+    else:
+        out_r, grads_r = forward_backward(reference, case)
     if case.op == "upsample_argmax":
         check_labels(case, out_n, out_r)
         return path
-    if case.dtype in TOLERANCE and case.dtype not in (torch.float32, torch.float64):
+    if case.dtype in REDUCED:
         truth, grads_t = forward_backward(reference, case.astype(torch.float64), case.dtype)
         check_reduced(out_n, out_r, truth, case.dtype, "output")
         for i, (gn, gr, gt) in enumerate(zip(grads_n, grads_r, grads_t)):
-            check_grad_presence(gn, gr, i)
-            if gr is not None:
+            check_grad_presence(gn, gt, i)
+            if gt is not None:
                 check_reduced(gn, gr, gt, case.dtype, "grad %d" % i)
         return path
     assert_close_scaled(out_n, out_r, what="output")
@@ -187,10 +196,11 @@ def check_reduced(native, ref, truth, dtype, what):
     The truth, not the reference, is the oracle: PyTorch 2.13's bf16
     channels_last grouped conv_transpose2d weight gradient is garbage."""
     assert native.shape == truth.shape, "%s shape %s != %s" % (what, native.shape, truth.shape)
-    assert native.dtype == ref.dtype, "%s dtype %s != %s" % (what, native.dtype, ref.dtype)
+    assert native.dtype == dtype, "%s dtype %s != %s" % (what, native.dtype, dtype)
     if truth.numel() == 0:
         return
-    n, r = native.double(), ref.double()
+    n = native.double()
+    r = truth if ref is None else ref.double()  # no reference: its error counts as 0
     assert torch.equal(torch.isnan(n), torch.isnan(truth)), "%s NaN pattern differs" % what
     finite = torch.isfinite(truth)
     assert torch.equal(n[~finite].nan_to_num(0), truth[~finite].nan_to_num(0)), "%s Inf differs" % what

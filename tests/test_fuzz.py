@@ -11,18 +11,20 @@ Profiles (hypothesis settings profiles, selected by ``FCNFAST_FUZZ``):
 
 * ``fcnfast-quick`` (default): 40 examples per op, derandomized, so every
   run tests the same cases.
-* ``fcnfast-long`` (``FCNFAST_FUZZ=long``): 10,000 examples per op (override
-  with ``FCNFAST_FUZZ_EXAMPLES``), random; a failure prints a
-  ``@reproduce_failure`` blob, ``--hypothesis-seed=N`` replays a run.
+* ``fcnfast-long`` (``FCNFAST_FUZZ=long``): 10,000 random examples per op
+  (``FCNFAST_FUZZ_EXAMPLES`` to change), in chunks of 1,000 with seeds
+  ``FCNFAST_FUZZ_SEED + i``; a failure prints the case, a ``@reproduce_failure``
+  blob and the seed that replays the run.
 
 An op without a native CPU kernel is skipped (it would compare the reference
 with itself); the skip reason names it.
 """
 import os
+import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from fcnfast import _backend
@@ -32,15 +34,20 @@ from conftest import REFERENCE_ONLY
 from op_cases import Case, check_case, layout_view
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+LONG = os.environ.get("FCNFAST_FUZZ", "").lower() == "long"
+LONG_EXAMPLES = int(os.environ.get("FCNFAST_FUZZ_EXAMPLES", "10000"))
+# One hypothesis run slows down sharply past ~1,000 examples (its search for novel inputs
+# grows), so the long profile runs chunks of CHUNK examples, each with its own seed.
+CHUNK = 1000
 settings.register_profile("fcnfast-quick", max_examples=40, deadline=None, derandomize=True,
                           database=None, print_blob=True, suppress_health_check=_HEALTH)
-settings.register_profile("fcnfast-long",
-                          max_examples=int(os.environ.get("FCNFAST_FUZZ_EXAMPLES", "10000")),
-                          deadline=None, database=None, print_blob=True,
-                          suppress_health_check=_HEALTH,
+settings.register_profile("fcnfast-long", max_examples=min(CHUNK, LONG_EXAMPLES), deadline=None,
+                          database=None, print_blob=True, suppress_health_check=_HEALTH,
                           phases=[Phase.explicit, Phase.generate, Phase.shrink])
-PROFILE = "fcnfast-long" if os.environ.get("FCNFAST_FUZZ", "").lower() == "long" else "fcnfast-quick"
+PROFILE = "fcnfast-long" if LONG else "fcnfast-quick"
 FUZZ = settings.get_profile(PROFILE)
+# long runs: chunk i uses seed SEED + i (FCNFAST_FUZZ_SEED replays a run; printed on failure)
+SEED = int(os.environ.get("FCNFAST_FUZZ_SEED", str(random.SystemRandom().randrange(2**32))))
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -248,7 +255,18 @@ def _fuzz_test(op):
     def test(record_property):
         require_kernel(op)
         record_property("fuzz_profile", PROFILE)
-        run()
+        if not LONG:
+            run()
+            return
+        chunks = -(-LONG_EXAMPLES // CHUNK)
+        record_property("fuzz_examples", chunks * FUZZ.max_examples)
+        for chunk in range(chunks):
+            try:
+                seed(SEED + chunk)(run)()
+            except BaseException as exc:
+                exc.add_note("long fuzz chunk %d of %d: replay with FCNFAST_FUZZ_SEED=%d"
+                             % (chunk, chunks, SEED))
+                raise
 
     test.__name__ = "test_fuzz_" + op
     return test
