@@ -21,8 +21,8 @@ Parameter names in the paper / densecrf / pydensecrf:
 
 Normalisation: each kernel is used symmetrically normalised over the other pixels (i != j as in the
 paper), ``khat(i, j) = n_i k(i, j) n_j`` with ``n_i = (sum_{j != i} k(i, j))^(-1/2)`` -- the default
-``NORMALIZE_SYMMETRIC`` of densecrf v2 / pydensecrf, for which the default weights above were
-tuned. A pixel whose row sum is below 1e-4 (no neighbour under that kernel) gets ``n_i = 0``.
+``NORMALIZE_SYMMETRIC`` of densecrf v2 / pydensecrf, with which the default values above are
+commonly used (pydensecrf / DeepLab examples). A pixel whose row sum is below 1e-4 (no neighbour under that kernel) gets ``n_i = 0``.
 Mean-field inference (parallel updates) iterates
 
     Q <- softmax(logits + sum_m w_m * khat_m Q)      (Potts: the constant part cancels in softmax)
@@ -49,7 +49,7 @@ Appearance features: an image with F <= 3 channels (grey, RGB) is used as it is,
 For F > 3 (hyperspectral) or when ``pca_components`` is given, the features are the first
 ``pca_components`` (default 3) principal components of the bands (per image, centred, computed in
 float64 with ``torch.linalg.eigh``), all multiplied by one factor so that the first component
-spans 0..255 -- one common scale keeps the components' relative variance, so
+spans a range of 255 -- one common scale keeps the components' relative variance, so
 ``bilateral_color_std`` keeps its "RGB units" meaning.
 """
 from __future__ import annotations
