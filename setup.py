@@ -68,12 +68,29 @@ def cpu_flags():
     return flags
 
 
+SANITIZERS = ("address", "undefined", "leak")
+
+
 def sanitize_flags():
-    sanitize = os.environ.get("FCNFAST_SANITIZE", "").strip()
+    """Compile and link flags for FCNFAST_SANITIZE (comma list of address, undefined, leak).
+
+    The extension is loaded into an uninstrumented Python, so the sanitizer runtimes must be
+    preloaded at run time; .ci/sanitize shows how (LD_PRELOAD, ASAN_OPTIONS, UBSAN_OPTIONS).
+    """
+    sanitize = os.environ.get("FCNFAST_SANITIZE", "").strip().replace(" ", "")
     if not sanitize:
         return [], [], ""
-    flags = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g"]
+    unknown = sorted(set(sanitize.split(",")) - set(SANITIZERS))
+    if unknown:
+        raise RuntimeError("FCNFAST_SANITIZE=%s: unknown sanitizer(s) %s (choose from %s)"
+                           % (sanitize, ", ".join(unknown), ", ".join(SANITIZERS)))
+    # -O1: the optimisation level ASan documents for readable reports (the later -O wins).
+    # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which defines signed overflow and so
+    # silently disables UBSan's signed-integer-overflow check -- exactly the 32-bit index
+    # overflow these builds look for.
+    flags = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-g", "-O1", "-fno-wrapv"]
     if "undefined" in sanitize:
+        # every UBSan finding aborts (non-zero exit) instead of printing and going on
         flags.append("-fno-sanitize-recover=undefined")
     return flags, ["-fsanitize=" + sanitize], sanitize
 

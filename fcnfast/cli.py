@@ -236,7 +236,7 @@ def cmd_eval(args) -> int:
 
     from .metrics import format_scores, plot_confusion, segmentation_scores
     from .train import (TrainConfig, _pick_device, crf_labels, evaluate, load_model,
-                        make_datasets, pad_collate)
+                        make_dataset, pad_collate)
 
     if args.crf:
         _require_crf()
@@ -247,7 +247,7 @@ def cmd_eval(args) -> int:
         cfg.data = args.data
     if args.split is not None:
         cfg.val_split = args.split
-    _, val_set = make_datasets(cfg)
+    val_set = make_dataset(cfg, "val")
     if len(val_set) == 0:
         raise ValueError("the evaluation set %s is empty" % cfg.data)
     loader = DataLoader(val_set, batch_size=args.batch_size, collate_fn=pad_collate)

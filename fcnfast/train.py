@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "segmentation_loss",
     "build_optimizer",
+    "make_dataset",
     "make_datasets",
     "pad_collate",
     "evaluate",
@@ -183,24 +185,28 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                            weight_decay=cfg.weight_decay)
 
 
-def make_datasets(cfg: TrainConfig):
-    """(train, validation) datasets: SyntheticScenes or a VOC-format directory."""
+def make_dataset(cfg: TrainConfig, part: str):
+    """The ``"train"`` or ``"val"`` dataset of ``cfg``: SyntheticScenes or a VOC-format directory."""
     from . import data
 
+    if part not in ("train", "val"):
+        raise ValueError("part must be 'train' or 'val', got %r" % (part,))
     if cfg.data == "synthetic":
-        options = dict(num_classes=cfg.num_classes, ignore_border=cfg.ignore_border)
-        train_set = data.SyntheticScenes(cfg.train_images, cfg.image_size, seed=cfg.data_seed,
-                                         **options)
         # a disjoint seed: validation scenes are never training scenes
-        val_set = data.SyntheticScenes(cfg.val_images, cfg.image_size,
-                                       seed=cfg.data_seed + 1_000_003, **options)
-        return train_set, val_set
-    root = Path(cfg.data)
-    if not root.is_dir():
+        seed = cfg.data_seed if part == "train" else cfg.data_seed + 1_000_003
+        count = cfg.train_images if part == "train" else cfg.val_images
+        return data.SyntheticScenes(count, cfg.image_size, seed=seed,
+                                    num_classes=cfg.num_classes,
+                                    ignore_border=cfg.ignore_border)
+    if not Path(cfg.data).is_dir():
         raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a VOC-format "
-                                "directory)" % root)
-    return (data.VOCSegmentation(str(root), cfg.train_split),
-            data.VOCSegmentation(str(root), cfg.val_split))
+                                "directory)" % cfg.data)
+    return data.VOCSegmentation(cfg.data, cfg.train_split if part == "train" else cfg.val_split)
+
+
+def make_datasets(cfg: TrainConfig):
+    """(train, validation) datasets of ``cfg``."""
+    return make_dataset(cfg, "train"), make_dataset(cfg, "val")
 
 
 def pad_collate(batch):
@@ -257,10 +263,30 @@ def _init_distributed(device_type: str) -> _Dist:
         return _Dist()
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # FCNFAST_DIST_TIMEOUT (seconds): how long a collective may wait for a lost peer
+        # before failing (torch's default is 10-30 minutes)
+        timeout = os.environ.get("FCNFAST_DIST_TIMEOUT")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout))
+                                if timeout else None)
         owns = True
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                  owns)
+
+
+def _average_buffers(model: nn.Module, ctx: _Dist) -> None:
+    """Average floating buffers (batch-norm running statistics) over the processes.
+
+    DDP keeps parameters identical but each process updates its running
+    statistics from its own shard; averaging them before a checkpoint makes the
+    replicas (and the saved model) agree.
+    """
+    if ctx.world <= 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world)
 
 
 def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
@@ -485,6 +511,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         saved = TrainConfig.from_dict(ckpt["config"])
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.RUNTIME_FIELDS})
     cfg = cfg.resolved()
+    train_set, val_set = make_datasets(cfg)  # before any process group exists: errors exit cleanly
     device_type = _pick_device(cfg.device).type
     ctx = _init_distributed(device_type)
     device = _pick_device(cfg.device, ctx)
@@ -497,7 +524,6 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     np.random.seed(cfg.seed % 2**32)
     model = build_model_from_config(cfg).to(device)
     optimizer = build_optimizer(model, cfg)
-    train_set, val_set = make_datasets(cfg)
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_loss = [0.0, 0.0]
     if ckpt is not None:
@@ -508,6 +534,9 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         rng = ckpt["rng"]
         _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         say("resumed from %s at epoch %d, step %d" % (resume, epoch + 1, step))
+        if epoch >= cfg.epochs:
+            say("the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
+                % (epoch, cfg.epochs))
     elif ctx.world > 1:
         torch.manual_seed(cfg.seed + 7919 * ctx.rank)  # independent dropout per process
 
@@ -524,6 +553,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
 
     def checkpoint(epoch_done: int, batches_done: int, epoch_loss, metrics=None):
         # collectives: every process takes part
+        _average_buffers(model, ctx)
         rng_states = _gather_rng_states(ctx)
         epoch_loss = _all_reduce_sum(epoch_loss.clone(), ctx)
         if out is None or not ctx.main:

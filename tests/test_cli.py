@@ -89,6 +89,15 @@ def test_predict_on_odd_sized_image(checkpoint, tmp_path, capsys):
         assert im.mode == "P" and im.size == (53, 37)
         assert np.asarray(im).max() < 4
     assert "53x37" in capsys.readouterr().out
+    refined = tmp_path / "refined.png"
+    code = cli.main(["predict", str(image), "-o", str(refined), "--checkpoint", str(checkpoint),
+                     "--crf"])
+    if HAS_CRF:
+        assert code == 0
+        with Image.open(refined) as im:
+            assert im.mode == "P" and im.size == (53, 37)
+    else:
+        assert code == 2 and not refined.exists()
 
 
 def test_crf_flag(checkpoint, tmp_path, capsys):
@@ -195,3 +204,20 @@ def test_demo_timing_compares_backends():
         assert result["native_s"] > 0 and result["reference_s"] > 0
         # same seed and batches: the two backends train the same model
         assert result["loss_difference"] < 1e-3
+
+
+def test_train_and_eval_on_a_voc_directory(tmp_path, capsys):
+    from fcnfast.data import write_synthetic_voc
+
+    root = write_synthetic_voc(tmp_path / "voc", num_train=2, num_val=2, size=(30, 41), seed=3)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(root), "--epochs", "1", "--batch-size", "2",
+                     "--optimizer", "adam", "--quiet", "--out", str(out)]) == 0
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(root),
+                     "--split", "train", "--json", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    scores = json.loads(text[text.index("{"):])["fcn"]
+    assert 0.0 <= scores["mean_iu"] <= 1.0
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(root),
+                     "--split", "nosuchsplit"]) == 2
+    assert "nosuchsplit" in capsys.readouterr().err

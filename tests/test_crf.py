@@ -362,6 +362,8 @@ def test_dtype_errors():
         crf.dense_crf(torch.zeros(3, 6, 6, dtype=torch.long), torch.zeros(3, 6, 6))
     with pytest.raises(ValueError, match="image must be uint8"):
         crf.dense_crf(torch.zeros(3, 6, 6), torch.zeros(3, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="image must be finite"):
+        crf.dense_crf(torch.zeros(3, 6, 6), torch.full((3, 6, 6), float("nan")))
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         crf.dense_crf(torch.zeros(3, 6, 6), [[0.0]])
 
@@ -380,3 +382,20 @@ def test_native_op_errors():
         op(*good, -2, 3.0, 3.0, 80.0, 13.0, 10.0)
     with pytest.raises(ValueError, match="channels"):
         op(good[0], torch.zeros(1, 15, 4, 4), 1, 3.0, 3.0, 80.0, 13.0, 10.0)
+    nan_image = torch.zeros(1, 3, 4, 4)
+    nan_image[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        op(good[0], nan_image, 1, 3.0, 3.0, 80.0, 13.0, 10.0)
+    with pytest.raises(ValueError, match="finite"):  # features of 255 / 1e-6 std units
+        op(good[0], torch.full((1, 3, 4, 4), 255.0), 1, 3.0, 3.0, 80.0, 1e-6, 10.0)
+    with pytest.raises(ValueError, match="finite"):
+        torch.ops.fcnfast.permutohedral_filter(torch.full((3, 2), float("inf")),
+                                               torch.ones(3, 1), False)
+
+
+def test_logits_requiring_grad():
+    """dense_crf is inference-only: logits straight from a model (requires_grad) are accepted."""
+    image, _ = blocks_image(6, 7)
+    logits = random_logits(3, 6, 7).requires_grad_()
+    q = crf.dense_crf(logits, image, iterations=2)
+    torch.testing.assert_close(q.detach(), crf.dense_crf(logits.detach(), image, iterations=2))

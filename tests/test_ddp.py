@@ -1,19 +1,43 @@
 """Two-process data-parallel training on the CPU (gloo) through torchrun."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fcnfast.train import TrainConfig, build_model_from_config, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 images, 2 per process per step: the same 4 images per step as one process with batch 4
-DATA = dict(train_images=8, val_images=3, image_size=36, num_classes=4)
+# "small" has no batch norm, so 2 processes x batch 2 must equal 1 process x batch 4 exactly
+DATA = dict(train_images=8, val_images=3, image_size=36, num_classes=4, backbone="small")
 ARGS = ["--epochs", "1", "--train-images", "8", "--val-images", "3", "--image-size", "36",
-        "--num-classes", "4", "--optimizer", "sgd", "--lr", "0.05", "--dropout", "0",
+        "--num-classes", "4", "--backbone", "small", "--optimizer", "sgd", "--lr", "0.05", "--dropout", "0",
         "--batch-size", "2", "--quiet"]
+
+
+def run_torchrun(args, env, timeout=400):
+    """torchrun with 2 local processes. On a timeout torchrun gets SIGTERM, which it forwards
+    to its workers (they run in sessions of their own; a SIGKILL would orphan them)."""
+    env = dict(env, FCNFAST_DIST_TIMEOUT="120")  # a worker that lost its peer gives up
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail("torchrun did not finish in %d s:\n%s\n%s" % (timeout, stdout[-2000:],
+                                                                   stderr[-2000:]))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_two_process_cpu_training_matches_one_process(tmp_path):
@@ -21,10 +45,7 @@ def test_two_process_cpu_training_matches_one_process(tmp_path):
     dumps.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", FCNFAST_RANK_STATE_DIR=str(dumps),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "-m", "fcnfast", "train", *ARGS, "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    proc = run_torchrun(["-m", "fcnfast", "train", *ARGS, "--out", str(out)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 prints the epoch line and writes files
     assert proc.stdout.count("epoch 1/1") == 1, proc.stdout

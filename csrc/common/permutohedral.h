@@ -12,7 +12,7 @@
 //
 // Everything here is deterministic: vertices get ids in order of first insertion (pixel order),
 // splatting is a gather over the transposed splat matrix (no atomics), and the parallel loops
-// (supplied by the caller as `par(begin, end, fn)`) write disjoint outputs.
+// (supplied by the caller as `par(begin, end, work_per_item, fn)`) write disjoint outputs.
 #pragma once
 
 #include <algorithm>
@@ -26,6 +26,18 @@ namespace permutohedral {
 
 constexpr int kMaxDim = 16;  // feature dimensions d (2 spatial + appearance)
 constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
+
+// Largest |feature| (in std units) whose lattice coordinates stay exact integers in float32 and
+// far from int32 overflow; features outside (or NaN/Inf) must be rejected before building.
+constexpr float kMaxFeature = 1e5f;
+
+// True when every feature is finite and |f| <= kMaxFeature.
+inline bool features_in_range(const float* f, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(std::fabs(f[i]) <= kMaxFeature)) return false;  // also false for NaN
+  }
+  return true;
+}
 
 // Open-addressing hash table from lattice keys (the first d of d+1 integer coordinates; the last
 // is minus their sum) to dense vertex ids 0..size()-1 in order of first insertion.
@@ -115,7 +127,8 @@ class Lattice {
     const int64_t C = channels, D1 = d_ + 1;
     // row 0 of each buffer is an always-zero "absent vertex"; vertex v lives in row v + 1
     std::vector<float> cur((m_ + 1) * C, 0.0f), next((m_ + 1) * C, 0.0f);
-    par(0, m_, [&](int64_t begin, int64_t end) {
+    const int64_t per_vertex = C * (n_ * D1 / std::max<int64_t>(m_, 1) + 1);
+    par(0, m_, per_vertex, [&](int64_t begin, int64_t end) {
       for (int64_t v = begin; v < end; ++v) {
         float* dst = cur.data() + (v + 1) * C;
         for (int64_t e = splat_start_[v]; e < splat_start_[v + 1]; ++e) {
@@ -128,7 +141,7 @@ class Lattice {
     });
     for (int j = 0; j < D1; ++j) {
       const int32_t* nb = neighbor_.data() + 2 * j;
-      par(0, m_, [&](int64_t begin, int64_t end) {
+      par(0, m_, 3 * C, [&](int64_t begin, int64_t end) {
         for (int64_t v = begin; v < end; ++v) {
           const float* self = cur.data() + (v + 1) * C;
           const float* plus = cur.data() + (nb[2 * D1 * v] + 1) * C;
@@ -139,7 +152,7 @@ class Lattice {
       });
       cur.swap(next);
     }
-    par(0, n_, [&](int64_t begin, int64_t end) {
+    par(0, n_, D1 * C, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         float* dst = out + i * C;
         for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f;
@@ -167,7 +180,7 @@ class Lattice {
     std::vector<float> table;
     if (tabulate) {
       table.resize(m_ * sets);
-      par(0, m_, [&](int64_t begin, int64_t end) {
+      par(0, m_, sets * D1, [&](int64_t begin, int64_t end) {
         for (int64_t v = begin; v < end; ++v) {
           for (int64_t set = 0; set < sets; ++set) {
             table[v * sets + set] = static_cast<float>(blur_entry(static_cast<int32_t>(v),
@@ -176,7 +189,7 @@ class Lattice {
         }
       });
     }
-    par(0, n_, [&](int64_t begin, int64_t end) {
+    par(0, n_, D1 * D1 * (tabulate ? 2 : D1), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int32_t* verts = vertex_.data() + i * D1;
         const float* w = weight_.data() + i * D1;

@@ -4,18 +4,19 @@
 //
 // Two paths, both computing only the kept outputs:
 //
-// * Phase GEMM (the FCN case and any geometry where it is dense enough).
+// * Phase convolution (the FCN case and any geometry where it is dense enough).
 //   Write a full-output position as y + padding = q * stride + r (block q,
 //   phase r). Its taps are the k with k * dilation = r + m * stride for some
 //   m >= 0, and they read input q - m. So, per block (qy, qx),
 //     out[co, r, q] = sum_{ci, m} W''[(co, ry, rx), (ci, my, mx)] * x[ci, qy - my, qx - mx]
-//   which is one dense GEMM over all blocks: R^T = cols^T @ W''^T with cols
-//   the (in_channels * taps) x blocks gather of x (64x smaller than the output
-//   for FCN-8s) and W'' the weight with its taps regrouped by phase. The
-//   output is a permutation of R (each output pixel is one entry: no
-//   scatter-add). The backward is the same algebra transposed:
-//     dW''  = cols @ G^T,  dcols = W''^T @ G,  grad_x = sum over taps of dcols
-//   with G the permuted gradient, again gathers only.
+//   which is one dense, stride-1 convolution of the input window (64x smaller
+//   than the output for FCN-8s) with taps_h x taps_w kernels (2x2 when
+//   kernel == 2 * stride) and cout * s_h * s_w output channels: a GEMM that
+//   ATen runs with its best CPU backend (oneDNN, AVX-512). The output is a
+//   permutation of that result (each output pixel is one entry, no
+//   scatter-add), fused with the crop and the bias. The backward is the same
+//   algebra transposed: the gradient permuted into the phase layout, then the
+//   phase convolution's input/weight gradients (gathers and GEMMs, no atomics).
 //
 // * Direct gather (dilated / sparse geometries, and FCNFAST_CONV_TRANSPOSE_DIRECT=1
 //   for testing): every output pixel and every gradient element is one call of
@@ -29,7 +30,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -119,7 +128,7 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int6
 }
 
 // ---------------------------------------------------------------------------
-// phase GEMM plan
+// phase plan
 // ---------------------------------------------------------------------------
 
 // One axis of the phase decomposition: block q = floor((y + padding) / stride),
@@ -155,7 +164,6 @@ struct PhasePlan {
   int64_t cin_g, cout_g;
   int64_t k_rows() const { return cin_g * h.taps * w.taps; }         // GEMM depth
   int64_t m_cols() const { return cout_g * h.stride * w.stride; }    // (co, ry, rx)
-  int64_t blocks() const { return h.nq * w.nq; }
 };
 
 PhasePlan make_plan(const ConvTranspose2dGeom& g) {
@@ -177,143 +185,198 @@ bool force_direct() {
   return v != nullptr && v[0] == '1';
 }
 
-// The dense GEMM multiplies stride^2 * taps^2 weight entries per (ci, co)
+// The phase convolution multiplies stride^2 * taps^2 weight entries per (ci, co)
 // where kernel^2 are non-zero; use it unless that wastes more than 2x.
 bool use_phase_gemm(const PhasePlan& p) {
-  if (force_direct()) return false;
+  if (force_direct() || p.cin_g == 0 || p.cout_g == 0) return false;
   const int64_t dense = p.h.stride * p.w.stride * p.h.taps * p.w.taps;
   return dense <= 2 * p.h.kernel * p.w.kernel;
 }
 
-// W''^T for every group: (groups, cin_g * taps_h * taps_w, cout_g * s_h * s_w)
-// in the compute dtype, zero where a (phase, tap) pair has no kernel entry.
+// The phase weights W'' as a convolution weight:
+// (groups * cout_g * s_h * s_w, cin_g, taps_h, taps_w), output channel
+// (group, co, ry, rx), taps flipped (j = taps - 1 - m) so that a plain
+// cross-correlation computes sum_m W''[m] * x[q - m]. Zero where a
+// (phase, tap) pair has no kernel entry.
 at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t groups,
                         at::ScalarType acc_type) {
   auto w = weight.to(acc_type).contiguous();  // (cin, cout_g, kh, kw)
-  auto wt = at::zeros({groups, p.k_rows(), p.m_cols()}, w.options());
   const int64_t sh = p.h.stride, sw = p.w.stride, th = p.h.taps, tw = p.w.taps;
+  auto wc = at::zeros({groups * p.m_cols(), p.cin_g, th, tw}, w.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "conv_transpose2d_phase_weight", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
-    scalar_t* dst = wt.data_ptr<scalar_t>();
-    const int64_t cin = weight.size(0), kh = p.h.kernel, kw = p.w.kernel;
-    at::parallel_for(0, cin, grain_for(th * tw * p.m_cols()), [&](int64_t b, int64_t e) {
-      for (int64_t ci = b; ci < e; ++ci) {
-        const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
-        for (int64_t my = 0; my < th; ++my)
+    scalar_t* dst = wc.data_ptr<scalar_t>();
+    const int64_t kh = p.h.kernel, kw = p.w.kernel;
+    at::parallel_for(0, groups * p.m_cols(), grain_for(p.k_rows()), [&](int64_t b, int64_t e) {
+      for (int64_t oc = b; oc < e; ++oc) {
+        const int64_t rx = oc % sw, ry = (oc / sw) % sh, co = (oc / (sw * sh)) % p.cout_g;
+        const int64_t grp = oc / p.m_cols();
+        for (int64_t my = 0; my < th; ++my) {
+          const int64_t ky = p.h.kernel_index(ry, my);
+          if (ky < 0) continue;
           for (int64_t mx = 0; mx < tw; ++mx) {
-            scalar_t* row = dst + (grp * p.k_rows() + (cl * th + my) * tw + mx) * p.m_cols();
-            for (int64_t co = 0; co < p.cout_g; ++co)
-              for (int64_t ry = 0; ry < sh; ++ry) {
-                const int64_t ky = p.h.kernel_index(ry, my);
-                if (ky < 0) continue;
-                for (int64_t rx = 0; rx < sw; ++rx) {
-                  const int64_t kx = p.w.kernel_index(rx, mx);
-                  if (kx < 0) continue;
-                  row[(co * sh + ry) * sw + rx] = src[((ci * p.cout_g + co) * kh + ky) * kw + kx];
-                }
-              }
+            const int64_t kx = p.w.kernel_index(rx, mx);
+            if (kx < 0) continue;
+            for (int64_t cl = 0; cl < p.cin_g; ++cl) {
+              const int64_t ci = grp * p.cin_g + cl;
+              dst[((oc * p.cin_g + cl) * th + (th - 1 - my)) * tw + (tw - 1 - mx)] =
+                  src[((ci * p.cout_g + co) * kh + ky) * kw + kx];
+            }
           }
+        }
       }
     });
   });
-  return wt;
+  return wc;
 }
 
 // Inverse of phase_weight for the gradient: grad_weight[ci, co, ky, kx] from
-// dW''^T (groups, k_rows, m_cols).
+// the phase convolution's weight gradient (every kernel entry appears once).
 template <typename acc_t, typename scalar_t>
-void unphase_weight(const acc_t* dwt, const PhasePlan& p, int64_t cin, scalar_t* gw) {
+void unphase_weight(const acc_t* dwc, const PhasePlan& p, int64_t cin, scalar_t* gw) {
   const int64_t sh = p.h.stride, sw = p.w.stride, kh = p.h.kernel, kw = p.w.kernel;
-  const int64_t dh = p.h.dilation, dw = p.w.dilation;
+  const int64_t th = p.h.taps, tw = p.w.taps;
   at::parallel_for(0, cin, grain_for(p.cout_g * kh * kw), [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
       for (int64_t co = 0; co < p.cout_g; ++co)
         for (int64_t ky = 0; ky < kh; ++ky) {
-          const int64_t ry = ky * dh % sh, my = ky * dh / sh;
+          const int64_t ry = ky * p.h.dilation % sh, my = ky * p.h.dilation / sh;
           for (int64_t kx = 0; kx < kw; ++kx) {
-            const int64_t rx = kx * dw % sw, mx = kx * dw / sw;
-            const int64_t row = grp * p.k_rows() + (cl * p.h.taps + my) * p.w.taps + mx;
-            gw[((ci * p.cout_g + co) * kh + ky) * kw + kx] =
-                static_cast<scalar_t>(dwt[row * p.m_cols() + (co * sh + ry) * sw + rx]);
+            const int64_t rx = kx * p.w.dilation % sw, mx = kx * p.w.dilation / sw;
+            const int64_t oc = ((grp * p.cout_g + co) * sh + ry) * sw + rx;
+            gw[((ci * p.cout_g + co) * kh + ky) * kw + kx] = static_cast<scalar_t>(
+                dwc[((oc * p.cin_g + cl) * th + (th - 1 - my)) * tw + (tw - 1 - mx)]);
           }
         }
     }
   });
 }
 
-// cols[(ci, my, mx), (qy - qy0) * nq_w + qx] = x[ci, q_lo_h + qy - my, q_lo_w + qx - mx]
-// (zero outside x) for the block rows qy in [qy0, qy1) of one image and group
-// and the group's input channels [cl0, cl1). Each cols row is a contiguous
-// copy of an x row segment.
-template <typename scalar_t, typename acc_t>
-void gather_cols(const scalar_t* x_ng, const PhasePlan& p, int64_t qy0, int64_t qy1, acc_t* cols,
-                 int64_t cl0, int64_t cl1) {
-  const int64_t nqw = p.w.nq, ncols = (qy1 - qy0) * nqw;
-  const int64_t in_h = p.h.in, in_w = p.w.in;
-  for (int64_t cl = cl0; cl < cl1; ++cl)
-    for (int64_t my = 0; my < p.h.taps; ++my)
-      for (int64_t mx = 0; mx < p.w.taps; ++mx) {
-        acc_t* row = cols + ((cl * p.h.taps + my) * p.w.taps + mx) * ncols;
-        // ix = q_lo_w + qx - mx lies in [0, in_w) for qx in [qx_lo, qx_hi)
-        const int64_t shift = p.w.q_lo - mx;
-        const int64_t qx_lo = std::clamp<int64_t>(-shift, 0, nqw);
-        const int64_t qx_hi = std::clamp<int64_t>(in_w - shift, qx_lo, nqw);
-        for (int64_t qy = qy0; qy < qy1; ++qy) {
-          acc_t* dst = row + (qy - qy0) * nqw;
-          const int64_t iy = p.h.q_lo + qy - my;
-          if (iy < 0 || iy >= in_h) {
-            std::fill(dst, dst + nqw, acc_t(0));
-            continue;
-          }
-          const scalar_t* src = x_ng + (cl * in_h + iy) * in_w + shift;
-          std::fill(dst, dst + qx_lo, acc_t(0));
-          for (int64_t qx = qx_lo; qx < qx_hi; ++qx) dst[qx] = static_cast<acc_t>(src[qx]);
-          std::fill(dst + qx_hi, dst + nqw, acc_t(0));
-        }
-      }
+// The input of the phase convolution: x rows [q_lo - (taps - 1), q_lo + nq)
+// and likewise columns, zero outside x, channels-last, in the compute dtype.
+// `rows`/`cols` return where the window overlaps x (window coordinates = x
+// coordinates - origin).
+struct InputWindow {
+  int64_t origin_y, origin_x, height, width;  // window placement in x coordinates
+  int64_t y0, y1, x0, x1;                     // overlap with x, in x coordinates
+};
+
+InputWindow input_window(const PhasePlan& p) {
+  InputWindow w;
+  w.origin_y = p.h.q_lo - (p.h.taps - 1);
+  w.origin_x = p.w.q_lo - (p.w.taps - 1);
+  w.height = p.h.nq + p.h.taps - 1;
+  w.width = p.w.nq + p.w.taps - 1;
+  w.y0 = std::max<int64_t>(w.origin_y, 0);
+  w.y1 = std::max(w.y0, std::min(w.origin_y + w.height, p.h.in));
+  w.x0 = std::max<int64_t>(w.origin_x, 0);
+  w.x1 = std::max(w.x0, std::min(w.origin_x + w.width, p.w.in));
+  return w;
 }
 
-// The kept output positions of block row qy and phase ry along the height:
-// returns the output row (crop coordinates) or -1 when outside the crop.
+at::Tensor window_view(const at::Tensor& t, const InputWindow& w, bool window_coords) {
+  const int64_t oy = window_coords ? w.origin_y : 0, ox = window_coords ? w.origin_x : 0;
+  return t.slice(2, w.y0 - oy, w.y1 - oy).slice(3, w.x0 - ox, w.x1 - ox);
+}
+
+at::Tensor phase_input(const at::Tensor& x, const InputWindow& w, at::ScalarType acc_type) {
+  const auto opts = x.options().dtype(acc_type).memory_format(at::MemoryFormat::ChannelsLast);
+  const bool inside = w.y0 == w.origin_y && w.x0 == w.origin_x &&
+                      w.y1 == w.origin_y + w.height && w.x1 == w.origin_x + w.width;
+  const std::vector<int64_t> size{x.size(0), x.size(1), w.height, w.width};
+  at::Tensor win = inside ? at::empty(size, opts) : at::zeros(size, opts);
+  if (w.y1 > w.y0 && w.x1 > w.x0) window_view(win, w, true).copy_(window_view(x, w, false));
+  return win;
+}
+
+// The kept output row of block row q and phase r along the height (crop
+// coordinates), or -1 when it lies outside the crop.
 inline int64_t out_row(const PhaseAxis& a, int64_t q, int64_t r) {
   const int64_t y = (a.q_lo + q) * a.stride + r - a.padding - a.crop_start;
   return (y >= 0 && y < a.crop_len) ? y : -1;
 }
 
-// out[n, group channels, rows of block row qy, :] from rt (nq_w, m_cols) of that row
-// (plus the bias). Along the width, block qx and phase rx give output column
-// (q_lo_w + qx) * s_w + rx - pad_w - left: runs of s_w contiguous columns.
+// Large buffers here are written once right after allocation. With 4 KB
+// pages the first-touch page faults of a fresh allocation can cost more than
+// the kernel itself (~20 ms for a 59 MB output on a 2-core VM), so ask for
+// transparent huge pages on the 2 MB-aligned interior. Advisory only: a no-op
+// where THP is disabled or unsupported.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), e = (begin + bytes) & ~(kHuge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Writes a finished output row. The output is written once and not read back
+// soon, so for float rows non-temporal stores skip the read-for-ownership of
+// every output cache line (this permutation is memory-bound).
+inline void store_row(float* dst, const float* src, int64_t n) {
+#if defined(__AVX__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  std::memcpy(dst, src, n * sizeof(float));
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
-void scatter_row(const acc_t* rt, const PhasePlan& p, int64_t qy, const scalar_t* bias_g,
-                 scalar_t* out_ng) {
-  const int64_t sh = p.h.stride, sw = p.w.stride, mc = p.m_cols();
+inline void store_row(scalar_t* dst, const acc_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Orders the non-temporal stores of this thread before later writes (the end
+// of the parallel region publishes them to the other threads).
+inline void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// out[n, group channels, rows of block row qy, :] (plus the bias) from the
+// phase convolution's result for that block row: rt[qx * ld + (co, ry, rx)].
+// Along the width, block qx and phase rx give output column
+// qx * s_w + rx - off: runs of s_w contiguous columns, assembled in `row`
+// (crop_w elements) and then stored.
+template <typename scalar_t, typename acc_t>
+void scatter_row(const acc_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
+                 const scalar_t* bias_g, scalar_t* out_ng, acc_t* row) {
+  const int64_t sh = p.h.stride, sw = p.w.stride;
   const int64_t oh = p.h.crop_len, ow = p.w.crop_len;
+  const int64_t off = p.w.padding + p.w.crop_start - p.w.q_lo * sw;
   for (int64_t co = 0; co < p.cout_g; ++co) {
     const acc_t b = bias_g ? static_cast<acc_t>(bias_g[co]) : acc_t(0);
     for (int64_t ry = 0; ry < sh; ++ry) {
       const int64_t y = out_row(p.h, qy, ry);
       if (y < 0) continue;
-      scalar_t* orow = out_ng + (co * oh + y) * ow;
       const acc_t* src = rt + (co * sh + ry) * sw;
-      // output column x = qx * sw + rx - off, off = pad_w + left - q_lo_w * sw
-      const int64_t off = p.w.padding + p.w.crop_start - p.w.q_lo * sw;
       for (int64_t qx = 0; qx < p.w.nq; ++qx) {
         const int64_t x0 = qx * sw - off;
         const int64_t rx_lo = std::max<int64_t>(0, -x0), rx_hi = std::min<int64_t>(sw, ow - x0);
-        const acc_t* s = src + qx * mc;
-        scalar_t* o = orow + x0;
-        for (int64_t rx = rx_lo; rx < rx_hi; ++rx) o[rx] = static_cast<scalar_t>(s[rx] + b);
+        const acc_t* s = src + qx * ld;
+        acc_t* r = row + x0;
+        for (int64_t rx = rx_lo; rx < rx_hi; ++rx) r[rx] = s[rx] + b;
       }
+      store_row(out_ng + (co * oh + y) * ow, row, ow);
     }
   }
 }
 
-// gt[(qy - qy0) * nq_w + qx, (co, ry, rx)] = grad at that output position, zero
-// where it lies outside the crop. The transpose of scatter_row.
+// The transpose of scatter_row: gt[qx * ld + (co, ry, rx)] = grad at that
+// output position, zero where it lies outside the crop.
 template <typename scalar_t, typename acc_t>
-void gather_grad_row(const scalar_t* grad_ng, const PhasePlan& p, int64_t qy, acc_t* gt) {
-  const int64_t sh = p.h.stride, sw = p.w.stride, mc = p.m_cols();
+void gather_grad_row(const scalar_t* grad_ng, const PhasePlan& p, int64_t qy, acc_t* gt,
+                     int64_t ld) {
+  const int64_t sh = p.h.stride, sw = p.w.stride;
   const int64_t oh = p.h.crop_len, ow = p.w.crop_len;
   const int64_t off = p.w.padding + p.w.crop_start - p.w.q_lo * sw;
   for (int64_t co = 0; co < p.cout_g; ++co)
@@ -321,50 +384,37 @@ void gather_grad_row(const scalar_t* grad_ng, const PhasePlan& p, int64_t qy, ac
       const int64_t y = out_row(p.h, qy, ry);
       acc_t* dst = gt + (co * sh + ry) * sw;
       if (y < 0) {
-        for (int64_t qx = 0; qx < p.w.nq; ++qx) std::fill(dst + qx * mc, dst + qx * mc + sw, acc_t(0));
+        for (int64_t qx = 0; qx < p.w.nq; ++qx) std::fill(dst + qx * ld, dst + qx * ld + sw, acc_t(0));
         continue;
       }
       const scalar_t* grow = grad_ng + (co * oh + y) * ow;
       for (int64_t qx = 0; qx < p.w.nq; ++qx) {
         const int64_t x0 = qx * sw - off;
-        const int64_t rx_lo = std::max<int64_t>(0, -x0), rx_hi = std::min<int64_t>(sw, ow - x0);
-        acc_t* d = dst + qx * mc;
+        const int64_t rx_lo = std::clamp<int64_t>(-x0, 0, sw);
+        const int64_t rx_hi = std::clamp<int64_t>(ow - x0, rx_lo, sw);
+        acc_t* d = dst + qx * ld;
         const scalar_t* g = grow + x0;
         for (int64_t rx = 0; rx < rx_lo; ++rx) d[rx] = acc_t(0);
         for (int64_t rx = rx_lo; rx < rx_hi; ++rx) d[rx] = static_cast<acc_t>(g[rx]);
-        for (int64_t rx = std::max(rx_hi, rx_lo); rx < sw; ++rx) d[rx] = acc_t(0);
+        for (int64_t rx = rx_hi; rx < sw; ++rx) d[rx] = acc_t(0);
       }
     }
 }
 
-// grad_x[ci, iy, :] = sum over taps (my, mx) of dcols[(ci, my, mx), block (iy + my, ix + mx)]
-// for one image and group; dcols is (k_rows, blocks) over the whole kept block range.
-template <typename scalar_t, typename acc_t>
-void gather_grad_input(const acc_t* dcols, const PhasePlan& p, scalar_t* gx_ng) {
-  const int64_t in_h = p.h.in, in_w = p.w.in, nqh = p.h.nq, nqw = p.w.nq;
-  const int64_t nb = p.blocks();
-  at::parallel_for(0, p.cin_g * in_h, grain_for(in_w * p.h.taps * p.w.taps), [&](int64_t b, int64_t e) {
-    std::vector<acc_t> acc(in_w);
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t cl = r / in_h, iy = r % in_h;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t my = 0; my < p.h.taps; ++my) {
-        const int64_t qy = iy + my - p.h.q_lo;
-        if (qy < 0 || qy >= nqh) continue;
-        for (int64_t mx = 0; mx < p.w.taps; ++mx) {
-          const acc_t* src =
-              dcols + ((cl * p.h.taps + my) * p.w.taps + mx) * nb + qy * nqw;
-          // qx = ix + mx - q_lo_w in [0, nqw)
-          const int64_t shift = mx - p.w.q_lo;
-          const int64_t ix_lo = std::clamp<int64_t>(-shift, 0, in_w);
-          const int64_t ix_hi = std::clamp<int64_t>(nqw - shift, ix_lo, in_w);
-          for (int64_t ix = ix_lo; ix < ix_hi; ++ix) acc[ix] += src[ix + shift];
-        }
-      }
-      scalar_t* dst = gx_ng + (cl * in_h + iy) * in_w;
-      for (int64_t ix = 0; ix < in_w; ++ix) dst[ix] = static_cast<scalar_t>(acc[ix]);
-    }
-  });
+// The phase convolution (a plain strided-1 cross-correlation with taps_h x taps_w
+// kernels and groups * cout_g * s_h * s_w output channels), channels-last.
+at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t groups) {
+  return at::convolution(input, wc, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups)
+      .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Block rows per phase-convolution call: the result chunk stays below ~16 MB
+// so the allocator reuses it (no fresh zeroed pages per call) and the
+// permutation reads it from cache, while oneDNN still gets large GEMMs (and
+// its per-call weight reorder is amortised).
+int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
+  const int64_t row_bytes = p.w.nq * groups * p.m_cols() * elem_size;
+  return std::clamp<int64_t>((int64_t(16) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
 }
 
 template <typename scalar_t>
@@ -373,26 +423,32 @@ void forward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor wt = phase_weight(weight, p, g.groups, acc_type);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const at::Tensor input = phase_input(x, input_window(p), acc_type);
+  const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t nqw = p.w.nq, rows = p.h.nq;
-  const int64_t units = a.batch * g.groups * rows;
-  const auto opts = wt.options();
-  // One unit = one block row of one image and group: gather its cols, one GEMM,
-  // permute into the output while the result is still in cache.
-  at::parallel_for(0, units, grain_for(nqw * p.k_rows() * p.m_cols()), [&](int64_t begin, int64_t end) {
-    at::Tensor cols = at::empty({p.k_rows(), nqw}, opts);
-    at::Tensor rt = at::empty({nqw, p.m_cols()}, opts);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t qy = u % rows, ng = u / rows, grp = ng % g.groups, n = ng / g.groups;
-      const scalar_t* x_ng = xp + (n * g.in_channels + grp * p.cin_g) * g.in_h * g.in_w;
-      gather_cols(x_ng, p, qy, qy + 1, cols.data_ptr<acc_t>(), 0, p.cin_g);
-      at::mm_out(rt, cols.t(), wt[grp]);
-      scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-      scatter_row(rt.data_ptr<acc_t>(), p, qy, bias ? bias + grp * p.cout_g : nullptr, out_ng);
+  const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
+  const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(acc_t));
+  for (int64_t n = 0; n < a.batch; ++n)
+    for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
+      const int64_t q1 = std::min(q0 + chunk, rows);
+      // block rows [q0, q1) need window rows [q0, q1 + taps_h - 1)
+      const at::Tensor r = phase_conv(
+          input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
+      const acc_t* rp = r.data_ptr<acc_t>();
+      // one unit = one block row of one group: a permutation of the phase
+      // convolution's channels-last rows into the output
+      at::parallel_for(0, g.groups * (q1 - q0), grain_for(nqw * p.m_cols()),
+                       [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> row(g.crop_w);
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
+          scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+          scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
+                      bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data());
+        }
+        store_fence();
+      });
     }
-  });
 }
 
 template <typename scalar_t>
@@ -402,41 +458,42 @@ void backward_phase_gemm(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor wt = phase_weight(weight, p, g.groups, acc_type);
-  const auto opts = wt.options();
-  const int64_t nb = p.blocks(), rows = p.h.nq;
-  at::Tensor gt = at::empty({nb, p.m_cols()}, opts);
-  at::Tensor cols = grad_weight ? at::empty({p.k_rows(), nb}, opts) : at::Tensor();
-  at::Tensor dcols = grad_x ? at::empty({p.k_rows(), nb}, opts) : at::Tensor();
-  at::Tensor dwt = grad_weight ? at::zeros({g.groups, p.k_rows(), p.m_cols()}, opts) : at::Tensor();
+  const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
+  const InputWindow win = input_window(p);
+  const at::Tensor input = phase_input(x, win, acc_type);
+  const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
+  // one image's gradient permuted into the phase convolution's output layout
+  at::Tensor gt = at::empty({1, ld, rows, nqw},
+                            input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(gt);
+  at::Tensor dwc = grad_weight ? at::zeros_like(wc) : at::Tensor();
   const scalar_t* gp = grad.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  // Images and groups in a fixed order; each step is a deterministic GEMM or gather.
-  for (int64_t n = 0; n < a.batch; ++n)
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      const scalar_t* grad_ng = gp + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-      at::parallel_for(0, rows, grain_for(p.w.nq * p.m_cols()), [&](int64_t b, int64_t e) {
-        for (int64_t qy = b; qy < e; ++qy)
-          gather_grad_row(grad_ng, p, qy, gt.data_ptr<acc_t>() + qy * p.w.nq * p.m_cols());
-      });
-      if (grad_weight) {
-        const scalar_t* x_ng = xp + (n * g.in_channels + grp * p.cin_g) * g.in_h * g.in_w;
-        const int64_t per_channel = p.h.taps * p.w.taps * nb;
-        at::parallel_for(0, p.cin_g, grain_for(per_channel), [&](int64_t b, int64_t e) {
-          gather_cols(x_ng, p, 0, rows, cols.data_ptr<acc_t>(), b, e);
-        });
-        at::Tensor d = dwt[grp];
-        d.addmm_(cols, gt);
+  acc_t* gtp = gt.data_ptr<acc_t>();
+  // images in a fixed order (the weight gradient sums them in that order)
+  for (int64_t n = 0; n < a.batch; ++n) {
+    at::parallel_for(0, g.groups * rows, grain_for(nqw * p.m_cols()),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t qy = u % rows, grp = u / rows;
+        const scalar_t* grad_ng =
+            gp + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+        gather_grad_row(grad_ng, p, qy, gtp + qy * nqw * ld + grp * p.m_cols(), ld);
       }
-      if (grad_x) {
-        at::mm_out(dcols, wt[grp], gt.t());
-        scalar_t* gx_ng = grad_x->data_ptr<scalar_t>() +
-                          (n * g.in_channels + grp * p.cin_g) * g.in_h * g.in_w;
-        gather_grad_input(dcols.data_ptr<acc_t>(), p, gx_ng);
-      }
+    });
+    const at::Tensor input_n = input.narrow(0, n, 1);
+    auto grads = at::convolution_backward(gt, input_n, wc, std::nullopt, {1, 1}, {0, 0}, {1, 1},
+                                          false, {0, 0}, g.groups,
+                                          {grad_x != nullptr, grad_weight != nullptr, false});
+    if (grad_x) {
+      window_view(grad_x->narrow(0, n, 1), win, false)
+          .copy_(window_view(std::get<0>(grads), win, true));
     }
-  if (grad_weight)
-    unphase_weight(dwt.data_ptr<acc_t>(), p, g.in_channels, grad_weight->data_ptr<scalar_t>());
+    if (grad_weight) dwc.add_(std::get<1>(grads));
+  }
+  if (grad_weight) {
+    const at::Tensor dwc_c = dwc.contiguous();
+    unphase_weight(dwc_c.data_ptr<acc_t>(), p, g.in_channels, grad_weight->data_ptr<scalar_t>());
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -530,6 +587,7 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   auto wc = weight.contiguous();
   at::Tensor bc = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const PhasePlan plan = make_plan(g);
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
     if (use_phase_gemm(plan))

@@ -17,10 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -34,8 +31,15 @@ namespace {
 constexpr float kIsolated = 1e-4f;
 constexpr double kTruncate = 4.0;  // spatial Gaussian radius in standard deviations
 
-auto parallel = [](int64_t begin, int64_t end, auto&& fn) {
-  at::parallel_for(begin, end, 1024, [&](int64_t b, int64_t e) { fn(b, e); });
+// Threads only pay off for chunks of at least this much work (multiply-adds): below it the
+// fork/join costs more (on a machine shared with other jobs, waiting for a descheduled
+// thread costs milliseconds per parallel region).
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
+// parallel(begin, end, work_per_item, fn): at::parallel_for with a grain from the work estimate.
+auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn) {
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 };
 
 // Exact Gaussian blur of an H x W x C (channels last) image with zero outside, separable.
@@ -53,7 +57,7 @@ class SpatialBlur {
   void apply(const float* in, float* out, int64_t C) const {
     const int64_t row = w_ * C;
     std::vector<float> tmp(h_ * row);
-    at::parallel_for(0, h_, 8, [&](int64_t begin, int64_t end) {  // vertical pass
+    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // vertical pass
       for (int64_t y = begin; y < end; ++y) {
         float* dst = tmp.data() + y * row;
         std::fill(dst, dst + row, 0.0f);
@@ -65,7 +69,7 @@ class SpatialBlur {
         }
       }
     });
-    at::parallel_for(0, h_, 8, [&](int64_t begin, int64_t end) {  // horizontal pass
+    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // horizontal
       // the row padded with radius zeros on both sides, so the inner loop has no bounds checks
       std::vector<float> padded((w_ + 2 * radius_) * C, 0.0f);
       for (int64_t y = begin; y < end; ++y) {
@@ -96,40 +100,46 @@ void normaliser(const float* row_sum, const float* self, int64_t P, float* n) {
   }
 }
 
-// scaled_i = n_i * Q_i
-void scale_rows(const float* Q, const float* n, int64_t P, int64_t C, float* scaled) {
-  parallel(0, P, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t c = 0; c < C; ++c) scaled[i * C + c] = n[i] * Q[i * C + c];
-    }
-  });
+void check_lattice_features(const float* f, int64_t count, const char* what) {
+  TORCH_CHECK_VALUE(permutohedral::features_in_range(f, count), "fcnfast: ", what,
+                    " must be finite and at most ", permutohedral::kMaxFeature,
+                    " in absolute value (NaN/Inf in the image, or a tiny bilateral std?)");
 }
 
-// msg_i = n_i * (filtered_i - self_i * n_i * Q_i), adds weight * msg to energy.
-void add_message(const float* filtered, const float* self, const float* n, const float* Q,
-                 int64_t P, int64_t C, float weight, float* energy) {
-  parallel(0, P, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float ni = n[i], s = self[i] * ni;
-      const float* f = filtered + i * C;
-      const float* q = Q + i * C;
-      float* e = energy + i * C;
-      for (int64_t c = 0; c < C; ++c) e[c] += weight * ni * (f[c] - s * q[c]);
-    }
-  });
-}
+// One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
+// diagonal), and the buffers n * Q (filter input) and its filtered result.
+struct PairwiseTerm {
+  bool lattice = false;  // the bilateral term (permutohedral lattice), else the spatial blur
+  float weight = 0.0f;
+  std::vector<float> n, self, scaled, filtered;
+};
 
-void softmax_rows(const float* energy, float* Q, int64_t P, int64_t C) {
-  parallel(0, P, [&](int64_t begin, int64_t end) {
+// The fused per-pixel mean-field step, one parallel pass:
+//   Q_i = softmax(z_i + sum_t w_t n_i (filtered_i - self_i n_i Q_i))   (no messages when first)
+//   scaled_t,i = n_t,i Q_i                                             (next filter inputs)
+void mean_field_update(const float* logits, std::vector<PairwiseTerm>& terms, bool first,
+                       int64_t P, int64_t C, float* Q) {
+  parallel(0, P, C * (2 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
+    std::vector<float> energy(C);
     for (int64_t i = begin; i < end; ++i) {
-      const float* e = energy + i * C;
       float* q = Q + i * C;
-      float top = e[0];
-      for (int64_t c = 1; c < C; ++c) top = std::max(top, e[c]);
+      std::copy(logits + i * C, logits + (i + 1) * C, energy.begin());
+      for (const auto& t : terms) {
+        if (first) break;
+        const float wn = t.weight * t.n[i], sn = t.self[i] * t.n[i];
+        const float* f = t.filtered.data() + i * C;
+        for (int64_t c = 0; c < C; ++c) energy[c] += wn * (f[c] - sn * q[c]);
+      }
+      float top = energy[0];
+      for (int64_t c = 1; c < C; ++c) top = std::max(top, energy[c]);
       float total = 0.0f;
-      for (int64_t c = 0; c < C; ++c) total += (q[c] = std::exp(e[c] - top));
+      for (int64_t c = 0; c < C; ++c) total += (q[c] = std::exp(energy[c] - top));
       const float inv = 1.0f / total;
       for (int64_t c = 0; c < C; ++c) q[c] *= inv;
+      for (auto& t : terms) {
+        float* out = t.scaled.data() + i * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = t.n[i] * q[c];
+      }
     }
   });
 }
@@ -143,25 +153,27 @@ struct CrfParams {
 void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
                       int64_t C, int64_t K, const CrfParams& p, float* Q) {
   const int64_t P = H * W;
-  static const bool prof = std::getenv("CRF_PROF") != nullptr;
-  auto t0 = std::chrono::steady_clock::now();
-  auto tick = [&](const char* what) {
-    if (!prof) return;
-    auto t = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "%s %.4f\n", what, std::chrono::duration<double>(t - t0).count());
-    t0 = t;
+  auto new_term = [&](bool on_lattice, double weight) {
+    PairwiseTerm t;
+    t.lattice = on_lattice;
+    t.weight = static_cast<float>(weight);
+    t.n.resize(P);
+    t.self.assign(P, 1.0f);
+    t.scaled.resize(P * C);
+    t.filtered.resize(P * C);
+    return t;
   };
-  const bool use_spatial = p.spatial_weight != 0.0, use_bilateral = p.bilateral_weight != 0.0;
-  std::vector<float> ones(P, 1.0f), sums(P), n_s(P), n_b(P), self_s(P, 1.0f), self_b(P);
-  std::vector<float> scaled(P * C), filtered(P * C), energy(P * C);
+  std::vector<PairwiseTerm> terms;
+  std::vector<float> ones(P, 1.0f), sums(P);
 
   SpatialBlur blur(H, W, p.spatial_std);
-  if (use_spatial) {
+  if (p.spatial_weight != 0.0) {
+    terms.push_back(new_term(false, p.spatial_weight));  // exact kernel: self weight k(0) = 1
     blur.apply(ones.data(), sums.data(), 1);
-    normaliser(sums.data(), self_s.data(), P, n_s.data());
+    normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
   }
   std::unique_ptr<permutohedral::Lattice> lattice;
-  if (use_bilateral) {
+  if (p.bilateral_weight != 0.0) {
     const int d = static_cast<int>(2 + K);
     std::vector<float> features(P * d);
     for (int64_t i = 0; i < P; ++i) {
@@ -172,35 +184,24 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
         f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
       }
     }
-    tick("setup");
+    check_lattice_features(features.data(), P * d, "dense_crf: appearance / bilateral_color_std");
     lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
-    tick("build");
-    lattice->self_weights(self_b.data(), parallel);
+    terms.push_back(new_term(true, p.bilateral_weight));
+    lattice->self_weights(terms.back().self.data(), parallel);
     lattice->filter(ones.data(), sums.data(), 1, parallel);
-    tick("self");
-    normaliser(sums.data(), self_b.data(), P, n_b.data());
-    tick("norm");
+    normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
   }
 
-  softmax_rows(logits, Q, P, C);
+  mean_field_update(logits, terms, /*first=*/true, P, C, Q);
   for (int64_t it = 0; it < p.iterations; ++it) {
-    std::copy(logits, logits + P * C, energy.begin());
-    if (use_spatial) {
-      scale_rows(Q, n_s.data(), P, C, scaled.data());
-      blur.apply(scaled.data(), filtered.data(), C);
-      add_message(filtered.data(), self_s.data(), n_s.data(), Q, P, C,
-                  static_cast<float>(p.spatial_weight), energy.data());
-      tick("spatial");
+    for (auto& t : terms) {
+      if (t.lattice) {
+        lattice->filter(t.scaled.data(), t.filtered.data(), C, parallel);
+      } else {
+        blur.apply(t.scaled.data(), t.filtered.data(), C);
+      }
     }
-    if (use_bilateral) {
-      scale_rows(Q, n_b.data(), P, C, scaled.data());
-      lattice->filter(scaled.data(), filtered.data(), C, parallel);
-      add_message(filtered.data(), self_b.data(), n_b.data(), Q, P, C,
-                  static_cast<float>(p.bilateral_weight), energy.data());
-      tick("bilateral");
-    }
-    softmax_rows(energy.data(), Q, P, C);
-    tick("softmax");
+    mean_field_update(logits, terms, /*first=*/false, P, C, Q);
   }
 }
 
@@ -220,19 +221,25 @@ void check_params(const CrfParams& p) {
                     p.spatial_weight, ", bilateral_weight=", p.bilateral_weight);
 }
 
+// Both inputs defined, `dim`-D, float32, on the CPU.
+void check_float_cpu_inputs(const at::Tensor& a, const char* na, const at::Tensor& b,
+                            const char* nb, int64_t dim, const char* op) {
+  check_defined(a, na);
+  check_defined(b, nb);
+  check_dim(a, dim, na);
+  check_dim(b, dim, nb);
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+                    "fcnfast: ", op, " takes float32 ", na, " and ", nb, ", got ",
+                    a.scalar_type(), " and ", b.scalar_type());
+  check_device(a, at::kCPU, na);
+  check_device(b, at::kCPU, nb);
+}
+
 at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
                          int64_t iterations, double spatial_std, double spatial_weight,
                          double bilateral_spatial_std, double bilateral_color_std,
                          double bilateral_weight) {
-  check_defined(logits, "unary_logits");
-  check_defined(appearance, "appearance");
-  check_dim(logits, 4, "unary_logits");
-  check_dim(appearance, 4, "appearance");
-  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && appearance.scalar_type() == at::kFloat,
-                    "fcnfast: dense_crf takes float32 unary_logits and appearance, got ",
-                    logits.scalar_type(), " and ", appearance.scalar_type());
-  check_device(logits, at::kCPU, "unary_logits");
-  check_device(appearance, at::kCPU, "appearance");
+  check_float_cpu_inputs(logits, "unary_logits", appearance, "appearance", 4, "dense_crf");
   TORCH_CHECK_VALUE(logits.size(0) == appearance.size(0) && logits.size(2) == appearance.size(2) &&
                         logits.size(3) == appearance.size(3),
                     "fcnfast: dense_crf unary_logits ", shape_str(logits), " and appearance ",
@@ -265,15 +272,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
 // already divided by their stds, values (P, C).
 at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor& values,
                                     bool exclude_self) {
-  check_defined(features, "features");
-  check_defined(values, "values");
-  check_dim(features, 2, "features");
-  check_dim(values, 2, "values");
-  TORCH_CHECK_VALUE(features.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
-                    "fcnfast: permutohedral_filter takes float32 features and values, got ",
-                    features.scalar_type(), " and ", values.scalar_type());
-  check_device(features, at::kCPU, "features");
-  check_device(values, at::kCPU, "values");
+  check_float_cpu_inputs(features, "features", values, "values", 2, "permutohedral_filter");
   TORCH_CHECK_VALUE(features.size(0) == values.size(0), "fcnfast: features ", shape_str(features),
                     " and values ", shape_str(values), " must have the same number of points");
   const int64_t P = features.size(0), C = values.size(1);
@@ -285,6 +284,7 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor
   auto v = values.contiguous();
   auto out = at::empty({P, C}, v.options());
   if (P == 0 || C == 0) return out.zero_();
+  check_lattice_features(f.data_ptr<float>(), f.numel(), "permutohedral_filter: features");
   permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)));
   lattice.filter(v.data_ptr<float>(), out.data_ptr<float>(), C, parallel);
   if (exclude_self) {

@@ -125,31 +125,26 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
     const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t C = win.channels, K = win.classes, plane = win.h * win.w;
-    // Tiles of window rows small enough that the gathered window stays in L2.
-    const int64_t rows = std::clamp<int64_t>((int64_t(64) << 10) / std::max<int64_t>(1, C * win.w),
-                                             1, win.h);
-    const int64_t chunks = (win.h + rows - 1) / rows;
-    const int64_t work = rows * win.w * C * K;
-    at::parallel_for(0, win.batch * chunks, grain_for(work), [&](int64_t b, int64_t e) {
-      // flat buffers viewed as contiguous (C, cols) / (K, cols) matrices per tile
-      at::Tensor buf = at::empty({C * rows * win.w}, wm.options());
-      at::Tensor res = at::empty({K * rows * win.w}, wm.options());
-      for (int64_t u = b; u < e; ++u) {
-        const int64_t n = u / chunks, y0 = (u % chunks) * rows, y1 = std::min(y0 + rows, win.h);
-        const int64_t cols = (y1 - y0) * win.w;
-        gather_window(fp + n * C * win.fh * win.fw, win, y0, y1, 0, C, buf.data_ptr<acc_t>());
-        at::Tensor r = res.narrow(0, 0, K * cols).view({K, cols});
-        at::mm_out(r, wm, buf.narrow(0, 0, C * cols).view({C, cols}));
-        const acc_t* rp = res.data_ptr<acc_t>();
-        for (int64_t k = 0; k < K; ++k) {
+    at::Tensor fwin = at::empty({C, plane}, wm.options());
+    at::Tensor res = at::empty({K, plane}, wm.options());
+    // Per image: gather the window (cheap next to the GEMM), one GEMM, one add.
+    for (int64_t n = 0; n < win.batch; ++n) {
+      at::parallel_for(0, C, grain_for(plane), [&](int64_t b, int64_t e) {
+        gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, b, e, fwin.data_ptr<acc_t>());
+      });
+      at::mm_out(res, wm, fwin);
+      const acc_t* rp = res.data_ptr<acc_t>();
+      at::parallel_for(0, K, grain_for(plane), [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
           const acc_t bk = bp ? static_cast<acc_t>(bp[k]) : acc_t(0);
-          const int64_t base = (n * K + k) * plane + y0 * win.w;
-          const acc_t* rk = rp + k * cols;
-          for (int64_t i = 0; i < cols; ++i)
-            op[base + i] = static_cast<scalar_t>(static_cast<acc_t>(cp[base + i]) + rk[i] + bk);
+          const scalar_t* ck = cp + (n * K + k) * plane;
+          const acc_t* rk = rp + k * plane;
+          scalar_t* ok = op + (n * K + k) * plane;
+          for (int64_t i = 0; i < plane; ++i)
+            ok[i] = static_cast<scalar_t>(static_cast<acc_t>(ck[i]) + rk[i] + bk);
         }
-      }
-    });
+      });
+    }
   });
   return out;
 }

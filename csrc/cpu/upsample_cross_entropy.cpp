@@ -13,6 +13,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <string_view>
@@ -22,29 +26,66 @@
 namespace fcnfast {
 namespace {
 
-// exp for the softmax, vectorisable (branch-free selects): Cody-Waite range
-// reduction and the Cephes expf polynomial, within ~2 ulp of expf. Arguments
-// below -87 give 0 (std::exp gives a denormal < 1.2e-38), NaN gives NaN.
+// exp for the softmax: Cody-Waite range reduction and the Cephes expf
+// polynomial, within ~2 ulp of expf. Arguments below -87 give 0 (std::exp would
+// give a denormal < 1.2e-38), NaN gives NaN. The AVX2 version below performs
+// the identical operation sequence, so a lane and the scalar tail agree bitwise.
+constexpr float kExpLo = -87.0f, kExpHi = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kLn2Hi = -0.693359375f, kLn2Lo = 2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline float softmax_exp(float x) {
-  float xc = x >= -87.0f ? x : -87.0f;  // NaN -> -87 here, restored below
-  xc = xc <= 88.0f ? xc : 88.0f;
-  const float n = bl_fma(xc, 1.44269504088896341f, 12582912.0f) - 12582912.0f;  // round(x/ln2)
-  float r = bl_fma(n, -0.693359375f, xc);
-  r = bl_fma(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = bl_fma(p, r, 1.3981999507e-3f);
-  p = bl_fma(p, r, 8.3334519073e-3f);
-  p = bl_fma(p, r, 4.1665795894e-2f);
-  p = bl_fma(p, r, 1.6666665459e-1f);
-  p = bl_fma(p, r, 5.0000001201e-1f);
+  float xc = x >= kExpLo ? x : kExpLo;  // NaN -> kExpLo here, restored below
+  xc = xc <= kExpHi ? xc : kExpHi;
+  const float n = bl_fma(xc, kLog2e, kRound) - kRound;
+  float r = bl_fma(n, kLn2Hi, xc);
+  r = bl_fma(n, kLn2Lo, r);
+  float p = kExpPoly[0];
+  for (int k = 1; k < 6; ++k) p = bl_fma(p, r, kExpPoly[k]);
   p = bl_fma(p, r * r, r) + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   const float e = p * two_n;
-  return x != x ? x : (x < -87.0f ? 0.0f : e);
+  return x != x ? x : (x < kExpLo ? 0.0f : e);
 }
 inline double softmax_exp(double x) { return std::exp(x); }
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 softmax_exp8(__m256 x) {
+  const __m256 round = _mm256_set1_ps(kRound);
+  // max/min return the second operand for a NaN first: NaN -> kExpLo, as above
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), round), round);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int k = 1; k < 6; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[k]));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  e = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ));
+  return _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+// out[x] = softmax_exp(v[x] - max[x]) (out may alias v).
+template <typename Acc>
+void exp_minus_max(const Acc* v, const Acc* max, int64_t width, Acc* out) {
+  int64_t x = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<Acc, float>) {
+    for (; x + 8 <= width; x += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(v + x), _mm256_loadu_ps(max + x));
+      _mm256_storeu_ps(out + x, softmax_exp8(d));
+    }
+  }
+#endif
+  for (; x < width; ++x) out[x] = softmax_exp(v[x] - max[x]);
+}
 
 struct CrossEntropyArgs {
   BilinearGeometry geo;
@@ -86,19 +127,33 @@ CrossEntropyArgs check_cross_entropy(const at::Tensor& x, const at::Tensor& targ
   return args;
 }
 
-// Softmax statistics of one logits row (C x width): max and sum of exp(v - max).
+// Softmax of one logits row (C x width), in place: max over classes, then each
+// value replaced by exp(v - max) and sum = the sum of those over classes.
 template <typename Acc>
-void softmax_stats(const Acc* logits, int64_t C, int64_t width, Acc* __restrict max,
-                   Acc* __restrict sum) {
-  std::copy(logits, logits + width, max);
+void softmax_exps(Acc* values, int64_t C, int64_t width, Acc* __restrict max,
+                  Acc* __restrict sum) {
+  std::copy(values, values + width, max);
   for (int64_t c = 1; c < C; ++c) {
-    const Acc* __restrict v = logits + c * width;
+    const Acc* __restrict v = values + c * width;
     for (int64_t x = 0; x < width; ++x) max[x] = v[x] > max[x] ? v[x] : max[x];
   }
   std::fill(sum, sum + width, Acc(0));
   for (int64_t c = 0; c < C; ++c) {
-    const Acc* __restrict v = logits + c * width;
-    for (int64_t x = 0; x < width; ++x) sum[x] += softmax_exp(v[x] - max[x]);
+    Acc* __restrict e = values + c * width;
+    exp_minus_max(e, max, width, e);
+    for (int64_t x = 0; x < width; ++x) sum[x] += e[x];
+  }
+}
+
+// d = (p - onehot) * weight for class c of a row, p = exp(v - max) / sum given
+// d = exp(v - max) and inv_sum = 1 / sum.
+template <typename Acc>
+void softmax_grad_row(Acc* __restrict d, const Acc* __restrict inv_sum,
+                      const int32_t* __restrict label, int32_t c, const Acc* __restrict weight,
+                      int64_t width) {
+  for (int64_t x = 0; x < width; ++x) {
+    const int32_t hit = label[x] == c;  // an int, not a bool: keeps the loop branch-free
+    d[x] = (d[x] * inv_sum[x] - static_cast<Acc>(hit)) * weight[x];
   }
 }
 
@@ -122,18 +177,22 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
       const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
       at::parallel_for(0, rows_total, rows_grain(C * w), [&](int64_t begin, int64_t end) {
         cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
-        std::vector<acc_t> logits(C * w), max(w), sum(w);
+        std::vector<acc_t> logits(C * w), max(w), sum(w), picked(w);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t n = r / h, y = r % h;
           const int64_t* t = tp + r * w;
           cpu::upsampled_row(rows, n, geo.crop.top + y, scale, H, C, logits.data(), w,
                              [](int64_t, const acc_t*) {});
-          softmax_stats(logits.data(), C, w, max.data(), sum.data());
+          for (int64_t x = 0; x < w; ++x) {
+            picked[x] = t[x] == ignore_index ? acc_t(0) : logits[t[x] * w + x];
+          }
+          softmax_exps(logits.data(), C, w, max.data(), sum.data());
+          // loss = logsumexp - logit[target] = log(sum) + max - logit[target]
           double loss = 0.0;
           int64_t count = 0;
           for (int64_t x = 0; x < w; ++x) {
             if (t[x] == ignore_index) continue;
-            loss += static_cast<double>(std::log(sum[x]) + max[x] - logits[t[x] * w + x]);
+            loss += static_cast<double>(std::log(sum[x]) + max[x] - picked[x]);
             ++count;
           }
           row_loss[r] = loss;
@@ -182,20 +241,22 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
-      std::vector<acc_t> dlogits(C * w), max(w), sum(w);
+      std::vector<acc_t> dlogits(C * w), max(w), sum(w), weight(w), inv_sum(w);
+      std::vector<int32_t> label(w);
       const auto prepare = [&](int64_t n, int64_t Y) {
         // dlogits = coef * (softmax - onehot); 0 * (...) at ignored pixels, so a
         // NaN/Inf logit there still poisons the gradient as in F.cross_entropy
         const int64_t* t = tp + (n * h + Y - geo.crop.top) * w;
         cpu::upsampled_row(rows, n, Y, scale, H, C, dlogits.data(), w, [](int64_t, const acc_t*) {});
-        softmax_stats(dlogits.data(), C, w, max.data(), sum.data());
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t* __restrict d = dlogits.data() + c * w;
-          for (int64_t x = 0; x < w; ++x) {
-            const acc_t p = softmax_exp(d[x] - max[x]) / sum[x];
-            const acc_t k = t[x] == ignore_index ? acc_t(0) : coef;
-            d[x] = (p - (t[x] == c ? acc_t(1) : acc_t(0))) * k;
-          }
+        softmax_exps(dlogits.data(), C, w, max.data(), sum.data());
+        for (int64_t x = 0; x < w; ++x) {
+          const bool ignored = t[x] == ignore_index;
+          weight[x] = ignored ? acc_t(0) : coef;
+          label[x] = ignored ? -1 : static_cast<int32_t>(t[x]);  // 32-bit: the loop below vectorises
+          inv_sum[x] = acc_t(1) / sum[x];
+        }
+        for (int32_t c = 0; c < static_cast<int32_t>(C); ++c) {
+          softmax_grad_row(dlogits.data() + c * w, inv_sum.data(), label.data(), c, weight.data(), w);
         }
       };
       gather.run(begin, end, op, prepare, [&](int64_t, int64_t, int64_t c) {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Union
 
 import numpy as np
 import torch
@@ -104,7 +104,8 @@ def write_synthetic_voc(root, num_train: int, num_val: int, size=64, seed: int =
     ids = ["synth_%06d" % i for i in range(len(scenes))]
     for i, image_id in enumerate(ids):
         image, labels = scenes.scene(i)
-        Image.fromarray(image).save(root / "JPEGImages" / ("%s.jpg" % image_id), quality=95)
+        Image.fromarray(image).save(root / "JPEGImages" / ("%s.jpg" % image_id), quality=95,
+                                      subsampling=0)
         save_label_png(labels, root / "SegmentationClass" / ("%s.png" % image_id))
     splits = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
     for name, members in splits.items():

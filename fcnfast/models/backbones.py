@@ -16,12 +16,15 @@ written as convolutions, each followed by ReLU and element-wise dropout.
 
 Backbones (``BACKBONES``):
 
-* ``"vgg16"`` -- the paper's network: widths 64, 128, 256, 512, 512; fc 4096.
-* ``"tiny"`` -- the same layers, padding and pooling (so the same geometry and
-  crop offsets) with every width divided by 16: 4, 8, 16, 32, 32; fc 128.
-  About 1/250 of VGG16's arithmetic: it trains from scratch on a 2-core CPU
-  in minutes (small synthetic scenes), for demos and tests.
-* ``"small"`` -- widths divided by 8: 8, 16, 32, 64, 64; fc 256.
+* ``"vgg16"`` -- the paper's network: widths 64, 128, 256, 512, 512; fc 4096;
+  dropout 0.5.
+* ``"small"`` -- the same layers, padding and pooling (so the same geometry and
+  crop offsets) with every width divided by 8: 8, 16, 32, 64, 64; fc 256.
+* ``"tiny"`` -- widths divided by 16 (4, 8, 16, 32, 32; fc 128), the same
+  geometry, plus batch normalisation after every convolution of conv1_1 ..
+  conv5_3 and dropout 0.1: it trains from scratch (no ImageNet weights) on a
+  2-core CPU in minutes on small synthetic scenes, for demos and tests. Its
+  ``features`` indices differ from torchvision's because of the BN layers.
 """
 from __future__ import annotations
 
@@ -30,16 +33,14 @@ from typing import Tuple
 
 from torch import nn
 
-__all__ = ["BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING", "POOL_INDEX",
-           "backbone_spec", "make_features", "make_fc"]
+__all__ = ["BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING",
+           "backbone_spec", "make_features", "make_fc", "pool_indices"]
 
 # Convolutions per block of VGG16 (configuration "D").
 VGG16_LAYOUT: Tuple[int, ...] = (2, 2, 3, 3, 3)
 CONV1_PADDING = 100
 FC6_KERNEL = 7
 
-# index in ``features`` of the max-pool closing each block (pool1 .. pool5)
-POOL_INDEX = {1: 4, 2: 9, 3: 16, 4: 23, 5: 30}
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,14 @@ class BackboneSpec:
     name: str
     widths: Tuple[int, int, int, int, int]  # output channels of blocks 1..5
     fc_width: int  # fc6 / fc7 channels
+    batch_norm: bool = False  # BatchNorm2d after each conv of conv1_1 .. conv5_3
+    dropout: float = 0.5  # default element-wise dropout after fc6 and fc7
 
 
 BACKBONES = {
     "vgg16": BackboneSpec("vgg16", (64, 128, 256, 512, 512), 4096),
     "small": BackboneSpec("small", (8, 16, 32, 64, 64), 256),
-    "tiny": BackboneSpec("tiny", (4, 8, 16, 32, 32), 128),
+    "tiny": BackboneSpec("tiny", (4, 8, 16, 32, 32), 128, batch_norm=True, dropout=0.1),
 }
 
 
@@ -67,7 +70,7 @@ def backbone_spec(backbone) -> BackboneSpec:
 
 
 def make_features(spec: BackboneSpec, in_channels: int = 3) -> nn.Sequential:
-    """conv1_1 .. pool5 with torchvision's ``vgg16().features`` indices."""
+    """conv1_1 .. pool5 (torchvision's ``vgg16().features`` indices when there is no batch norm)."""
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
         raise ValueError("in_channels must be a positive int, got %r" % (in_channels,))
     layers = []
@@ -75,13 +78,21 @@ def make_features(spec: BackboneSpec, in_channels: int = 3) -> nn.Sequential:
     for block, (convs, width) in enumerate(zip(VGG16_LAYOUT, spec.widths)):
         for i in range(convs):
             padding = CONV1_PADDING if block == 0 and i == 0 else 1
-            layers += [nn.Conv2d(channels, width, 3, padding=padding), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(channels, width, 3, padding=padding))
+            if spec.batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
             channels = width
         layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
     return nn.Sequential(*layers)
 
 
-def make_fc(spec: BackboneSpec, dropout: float = 0.5) -> Tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module]:
+def pool_indices(features: nn.Sequential):
+    """Indices in ``features`` of pool1 .. pool5."""
+    return [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+
+
+def make_fc(spec: BackboneSpec, dropout: float) -> Tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module]:
     """fc6 (7x7 conv), its dropout, fc7 (1x1 conv), its dropout (element-wise, as Caffe)."""
     fc6 = nn.Conv2d(spec.widths[-1], spec.fc_width, FC6_KERNEL)
     fc7 = nn.Conv2d(spec.fc_width, spec.fc_width, 1)

@@ -37,7 +37,9 @@ and then learned". The later reference Caffe nets freeze all of them.
 
 Score layers (``score_fr``, ``score_pool4``, ``score_pool3``) start at zero,
 as in the FCN reference code; backbone convolutions use He initialisation
-(replace them with ``load_vgg16`` for ImageNet weights).
+(replace them with ``load_vgg16`` for ImageNet weights); batch-norm layers of
+the ``"tiny"`` backbone start as the identity. ``dropout=None`` takes the
+backbone's default (0.5 for VGG16 as in Caffe, element-wise).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import BilinearUpsample2d, SkipFuse
-from .backbones import POOL_INDEX, backbone_spec, make_fc, make_features
+from .backbones import backbone_spec, make_fc, make_features, pool_indices
 
 __all__ = ["FCN", "VARIANTS", "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "build_model"]
 
@@ -114,23 +116,25 @@ class FCN(nn.Module):
 
     def __init__(self, variant: str = "fcn8s", num_classes: int = 21, in_channels: int = 3,
                  backbone="vgg16", fixed_upsampling: bool = False,
-                 fixed_skip_upsampling: bool = False, dropout: float = 0.5):
+                 fixed_skip_upsampling: bool = False, dropout: Optional[float] = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError("variant must be one of %s, got %r" % (sorted(VARIANTS), variant))
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError("num_classes must be a positive int, got %r" % (num_classes,))
+        self.spec = backbone_spec(backbone)
+        dropout = self.spec.dropout if dropout is None else dropout
         if not 0.0 <= dropout < 1.0:
             raise ValueError("dropout must be in [0, 1), got %r" % (dropout,))
         self.variant = variant
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.spec = backbone_spec(backbone)
         self.fixed_upsampling = bool(fixed_upsampling)
         self.fixed_skip_upsampling = bool(fixed_skip_upsampling)
         self.upscale, self.skips, scales = VARIANTS[variant]
 
         self.features = make_features(self.spec, in_channels)
+        self.pool_index = pool_indices(self.features)  # pool1 .. pool5
         self.fc6, self.drop6, self.fc7, self.drop7 = make_fc(self.spec, dropout)
         self.score_fr = nn.Conv2d(self.spec.fc_width, num_classes, 1)
         learn_skip = not self.fixed_skip_upsampling
@@ -162,9 +166,8 @@ class FCN(nn.Module):
             geometry = _layer_geometry(module)
             if geometry is not None:
                 cmap = _through_conv(cmap, *geometry)
-            for pool, pool_index in POOL_INDEX.items():
-                if index == pool_index:
-                    maps["pool%d" % pool] = cmap
+            if index in self.pool_index:
+                maps["pool%d" % (self.pool_index.index(index) + 1)] = cmap
         for fc in (self.fc6, self.fc7, self.score_fr):
             cmap = _through_conv(cmap, *_layer_geometry(fc))
         offsets = {}
@@ -211,9 +214,10 @@ class FCN(nn.Module):
         ``fixed_upsampling`` that is ``ops.bilinear_upsample2d(scores, self.upscale, crop)``.
         """
         self._check_input(x)
-        pool3 = self.features[:POOL_INDEX[3] + 1](x)
-        pool4 = self.features[POOL_INDEX[3] + 1:POOL_INDEX[4] + 1](pool3)
-        pool5 = self.features[POOL_INDEX[4] + 1:](pool4)
+        end3, end4 = self.pool_index[2] + 1, self.pool_index[3] + 1
+        pool3 = self.features[:end3](x)
+        pool4 = self.features[end3:end4](pool3)
+        pool5 = self.features[end4:](pool4)
         h = self.drop6(F.relu(self.fc6(pool5), inplace=True))
         h = self.drop7(F.relu(self.fc7(h), inplace=True))
         scores = self.score_fr(h)
@@ -293,7 +297,8 @@ def build_model(name: str, **kwargs) -> FCN:
 
     Names: fcn32s, fcn16s, fcn8s, fcn8s_atonce (``-`` is accepted for ``_``).
     """
-    key = str(name).lower().replace("-", "_")
-    if key not in _BUILDERS:
+    key = str(name).lower().replace("-", "").replace("_", "")
+    builders = {n.replace("_", ""): b for n, b in _BUILDERS.items()}
+    if key not in builders:
         raise ValueError("model must be one of %s, got %r" % (sorted(_BUILDERS), name))
-    return _BUILDERS[key](**kwargs)
+    return builders[key](**kwargs)

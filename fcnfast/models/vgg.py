@@ -77,6 +77,9 @@ def load_vgg16(path_or_state_dict, num_classes: int = 21, model: str = "fcn8s",
               else os.fspath(path_or_state_dict))
     state = _read_state_dict(path_or_state_dict, source)
     fcn = build_model(model, num_classes=num_classes, **model_kwargs)
+    if fcn.spec.batch_norm:
+        raise ValueError("backbone %r has batch norm layers; a VGG16 state dict fits only "
+                         "backbones without batch norm (e.g. 'vgg16')" % fcn.spec.name)
     mapping = vgg16_key_map()
     missing = [key for key in mapping if key not in state]
     if missing:
