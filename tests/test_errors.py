@@ -535,14 +535,6 @@ def test_expanded_input_beyond_32bit(op):
 # NaN / Inf, exotic layouts, empty batches: exactly the reference
 # ---------------------------------------------------------------------------
 
-# Known kernel bug (reported to the lead): with stride > 1 the native conv_transpose2d forward
-# multiplies x/weight by zero for taps that do not land on an output pixel, so one Inf in x gives
-# NaN at outputs the reference leaves finite, e.g. x = randn(1,1,5,6) with x[0,0,2,3] = inf,
-# weight randn(1,1,3,3), stride 2: output[0,0,4,9] is NaN (reference -0.08). Remove with the fix.
-CONV_NAN_BUG = pytest.mark.xfail(strict=True, reason="conv_transpose2d stride>1: 0*Inf NaN at "
-                                 "outputs the Inf does not reach (kernel bug, reported)")
-
-
 def poison(t, seed, count=3):
     """Put NaN, +Inf and -Inf at ``count`` random positions each (a copy)."""
     t = t.clone()
@@ -578,13 +570,11 @@ def special_cases(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("poisoned", [0, 1, 2, 3], ids=["x", "arg1", "arg2", "arg3"])
 @pytest.mark.parametrize("op", OPS)
-def test_nan_inf_propagate_like_reference(op, poisoned, dtype, request):
+def test_nan_inf_propagate_like_reference(op, poisoned, dtype):
     case = next(c for c in special_cases(dtype) if c.op == op)
     if poisoned >= len(case.leaves) or not case.leaves[poisoned].is_floating_point():
         pytest.skip("%s has no floating argument %d" % (op, poisoned))
     native_or_skip(op)
-    if op == "conv_transpose2d" and poisoned in (0, 1):
-        request.applymarker(CONV_NAN_BUG)
     leaves = list(case.leaves)
     leaves[poisoned] = poison(leaves[poisoned], seed=poisoned)
     case.leaves = tuple(leaves)
@@ -593,11 +583,9 @@ def test_nan_inf_propagate_like_reference(op, poisoned, dtype, request):
 
 @pytest.mark.parametrize("op", ["conv_transpose2d", "bilinear_upsample2d", "score_skip",
                                 "skip_add_crop"])
-def test_nan_inf_forward_with_crop(op, request):
+def test_nan_inf_forward_with_crop(op):
     """Forward only, NaN/Inf anywhere (also in the cropped-away part)."""
     native_or_skip(op)
-    if op == "conv_transpose2d":
-        request.applymarker(CONV_NAN_BUG)
     if op == "conv_transpose2d":
         args = (poison(randn(2, 4, 5, 6), 1), poison(randn(4, 3, 3, 2), 2), None, 2, 1, 1, 2, 1,
                 (2, 3, 6, 5))

@@ -27,6 +27,7 @@
 // atomics; the phase convolution's GEMMs (oneDNN / BLAS) are reproducible run
 // to run for a fixed thread count, and images are accumulated in order.
 #include <ATen/ATen.h>
+#include <cmath>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -194,6 +195,16 @@ bool use_phase_conv(const PhasePlan& p) {
   if (force_direct() || p.cin_g == 0 || p.cout_g == 0) return false;
   const int64_t dense = p.h.stride * p.w.stride * p.h.taps * p.w.taps;
   return dense <= 2 * p.h.kernel * p.w.kernel;
+}
+
+// The phase convolution multiplies zero-padded taps and zero-padded input
+// borders; with a NaN/Inf operand 0 * Inf would create NaNs at outputs the
+// reference never touches. Such inputs take the direct gather, which visits
+// only the real taps (one cheap pass over inputs that are far smaller than
+// the output). A finite sum implies finite elements; an overflowing sum of
+// finite values only costs the slower path.
+bool all_finite(const at::Tensor& t) {
+  return t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>());
 }
 
 // The phase weights W'' as a convolution weight:
@@ -617,7 +628,7 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-    if (use_phase_conv(plan))
+    if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc))
       forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
     else
       forward_direct<scalar_t>(a, xc, wc, bp, out);
@@ -658,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
   at::Tensor* gx_p = output_mask[0] ? &gx : nullptr;
   at::Tensor* gw_p = output_mask[1] ? &gw : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d_backward", [&] {
-    if (use_phase_conv(plan))
+    if (use_phase_conv(plan) && all_finite(gc) && all_finite(xc) && all_finite(wc))
       backward_phase_conv<scalar_t>(a, plan, gc, xc, wc, gx_p, gw_p);
     else
       backward_direct<scalar_t>(a, gc, xc, wc, gx_p, gw_p);

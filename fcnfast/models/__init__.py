@@ -1,7 +1,8 @@
 """FCN models: FCN-32s/16s/8s and at-once FCN-8s on VGG16 (or reduced-width) backbones."""
 from .backbones import BACKBONES, BackboneSpec
+from .convolutionalize import convolutionalize
 from .fcn import FCN, VARIANTS, build_model, fcn8s, fcn8s_atonce, fcn16s, fcn32s
 from .vgg import load_vgg16, vgg16_key_map
 
-__all__ = ["BACKBONES", "BackboneSpec", "FCN", "VARIANTS", "build_model", "fcn32s", "fcn16s",
+__all__ = ["BACKBONES", "BackboneSpec", "convolutionalize", "FCN", "VARIANTS", "build_model", "fcn32s", "fcn16s",
            "fcn8s", "fcn8s_atonce", "load_vgg16", "vgg16_key_map"]
