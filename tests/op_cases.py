@@ -143,7 +143,9 @@ def forward_backward(impl, case: Case, grad_dtype: Optional[torch.dtype] = None)
               for t in case.leaves]
     args = [t if (t is None or v is None) else v(t) for t, v in zip(leaves, case.views)]
     out = getattr(impl, case.op)(*args, **case.params)
-    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    # gradients with respect to the arguments the op saw (views included): comparing the
+    # gradient of a stride-0 leaf would compare PyTorch's sum over the broadcast instead
+    wrt = [a for a, t in zip(args, leaves) if t is not None and t.requires_grad]
     if not out.requires_grad:  # e.g. the reference's empty output for C == 0: no gradient
         return out, [None] * len(wrt)
     g = torch.Generator().manual_seed(case.seed)
