@@ -22,7 +22,7 @@ def pair(value: IntPair, name: str) -> Tuple[int, int]:
         return (value, value)
     try:
         values = tuple(int(v) for v in value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError("%s must be an int or a pair of ints, got %r" % (name, value)) from None
     if len(values) == 1:
         return (values[0], values[0])
@@ -66,7 +66,7 @@ def resolve_crop(crop: Crop, full_h: int, full_w: int) -> Tuple[int, int, int, i
         return (0, 0, full_h, full_w)
     try:
         values = tuple(int(v) for v in crop)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError("crop must be (top, left, height, width), got %r" % (crop,)) from None
     if len(values) != 4:
         raise ValueError("crop must be (top, left, height, width), got %r" % (crop,))
