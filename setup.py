@@ -58,7 +58,8 @@ def cpu_flags():
     if os.environ.get("DEBUG") == "1":
         flags += ["-O0", "-g"]
     else:
-        flags += ["-O3"]
+        # -g0 and the prefix map keep build-directory paths out of the shipped binary
+        flags += ["-O3", "-g0", "-ffile-prefix-map=%s/=" % HERE]
     machine = platform.machine().lower()
     if env_flag("FCNFAST_NATIVE_ARCH", "0") == "1":
         flags.append("-march=native")
