@@ -643,6 +643,10 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             torch.save(model.state_dict(), Path(dump) / ("rank%d.pt" % ctx.rank))
     finally:
         if ctx.owns_group:
+            if sys.exc_info()[0] is None:
+                # leave together: a process that tears down while its peer still finishes
+                # its last checkpoint/file writes can leave the peer blocked in the teardown
+                dist.barrier()
             dist.destroy_process_group()
     result.seconds = time.perf_counter() - start_time
     return result

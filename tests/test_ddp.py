@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import fcnfast
+
 from fcnfast.train import TrainConfig, build_model_from_config, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# where the fcnfast this test imported lives (the installed package in CI, the source tree when
+# built in place): the workers must run the same one
+PACKAGE_PARENT = Path(fcnfast.__file__).resolve().parents[1]
 # 8 images, 2 per process per step: the same 4 images per step as one process with batch 4
 # "small" has no batch norm, so 2 processes x batch 2 must equal 1 process x batch 4 exactly
 DATA = dict(train_images=8, val_images=3, image_size=36, num_classes=4, backbone="small")
@@ -22,10 +27,10 @@ ARGS = ["--epochs", "1", "--train-images", "8", "--val-images", "3", "--image-si
 def run_torchrun(args, env, timeout=560):
     """torchrun with 2 local processes. On a timeout torchrun gets SIGTERM, which it forwards
     to its workers (they run in sessions of their own; a SIGKILL would orphan them)."""
-    env = dict(env, FCNFAST_DIST_TIMEOUT="300")  # a worker that lost its peer gives up
+    env = dict(env, FCNFAST_DIST_TIMEOUT="120")  # a worker that lost its peer gives up
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=PACKAGE_PARENT)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -44,7 +49,7 @@ def test_two_process_cpu_training_matches_one_process(tmp_path):
     out, dumps = tmp_path / "ddp", tmp_path / "dumps"
     dumps.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", FCNFAST_RANK_STATE_DIR=str(dumps),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(PACKAGE_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = run_torchrun(["-m", "fcnfast", "train", *ARGS, "--out", str(out)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 prints the epoch line and writes files
