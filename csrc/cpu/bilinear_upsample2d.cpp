@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "bilinear_rows.h"
+#include "huge_pages.h"
 
 namespace fcnfast {
 namespace {
@@ -22,6 +23,7 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
   auto xc = x.contiguous();
   auto out = at::empty({N, C, geo.crop.height, geo.crop.width}, xc.options());
   if (out.numel() == 0) return out;
+  cpu::advise_huge_pages(out);
   const int64_t h = geo.crop.height, w = geo.crop.width, top = geo.crop.top;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "bilinear_upsample2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;

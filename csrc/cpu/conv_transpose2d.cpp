@@ -36,9 +36,6 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -50,6 +47,7 @@
 
 #include "../common/checks.h"
 #include "../common/conv_transpose2d.h"
+#include "huge_pages.h"
 
 namespace fcnfast {
 namespace {
@@ -334,24 +332,6 @@ inline int64_t out_row(const PhaseAxis& a, int64_t q, int64_t r) {
   return (y >= 0 && y < a.crop_len) ? y : -1;
 }
 
-// Large buffers here are written once right after allocation. With 4 KB
-// pages the first-touch page faults of a fresh allocation can cost more than
-// the kernel itself (~20 ms for a 59 MB output on a 2-core VM), so ask for
-// transparent huge pages on the 2 MB-aligned interior. Advisory only: a no-op
-// where THP is disabled or unsupported.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), e = (begin + bytes) & ~(kHuge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // Writes a finished output row. The output is written once and not read back
 // soon, so for float rows non-temporal stores skip the read-for-ownership of
 // every output cache line (this permutation is memory-bound).
@@ -503,7 +483,7 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   // one image's gradient permuted into the phase convolution's output layout
   at::Tensor gt = at::empty({1, ld, rows, nqw},
                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  advise_huge_pages(gt);
+  cpu::advise_huge_pages(gt);
   at::Tensor dwc = grad_weight ? at::zeros_like(wc) : at::Tensor();
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   acc_t* gtp = gt.data_ptr<acc_t>();
@@ -625,7 +605,7 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   auto wc = weight.contiguous();
   at::Tensor bc = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const PhasePlan plan = make_plan(g);
-  advise_huge_pages(out);
+  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
     if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc))
