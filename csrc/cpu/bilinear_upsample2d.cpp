@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "bilinear_rows.h"
-#include "huge_pages.h"
+#include "large_output.h"
 
 namespace fcnfast {
 namespace {
@@ -31,7 +31,7 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
     // stream outputs well beyond the caches (see blend_rows_stream)
-    const bool stream = out.nbytes() >= (size_t(8) << 20);
+    const bool stream = cpu::use_streaming_stores(out);
     at::parallel_for(0, N * h, rows_grain(C * w), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       for (int64_t r = begin; r < end; ++r) {

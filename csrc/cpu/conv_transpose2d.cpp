@@ -27,6 +27,7 @@
 // atomics; the phase convolution's GEMMs (oneDNN / BLAS) are reproducible run
 // to run for a fixed thread count, and images are accumulated in order.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <cmath>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,13 +42,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/conv_transpose2d.h"
-#include "huge_pages.h"
+#include "large_output.h"
 
 namespace fcnfast {
 namespace {
@@ -200,9 +202,38 @@ bool use_phase_conv(const PhasePlan& p) {
 // reference never touches. Such inputs take the direct gather, which visits
 // only the real taps (one cheap pass over inputs that are far smaller than
 // the output). A finite sum implies finite elements; an overflowing sum of
-// finite values only costs the slower path.
+// finite values only costs the slower path. One read of the tensor, no
+// temporaries (a double-precision sum converted the whole tensor first: a
+// quarter of a small layer's time).
 bool all_finite(const at::Tensor& t) {
-  return t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>());
+  if (t.numel() == 0) return true;
+  const at::Tensor c = t.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "all_finite", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+    finite = at::parallel_reduce(
+        0, c.numel(), int64_t(1) << 16, true,
+        [&](int64_t b, int64_t e, bool ok) {
+          // |v| <= max is false for +-Inf and NaN; a branch-free loop vectorises
+          bool bad = false;
+          for (int64_t i = b; i < e; ++i) bad |= !(std::abs(static_cast<acc_t>(p[i])) <= kMax);
+          return ok && !bad;
+        },
+        [](bool a, bool b) { return a && b; });
+  });
+  return finite;
+}
+
+// Whether every (phase, tap) pair of the axis has a kernel entry (kernel ==
+// taps * stride with dilation 1, as in FCN's k = 2s layers): then the phase
+// weight has no structural zeros.
+bool every_phase_tap_used(const PhaseAxis& a) {
+  for (int64_t r = 0; r < a.stride; ++r)
+    for (int64_t m = 0; m < a.taps; ++m)
+      if (a.kernel_index(r, m) < 0) return false;
+  return true;
 }
 
 // The phase weights W'' as a convolution weight:
@@ -210,11 +241,17 @@ bool all_finite(const at::Tensor& t) {
 // (group, co, ry, rx), taps flipped (j = taps - 1 - m) so that a plain
 // cross-correlation computes sum_m W''[m] * x[q - m]. Zero where a
 // (phase, tap) pair has no kernel entry.
+// Stored channels-last, the layout of the phase convolution's input: oneDNN
+// would otherwise convert it on every call (a slow permuting copy that was a
+// third of a k4 s2 layer's time).
 at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t groups,
                         at::ScalarType acc_type) {
   auto w = weight.to(acc_type).contiguous();  // (cin, cout_g, kh, kw)
   const int64_t sh = p.h.stride, sw = p.w.stride, th = p.h.taps, tw = p.w.taps;
-  auto wc = at::zeros({groups * p.m_cols(), p.cin_g, th, tw}, w.options());
+  auto wc = at::empty({groups * p.m_cols(), p.cin_g, th, tw},
+                      w.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (!every_phase_tap_used(p.h) || !every_phase_tap_used(p.w)) wc.zero_();
+  TORCH_INTERNAL_ASSERT(wc.is_contiguous(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(acc_type, "conv_transpose2d_phase_weight", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wc.data_ptr<scalar_t>();
@@ -231,7 +268,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
             if (kx < 0) continue;
             for (int64_t cl = 0; cl < p.cin_g; ++cl) {
               const int64_t ci = grp * p.cin_g + cl;
-              dst[((oc * p.cin_g + cl) * th + (th - 1 - my)) * tw + (tw - 1 - mx)] =
+              dst[((oc * th + (th - 1 - my)) * tw + (tw - 1 - mx)) * p.cin_g + cl] =
                   src[((ci * p.cout_g + co) * kh + ky) * kw + kx];
             }
           }
@@ -332,22 +369,28 @@ inline int64_t out_row(const PhaseAxis& a, int64_t q, int64_t r) {
   return (y >= 0 && y < a.crop_len) ? y : -1;
 }
 
-// Writes a finished output row. The output is written once and not read back
-// soon, so for float rows non-temporal stores skip the read-for-ownership of
-// every output cache line (this permutation is memory-bound).
-inline void store_row(float* dst, const float* src, int64_t n) {
+// Writes a finished output row. A large output is written once and not read
+// back soon, so for float rows non-temporal stores (`stream`) skip the
+// read-for-ownership of every output cache line (this permutation is
+// memory-bound); small outputs take plain stores (cpu::use_streaming_stores).
+inline void store_row(float* dst, const float* src, int64_t n, bool stream) {
 #if defined(__AVX__)
+  if (!stream) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
   for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
   for (; i < n; ++i) dst[i] = src[i];
 #else
+  (void)stream;
   std::memcpy(dst, src, n * sizeof(float));
 #endif
 }
 
 template <typename scalar_t, typename acc_t>
-inline void store_row(scalar_t* dst, const acc_t* src, int64_t n) {
+inline void store_row(scalar_t* dst, const acc_t* src, int64_t n, bool /*stream*/) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
@@ -366,7 +409,7 @@ inline void store_fence() {
 // (crop_w elements) and then stored.
 template <typename scalar_t, typename acc_t>
 void scatter_row(const acc_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
-                 const scalar_t* bias_g, scalar_t* out_ng, acc_t* row) {
+                 const scalar_t* bias_g, scalar_t* out_ng, acc_t* row, bool stream) {
   const int64_t sh = p.h.stride, sw = p.w.stride;
   const int64_t oh = p.h.crop_len, ow = p.w.crop_len;
   const int64_t off = p.w.padding + p.w.crop_start - p.w.q_lo * sw;
@@ -383,7 +426,7 @@ void scatter_row(const acc_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
         acc_t* r = row + x0;
         for (int64_t rx = rx_lo; rx < rx_hi; ++rx) r[rx] = s[rx] + b;
       }
-      store_row(out_ng + (co * oh + y) * ow, row, ow);
+      store_row(out_ng + (co * oh + y) * ow, row, ow, stream);
     }
   }
 }
@@ -421,18 +464,27 @@ void gather_grad_row(const scalar_t* grad_ng, const PhasePlan& p, int64_t qy, ac
 // The phase convolution (a plain strided-1 cross-correlation with taps_h x taps_w
 // kernels and groups * cout_g * s_h * s_w output channels), channels-last.
 at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t groups) {
+#if AT_MKLDNN_ENABLED()
+  // fp32 goes to oneDNN directly: ATen's heuristic sends small inputs (an FCN
+  // k4 s2 layer on a 16x16 score map) to its im2col path, 1.6x slower here.
+  if (input.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn())
+    return at::mkldnn_convolution(input, wc, std::nullopt, {0, 0}, {1, 1}, {1, 1}, groups)
+        .contiguous(at::MemoryFormat::ChannelsLast);
+#endif
   return at::convolution(input, wc, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups)
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Block rows per phase-convolution call: the result chunk stays below ~24 MB
-// so glibc's allocator reuses it (below its 32 MB mmap threshold: no fresh
-// zeroed pages per call), while oneDNN still gets large GEMMs, its per-call
-// weight reorder is amortised and few parallel regions are entered (the
-// FCN-8s 21-class case is one chunk).
+// Block rows per phase-convolution call: the result chunk stays near 8 MB, so
+// it is still in the last-level cache when the permutation reads it back and
+// glibc's allocator reuses it (far below its mmap threshold: no fresh zeroed
+// pages per call), while oneDNN still gets large GEMMs and few parallel
+// regions are entered (the FCN-8s 21-class case is three chunks). Measured on
+// the 2-core bench machine, 21 classes: 8 MB chunks 3.8-4.2 ms, one 22 MB
+// chunk 4.7-9 ms, 4 MB chunks 6 ms (oneDNN slows down on short inputs).
 int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
   const int64_t row_bytes = p.w.nq * groups * p.m_cols() * elem_size;
-  return std::clamp<int64_t>((int64_t(24) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
+  return std::clamp<int64_t>((int64_t(8) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
 }
 
 template <typename scalar_t>
@@ -446,6 +498,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
   const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(acc_t));
+  const bool stream = cpu::use_streaming_stores(out);
   for (int64_t n = 0; n < a.batch; ++n)
     for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
       const int64_t q1 = std::min(q0 + chunk, rows);
@@ -462,7 +515,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
           const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
           scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
           scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
-                      bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data());
+                      bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data(), stream);
         }
         store_fence();
       });

@@ -1,4 +1,4 @@
-// Transparent huge pages for large, freshly allocated CPU outputs.
+// Writing large, freshly allocated CPU outputs: huge pages and streaming stores.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +29,14 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// Whether to write `t` with non-temporal (streaming) stores. They skip the
+// read-for-ownership of every cache line, which pays off only for outputs far
+// beyond the caches; on small outputs (an FCN k4 s2 layer: < 1 MB, rows of
+// 34 floats) partial-line streaming stores were 70% of the op's time.
+inline bool use_streaming_stores(const at::Tensor& t) {
+  return t.nbytes() >= (size_t(8) << 20);
 }
 
 }  // namespace cpu
