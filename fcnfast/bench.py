@@ -4,7 +4,8 @@ Every case times the PyTorch expression (the one ``fcnfast.reference`` states)
 and the fcnfast op on the same inputs in the same run, interleaved, and reports
 the median times, their ratio, the peak memory each allocates, and how close
 fcnfast gets to the machine's floor: memory bandwidth (a large tensor copy) or
-FP32 GEMM throughput, both measured at the start of the same run.
+FP32 GEMM throughput (the best of a few GEMM-like workloads), both measured at
+the start of the same run.
 
 Shapes are the FCN-8s head of a 500x500 input (Caffe geometry, DESIGN.md):
 score_fr 16x16, pool4 44x44 (crop 5), pool3 88x88 (crop 9), upscore2 k4 s2,
@@ -105,10 +106,29 @@ def measure_floors(quick: bool = False) -> dict:
     dst = torch.empty(n)
     t = min(_median_time(lambda: dst.copy_(src), 0.2, 5))
     bandwidth = 2 * src.numel() * 4 / t
+    return {"bandwidth": bandwidth, "flops": max(_gemm_rates(quick).values())}
+
+
+def _gemm_rates(quick: bool = False) -> dict:
+    """FP32 FLOP/s of a few dense GEMM-like workloads; their best is the FLOP floor.
+
+    Several because no single one reaches the FMA peak everywhere: on the AMD bench
+    machine ``torch.mm`` (MKL) ran at ~107 GFLOP/s while oneDNN's channels-last
+    convolutions reached ~450.
+    """
     m = 1024 if quick else 2048
     a, b = torch.randn(m, m), torch.randn(m, m)
-    t = min(_median_time(lambda: torch.mm(a, b), 0.3, 3))
-    return {"bandwidth": bandwidth, "flops": 2 * m ** 3 / t}
+    x3 = torch.randn(1, 256, 64, 64).contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(256, 256, 3, 3)
+    xp = torch.randn(1, 21, 65, 65).contiguous(memory_format=torch.channels_last)
+    wp = torch.randn(21 * 64, 21, 2, 2)  # the FCN-8s upscore8 phase convolution
+    work = {
+        "mm %dx%d" % (m, m): (lambda: torch.mm(a, b), 2 * m ** 3),
+        "conv3x3 256ch 64x64": (lambda: F.conv2d(x3, w3), 2 * 256 * 256 * 9 * 62 * 62),
+        "conv2x2 21->1344 65x65": (lambda: F.conv2d(xp, wp), 2 * 1344 * 21 * 4 * 64 * 64),
+    }
+    with torch.no_grad():
+        return {name: flop / min(_median_time(fn, 0.2, 3)) for name, (fn, flop) in work.items()}
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""score_skip (1x1 score conv on the kept window + add): native CPU kernels vs fcnfast.reference."""
+"""score_skip (1x1 score conv on the kept window + add): native CPU kernels vs fcnfast.reference.
+
+The fp32 window GEMM has two CPU paths: fcnfast's AVX-512 kernel (where the CPU has
+AVX-512F) and ATen's convolution (FCNFAST_NO_AVX512=1); the `gemm` fixture runs the
+forward tests on both.
+"""
 import pytest
 import torch
 
@@ -18,7 +23,15 @@ SHAPES = [
     (0, 4, 3, 3, 3, 5, 5, 1, 2, 1.0),            # empty batch
     (2, 3, 2, 1, 1, 9, 9, 8, 8, 1.0),            # 1 pixel in the corner
     (2, 3, 2, 0, 4, 9, 9, 9, 1, 1.0),            # 0-row window at the bottom edge
+    (2, 7, 25, 5, 13, 6, 15, 1, 1, 0.5),         # K = 2 * 12 + 1 rows, 65 pixels: 1-lane tail
+    (1, 9, 12, 4, 8, 4, 8, 0, 0, 1.0),           # exactly one 12-row, 32-pixel block
 ]
+
+
+@pytest.fixture(params=["avx512", "aten"])
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "aten" else "0")
+    return request.param
 
 
 def _make(shape, dtype=torch.float32, bias=True):
@@ -43,19 +56,20 @@ def _compare(coarse, feature, weight, b, scale, offset):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
-def test_matches_reference(shape, dtype):
+def test_matches_reference(shape, dtype, gemm):
     require_native(OP)
     _compare(*_make(shape, dtype, bias=shape[0] != 1))
 
 
-def test_fcn_pool4_full_channels():
+@pytest.mark.parametrize("classes", [21, 150])
+def test_fcn_pool4_full_channels(classes, gemm):
     """The real FCN-8s score_pool4 shape: 512 channels, 21 classes."""
     require_native(OP)
-    _compare(*_make((1, 512, 21, 34, 34, 44, 44, 5, 5, 1.0)))
+    _compare(*_make((1, 512, classes, 34, 34, 44, 44, 5, 5, 1.0)))
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
-def test_bfloat16(shape):
+def test_bfloat16(shape, gemm):
     require_native(OP)
     coarse, feature, weight, b, scale, offset = _make(shape, torch.bfloat16)
     out = ops.score_skip(coarse, feature, weight, b, scale, offset)
