@@ -140,11 +140,22 @@ def _bilinear_weight(c: int, k: int) -> torch.Tensor:
 
 
 def _grad_step(fn, inputs):
+    """Forward + backward of ``fn`` with a fixed upstream gradient.
+
+    The gradient is made once, outside the timing: in training it comes from the
+    layers above, and allocating a fresh full-resolution tensor per step (page
+    faults on a 21-150 MB buffer) would time the allocator, not the layer.
+    """
+    grads = {}
+
     def step():
         for t in inputs:
             t.grad = None
         out = fn()
-        out.backward(torch.ones_like(out))
+        key = (tuple(out.shape), out.dtype)
+        if key not in grads:
+            grads[key] = torch.ones_like(out)
+        out.backward(grads[key])
     return step
 
 
