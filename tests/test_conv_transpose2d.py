@@ -1,10 +1,12 @@
 """conv_transpose2d (+ fused crop): native CPU kernels vs fcnfast.reference.
 
-The native op has two paths (a phase convolution for dense geometries, a
-per-pixel gather for dilated/sparse ones, built on the torch-free
-csrc/common/conv_transpose2d.h meant for the CUDA kernels too);
-FCNFAST_CONV_TRANSPOSE_DIRECT=1 forces the gather path so every geometry is
-checked on both.
+The native op has three forward paths: an AVX-512 row kernel for fp32 FCN
+geometries (kernel = taps * stride, 16 % stride_w == 0, small C_in; on CPUs
+with AVX-512F), a phase convolution on oneDNN for the other dense geometries,
+and a per-pixel gather for dilated/sparse ones (built on the torch-free
+csrc/common/conv_transpose2d.h meant for the CUDA kernels too). The `path`
+fixture runs each test on "rows" (the default choice), "phase"
+(FCNFAST_NO_AVX512=1) and "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1).
 """
 import pytest
 import torch
@@ -54,9 +56,10 @@ def _make(shape, dtype=torch.float32, bias=True):
     return x, weight, b, kwargs
 
 
-@pytest.fixture(params=["phase", "direct"])
+@pytest.fixture(params=["rows", "phase", "direct"])
 def path(request, monkeypatch):
     monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT", "1" if request.param == "direct" else "0")
+    monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
     return request.param
 
 
@@ -104,6 +107,33 @@ def test_channels_last_and_noncontiguous(path):
     b = torch.randn(12)[::2].requires_grad_()
     assert not x.is_contiguous() and not weight.is_contiguous() and not b.is_contiguous()
     _compare(x, weight, b, dict(stride=2, padding=1, crop=(1, 2, 12, 10)))
+
+
+# Geometries of the AVX-512 row kernel (kernel = taps * stride, 16 % stride_w == 0):
+# every stride it takes, 1-3 taps, crop offsets at every phase, rows narrower than
+# one vector or not a multiple of it, channel counts that leave partial blocks.
+# (N, C_in, C_out, H, W, kernel, stride, padding, crop)
+ROW_KERNEL_SHAPES = [
+    (1, 3, 5, 9, 11, 4, 2, 0, None),                     # k4 s2, 5 channels: one block of 5
+    (2, 4, 7, 6, 7, 16, 8, 0, (31 - 24, 3, 30, 37)),      # k16 s8, crop at phase 7 / 3
+    (1, 2, 13, 5, 4, 32, 16, 0, (5, 11, 60, 50)),         # k32 s16, 13 = 5 + 4 + 4 channels
+    (2, 3, 2, 7, 5, (6, 12), (2, 4), (1, 2), (1, 6, 9, 17)),  # taps 3, anisotropic, padding
+    (1, 5, 3, 4, 9, (3, 2), (3, 1), 0, (2, 0, 7, 10)),    # stride_w 1 (one phase), taps 1 x 2
+    (1, 2, 1, 3, 3, 8, 4, 1, (0, 1, 10, 5)),              # one output channel, 5-column rows
+    (1, 6, 6, 3, 40, 4, 2, 0, (0, 1, 8, 79)),             # 79 columns: 4 full vectors + 15
+]
+
+
+@pytest.mark.parametrize("shape", ROW_KERNEL_SHAPES,
+                         ids=[str(i) for i in range(len(ROW_KERNEL_SHAPES))])
+def test_row_kernel_geometries(shape, path):
+    """The AVX-512 row kernel's geometries, on all three paths, vs the reference."""
+    require_native(OP)
+    n, ci, co, h, w, k, s, p, crop = shape
+    x = torch.randn(n, ci, h, w, requires_grad=True)
+    weight = torch.randn(ci, co, *_pair(k), requires_grad=True)
+    b = torch.randn(co, requires_grad=True) if n > 1 else None
+    _compare(x, weight, b, dict(stride=s, padding=p, crop=crop))
 
 
 def test_fcn8s_upscore8_full_channels():

@@ -29,6 +29,7 @@
 
 #include "../common/bilinear.h"
 #include "../common/checks.h"
+#include "large_output.h"
 
 namespace fcnfast {
 
@@ -158,12 +159,6 @@ inline void blend_rows_stream(const float* __restrict lo, float w_lo, const floa
 template <typename Acc, typename Out>
 void blend_rows_stream(const Acc* lo, Acc w_lo, const Acc* hi, Acc w_hi, int64_t n, Out* out) {
   blend_rows(lo, w_lo, hi, w_hi, n, out);
-}
-
-inline void stream_fence() {
-#if defined(__AVX2__)
-  _mm_sfence();
-#endif
 }
 
 // The horizontally interpolated rows h(row) of all C channels of one image

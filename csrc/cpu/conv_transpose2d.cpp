@@ -50,6 +50,7 @@
 #include "../common/checks.h"
 #include "../common/conv_transpose2d.h"
 #include "large_output.h"
+#include "phase_rows_avx512.h"
 
 namespace fcnfast {
 namespace {
@@ -369,37 +370,15 @@ inline int64_t out_row(const PhaseAxis& a, int64_t q, int64_t r) {
   return (y >= 0 && y < a.crop_len) ? y : -1;
 }
 
-// Writes a finished output row. A large output is written once and not read
-// back soon, so for float rows non-temporal stores (`stream`) skip the
-// read-for-ownership of every output cache line (this permutation is
-// memory-bound); small outputs take plain stores (cpu::use_streaming_stores).
+// Writes a finished output row: floats through cpu::store_row (streaming
+// stores for large outputs, see large_output.h), other types converted.
 inline void store_row(float* dst, const float* src, int64_t n, bool stream) {
-#if defined(__AVX__)
-  if (!stream) {
-    std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = src[i];
-#else
-  (void)stream;
-  std::memcpy(dst, src, n * sizeof(float));
-#endif
+  cpu::store_row(dst, src, n, stream);
 }
 
 template <typename scalar_t, typename acc_t>
 inline void store_row(scalar_t* dst, const acc_t* src, int64_t n, bool /*stream*/) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-// Orders the non-temporal stores of this thread before later writes (the end
-// of the parallel region publishes them to the other threads).
-inline void store_fence() {
-#if defined(__AVX__)
-  _mm_sfence();
-#endif
 }
 
 // out[n, group channels, rows of block row qy, :] (plus the bias) from the
@@ -517,7 +496,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
           scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
                       bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data(), stream);
         }
-        store_fence();
+        cpu::stream_fence();
       });
     }
 }
@@ -640,6 +619,22 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
   }
 }
 
+// The AVX-512 row kernel (fp32, FCN geometries; csrc/cpu/phase_rows_avx512.h)
+// when it applies; false: the caller takes another path.
+template <typename scalar_t>
+bool forward_phase_rows(const ConvTranspose2dGeom&, const at::Tensor&, const at::Tensor&,
+                        const scalar_t*, at::Tensor&) {
+  return false;
+}
+
+template <>
+bool forward_phase_rows<float>(const ConvTranspose2dGeom& g, const at::Tensor& x,
+                               const at::Tensor& weight, const float* bias, at::Tensor& out) {
+  if (!cpu::phase_rows_eligible(g)) return false;
+  cpu::phase_rows_forward(g, x, weight, bias, out);
+  return true;
+}
+
 // ---------------------------------------------------------------------------
 // ops
 // ---------------------------------------------------------------------------
@@ -661,10 +656,12 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-    if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc))
-      forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
-    else
+    if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc)) {
+      if (!forward_phase_rows(g, xc, wc, bp, out))
+        forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
+    } else {
       forward_direct<scalar_t>(a, xc, wc, bp, out);
+    }
   });
   return out;
 }

@@ -4,8 +4,8 @@
 // a 1x1 convolution (a GEMM (K x C) @ (C x H*W)) on the gathered window, with
 // `scale` folded into the weight. In fp32 accumulation on an AVX-512 CPU the
 // GEMM is fcnfast's own register-blocked kernel (FCN's K = 21..150 rows are too
-// few for oneDNN to reach the FMA peak: 155 GFLOP/s of ~450 on the bench
-// machine); otherwise, and with FCNFAST_NO_AVX512=1, ATen's convolution
+// few for oneDNN to reach the FMA peak: ~155 GFLOP/s of ~500 on the
+// bench machine); otherwise, and with FCNFAST_NO_AVX512=1, ATen's convolution
 // (oneDNN). The backward is the
 // same algebra transposed: ATen's convolution backward on the window, then a
 // gather into grad_feature (zero outside the window); deterministic.
@@ -15,19 +15,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FCNFAST_SCORE_SKIP_AVX512 1
-#endif
 
 #include <algorithm>
-#include <cstdlib>
+#include <array>
 #include <optional>
 #include <tuple>
 #include <utility>
-#include <array>
 
 #include "../common/checks.h"
+#include "isa.h"
+
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
+#include <immintrin.h>
+#endif
 
 namespace fcnfast {
 namespace {
@@ -139,17 +139,7 @@ at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
 // CPU check, so the extension keeps its AVX2 baseline.
 // ---------------------------------------------------------------------------
 
-bool avx512_window_gemm_enabled() {
-#if defined(FCNFAST_SCORE_SKIP_AVX512)
-  static const bool cpu_has = __builtin_cpu_supports("avx512f");
-  const char* off = std::getenv("FCNFAST_NO_AVX512");  // read per call: tests flip it
-  return cpu_has && !(off != nullptr && off[0] == '1');
-#else
-  return false;
-#endif
-}
-
-#if defined(FCNFAST_SCORE_SKIP_AVX512)
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
 constexpr int64_t kPixelBlock = 32;  // two 16-lane vectors per row of the block
 constexpr int kRowBlock = 12;        // 24 accumulators + 2 inputs of 32 zmm registers
 
@@ -213,7 +203,7 @@ void window_gemm_avx512(const float* wt, int64_t K, const float* win, int64_t C,
 // res (N, K, h*w) fp32 = the 1x1 convolution of the gathered windows
 // (N, C, h, w) with the (K, C, 1, 1) fp32 weight, on the AVX-512 kernel.
 at::Tensor window_conv_avx512(const at::Tensor& windows, const at::Tensor& weight) {
-#if defined(FCNFAST_SCORE_SKIP_AVX512)
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
   const int64_t N = windows.size(0), C = windows.size(1), P = windows.size(2) * windows.size(3);
   const int64_t K = weight.size(0);
   const at::Tensor wt = weight.view({K, C}).t().contiguous();  // (C, K): broadcasts read in order
@@ -264,7 +254,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
     // the 1x1 convolution on the window only
     const at::Tensor windows = gather_windows<scalar_t, acc_t>(fc, win);
     const at::Tensor res =
-        (acc_type == at::kFloat && avx512_window_gemm_enabled())
+        (acc_type == at::kFloat && cpu::use_avx512())
             ? window_conv_avx512(windows, wm)
             : at::convolution(windows, wm, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
                   .contiguous();

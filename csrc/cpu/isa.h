@@ -1,0 +1,27 @@
+// Run-time instruction-set checks for the kernels compiled beyond the AVX2 baseline.
+#pragma once
+
+#include <cstdlib>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FCNFAST_HAVE_AVX512_KERNELS 1
+#endif
+
+namespace fcnfast {
+namespace cpu {
+
+// Whether the AVX-512 kernels may run: the CPU (and OS) support AVX-512F and
+// FCNFAST_NO_AVX512=1 is not set. The variable is read on every call so that
+// tests can run both paths in one process.
+inline bool use_avx512() {
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
+  static const bool cpu_has = __builtin_cpu_supports("avx512f");
+  const char* off = std::getenv("FCNFAST_NO_AVX512");
+  return cpu_has && !(off != nullptr && off[0] == '1');
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fcnfast
