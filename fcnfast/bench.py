@@ -112,9 +112,9 @@ def measure_floors(quick: bool = False) -> dict:
 def _gemm_rates(quick: bool = False) -> dict:
     """FP32 FLOP/s of a few dense GEMM-like workloads; their best is the FLOP floor.
 
-    Several because no single one reaches the FMA peak everywhere: on the AMD bench
-    machine ``torch.mm`` (MKL) ran at ~107 GFLOP/s while oneDNN's channels-last
-    convolutions reached ~450.
+    Several because no single one reaches the FMA peak everywhere: on the idle AMD
+    bench machine (2 threads) ``torch.mm`` (MKL) ran at ~220 GFLOP/s while oneDNN's
+    channels-last convolutions reached ~520.
     """
     m = 1024 if quick else 2048
     a, b = torch.randn(m, m), torch.randn(m, m)

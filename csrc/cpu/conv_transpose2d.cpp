@@ -17,6 +17,9 @@
 //   scatter-add), fused with the crop and the bias. The backward is the same
 //   algebra transposed: the gradient permuted into the phase layout, then the
 //   phase convolution's input/weight gradients (gathers and GEMMs, no atomics).
+//   For fp32 FCN geometries with few input channels the forward instead runs
+//   the same sum in csrc/cpu/phase_rows_avx512.h, writing output rows in place
+//   (AVX-512 CPUs; FCNFAST_NO_AVX512=1 turns it off).
 //
 // * Direct gather (dilated / sparse geometries, and FCNFAST_CONV_TRANSPOSE_DIRECT=1
 //   for testing): every output pixel and every gradient element is one call of
@@ -28,20 +31,15 @@
 // to run for a fixed thread count, and images are accumulated in order.
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
-#include <cmath>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -202,10 +200,9 @@ bool use_phase_conv(const PhasePlan& p) {
 // borders; with a NaN/Inf operand 0 * Inf would create NaNs at outputs the
 // reference never touches. Such inputs take the direct gather, which visits
 // only the real taps (one cheap pass over inputs that are far smaller than
-// the output). A finite sum implies finite elements; an overflowing sum of
-// finite values only costs the slower path. One read of the tensor, no
-// temporaries (a double-precision sum converted the whole tensor first: a
-// quarter of a small layer's time).
+// the output). One read of the tensor, no temporaries (the double-precision
+// sum used before converted the whole tensor first: a quarter of a small
+// layer's time).
 bool all_finite(const at::Tensor& t) {
   if (t.numel() == 0) return true;
   const at::Tensor c = t.contiguous();

@@ -5,7 +5,10 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FCNFAST_HAVE_AVX512_KERNELS 1
+#include <immintrin.h>
 #endif
+
+#include <cstdint>
 
 namespace fcnfast {
 namespace cpu {
@@ -22,6 +25,14 @@ inline bool use_avx512() {
   return false;
 #endif
 }
+
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
+// The 16-lane mask selecting the first `lanes` lanes (none for lanes <= 0).
+inline __mmask16 lane_mask(int64_t lanes) {
+  return lanes >= 16 ? __mmask16(0xFFFF)
+                     : lanes <= 0 ? __mmask16(0) : __mmask16((1u << lanes) - 1);
+}
+#endif
 
 }  // namespace cpu
 }  // namespace fcnfast

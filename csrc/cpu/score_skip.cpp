@@ -25,10 +25,6 @@
 #include "../common/checks.h"
 #include "isa.h"
 
-#if defined(FCNFAST_HAVE_AVX512_KERNELS)
-#include <immintrin.h>
-#endif
-
 namespace fcnfast {
 namespace {
 
@@ -181,17 +177,13 @@ constexpr std::array<BlockFn, sizeof...(KB)> block_table(std::integer_sequence<i
   return {&window_gemm_block<KB + 1>...};
 }
 
-__mmask16 lane_mask(int64_t lanes) {
-  return lanes >= 16 ? __mmask16(0xFFFF) : lanes <= 0 ? __mmask16(0) : __mmask16((1u << lanes) - 1);
-}
-
 // Pixel blocks [b0, b1) of one image, all K rows.
 void window_gemm_avx512(const float* wt, int64_t K, const float* win, int64_t C, int64_t P,
                         int64_t b0, int64_t b1, float* res) {
   static constexpr auto kBlocks = block_table(std::make_integer_sequence<int, kRowBlock>{});
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t p0 = b * kPixelBlock, lanes = std::min(kPixelBlock, P - p0);
-    const __mmask16 m0 = lane_mask(lanes), m1 = lane_mask(lanes - 16);
+    const __mmask16 m0 = cpu::lane_mask(lanes), m1 = cpu::lane_mask(lanes - 16);
     for (int64_t k0 = 0; k0 < K; k0 += kRowBlock) {
       const int64_t rows = std::min<int64_t>(kRowBlock, K - k0);
       kBlocks[rows - 1](wt, K, win, C, P, k0, p0, m0, m1, res);
