@@ -167,6 +167,8 @@ def build_ext_cls():
 setup(
     version=read_version(),
     packages=find_packages(include=["fcnfast", "fcnfast.*"]),
+    # the shipped trained models (fcnfast.models.pretrained) and their model cards
+    package_data={"fcnfast": ["weights/*.pt", "weights/*.md"]},
     ext_modules=make_extensions(),
     cmdclass={"build_ext": build_ext_cls(), "build_py": BuildPyWithCudaSources},
     zip_safe=False,

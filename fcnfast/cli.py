@@ -19,7 +19,7 @@ MODELS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
 BACKBONES = ("tiny", "small", "vgg16")
 
 # modules that may add their own subcommand through register_cli(subparsers)
-_PLUGINS = ("fcnfast.hsi", "fcnfast.bench")
+_PLUGINS = ("fcnfast.hsi", "fcnfast.bench", "fcnfast.finetune")
 
 
 class UsageError(Exception):
@@ -143,11 +143,16 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="the FCN paper's four metrics of a checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p = sub.add_parser("eval", help="the FCN paper's four metrics of a checkpoint or shipped model")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of fcnfast train")
+    which.add_argument("--model", metavar="NAME",
+                       help="a model shipped with fcnfast, e.g. fcn8s_lite0_camvid (needs --data)")
     p.add_argument("--data", default=None,
-                   help="'synthetic' or a VOC directory (default: the checkpoint's data)")
-    p.add_argument("--split", default=None, help="VOC split (default: the checkpoint's val split)")
+                   help="'synthetic' or a dataset directory: VOC, list-file (<split>.txt, e.g. "
+                        "CamVid) or images/ + labels/ (default: the checkpoint's data)")
+    p.add_argument("--split", default=None, help="split (default: the checkpoint's val split; "
+                                                 "'val' with --model)")
     p.add_argument("--batch-size", type=pos_int, default=1)
     p.add_argument("--crf", action="store_true", help="also score dense-CRF-refined labels")
     p.add_argument("--confusion", metavar="PNG", default=None,
@@ -162,7 +167,12 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="label map of one image (palette PNG)")
     p.add_argument("image", help="input image (any size, any format Pillow reads)")
     p.add_argument("-o", "--output", required=True, metavar="LABELS.png")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of fcnfast train")
+    which.add_argument("--model", metavar="NAME",
+                       help="a model shipped with fcnfast, e.g. fcn8s_lite0_camvid")
+    p.add_argument("--overlay", metavar="PNG", default=None,
+                   help="also write the image blended with the label colours and a class legend")
     p.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
@@ -240,6 +250,8 @@ def cmd_eval(args) -> int:
 
     if args.crf:
         _require_crf()
+    if args.model is not None or _is_finetuned(args.checkpoint):
+        return _eval_shipped(args)
     device = _pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -270,6 +282,52 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_shipped(args) -> int:
+    """``fcnfast eval --model NAME --data DIR`` (or a finetune checkpoint): a Lite0 FCN, uint8 input."""
+    from .data.layouts import open_segmentation
+    from .finetune import evaluate_lite, iou_table
+    from .metrics import format_scores
+
+    if args.data is None:
+        raise UsageError("--model needs --data (the dataset directory to evaluate on)")
+    model = _lite_model(args, "cpu")
+    name = args.model or args.checkpoint
+    dataset = open_segmentation(args.data, args.split or "val", num_classes=model.num_classes)
+    result = evaluate_lite(model, dataset, model.num_classes, crf=args.crf,
+                           progress=not args.quiet)
+    scores = {"fcn": result["scores"]}
+    if args.crf:
+        scores["fcn+crf"] = result["scores_crf"]
+    if args.json:
+        print(json.dumps(scores, indent=1))
+    else:
+        print("%s on %s (%d images, %d classes)" % (name, args.data, len(dataset),
+                                                   model.num_classes))
+        print(iou_table(result["confusion"], model.class_names))
+        for name, s in scores.items():
+            print(format_scores(s, prefix="%-8s " % name))
+    return 0
+
+
+def _is_finetuned(checkpoint) -> bool:
+    if checkpoint is None:
+        return False
+    from .finetune import is_finetune_checkpoint
+
+    return is_finetune_checkpoint(checkpoint)
+
+
+def _lite_model(args, device):
+    """The shipped model ``--model NAME`` or the Lite0 FCN of a finetune ``--checkpoint``."""
+    if args.model is not None:
+        from .models.pretrained import pretrained
+
+        return pretrained(args.model, device)
+    from .finetune import load_finetuned
+
+    return load_finetuned(args.checkpoint, device)
+
+
 def cmd_predict(args) -> int:
     import torch
 
@@ -279,26 +337,44 @@ def cmd_predict(args) -> int:
     if args.crf:
         _require_crf()
     output = Path(args.output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError("output directory does not exist: %s" % output.parent)
+    for path in (output, Path(args.overlay) if args.overlay else None):
+        if path is not None and not path.parent.is_dir():
+            raise FileNotFoundError("output directory does not exist: %s" % path.parent)
     device = _pick_device(args.device)
     image = load_image(args.image)
-    model, _ = load_model(args.checkpoint, device)
-    x = image_to_tensor(image).unsqueeze(0).to(device)
+    raw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(device)
+    palette = class_names = None
+    lite = args.model is not None or _is_finetuned(args.checkpoint)
+    if lite:
+        model = _lite_model(args, device)
+        palette, class_names = model.palette, model.class_names
+        x = model.preprocess(raw)
+    else:
+        model, _ = load_model(args.checkpoint, device)
+        x = image_to_tensor(image).unsqueeze(0).to(device)
     with torch.no_grad():
         if args.crf:
             from . import crf
 
-            raw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(device)
             labels = crf.dense_crf(model(x), raw).argmax(1)[0]
+        elif lite:
+            labels = model.predict(raw)[0]
         else:
             labels = model.predict(x)[0]
-    save_label_png(labels.cpu(), output)
-    counts = torch.bincount(labels.flatten().cpu(), minlength=model.num_classes)
-    present = ", ".join("%d:%.1f%%" % (c, 100.0 * n / labels.numel())
+    labels = labels.cpu()
+    save_label_png(labels, output, palette=palette)
+    names = list(class_names or _class_names(model.num_classes)
+                 or [str(c) for c in range(model.num_classes)])
+    counts = torch.bincount(labels.flatten(), minlength=model.num_classes)
+    present = ", ".join("%s %.1f%%" % (names[c], 100.0 * n / labels.numel())
                         for c, n in enumerate(counts.tolist()) if n)
-    print("%s: %dx%d labels -> %s  (class:share %s)" % (args.image, labels.shape[1],
-                                                      labels.shape[0], output, present))
+    print("%s: %dx%d labels -> %s  (%s)" % (args.image, labels.shape[1], labels.shape[0], output,
+                                           present))
+    if args.overlay:
+        from .visualize import overlay_with_legend
+
+        overlay_with_legend(image, labels.numpy(), palette, names).save(args.overlay)
+        print("overlay: %s" % args.overlay)
     return 0
 
 

@@ -199,9 +199,14 @@ def make_dataset(cfg: TrainConfig, part: str):
                                     num_classes=cfg.num_classes,
                                     ignore_border=cfg.ignore_border)
     if not Path(cfg.data).is_dir():
-        raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a VOC-format "
-                                "directory)" % cfg.data)
-    return data.VOCSegmentation(cfg.data, cfg.train_split if part == "train" else cfg.val_split)
+        raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a dataset "
+                                "directory: VOC, list-file or images/ + labels/)" % cfg.data)
+    from .data.layouts import NormalizedImages, detect_layout, open_segmentation
+
+    split = cfg.train_split if part == "train" else cfg.val_split
+    if detect_layout(cfg.data, split) == "voc":
+        return data.VOCSegmentation(cfg.data, split)
+    return NormalizedImages(open_segmentation(cfg.data, split, num_classes=cfg.num_classes))
 
 
 def make_datasets(cfg: TrainConfig):

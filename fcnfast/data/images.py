@@ -108,8 +108,12 @@ def load_label(path: PathLike) -> np.ndarray:
                      % (os.fspath(path), img.mode))
 
 
-def save_label_png(labels, path: PathLike) -> None:
-    """Write an (H, W) label map (values 0..255) as a palette PNG with the VOC colours."""
+def save_label_png(labels, path: PathLike, palette=None) -> None:
+    """Write an (H, W) label map (values 0..255) as a palette PNG.
+
+    ``palette``: a sequence of RGB triples for classes 0.. (e.g. CamVid's);
+    default (and for the entries it does not cover) the VOC colours.
+    """
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
@@ -120,5 +124,9 @@ def save_label_png(labels, path: PathLike) -> None:
                          % (array.min(), array.max()))
     array = np.ascontiguousarray(array, dtype=np.uint8)
     img = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
-    img.putpalette(voc_palette().reshape(-1).tolist())
+    colours = voc_palette()
+    if palette is not None:
+        given = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+        colours[:len(given)] = given
+    img.putpalette(colours.reshape(-1).tolist())
     img.save(os.fspath(path), format="PNG")

@@ -266,20 +266,47 @@ class FCN(nn.Module):
 
 
 def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-           fixed_upsampling: bool = False, **kwargs) -> FCN:
-    """FCN-32s: score_fr upsampled 32x (k64), crop 19."""
+           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+    """FCN-32s: score_fr upsampled 32x (k64), crop 19.
+
+    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
+    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
+    """
+    if backbone == "lite0":
+        return _lite('fcn32s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
+    if pretrained:
+        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
+                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
     return FCN("fcn32s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
 
 
 def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-           fixed_upsampling: bool = False, **kwargs) -> FCN:
-    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27."""
+           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27.
+
+    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
+    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
+    """
+    if backbone == "lite0":
+        return _lite('fcn16s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
+    if pretrained:
+        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
+                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
     return FCN("fcn16s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
 
 
 def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-          fixed_upsampling: bool = False, **kwargs) -> FCN:
-    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31."""
+          fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31.
+
+    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
+    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
+    """
+    if backbone == "lite0":
+        return _lite('fcn8s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
+    if pretrained:
+        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
+                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
     return FCN("fcn8s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
 
 
@@ -287,6 +314,16 @@ def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
                  fixed_upsampling: bool = False, **kwargs) -> FCN:
     """At-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001 before scoring."""
     return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+def _lite(variant, num_classes, in_channels, fixed_upsampling, pretrained, kwargs):
+    from .lite_fcn import LiteFCN
+
+    if in_channels != 3:
+        raise ValueError("backbone='lite0' takes RGB input (in_channels=3), got %r" % (in_channels,))
+    if fixed_upsampling:
+        raise ValueError("backbone='lite0' has learned upsampling only (fixed_upsampling=False)")
+    return LiteFCN(variant, num_classes, pretrained=pretrained, **kwargs)
 
 
 _BUILDERS = {"fcn32s": fcn32s, "fcn16s": fcn16s, "fcn8s": fcn8s, "fcn8s_atonce": fcn8s_atonce}
