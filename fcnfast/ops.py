@@ -7,6 +7,11 @@ loaded and has a kernel for the input's device, the call goes through
 kernels, so ``torch.compile`` and ``torch.library.opcheck`` see it. Otherwise
 the pure-PyTorch reference runs.
 
+Shapes: every op takes NCHW tensors or, like ``torch.nn.ConvTranspose2d``, unbatched
+CHW ones (``upsample_cross_entropy``: an (H, W) target with a (C, H, W) ``x``); an
+unbatched call equals the batched call on ``x.unsqueeze(0)`` with the batch dimension
+removed again. The ``torch.ops.fcnfast`` dispatcher ops themselves take NCHW only.
+
 Gradients: the differentiable ops (all but ``upsample_argmax``) support gradients of
 any order on every backend -- ``create_graph=True`` double backward, Hessian-vector
 products, ``torch.func.grad`` / ``jacrev`` / ``jacfwd`` / ``hessian`` / ``vmap`` and
@@ -50,8 +55,12 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     ``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``
     with ``crop=(top, left, h, w)`` (``None``: the full output). Only the kept
     output pixels are computed (phase decomposition: each output pixel gathers
-    the taps that land on it). Gradients for ``x``, ``weight`` and ``bias``.
+    the taps that land on it). Gradients of any order for ``x``, ``weight`` and ``bias``.
+    ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W).
     """
+    if geo.is_unbatched(x, "x"):
+        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
+                                groups, dilation, crop).squeeze(0)
     stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
         x, weight, bias, stride, padding, output_padding, groups, dilation)
     crop = geo.resolve_crop(crop, *full)
@@ -67,8 +76,11 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
     ``F.conv_transpose2d(x, bilinear_filter(2*scale).expand(C, 1, k, k), stride=scale, groups=C)[..., top:top+h, left:left+w]``.
     The Caffe bilinear weights are computed analytically (no weight tensor).
-    Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop.
+    Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop. ``x`` is
+    (N, C, H, W) or unbatched (C, H, W); gradients of any order for ``x``.
     """
+    if geo.is_unbatched(x, "x"):
+        return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
@@ -78,7 +90,13 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
 
 def skip_add_crop(coarse, skip, offset):
-    """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
+    """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``.
+
+    ``coarse`` and ``skip`` both (N, C, ., .) or both unbatched (C, ., .); gradients of any
+    order for both.
+    """
+    if geo.same_batching(coarse, "coarse", skip, "skip"):
+        return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     offset = reference._check_skip_add_crop(coarse, skip, offset)
     if _use_native("skip_add_crop", coarse.device.type):
         return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
@@ -89,7 +107,12 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     """Fused FCN skip step: 1x1 score conv on the kept window only, then add.
 
     ``coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]``.
+    ``coarse`` and ``feature`` both batched (N, ., ., .) or both unbatched; gradients of any
+    order for ``coarse``, ``feature``, ``weight`` and ``bias``.
     """
+    if geo.same_batching(coarse, "coarse", feature, "feature"):
+        return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
+                          offset).squeeze(0)
     offset = reference._check_score_skip(coarse, feature, weight, bias, offset)
     if _use_native("score_skip", coarse.device.type):
         return torch.ops.fcnfast.score_skip(coarse, feature, weight, bias, float(scale), offset)
@@ -99,8 +122,11 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
 def upsample_argmax(x, scale: int, crop=None):
     """``bilinear_upsample2d(x, scale, crop).argmax(1)`` without materialising the C x H x W scores.
 
-    Returns the int64 label map; ties go to the lowest class index, as ``argmax``.
+    Returns the int64 label map (N, h, w), or (h, w) for an unbatched (C, H, W) ``x``; ties go
+    to the lowest class index, as ``argmax``. Not differentiable (integer output).
     """
+    if geo.is_unbatched(x, "x"):
+        return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
@@ -114,8 +140,17 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     """Fused final upsampling + softmax cross-entropy.
 
     ``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``,
-    computed without holding the full-resolution logits or their gradient.
+    computed without holding the full-resolution logits or their gradient. ``x`` (N, C, H, W)
+    with ``target`` (N, h, w), or unbatched ``x`` (C, H, W) with ``target`` (h, w): one image,
+    the batched call with N = 1 (``F.cross_entropy`` itself would read a 3-D input as (N, C, d)).
+
+    Gradients of any order for ``x`` (the second-order formulas materialise the upsampled
+    softmax while such a graph is built); ``target`` is an int64 label map and not
+    differentiable.
     """
+    if geo.same_batching(x, "x", target, "target", "H, W"):
+        return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
+                                      ignore_index, reduction)
     reference._check_cross_entropy_args(x, target, scale, crop, reduction)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
     if _use_native("upsample_cross_entropy", x.device.type):
