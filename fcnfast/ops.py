@@ -294,7 +294,8 @@ def _fill(outs, shapes, like):
 
 
 def _materialized(grads, mask):
-    """The incoming gradients of a backward op's outputs; None where output_mask is False."""
+    """The incoming gradients of a backward op's outputs; None where the output is unused or
+    output_mask is False (the output is then an empty placeholder)."""
     return [g if m else None for g, m in zip(grads, mask)]
 
 
@@ -360,6 +361,7 @@ def _register():
         ctx.args = tuple(inputs[3:9])
         ctx.mask = list(inputs[9])
         ctx.shapes = [o.shape for o in output]
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
 
     def ctb_backward(ctx, ggx, ggw, ggb):
         grad, x, weight = ctx.saved_tensors
@@ -530,6 +532,7 @@ def _register():
         ctx.args = tuple(inputs[3:5])
         ctx.mask = list(inputs[5])
         ctx.shapes = [o.shape for o in output]
+        ctx.set_materialize_grads(False)
 
     def ssb_backward(ctx, ggf, ggw, ggb):
         grad, feature, weight = ctx.saved_tensors
