@@ -165,11 +165,11 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
 #
 # Every differentiable op *and every backward op* has an Autograd kernel made from a
 # torch.autograd.Function (``_autograd`` below) with ``backward`` (reverse mode) and
-# ``jvp`` (forward mode), and a vmap rule (the op once per batch entry). The formulas call fcnfast's own dispatcher ops:
-# the ops are linear (or bilinear) in their tensor arguments, so the gradient of a
-# backward op is the op itself or its adjoint, e.g. the gradient of
-# conv_transpose2d_backward's grad_x with respect to weight is conv_transpose2d_backward's
-# grad_weight of the incoming gradient. Because those ops have Autograd kernels too,
+# ``jvp`` (forward mode), and a vmap rule (the op once per batch entry). The formulas
+# call fcnfast's own dispatcher ops: the ops are linear (or bilinear) in their tensor
+# arguments, so the gradient of a backward op is the op itself or its adjoint, e.g. the
+# gradient of conv_transpose2d_backward's grad_x with respect to weight is
+# conv_transpose2d_backward's grad_weight of the incoming gradient. Because those ops have Autograd kernels too,
 # gradients of any order stay on the native kernels and are exact (double backward,
 # gradient penalties, Hessian-vector products, torch.func.jacrev / jacfwd / hessian).
 # The one nonlinear op, upsample_cross_entropy, differentiates its backward through
