@@ -41,6 +41,30 @@ def check_tensor(t, name: str, ndim: Optional[int] = None, floating: bool = True
                          % (name, t.dtype))
 
 
+def is_unbatched(t, name: str, dims: str = "C, H, W") -> bool:
+    """``t`` has the batch dimension (N, <dims>) or not (<dims>); True when it has not.
+
+    The ops accept unbatched input like ``torch.nn.ConvTranspose2d`` does: the result equals
+    the batched call on ``t.unsqueeze(0)`` with the batch dimension removed again.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError("%s must be a torch.Tensor, got %s" % (name, type(t).__name__))
+    n = len(dims.split(","))
+    if t.dim() not in (n, n + 1):
+        raise ValueError("%s must be a %d-D tensor (N, %s) or a %d-D tensor (%s) without the batch "
+                         "dimension, got shape %s" % (name, n + 1, dims, n, dims, tuple(t.shape)))
+    return t.dim() == n
+
+
+def same_batching(a, name_a: str, b, name_b: str, dims_b: str = "C, H, W") -> bool:
+    """Both tensors batched or both unbatched (``a`` is (N,) C, H, W); True when unbatched."""
+    unbatched = is_unbatched(a, name_a)
+    if is_unbatched(b, name_b, dims_b) != unbatched:
+        raise ValueError("%s %s and %s %s must both have a batch dimension or both be unbatched"
+                         % (name_a, tuple(a.shape), name_b, tuple(b.shape)))
+    return unbatched
+
+
 def check_same(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> None:
     if a.device != b.device:
         raise ValueError("%s and %s must be on the same device, got %s and %s"

@@ -90,7 +90,8 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
     if impl == "native":
         # inference only (no autograd); tensors on another device run on the CPU kernel
         q = torch.ops.fcnfast.dense_crf(logits.detach().to("cpu", torch.float32).contiguous(),
-                                         appearance.to("cpu", torch.float32).contiguous(), *params)
+                                         appearance.detach().to("cpu", torch.float32).contiguous(),
+                                         *params)
         q = q.to(logits.device)
     else:
         q = _mean_field_reference(logits, appearance, *params)

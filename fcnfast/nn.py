@@ -40,7 +40,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     """``torch.nn.ConvTranspose2d`` computed by ``fcnfast.ops.conv_transpose2d``.
 
     ``forward(x, output_size=None, crop=None)``: ``crop=(top, left, h, w)`` keeps
-    only that window of the output, computed directly (no full output).
+    only that window of the output, computed directly (no full output). ``x`` is
+    (N, C, H, W) or unbatched (C, H, W), and ``output_size`` may include the batch and
+    channel dimensions, as in PyTorch.
     """
 
     def __init__(self, *args, **kwargs):
@@ -65,6 +67,7 @@ class BilinearUpsample2d(nn.Module):
     ``learnable=True`` (the paper's learned deconvolution): a (C, C, k, k)
     ``weight`` initialised with ``bilinear_kernel``, no bias, computed by
     ``fcnfast.ops.conv_transpose2d``. Both give the same output at initialisation.
+    ``x`` is (N, C, H, W) or unbatched (C, H, W).
     """
 
     def __init__(self, channels: int, scale: int, learnable: bool = False):
@@ -78,9 +81,9 @@ class BilinearUpsample2d(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor, crop: Optional[Sequence[int]] = None) -> torch.Tensor:
-        if x.dim() == 4 and x.shape[1] != self.channels:
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4) and x.shape[-3] != self.channels:
             raise ValueError("x has %d channels, BilinearUpsample2d expects %d"
-                             % (x.shape[1], self.channels))
+                             % (x.shape[-3], self.channels))
         if self.learnable:
             return ops.conv_transpose2d(x, self.weight, None, stride=self.scale, crop=crop)
         return ops.bilinear_upsample2d(x, self.scale, crop)
@@ -96,6 +99,7 @@ class SkipFuse(nn.Conv2d):
     keys match a plain score layer) whose ``forward(coarse, feature)`` runs
     ``fcnfast.ops.score_skip``: the score conv is computed on the kept window only.
     ``scale`` is the at-once FCN-8s feature scaling (0.01 for pool4, 0.0001 for pool3).
+    ``coarse`` and ``feature`` are both batched (N, ., ., .) or both unbatched.
     """
 
     def __init__(self, in_channels: int, num_classes: int, scale: float = 1.0, offset=(0, 0),

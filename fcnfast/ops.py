@@ -6,10 +6,28 @@ loaded and has a kernel for the input's device, the call goes through
 ``torch.ops.fcnfast.<op>`` -- a dispatcher op with autograd and fake (meta)
 kernels, so ``torch.compile`` and ``torch.library.opcheck`` see it. Otherwise
 the pure-PyTorch reference runs.
+
+Shapes: every op takes NCHW tensors or, like ``torch.nn.ConvTranspose2d``, unbatched
+CHW ones (``upsample_cross_entropy``: an (H, W) target with a (C, H, W) ``x``); an
+unbatched call equals the batched call on ``x.unsqueeze(0)`` with the batch dimension
+removed again. The ``torch.ops.fcnfast`` dispatcher ops themselves take NCHW only.
+
+Gradients: the differentiable ops (all but ``upsample_argmax``) support gradients of
+any order on every backend -- ``create_graph=True`` double backward, Hessian-vector
+products, ``torch.func.grad`` / ``jacrev`` / ``jacfwd`` / ``hessian`` / ``vmap`` and
+forward-mode AD. On the native backend the backward of each op is again a native op
+with its own autograd formula (see ``_register``), so higher-order gradients run on the
+same kernels. Integer arguments (``upsample_cross_entropy``'s ``target``, the labels
+of ``upsample_argmax``) carry no gradient: PyTorch refuses ``requires_grad`` on
+integer tensors, and ``torch.func`` refuses to differentiate with respect to them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch._functorch import utils as _functorch_utils
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
 from . import _backend
 from . import _geometry as geo
@@ -37,8 +55,12 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     ``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``
     with ``crop=(top, left, h, w)`` (``None``: the full output). Only the kept
     output pixels are computed (phase decomposition: each output pixel gathers
-    the taps that land on it). Gradients for ``x``, ``weight`` and ``bias``.
+    the taps that land on it). Gradients of any order for ``x``, ``weight`` and ``bias``.
+    ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W).
     """
+    if geo.is_unbatched(x, "x"):
+        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
+                                groups, dilation, crop).squeeze(0)
     stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
         x, weight, bias, stride, padding, output_padding, groups, dilation)
     crop = geo.resolve_crop(crop, *full)
@@ -54,8 +76,11 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
     ``F.conv_transpose2d(x, bilinear_filter(2*scale).expand(C, 1, k, k), stride=scale, groups=C)[..., top:top+h, left:left+w]``.
     The Caffe bilinear weights are computed analytically (no weight tensor).
-    Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop.
+    Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop. ``x`` is
+    (N, C, H, W) or unbatched (C, H, W); gradients of any order for ``x``.
     """
+    if geo.is_unbatched(x, "x"):
+        return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
@@ -65,7 +90,13 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
 
 def skip_add_crop(coarse, skip, offset):
-    """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
+    """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``.
+
+    ``coarse`` and ``skip`` both (N, C, ., .) or both unbatched (C, ., .); gradients of any
+    order for both.
+    """
+    if geo.same_batching(coarse, "coarse", skip, "skip"):
+        return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     offset = reference._check_skip_add_crop(coarse, skip, offset)
     if _use_native("skip_add_crop", coarse.device.type):
         return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
@@ -76,7 +107,12 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     """Fused FCN skip step: 1x1 score conv on the kept window only, then add.
 
     ``coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]``.
+    ``coarse`` and ``feature`` both batched (N, ., ., .) or both unbatched; gradients of any
+    order for ``coarse``, ``feature``, ``weight`` and ``bias``.
     """
+    if geo.same_batching(coarse, "coarse", feature, "feature"):
+        return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
+                          offset).squeeze(0)
     offset = reference._check_score_skip(coarse, feature, weight, bias, offset)
     if _use_native("score_skip", coarse.device.type):
         return torch.ops.fcnfast.score_skip(coarse, feature, weight, bias, float(scale), offset)
@@ -86,8 +122,11 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
 def upsample_argmax(x, scale: int, crop=None):
     """``bilinear_upsample2d(x, scale, crop).argmax(1)`` without materialising the C x H x W scores.
 
-    Returns the int64 label map; ties go to the lowest class index, as ``argmax``.
+    Returns the int64 label map (N, h, w), or (h, w) for an unbatched (C, H, W) ``x``; ties go
+    to the lowest class index, as ``argmax``. Not differentiable (integer output).
     """
+    if geo.is_unbatched(x, "x"):
+        return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
@@ -101,8 +140,17 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     """Fused final upsampling + softmax cross-entropy.
 
     ``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``,
-    computed without holding the full-resolution logits or their gradient.
+    computed without holding the full-resolution logits or their gradient. ``x`` (N, C, H, W)
+    with ``target`` (N, h, w), or unbatched ``x`` (C, H, W) with ``target`` (h, w): one image,
+    the batched call with N = 1 (``F.cross_entropy`` itself would read a 3-D input as (N, C, d)).
+
+    Gradients of any order for ``x`` (the second-order formulas materialise the upsampled
+    softmax while such a graph is built); ``target`` is an int64 label map and not
+    differentiable.
     """
+    if geo.same_batching(x, "x", target, "target", "H, W"):
+        return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
+                                      ignore_index, reduction)
     reference._check_cross_entropy_args(x, target, scale, crop, reduction)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
     if _use_native("upsample_cross_entropy", x.device.type):
@@ -114,6 +162,26 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
 # ---------------------------------------------------------------------------
 # fake kernels and autograd for the dispatcher ops (only when the extension loaded)
 # ---------------------------------------------------------------------------
+#
+# Every differentiable op *and every backward op* has an Autograd kernel made from a
+# torch.autograd.Function (``_autograd`` below) with ``backward`` (reverse mode) and
+# ``jvp`` (forward mode), and a vmap rule (the op once per batch entry). The formulas
+# call fcnfast's own dispatcher ops: the ops are linear (or bilinear) in their tensor
+# arguments, so the gradient of a backward op is the op itself or its adjoint, e.g. the
+# gradient of conv_transpose2d_backward's grad_x with respect to weight is
+# conv_transpose2d_backward's grad_weight of the incoming gradient. Because those ops have Autograd kernels too,
+# gradients of any order stay on the native kernels and are exact (double backward,
+# gradient penalties, Hessian-vector products, torch.func.jacrev / jacfwd / hessian).
+# The one nonlinear op, upsample_cross_entropy, differentiates its backward through
+# bilinear_upsample2d, softmax and bilinear_upsample2d_backward (the full-resolution
+# softmax exists only while such a second-order graph is built).
+#
+# The formulas only call dispatcher ops, so they are device-agnostic: CPU, compiled CUDA
+# and CuPy kernels all register under the same op names and get the same autograd.
+
+_LIB = None          # torch.library.Library holding the Autograd / vmap kernels
+_NOT_DIFFERENTIABLE = ("dense_crf", "permutohedral_filter")  # inference-only CRF ops
+
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((0,))
@@ -123,9 +191,121 @@ def _or_none(t: torch.Tensor, wanted: bool):
     return t if wanted else None
 
 
-def _register():
-    lib = torch.library
+def _wants_autograd(args) -> bool:
+    """True when a call must record autograd history or forward-mode tangents."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return True
+    return torch.autograd.forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()
 
+
+def _vmap_loop(op):
+    """vmap rule: the op once per batch entry (the kernels have no batch-of-batches mode)."""
+    def rule(info, in_dims, *args):
+        outs = [op(*[a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                     for a, d in zip(args, in_dims)])
+                for b in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+    return rule
+
+
+def _autograd(name, setup_context, backward, jvp):
+    """Register the Autograd kernel and the vmap rule of ``fcnfast::<name>``.
+
+    The kernel plays the part of a C++ autograd kernel: it records one autograd node
+    (an autograd.Function whose forward redispatches below autograd) on the tensors it
+    is given. Under torch.func transforms those are the functorch wrappers of the level
+    being processed, so the node is a single-level Function there, as functorch's own
+    kernels are; the other levels see the op again when it is redispatched.
+    """
+    op = getattr(torch.ops.fcnfast, name).default
+
+    def forward(*args):
+        keyset = args[-1] & torch._C._after_autograd_keyset
+        if torch._C._are_functorch_transforms_active():
+            # Function.apply turned grad modes off for this level; the levels below (reached
+            # through the redispatch) keep theirs, as in functorch's own single-level Functions
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), \
+                    torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset, *args[:-1])
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset, *args[:-1])
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs[:-1], output)
+
+    def bwd(ctx, *grads):
+        needs = ctx.needs_input_grad
+        try:
+            ctx.needs_input_grad = needs[:-1]
+            return tuple(backward(ctx, *grads)) + (None,)
+        finally:
+            ctx.needs_input_grad = needs
+
+    def fwd_jvp(ctx, *tangents):
+        return jvp(ctx, *tangents[:-1])
+
+    fn = type("fcnfast_%s" % name, (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup),
+        backward=staticmethod(bwd), jvp=staticmethod(fwd_jvp)))
+    apply_here = super(torch.autograd.Function, fn).apply   # _C._FunctionBase.apply
+
+    def kernel(keyset, *args):
+        if not _wants_autograd(args):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        if torch._C._are_functorch_transforms_active():
+            with _functorch_utils.enable_single_level_autograd_function():
+                return apply_here(*args, keyset)
+        return fn.apply(*args, keyset)
+
+    _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+    torch.library.register_vmap("fcnfast::" + name, _vmap_loop(op), lib=_LIB)
+
+
+def _not_differentiable(name):
+    """Autograd kernel of an inference-only op: raise when a gradient is asked for."""
+    op = getattr(torch.ops.fcnfast, name).default
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            raise RuntimeError(
+                "fcnfast::%s is inference-only and not differentiable: detach its inputs or call "
+                "it under torch.no_grad()" % name)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)
+
+
+def _bias_map(b: torch.Tensor, shape) -> torch.Tensor:
+    """A per-channel vector broadcast over an (N, C, H, W) output, as a new tensor."""
+    return b.view(1, -1, 1, 1).expand(shape).contiguous()
+
+
+def _fill(outs, shapes, like):
+    """Replace missing tangents by zeros of the output's shape."""
+    return tuple(like.new_zeros(s) if o is None else o for o, s in zip(outs, shapes))
+
+
+def _materialized(grads, mask):
+    """The incoming gradients of a backward op's outputs; None where the output is unused or
+    output_mask is False (the output is then an empty placeholder)."""
+    return [g if m else None for g, m in zip(grads, mask)]
+
+
+def _register():
+    global _LIB
+    lib = torch.library
+    T = torch.ops.fcnfast
+    _LIB = lib.Library("fcnfast", "IMPL")
+
+    # ---- conv_transpose2d: y = ct(x, w) + b, linear in x and in w --------------------------
     @lib.register_fake("fcnfast::conv_transpose2d")
     def _(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
         return x.new_empty((x.shape[0], weight.shape[1] * groups, crop[2], crop[3]))
@@ -138,20 +318,83 @@ def _register():
                 if output_mask[1] else _empty(x),
                 x.new_empty((weight.shape[1] * groups,)) if output_mask[2] else _empty(x))
 
+    def ct_tangent(x, weight, tx, tw, tb, args, shape):
+        """d ct = ct(tx, w, tb) + ct(x, tw); None when no tangent is given."""
+        out = None
+        if tx is not None:
+            out, tb = T.conv_transpose2d(tx, weight, tb, *args), None
+        if tw is not None:
+            out, tb = _add(out, T.conv_transpose2d(x, tw, tb, *args)), None
+        if tb is not None:
+            out = _add(out, _bias_map(tb, shape))
+        return out
+
     def ct_setup(ctx, inputs, output):
-        x, weight, bias, stride, padding, output_padding, groups, dilation, crop = inputs
+        x, weight = inputs[:2]
         ctx.save_for_backward(x, weight)
-        ctx.args = (stride, padding, output_padding, groups, dilation, crop)
+        ctx.save_for_forward(x, weight)
+        ctx.args = tuple(inputs[3:])
+        ctx.shape = output.shape
 
     def ct_backward(ctx, grad):
         x, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
-        gx, gw, gb = torch.ops.fcnfast.conv_transpose2d_backward(grad, x, weight, *ctx.args, mask)
+        if not any(mask):
+            return (None,) * 9
+        gx, gw, gb = T.conv_transpose2d_backward(grad, x, weight, *ctx.args, mask)
         return (_or_none(gx, mask[0]), _or_none(gw, mask[1]), _or_none(gb, mask[2]),
                 None, None, None, None, None, None)
 
-    lib.register_autograd("fcnfast::conv_transpose2d", ct_backward, setup_context=ct_setup)
+    def ct_jvp(ctx, tx, tw, tb, *_):
+        x, weight = ctx.saved_tensors
+        out = ct_tangent(x, weight, tx, tw, tb, ctx.args, ctx.shape)
+        return x.new_zeros(ctx.shape) if out is None else out
 
+    _autograd("conv_transpose2d", ct_setup, ct_backward, ct_jvp)
+
+    # conv_transpose2d_backward: grad_x = ct^T(grad; w) (linear in grad and w),
+    # grad_weight (bilinear in x and grad), grad_bias = sum(grad)
+    def ctb_setup(ctx, inputs, output):
+        grad, x, weight = inputs[:3]
+        ctx.save_for_backward(grad, x, weight)
+        ctx.save_for_forward(grad, x, weight)
+        ctx.args = tuple(inputs[3:9])
+        ctx.mask = list(inputs[9])
+        ctx.shapes = [o.shape for o in output]
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
+
+    def ctb_backward(ctx, ggx, ggw, ggb):
+        grad, x, weight = ctx.saved_tensors
+        ggx, ggw, ggb = _materialized((ggx, ggw, ggb), ctx.mask)
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        dg = dx = dw = None
+        if need_g:
+            dg = ct_tangent(x, weight, ggx, ggw, ggb, ctx.args, grad.shape)
+        if need_x and ggw is not None:   # <ggw, grad_weight(x, grad)> = <grad, ct(x, ggw)>
+            dx = T.conv_transpose2d_backward(grad, x, ggw, *ctx.args, [True, False, False])[0]
+        if need_w and ggx is not None:   # <ggx, grad_x(w, grad)> = <grad, ct(ggx, w)>
+            dw = T.conv_transpose2d_backward(grad, ggx, weight, *ctx.args, [False, True, False])[1]
+        return (dg, dx, dw) + (None,) * 7
+
+    def ctb_jvp(ctx, tg, tx, tw, *_):
+        grad, x, weight = ctx.saved_tensors
+        mask = ctx.mask
+        outs = [None] * 3
+        if tg is not None:
+            outs = [o if m else None
+                    for o, m in zip(T.conv_transpose2d_backward(tg, x, weight, *ctx.args, mask),
+                                    mask)]
+        if tw is not None and mask[0]:
+            outs[0] = _add(outs[0], T.conv_transpose2d_backward(
+                grad, x, tw, *ctx.args, [True, False, False])[0])
+        if tx is not None and mask[1]:
+            outs[1] = _add(outs[1], T.conv_transpose2d_backward(
+                grad, tx, weight, *ctx.args, [False, True, False])[1])
+        return _fill(outs, ctx.shapes, grad)
+
+    _autograd("conv_transpose2d_backward", ctb_setup, ctb_backward, ctb_jvp)
+
+    # ---- bilinear_upsample2d: y = U x; its backward U^T g ----------------------------------
     @lib.register_fake("fcnfast::bilinear_upsample2d")
     def _(x, scale, crop):
         return x.new_empty((x.shape[0], x.shape[1], crop[2], crop[3]))
@@ -165,10 +408,25 @@ def _register():
         ctx.args = (x.shape[2], x.shape[3], scale, crop)
 
     def bu_backward(ctx, grad):
-        return torch.ops.fcnfast.bilinear_upsample2d_backward(grad, *ctx.args), None, None
+        return T.bilinear_upsample2d_backward(grad, *ctx.args), None, None
 
-    lib.register_autograd("fcnfast::bilinear_upsample2d", bu_backward, setup_context=bu_setup)
+    def bu_jvp(ctx, tx, *_):
+        return T.bilinear_upsample2d(tx, *ctx.args[2:])
 
+    _autograd("bilinear_upsample2d", bu_setup, bu_backward, bu_jvp)
+
+    def bub_setup(ctx, inputs, output):
+        ctx.args = tuple(inputs[1:])   # (in_height, in_width, scale, crop)
+
+    def bub_backward(ctx, gg):
+        return (T.bilinear_upsample2d(gg, *ctx.args[2:]),) + (None,) * 4
+
+    def bub_jvp(ctx, tg, *_):
+        return T.bilinear_upsample2d_backward(tg, *ctx.args)
+
+    _autograd("bilinear_upsample2d_backward", bub_setup, bub_backward, bub_jvp)
+
+    # ---- skip_add_crop: y = coarse + S skip (S: the window); backward S^T g (zero pad) ------
     @lib.register_fake("fcnfast::skip_add_crop")
     def _(coarse, skip, offset):
         return torch.empty_like(coarse, memory_format=torch.contiguous_format)
@@ -177,18 +435,45 @@ def _register():
     def _(grad, skip_height, skip_width, offset):
         return grad.new_empty((grad.shape[0], grad.shape[1], skip_height, skip_width))
 
+    def window(t, offset, hw):
+        (oy, ox), (h, w) = offset, hw
+        return t[..., oy:oy + h, ox:ox + w]
+
     def sa_setup(ctx, inputs, output):
         coarse, skip, offset = inputs
         ctx.args = (skip.shape[2], skip.shape[3], offset)
+        ctx.hw = tuple(coarse.shape[2:])
 
     def sa_backward(ctx, grad):
         grad_skip = None
         if ctx.needs_input_grad[1]:
-            grad_skip = torch.ops.fcnfast.skip_add_crop_backward(grad, *ctx.args)
+            grad_skip = T.skip_add_crop_backward(grad, *ctx.args)
         return (grad if ctx.needs_input_grad[0] else None), grad_skip, None
 
-    lib.register_autograd("fcnfast::skip_add_crop", sa_backward, setup_context=sa_setup)
+    def sa_jvp(ctx, tc, ts, _):
+        offset = ctx.args[2]
+        if tc is not None and ts is not None:
+            return T.skip_add_crop(tc, ts, offset)
+        if ts is not None:
+            return window(ts, offset, ctx.hw).clone(memory_format=torch.contiguous_format)
+        return tc.clone()
 
+    _autograd("skip_add_crop", sa_setup, sa_backward, sa_jvp)
+
+    def sab_setup(ctx, inputs, output):
+        grad = inputs[0]
+        ctx.args = tuple(inputs[1:])   # (skip_height, skip_width, offset)
+        ctx.hw = tuple(grad.shape[2:])
+
+    def sab_backward(ctx, gg):
+        return window(gg, ctx.args[2], ctx.hw), None, None, None
+
+    def sab_jvp(ctx, tg, *_):
+        return T.skip_add_crop_backward(tg, *ctx.args)
+
+    _autograd("skip_add_crop_backward", sab_setup, sab_backward, sab_jvp)
+
+    # ---- score_skip: y = coarse + scale * S conv1x1(feature; w) + b -------------------------
     @lib.register_fake("fcnfast::score_skip")
     def _(coarse, feature, weight, bias, scale, offset):
         return torch.empty_like(coarse, memory_format=torch.contiguous_format)
@@ -201,24 +486,91 @@ def _register():
                 if output_mask[1] else _empty(grad),
                 grad.new_empty((weight.shape[0],)) if output_mask[2] else _empty(grad))
 
+    def ss_tangent(feature, weight, tc, tf, tw, tb, args, shape):
+        """d score_skip = tc + ss(0, tf, w, tb) + ss(0, feature, tw); None without tangents."""
+        out = tc
+        for f, w in ((tf, weight), (feature, tw)):
+            if f is None or w is None:
+                continue
+            base = feature.new_zeros(shape) if out is None else out
+            out, tb = T.score_skip(base, f, w, tb, *args), None
+        if tb is not None:
+            out = _add(out, _bias_map(tb, shape))
+        return out
+
     def ss_setup(ctx, inputs, output):
         coarse, feature, weight, bias, scale, offset = inputs
         ctx.save_for_backward(feature, weight)
+        ctx.save_for_forward(feature, weight)
         ctx.args = (scale, offset)
+        ctx.shape = output.shape
 
     def ss_backward(ctx, grad):
         feature, weight = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[1:4])
-        gf, gw, gb = torch.ops.fcnfast.score_skip_backward(grad, feature, weight, *ctx.args, mask)
+        gf = gw = gb = None
+        if any(mask):
+            gf, gw, gb = T.score_skip_backward(grad, feature, weight, *ctx.args, mask)
         return ((grad if ctx.needs_input_grad[0] else None), _or_none(gf, mask[0]),
                 _or_none(gw, mask[1]), _or_none(gb, mask[2]), None, None)
 
-    lib.register_autograd("fcnfast::score_skip", ss_backward, setup_context=ss_setup)
+    def ss_jvp(ctx, tc, tf, tw, tb, *_):
+        feature, weight = ctx.saved_tensors
+        out = ss_tangent(feature, weight, tc, tf, tw, tb, ctx.args, ctx.shape)
+        if out is None:
+            return feature.new_zeros(ctx.shape)
+        return out.clone() if out is tc else out
 
+    _autograd("score_skip", ss_setup, ss_backward, ss_jvp)
+
+    # score_skip_backward: grad_feature = scale * S^T w^T grad (linear in grad and w),
+    # grad_weight (bilinear in grad and feature), grad_bias = sum(grad)
+    def ssb_setup(ctx, inputs, output):
+        grad, feature, weight = inputs[:3]
+        ctx.save_for_backward(grad, feature, weight)
+        ctx.save_for_forward(grad, feature, weight)
+        ctx.args = tuple(inputs[3:5])
+        ctx.mask = list(inputs[5])
+        ctx.shapes = [o.shape for o in output]
+        ctx.set_materialize_grads(False)
+
+    def ssb_backward(ctx, ggf, ggw, ggb):
+        grad, feature, weight = ctx.saved_tensors
+        ggf, ggw, ggb = _materialized((ggf, ggw, ggb), ctx.mask)
+        need_g, need_f, need_w = ctx.needs_input_grad[:3]
+        dg = df = dw = None
+        if need_g:
+            dg = ss_tangent(feature, weight, None, ggf, ggw, ggb, ctx.args, grad.shape)
+        if need_f and ggw is not None:
+            df = T.score_skip_backward(grad, feature, ggw, *ctx.args, [True, False, False])[0]
+        if need_w and ggf is not None:
+            dw = T.score_skip_backward(grad, ggf, weight, *ctx.args, [False, True, False])[1]
+        return dg, df, dw, None, None, None
+
+    def ssb_jvp(ctx, tg, tf, tw, *_):
+        grad, feature, weight = ctx.saved_tensors
+        mask = ctx.mask
+        outs = [None] * 3
+        if tg is not None:
+            outs = [o if m else None
+                    for o, m in zip(T.score_skip_backward(tg, feature, weight, *ctx.args, mask),
+                                    mask)]
+        if tw is not None and mask[0]:
+            outs[0] = _add(outs[0], T.score_skip_backward(
+                grad, feature, tw, *ctx.args, [True, False, False])[0])
+        if tf is not None and mask[1]:
+            outs[1] = _add(outs[1], T.score_skip_backward(
+                grad, tf, weight, *ctx.args, [False, True, False])[1])
+        return _fill(outs, ctx.shapes, grad)
+
+    _autograd("score_skip_backward", ssb_setup, ssb_backward, ssb_jvp)
+
+    # ---- upsample_argmax: int64 labels, no gradient (the autograd fallback gives none) -------
     @lib.register_fake("fcnfast::upsample_argmax")
     def _(x, scale, crop):
         return x.new_empty((x.shape[0], crop[2], crop[3]), dtype=torch.int64)
 
+    # ---- upsample_cross_entropy: L(x) = CE(U x, target); target is not differentiable --------
     @lib.register_fake("fcnfast::upsample_cross_entropy")
     def _(x, target, scale, crop, ignore_index, reduction):
         return x.new_empty(())
@@ -227,17 +579,81 @@ def _register():
     def _(grad_loss, x, target, scale, crop, ignore_index, reduction):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    def ce_hvp(x, target, v, scale, crop, ignore_index, reduction):
+        """Hessian of the loss (grad_loss = 1) times v: U^T [m (p * Uv - p <p, Uv>)], p = softmax(Ux),
+        m = 1 on non-ignored pixels (divided by their count for "mean")."""
+        z = T.bilinear_upsample2d(x, scale, crop)
+        u = T.bilinear_upsample2d(v, scale, crop)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            z, u = z.float(), u.float()
+        p = torch.softmax(z, dim=1)
+        pu = p * u
+        t = pu - p * pu.sum(1, keepdim=True)
+        valid = (target != ignore_index).unsqueeze(1)
+        t = torch.where(valid, t, torch.zeros_like(t))
+        if reduction == "mean":
+            t = t / valid.sum().clamp(min=1).to(t.dtype)
+        return T.bilinear_upsample2d_backward(t.to(x.dtype), x.shape[2], x.shape[3], scale, crop)
+
+    def ce_directional(x, target, t, args):
+        """<t, d loss / d x> for grad_loss = 1. As PyTorch's nll_loss, NaN for a "mean" over no
+        pixels (the loss itself is NaN there, while its gradient with respect to x is 0)."""
+        g1 = T.upsample_cross_entropy_backward(x.new_ones(()), x, target, *args)
+        out = (t * g1).sum()
+        ignore_index, reduction = args[2:]
+        if reduction == "mean":
+            out = torch.where((target != ignore_index).any(), out, torch.full_like(out, math.nan))
+        return out
+
     def ce_setup(ctx, inputs, output):
-        x, target, scale, crop, ignore_index, reduction = inputs
+        x, target = inputs[:2]
         ctx.save_for_backward(x, target)
-        ctx.args = (scale, crop, ignore_index, reduction)
+        ctx.save_for_forward(x, target)
+        ctx.args = tuple(inputs[2:])
 
     def ce_backward(ctx, grad_loss):
         x, target = ctx.saved_tensors
-        gx = torch.ops.fcnfast.upsample_cross_entropy_backward(grad_loss, x, target, *ctx.args)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = T.upsample_cross_entropy_backward(grad_loss, x, target, *ctx.args)
         return gx, None, None, None, None, None
 
-    lib.register_autograd("fcnfast::upsample_cross_entropy", ce_backward, setup_context=ce_setup)
+    def ce_jvp(ctx, tx, *_):
+        x, target = ctx.saved_tensors
+        return ce_directional(x, target, tx, ctx.args)
+
+    _autograd("upsample_cross_entropy", ce_setup, ce_backward, ce_jvp)
+
+    def ceb_setup(ctx, inputs, output):
+        grad_loss, x, target = inputs[:3]
+        ctx.save_for_backward(grad_loss, x, target)
+        ctx.save_for_forward(grad_loss, x, target)
+        ctx.args = tuple(inputs[3:])
+
+    def ceb_backward(ctx, ggx):
+        grad_loss, x, target = ctx.saved_tensors
+        dgl = dx = None
+        if ctx.needs_input_grad[0]:
+            dgl = ce_directional(x, target, ggx, ctx.args).reshape(grad_loss.shape)
+        if ctx.needs_input_grad[1]:
+            dx = grad_loss * ce_hvp(x, target, ggx, *ctx.args)
+        return (dgl, dx) + (None,) * 5
+
+    def ceb_jvp(ctx, tgl, tx, *_):
+        grad_loss, x, target = ctx.saved_tensors
+        out = None
+        if tgl is not None:
+            out = T.upsample_cross_entropy_backward(tgl, x, target, *ctx.args)
+        if tx is not None:
+            out = _add(out, grad_loss * ce_hvp(x, target, tx, *ctx.args))
+        return x.new_zeros(x.shape) if out is None else out
+
+    _autograd("upsample_cross_entropy_backward", ceb_setup, ceb_backward, ceb_jvp)
+
+    # ---- CRF ops: inference only ----------------------------------------------------------
+    for name in _NOT_DIFFERENTIABLE:
+        if hasattr(T, name):
+            _not_differentiable(name)
 
 
 _backend.on_extension_load(_register)

@@ -3,7 +3,9 @@
 This module is the readable specification, the fallback when the native
 extension is missing, and the oracle the tests compare the kernels against.
 Each function is the one-line PyTorch expression given in its docstring (plus
-argument checks); gradients come from PyTorch autograd.
+argument checks); gradients (of any order) come from PyTorch autograd. Unbatched
+(C, H, W) input is computed as the batched call on ``x.unsqueeze(0)`` with the batch
+dimension removed again, as ``torch.nn.functional`` does.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def _crop(out: torch.Tensor, crop) -> torch.Tensor:
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                      dilation=1, crop=None):
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``"""
+    if geo.is_unbatched(x, "x"):
+        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
+                                groups, dilation, crop).squeeze(0)
     stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
         x, weight, bias, stride, padding, output_padding, groups, dilation)
     crop = geo.resolve_crop(crop, *full)
@@ -62,6 +67,8 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     The FCN "upscore" layer with frozen Caffe bilinear weights (depthwise). Not
     ``F.interpolate``: the output is shifted and its borders are zero-padded.
     """
+    if geo.is_unbatched(x, "x"):
+        return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
@@ -75,6 +82,8 @@ def bilinear_upsample2d(x, scale: int, crop=None):
 
 def skip_add_crop(coarse, skip, offset):
     """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
+    if geo.same_batching(coarse, "coarse", skip, "skip"):
+        return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     oy, ox = _check_skip_add_crop(coarse, skip, offset)
     h, w = coarse.shape[2:]
     return coarse + skip[..., oy:oy + h, ox:ox + w]
@@ -120,6 +129,9 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     (``scale`` is the at-once FCN-8s feature scaling), crop it to the coarse
     map's window and add.
     """
+    if geo.same_batching(coarse, "coarse", feature, "feature"):
+        return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
+                          offset).squeeze(0)
     oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
     h, w = coarse.shape[2:]
     return coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy + h, ox:ox + w]
@@ -127,6 +139,8 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
 
 def upsample_argmax(x, scale: int, crop=None):
     """``bilinear_upsample2d(x, scale, crop).argmax(1)`` (int64 label map)."""
+    if geo.is_unbatched(x, "x"):
+        return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
     return bilinear_upsample2d(x, scale, crop).argmax(1)
 
 
@@ -135,8 +149,12 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     """``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``
 
     ``reduction`` is ``"mean"`` (over non-ignored pixels) or ``"sum"`` (Caffe's
-    unnormalised loss).
+    unnormalised loss). An unbatched ``x`` (C, H, W) with ``target`` (h, w) is one image
+    (N = 1), not ``F.cross_entropy``'s reading of a 3-D input as (N, C, d).
     """
+    if geo.same_batching(x, "x", target, "target", "H, W"):
+        return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
+                                      ignore_index, reduction)
     _check_cross_entropy_args(x, target, scale, crop, reduction)
     return F.cross_entropy(bilinear_upsample2d(x, scale, crop), target,
                            ignore_index=ignore_index, reduction=reduction)

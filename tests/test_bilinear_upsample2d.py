@@ -133,7 +133,7 @@ def test_backward_is_deterministic_across_threads():
     (dict(crop=(0, 0, 21, 5)), "lies outside the full output"),
     (dict(crop=(-1, 0, 2, 2)), "lies outside the full output"),
     (dict(crop=(0, 0, 2)), "crop must be"),
-    (dict(x=torch.randn(3, 4, 4)), "x must be a 4-D"),
+    (dict(x=torch.randn(4, 4)), "x must be a 4-D"),
     (dict(x=torch.randint(0, 3, (1, 3, 4, 4))), "x must be a floating"),
 ])
 def test_errors(impl, kwargs, match):

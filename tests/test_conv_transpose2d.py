@@ -218,7 +218,7 @@ def _native_call(x, weight, bias, stride=1, padding=0, output_padding=0, groups=
 
 
 ERRORS = [
-    (dict(x=torch.randn(3, 6, 6)), "x must be a 4-D"),
+    (dict(x=torch.randn(6, 6)), "x must be a 4-D"),
     (dict(x=torch.randint(0, 3, (1, 4, 6, 6))), "x must be a floating"),
     (dict(weight=torch.randn(4, 2, 3, 3, dtype=torch.float64)), "dtype"),
     (dict(weight=torch.randn(4, 2, 3)), "weight must be a 4-D"),

@@ -242,10 +242,30 @@ def test_upsample_argmax_ties_and_nan_follow_torch_argmax():
     assert torch.equal(ops.upsample_argmax(x, 2).cpu(), expected)
 
 
+GRADCHECK_CASES = ["deconv-general", "bilinear-s8-crop31", "skip-crop5", "score-pool4",
+                   "ce-s4-sum"]
+
+
 @needs_cuda
-@pytest.mark.parametrize("name", ["deconv-general", "bilinear-s8-crop31", "skip-crop5",
-                                  "score-pool4", "ce-s4-sum"])
+@pytest.mark.parametrize("name", GRADCHECK_CASES)
 def test_gradcheck_fp64(name):
+    fn, inputs = _small_grad_case(name)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", GRADCHECK_CASES)
+def test_gradgradcheck_fp64(name):
+    """Double backward on CUDA (the autograd formulas call the CUDA backward ops), with
+    warnings as errors: an op without an autograd kernel would warn and give zeros."""
+    import warnings
+    fn, inputs = _small_grad_case(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def _small_grad_case(name):
     op, make, kwargs = CASES[name]
     _require_cuda_kernel(op)
     tensors = make()
@@ -265,7 +285,7 @@ def test_gradcheck_fp64(name):
     def fn(*grad_inputs):
         call = dict(args, **dict(zip(names, grad_inputs)))
         return getattr(ops, op)(**call, **kwargs)
-    assert torch.autograd.gradcheck(fn, [args[k] for k in names])
+    return fn, [args[k] for k in names]
 
 
 @needs_cuda

@@ -162,7 +162,7 @@ ERRORS = [
     (dict(feature=torch.randn(1, 4, 8, 8, dtype=torch.float64)), "dtype"),
     (dict(weight=torch.randn(3, 4, 1, 1, dtype=torch.float64)), "dtype"),
     (dict(weight=torch.randn(3, 4, 3, 3)), r"1x1 convolution weight"),
-    (dict(feature=torch.randn(4, 8, 8)), "feature must be a 4-D"),
+    (dict(feature=torch.randn(8, 8)), "feature must be a 4-D"),
     (dict(weight=torch.randn(3, 4)), "weight must be a 4-D"),
     (dict(coarse=torch.randint(0, 3, (1, 3, 4, 4))), "coarse must be a floating"),
     (dict(bias=torch.randn(4)), "bias has 4 elements"),

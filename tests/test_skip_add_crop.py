@@ -75,7 +75,7 @@ def test_backward_is_deterministic():
     (dict(offset=(0, 5)), "offset"),
     (dict(skip=torch.randn(1, 2, 8, 8)), "batch and channels"),
     (dict(skip=torch.randn(1, 3, 8, 8, dtype=torch.float64)), "dtype"),
-    (dict(skip=torch.randn(3, 8, 8)), "skip must be a 4-D"),
+    (dict(skip=torch.randn(8, 8)), "skip must be a 4-D"),
     (dict(coarse=torch.randint(0, 3, (1, 3, 4, 4))), "coarse must be a floating"),
 ])
 def test_errors(impl, kwargs, match):

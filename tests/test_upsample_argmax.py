@@ -139,7 +139,7 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scale=0), "scale must be a positive int"),
     (dict(crop=(0, 0, 21, 5)), "lies outside the full output"),
-    (dict(x=torch.randn(3, 4, 4)), "x must be a 4-D"),
+    (dict(x=torch.randn(4, 4)), "x must be a 4-D"),
     (dict(x=torch.randint(0, 3, (1, 3, 4, 4))), "x must be a floating"),
 ])
 def test_errors(impl, kwargs, match):

@@ -196,12 +196,12 @@ ERRORS = [
     (dict(target=torch.zeros(1, 20, 19, dtype=torch.int64)), "target shape"),
     (dict(target=torch.zeros(2, 20, 20, dtype=torch.int64)), "target shape"),
     (dict(target=torch.zeros(1, 20, 20, dtype=torch.int32)), "target must be an int64"),
-    (dict(target=torch.zeros(20, 20, dtype=torch.int64)), "target must be a 3-D"),
+    (dict(target=torch.zeros(20, dtype=torch.int64)), "target must be a 3-D"),
     (dict(target=torch.zeros(1, 20, 20, dtype=torch.int64, device="meta")), "same device"),
     (dict(reduction="none"), "reduction must be 'mean' or 'sum'"),
     (dict(scale=0), "scale must be a positive int"),
     (dict(crop=(0, 0, 21, 20)), "lies outside the full output"),
-    (dict(x=torch.randn(3, 4, 4)), "x must be a 4-D"),
+    (dict(x=torch.randn(4, 4)), "x must be a 4-D"),
 ]
 
 
