@@ -14,15 +14,97 @@ benchmark files (Indian Pines, Pavia University, Salinas).
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-__all__ = ["load_hsi", "normalize_bands", "synthetic_scene", "describe_scene"]
+__all__ = ["load_hsi", "load_scene", "HSIScene", "KNOWN_SCENES", "class_names", "normalize_bands",
+           "pca_reduce", "synthetic_scene", "describe_scene"]
 
 NORMALIZATIONS = ("standard", "minmax", "none")
+
+
+# ---------------------------------------------------------------------------
+# the public benchmark scenes: their usual .mat keys and class names
+# ---------------------------------------------------------------------------
+
+class _Known(NamedTuple):
+    title: str
+    cube_keys: Tuple[str, ...]
+    gt_keys: Tuple[str, ...]
+    classes: Tuple[str, ...]
+
+
+#: The public scenes as they are usually distributed (GIC, Universidad del Pais Vasco):
+#: ``Indian_pines_corrected.mat`` / ``Indian_pines_gt.mat``, ``PaviaU.mat`` / ``PaviaU_gt.mat``,
+#: ``Salinas_corrected.mat`` / ``Salinas_gt.mat``, ``Pavia.mat`` / ``Pavia_gt.mat``. Class ``i`` (1-based
+#: label in the ground truth) is ``classes[i - 1]``.
+KNOWN_SCENES: Dict[str, _Known] = {
+    "indian_pines": _Known(
+        "Indian Pines (AVIRIS)", ("indian_pines_corrected", "indian_pines"), ("indian_pines_gt",),
+        ("Alfalfa", "Corn-notill", "Corn-mintill", "Corn", "Grass-pasture", "Grass-trees",
+         "Grass-pasture-mowed", "Hay-windrowed", "Oats", "Soybean-notill", "Soybean-mintill",
+         "Soybean-clean", "Wheat", "Woods", "Buildings-Grass-Trees-Drives", "Stone-Steel-Towers")),
+    "pavia_university": _Known(
+        "Pavia University (ROSIS)", ("paviaU",), ("paviaU_gt",),
+        ("Asphalt", "Meadows", "Gravel", "Trees", "Painted metal sheets", "Bare Soil", "Bitumen",
+         "Self-Blocking Bricks", "Shadows")),
+    "pavia_centre": _Known(
+        "Pavia Centre (ROSIS)", ("pavia",), ("pavia_gt",),
+        ("Water", "Trees", "Asphalt", "Self-Blocking Bricks", "Bitumen", "Tiles", "Shadows",
+         "Meadows", "Bare Soil")),
+    "salinas": _Known(
+        "Salinas (AVIRIS)", ("salinas_corrected", "salinas"), ("salinas_gt",),
+        ("Brocoli_green_weeds_1", "Brocoli_green_weeds_2", "Fallow", "Fallow_rough_plow",
+         "Fallow_smooth", "Stubble", "Celery", "Grapes_untrained", "Soil_vinyard_develop",
+         "Corn_senesced_green_weeds", "Lettuce_romaine_4wk", "Lettuce_romaine_5wk",
+         "Lettuce_romaine_6wk", "Lettuce_romaine_7wk", "Vinyard_untrained",
+         "Vinyard_vertical_trellis")),
+}
+
+
+def _known_by_key(key: Optional[str]) -> Optional[str]:
+    if key is None:
+        return None
+    for name, known in KNOWN_SCENES.items():
+        if key in known.gt_keys or key in known.cube_keys:
+            return name
+    return None
+
+
+def class_names(scene: Optional[str], num_classes: int) -> List[str]:
+    """Names of classes ``1..num_classes``: the known scene's names (``KNOWN_SCENES``), else
+    ``"class 1"``, ``"class 2"``, ... (also for labels beyond the known list)."""
+    known = KNOWN_SCENES[scene].classes if scene in KNOWN_SCENES else ()
+    return [known[i] if i < len(known) else "class %d" % (i + 1) for i in range(num_classes)]
+
+
+class HSIScene(NamedTuple):
+    """A loaded scene: ``cube`` float32 (H, W, B), ``gt`` int64 (H, W) (0 = unlabelled), the
+    known scene it was recognised as (``None`` when not), its class names (``class_names[i]`` is
+    label ``i + 1``) and the keys / files it came from."""
+    cube: np.ndarray
+    gt: np.ndarray
+    scene: Optional[str]
+    class_names: List[str]
+    title: str
+    cube_key: Optional[str]
+    gt_key: Optional[str]
+
+
+def load_scene(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
+               gt_path=None) -> HSIScene:
+    """:func:`load_hsi` plus the scene's identity: a ``.mat`` pair whose keys are the usual keys of
+    a known scene (``KNOWN_SCENES``: Indian Pines, Pavia University, Pavia Centre, Salinas) gets
+    that scene's class names; anything else gets ``class 1..K``."""
+    keys: Dict[str, Optional[str]] = {}
+    cube, gt = _load(path, cube_key, gt_key, gt_path, keys)
+    scene = _known_by_key(keys.get("gt")) or _known_by_key(keys.get("cube"))
+    k = int(gt.max()) if gt.size else 0
+    title = KNOWN_SCENES[scene].title if scene else os.path.basename(os.fspath(path))
+    return HSIScene(cube, gt, scene, class_names(scene, k), title, keys.get("cube"), keys.get("gt"))
 
 
 # ---------------------------------------------------------------------------
@@ -48,6 +130,10 @@ def load_hsi(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
     Returns ``(cube float32 (H, W, B), gt int64 (H, W))``; ``gt`` 0 means unlabelled. Errors
     (``FileNotFoundError``/``ValueError``) name the file and the key.
     """
+    return _load(path, cube_key, gt_key, gt_path, {})
+
+
+def _load(path, cube_key, gt_key, gt_path, keys) -> Tuple[np.ndarray, np.ndarray]:
     path = os.fspath(path)
     if os.path.isdir(path):
         return _load_npy_pair(os.path.join(path, "cube.npy"), gt_path or os.path.join(path, "gt.npy"))
@@ -64,6 +150,7 @@ def load_hsi(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
                          "with cube.npy and gt.npy" % path)
     variables = _read_mat(path)
     cube_key = cube_key or _find_cube_key(variables, path)
+    keys["cube"] = cube_key
     cube = _get(variables, cube_key, path, "cube_key")
     if cube.ndim != 3:
         raise ValueError("cube %r in %r must be 3-D (H, W, bands), got shape %s"
@@ -76,6 +163,7 @@ def load_hsi(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
     gt_key = gt_key or _find_gt_key(gt_variables, cube.shape[:2], gt_file, exclude=cube_key
                                     if gt_file == path else None)
     gt = _get(gt_variables, gt_key, gt_file, "gt_key")
+    keys["gt"] = gt_key
     return _checked_pair(cube, "%r in %r" % (cube_key, path), gt, "%r in %r" % (gt_key, gt_file))
 
 
@@ -158,6 +246,10 @@ def _get(variables, key, path, argument) -> np.ndarray:
 
 def _find_cube_key(variables, path) -> str:
     cubes = {k: v for k, v in variables.items() if v.ndim == 3}
+    for known in KNOWN_SCENES.values():  # a known scene's usual key wins over "the largest"
+        for key in known.cube_keys:
+            if key in cubes:
+                return key
     if not cubes:
         raise ValueError("no 3-D array (H, W, bands) in %r (numeric variables: %s); pass cube_key"
                          % (path, _describe(variables)))
@@ -165,7 +257,9 @@ def _find_cube_key(variables, path) -> str:
 
 
 def _find_gt_key(variables, hw, path, exclude=None) -> str:
-    for key, value in variables.items():
+    usual = [k for known in KNOWN_SCENES.values() for k in known.gt_keys if k in variables]
+    for key in usual + [k for k in variables if k not in usual]:
+        value = variables[key]
         if key != exclude and value.ndim == 2 and value.shape == tuple(hw) and _integral(value):
             return key
     raise ValueError("no 2-D integer ground-truth array of shape %s in %r (numeric variables: %s); "
@@ -219,6 +313,27 @@ def normalize_bands(cube: np.ndarray, method: str = "standard") -> np.ndarray:
     x -= shift.astype(np.float32)
     x /= scale.astype(np.float32)
     return x
+
+
+def pca_reduce(cube: np.ndarray, components: int) -> np.ndarray:
+    """The first ``components`` principal components of a ``(H, W, B)`` cube's pixels (all pixels of
+    the scene, unsupervised, as the patch-CNN literature does before its CNN), float32
+    ``(H, W, components)``. Each component's sign is fixed (its largest loading positive), and all
+    components are divided by the standard deviation of the first, so they keep their relative
+    variance. ``components >= B`` returns the cube rotated onto all components."""
+    if cube.ndim != 3:
+        raise ValueError("cube must be (H, W, bands), got shape %s" % (cube.shape,))
+    if int(components) < 1:
+        raise ValueError("components must be >= 1, got %r" % components)
+    h, w, b = cube.shape
+    x = cube.reshape(-1, b).astype(np.float64)
+    x = x - x.mean(axis=0)
+    values, vectors = np.linalg.eigh(x.T @ x / max(x.shape[0], 1))
+    top = vectors[:, ::-1][:, :min(int(components), b)]
+    top = top * np.where(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])] < 0, -1.0, 1.0)
+    scores = x @ top
+    scale = scores[:, 0].std() if scores.size else 1.0
+    return (scores / (scale if scale > 0 else 1.0)).astype(np.float32).reshape(h, w, -1)
 
 
 # ---------------------------------------------------------------------------

@@ -19,12 +19,21 @@ import torch
 from . import engine
 from .models import HSIFCN, PatchCNN
 
+def _fcn_crf(model, scene, params=None):
+    from ..crf import dense_crf
+
+    return dense_crf(engine.predict_fcn(model, scene), scene, **(params or {}))
+
+
 METHODS = {"patch": (PatchCNN, engine.predict_patches), "dense": (PatchCNN, engine.predict_dense),
-           "fcn": (HSIFCN, engine.predict_fcn)}
+           "fcn": (HSIFCN, engine.predict_fcn), "crf": (HSIFCN, _fcn_crf)}
 
 
 def measure(spec) -> float:
     cls, predict = METHODS[spec["method"]]
+    if spec["method"] == "crf":
+        params = spec.get("crf")
+        predict = lambda model, scene: _fcn_crf(model, scene, params)  # noqa: E731
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     model = cls(**spec["config"])
     model.load_state_dict(spec["state_dict"])

@@ -51,15 +51,19 @@ def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator, noi
 
 
 def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, epochs: int,
-                    batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4,
-                    noise: float = 0.0, seed: int = 0) -> nn.Module:
+                    batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4,
+                    noise: float = 0.0, seed: int = 0, label_smoothing: float = 0.0) -> nn.Module:
     """Minibatches of ``window x window`` patches (gathered on the fly from the reflect-padded
-    scene, never stored) around the training pixels; cross-entropy on the centre label."""
+    scene, never stored) around the training pixels, each batch randomly flipped / rotated by a
+    multiple of 90 degrees; cross-entropy on the centre label; Adam with a one-cycle schedule
+    (warm-up to ``lr``, cosine decay to ~0 over ``epochs``)."""
     g = torch.Generator().manual_seed(seed)
     padded = reflect_pad(scene, model.window // 2)
     rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
     labels = target[rows, cols]
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    per_epoch = sum(1 for s in range(0, rows.numel(), batch_size) if rows.numel() - s >= 2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * per_epoch))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(rows.numel(), generator=g)
@@ -69,10 +73,11 @@ def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor,
                 continue
             patches, _ = _augment(extract_patches(padded, rows[idx], cols[idx], model.window), None, g,
                                   noise)
-            loss = F.cross_entropy(model(patches), labels[idx])
+            loss = F.cross_entropy(model(patches), labels[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
     return model.eval()
 
 
