@@ -54,7 +54,7 @@ class FinetuneConfig:
     pretrained: bool = True
     epochs: int = 40
     batch_size: int = 8
-    crop: Sequence[int] = (352, 480)
+    crop: Sequence[int] = (288, 384)
     scale_min: float = 0.75
     scale_max: float = 1.5
     jitter: float = 0.2
@@ -69,7 +69,7 @@ class FinetuneConfig:
     threads: Optional[int] = None
     seed: int = 0
     minutes: Optional[float] = None
-    val_every: int = 1
+    val_every: int = 2
     num_workers: int = 1
     train_split: str = "train"
     val_split: str = "val"

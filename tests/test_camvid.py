@@ -1,7 +1,6 @@
 """Real-image pipeline: dataset layouts and CamVid, the EfficientNet-Lite0 backbone and its key
 mapping, the Lite0 FCN heads' geometry, fine-tuning (exact resume), the shipped CamVid model."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 __all__ = ["MEAN_RGB", "STD_RGB", "IGNORE_INDEX", "VOC_CLASSES", "image_to_tensor",
-           "tensor_to_image", "load_image", "load_label", "save_label_png", "voc_palette"]
+           "tensor_to_image", "load_image", "load_image_and_label", "load_label", "save_label_png",
+           "voc_palette"]
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
@@ -68,6 +69,17 @@ def _open(path: PathLike, what: str) -> Image.Image:
 def load_image(path: PathLike) -> np.ndarray:
     """Read an image file as a uint8 (H, W, 3) RGB array (Pillow; any mode is converted)."""
     return np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image_and_label(image_path: PathLike, label_path: PathLike):
+    """(uint8 (H, W, 3) RGB, uint8 (H, W) labels) of one dataset item; sizes must agree."""
+    image = load_image(image_path)
+    labels = load_label(label_path)
+    if image.shape[:2] != labels.shape:
+        raise ValueError("image %s is %dx%d but its label %s is %dx%d"
+                         % (os.fspath(image_path), image.shape[0], image.shape[1],
+                            os.fspath(label_path), labels.shape[0], labels.shape[1]))
+    return image, labels
 
 
 def voc_palette() -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import IGNORE_INDEX, load_image, load_label
+from .images import IGNORE_INDEX, load_image_and_label
 
 __all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_VOID", "ListFileSegmentation",
            "FolderPairSegmentation", "CamVid", "NormalizedImages", "open_segmentation",
@@ -72,12 +72,7 @@ class _PairDataset(Dataset):
     def raw(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """(uint8 (H, W, 3) RGB, uint8 (H, W) labels with void -> 255)."""
         image_path, label_path = self.pairs[index]
-        image = load_image(image_path)
-        labels = load_label(label_path)
-        if image.shape[:2] != labels.shape:
-            raise ValueError("image %s is %dx%d but its label %s is %dx%d"
-                             % (image_path, image.shape[0], image.shape[1], label_path,
-                                labels.shape[0], labels.shape[1]))
+        image, labels = load_image_and_label(image_path, label_path)
         for void in self.void_ids:
             labels[labels == void] = IGNORE_INDEX
         if self.num_classes is not None:

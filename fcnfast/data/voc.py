@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import VOC_CLASSES, image_to_tensor, load_image, load_label, save_label_png
+from .images import VOC_CLASSES, image_to_tensor, load_image_and_label, save_label_png
 from .synthetic import SyntheticScenes
 
 __all__ = ["VOCSegmentation", "write_synthetic_voc", "read_split"]
@@ -73,14 +73,7 @@ class VOCSegmentation(Dataset):
 
     def raw(self, index: int):
         """Item ``index`` as (uint8 (H, W, 3) RGB, uint8 (H, W) labels)."""
-        image_path, label_path = self.paths(index)
-        image = load_image(image_path)
-        labels = load_label(label_path)
-        if image.shape[:2] != labels.shape:
-            raise ValueError("image %s is %dx%d but its label %s is %dx%d"
-                             % (image_path, image.shape[0], image.shape[1], label_path,
-                                labels.shape[0], labels.shape[1]))
-        return image, labels
+        return load_image_and_label(*self.paths(index))
 
     def __getitem__(self, index: int):
         image, labels = self.raw(index)

@@ -272,12 +272,7 @@ def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
     ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
     ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
     """
-    if backbone == "lite0":
-        return _lite('fcn32s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
-    if pretrained:
-        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
-                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
-    return FCN("fcn32s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+    return _build('fcn32s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
@@ -287,12 +282,7 @@ def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
     ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
     ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
     """
-    if backbone == "lite0":
-        return _lite('fcn16s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
-    if pretrained:
-        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
-                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
-    return FCN("fcn16s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+    return _build('fcn16s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
@@ -302,12 +292,7 @@ def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
     ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
     ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
     """
-    if backbone == "lite0":
-        return _lite('fcn8s', num_classes, in_channels, fixed_upsampling, pretrained, kwargs)
-    if pretrained:
-        raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights use "
-                         "fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
-    return FCN("fcn8s", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+    return _build('fcn8s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
@@ -316,7 +301,13 @@ def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
     return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
 
 
-def _lite(variant, num_classes, in_channels, fixed_upsampling, pretrained, kwargs):
+def _build(variant, num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs):
+    """A VGG-style ``FCN``, or a ``LiteFCN`` for ``backbone="lite0"``."""
+    if backbone != "lite0":
+        if pretrained:
+            raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights "
+                             "use fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
+        return FCN(variant, num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
     from .lite_fcn import LiteFCN
 
     if in_channels != 3:
