@@ -11,6 +11,9 @@
             model under ``fcnfast.use_backend("reference")``, each in fp32 and under bf16
             autocast; first call, median and p99 of ``--calls`` calls, images/s, and the
             process's peak RSS (VmHWM).
+--train-step  one training step (forward, backward, AdamW; batch 8 of 288x384 crops, the
+            recipe's) in fp32 and under bf16 autocast, interleaved in one process: median of
+            --calls steps each.
 --figure    input / ground truth / prediction / prediction + CRF for 3 val images.
 """
 from __future__ import annotations
@@ -113,6 +116,33 @@ def speed(args) -> list:
     return rows
 
 
+def train_step(args) -> dict:
+    import torch.nn.functional as F
+
+    from fcnfast.models.lite_fcn import LiteFCN
+
+    model = LiteFCN("fcn8s", 11).train()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 288, 384), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 11, (8, 288, 384), generator=g)
+    times = {False: [], True: []}
+    for _ in range(args.calls):
+        for bf16 in (False, True):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(model.preprocess(images))
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times[bf16].append(time.perf_counter() - t)
+    out = {("bf16" if k else "fp32"): statistics.median(v[1:]) for k, v in times.items()}
+    print("training step (batch 8, 288x384): fp32 %.2f s, bf16 autocast %.2f s" % (out["fp32"],
+                                                                                  out["bf16"]))
+    return out
+
+
 def figure(args, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -168,6 +198,7 @@ def main():
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--crf", action="store_true", help="with --accuracy: also score the CRF")
     p.add_argument("--speed", action="store_true")
+    p.add_argument("--train-step", action="store_true")
     p.add_argument("--figure", default=None)
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.add_argument("--threads", type=int, default=2)
@@ -190,6 +221,8 @@ def main():
             print({k: v for k, v in acc["fcn+crf"].items() if k != "per_class_iu"})
     if args.speed:
         results["speed"] = speed(args)
+    if args.train_step:
+        results["train_step"] = train_step(args)
     if args.figure:
         figure(args, args.figure)
     if args.json:
