@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 IntPair = Union[int, Sequence[int]]
 Crop = Optional[Sequence[int]]
@@ -89,8 +90,6 @@ def violated(cond) -> bool:
     the same bounds again on concrete sizes when the exported program runs.
     """
     if isinstance(cond, torch.SymBool):
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
         return statically_known_true(cond)
     return bool(cond)
 

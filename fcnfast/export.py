@@ -137,7 +137,8 @@ def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
 
 def onnx_translation_table():
     """``{torch.ops.fcnfast.<op>.default: onnxscript function}`` for ``torch.onnx.export``'s
-    ``custom_translation_table``; every op becomes standard ONNX operators (opset 18)."""
+    ``custom_translation_table``; every op becomes standard ONNX operators (written against
+    opset 18; the exporter's default opset, 20 with torch 2.13, keeps their meaning)."""
     from typing import Optional as Opt
     from typing import TypeVar
 
@@ -207,8 +208,9 @@ def onnx_translation_table():
     def upsample_cross_entropy(x: TFloat, target: INT64, scale: int, crop: INT64,
                                ignore_index: int, reduction: str) -> TFloat:
         logits = bilinear(x, scale, crop)
-        return op.SoftmaxCrossEntropyLoss(logits, target, ignore_index=ignore_index,
-                                          reduction=reduction)
+        loss, _ = op.SoftmaxCrossEntropyLoss(logits, target, ignore_index=ignore_index,
+                                             reduction=reduction)
+        return loss
 
     T = torch.ops.fcnfast
     return {T.conv_transpose2d.default: conv_transpose2d,
@@ -220,13 +222,16 @@ def onnx_translation_table():
 
 
 def export_onnx(model: nn.Module, path, example: Optional[torch.Tensor] = None, *,
-                predict: bool = False, opset_version: int = 18, max_batch: int = MAX_BATCH,
-                max_side: int = MAX_SIDE):
+                predict: bool = False, opset_version: Optional[int] = None,
+                max_batch: int = MAX_BATCH, max_side: int = MAX_SIDE,
+                output_names: Optional[Sequence[str]] = None):
     """``torch.onnx.export`` (dynamo exporter) of ``model`` to ``path`` with dynamic N, H, W.
 
     Input ``"input"`` (N, C, H, W) float; output ``"scores"`` (N, num_classes, H, W) or, with
-    ``predict=True``, ``"labels"`` (N, H, W) int64. Needs the ``onnx`` and ``onnxscript``
-    packages (``pip install fcnfast[onnx]``). Returns the ``torch.onnx.ONNXProgram``.
+    ``predict=True``, ``"labels"`` (N, H, W) int64 (``output_names`` for a module with several
+    outputs). ``opset_version`` None: the exporter's default. Needs the ``onnx`` and
+    ``onnxscript`` packages (``pip install fcnfast[onnx]``). Returns the
+    ``torch.onnx.ONNXProgram``.
     """
     try:
         import onnxscript  # noqa: F401
@@ -237,7 +242,8 @@ def export_onnx(model: nn.Module, path, example: Optional[torch.Tensor] = None, 
     with torch.no_grad(), _size_oblivious():
         program = torch.onnx.export(
             module, (example,), dynamo=True, opset_version=opset_version,
-            input_names=["input"], output_names=["labels" if predict else "scores"],
+            input_names=["input"],
+            output_names=list(output_names or ["labels" if predict else "scores"]),
             dynamic_shapes=dynamic_shapes(max_batch, max_side),
             custom_translation_table=onnx_translation_table(), verbose=False)
     program.save(str(path))

@@ -53,7 +53,7 @@ def bilinear_kernel(channels: int, kernel_size: int, dtype=torch.float32) -> tor
     return weight
 
 
-class ConvTranspose2d(NoScript, nn.ConvTranspose2d):
+class ConvTranspose2d(nn.ConvTranspose2d, NoScript):
     """``torch.nn.ConvTranspose2d`` computed by ``fcnfast.ops.conv_transpose2d``.
 
     ``forward(x, output_size=None, crop=None)``: ``crop=(top, left, h, w)`` keeps
@@ -95,7 +95,7 @@ class ConvTranspose2d(NoScript, nn.ConvTranspose2d):
                                     (0, 0, size[0], size[1]))
 
 
-class BilinearUpsample2d(NoScript, nn.Module):
+class BilinearUpsample2d(nn.Module, NoScript):
     """FCN upsampling by an integer ``scale``: kernel ``2*scale``, stride ``scale``.
 
     ``learnable=False`` (Caffe's frozen ``upscore``): no parameters, the bilinear
@@ -128,7 +128,7 @@ class BilinearUpsample2d(NoScript, nn.Module):
         return "channels=%d, scale=%d, learnable=%s" % (self.channels, self.scale, self.learnable)
 
 
-class SkipFuse(NoScript, nn.Conv2d):
+class SkipFuse(nn.Conv2d, NoScript):
     """FCN skip step: ``coarse + (1x1 conv of feature * scale)[..., oy:oy+H, ox:ox+W]``.
 
     A ``torch.nn.Conv2d(in_channels, num_classes, 1)`` (so ``weight``/``bias``
@@ -211,7 +211,7 @@ class FrozenBilinearConvTranspose2d(ConvTranspose2d):
         return super().forward(input, output_size, crop)
 
 
-class BilinearInterpolate2d(NoScript, nn.Module):
+class BilinearInterpolate2d(nn.Module, NoScript):
     """``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` for an even
     integer ``s``, through fcnfast's bilinear upsampling: the Caffe bilinear deconvolution of
     the input replicate-padded by one pixel, cropped at ``3s/2`` (the tent filter of kernel

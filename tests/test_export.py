@@ -115,50 +115,78 @@ def assert_labels_match(actual, expected, scores, what):
 # ONNX through onnxruntime
 # ---------------------------------------------------------------------------
 
-ONNX_CASES = [(v, "tiny", fixed) for v in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
-              for fixed in (False, True)] + [("fcn16s", "small", False),
-                                             ("fcn8s_atonce", "small", True),
-                                             ("fcn8s", "lite0", False)]
+ZOO_CASES = [(v, "tiny", fixed) for v in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+             for fixed in (False, True)] + [("fcn16s", "small", False),
+                                            ("fcn8s_atonce", "small", True)]
+PREDICT_CASES = [("fcn8s", True), ("fcn32s", False)]
 
 
-@pytest.mark.parametrize("variant,backbone,fixed", ONNX_CASES)
-def test_onnx_scores_match_at_other_sizes(tmp_path, variant, backbone, fixed):
-    model = make(variant, backbone, fixed)
-    path = tmp_path / "m.onnx"
-    fx.export_onnx(model, path, inputs(*EXPORT_SIZE))
-    graph = onnx.load(str(path))
+class Zoo(nn.Module):
+    """Every case in one module, so one ONNX export (seconds each on a busy CPU) covers them:
+    the scores of each model in ZOO_CASES, then the label maps of PREDICT_CASES."""
+
+    def __init__(self):
+        super().__init__()
+        self.models = nn.ModuleList(make(*case, seed=i) for i, case in enumerate(ZOO_CASES))
+        self.predictors = nn.ModuleList(fx.Predictor(make(v, "tiny", fixed, seed=10 + i))
+                                        for i, (v, fixed) in enumerate(PREDICT_CASES))
+
+    def forward(self, x):
+        return tuple(m(x) for m in self.models) + tuple(p(x) for p in self.predictors)
+
+
+@pytest.fixture(scope="module")
+def zoo_onnx(tmp_path_factory):
+    zoo = Zoo().eval()
+    names = ["scores_%d" % i for i in range(len(ZOO_CASES))] + \
+            ["labels_%d" % i for i in range(len(PREDICT_CASES))]
+    path = tmp_path_factory.mktemp("zoo") / "zoo.onnx"
+    fx.export_onnx(zoo, path, inputs(*EXPORT_SIZE), output_names=names)
+    return zoo, path
+
+
+def test_onnx_graph_is_standard_and_dynamic(zoo_onnx):
+    graph = onnx.load(str(zoo_onnx[1]))
     ops_used = {n.op_type for n in graph.graph.node}
-    assert "ConvTranspose" in ops_used and "Slice" in ops_used, sorted(ops_used)
-    assert not [n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")], \
-        "non-standard ONNX domains in the graph"
+    for op_type in ("ConvTranspose", "Slice", "Conv", "Add", "ArgMax", "MaxPool"):
+        assert op_type in ops_used, (op_type, sorted(ops_used))
+    domains = {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
+    assert not domains, "non-standard ONNX domains %s" % sorted(domains)
+    onnx.checker.check_model(graph)
     dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
-    assert isinstance(dims[0], str) and isinstance(dims[2], str) and isinstance(dims[3], str), dims
-    sess = session(path)
-    for n, h, w in CHECK_SIZES:
-        x = inputs(n, h, w)
-        (got,) = sess.run(None, {"input": x.numpy()})
-        with torch.no_grad():
-            expected = model(x)
-        assert_scores_close(got, expected, "%s/%s fixed=%s at %s" % (variant, backbone, fixed,
-                                                                     (n, h, w)))
+    assert [isinstance(d, str) for d in dims] == [True, False, True, True], dims
 
 
-@pytest.mark.parametrize("variant,fixed", [("fcn8s", True), ("fcn32s", False)])
-def test_onnx_predict_label_map(tmp_path, variant, fixed):
-    model = make(variant, "tiny", fixed)
-    path = tmp_path / "p.onnx"
-    fx.export_onnx(model, path, inputs(*EXPORT_SIZE), predict=True)
-    ops_used = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "ArgMax" in ops_used
+@pytest.mark.parametrize("size", CHECK_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_onnx_matches_fcnfast_at_other_sizes(zoo_onnx, size):
+    """Scores of every variant/backbone/upsampling and the label maps, at sizes other than
+    the exported one (odd, 1x1, batch 3)."""
+    zoo, path = zoo_onnx
+    x = inputs(*size)
+    got = session(path).run(None, {"input": x.numpy()})
+    assert len(got) == len(ZOO_CASES) + len(PREDICT_CASES)
+    with torch.no_grad():
+        for case, model, out in zip(ZOO_CASES, zoo.models, got):
+            assert_scores_close(out, model(x), "%s/%s fixed=%s at %s" % (case + (size,)))
+        for case, predictor, out in zip(PREDICT_CASES, zoo.predictors, got[len(ZOO_CASES):]):
+            model = predictor.model
+            assert out.dtype == np.int64
+            assert_labels_match(out, model.predict(x), model(x), "%s predict at %s"
+                                % (case[0], size))
+
+
+def test_onnx_lite0(tmp_path):
+    """backbone="lite0" (EfficientNet-Lite0 LiteFCN: fcnfast.nn.ConvTranspose2d with crop and
+    SkipFuse after a backbone that pads to a multiple of 32)."""
+    model = make("fcn8s", "lite0")
+    path = tmp_path / "lite.onnx"
+    fx.export_onnx(model, path, inputs(*EXPORT_SIZE))
     sess = session(path)
-    for n, h, w in CHECK_SIZES[:2]:
+    for n, h, w in [(3, 45, 61), (1, 100, 31)]:
         x = inputs(n, h, w)
-        (got,) = sess.run(None, {"input": x.numpy()})
         with torch.no_grad():
-            scores = model(x)
-        labels = model.predict(x)
-        assert got.dtype == np.int64
-        assert_labels_match(got, labels, scores, "%s predict at %s" % (variant, (n, h, w)))
+            assert_scores_close(sess.run(None, {"input": x.numpy()})[0], model(x),
+                                "lite0 at %s" % ((n, h, w),))
 
 
 @pytest.mark.slow
@@ -205,6 +233,31 @@ def test_onnx_each_op_translation(tmp_path):
             d, labels = model(x)
         assert_scores_close(got_d, d, "ops at %s" % ((n, h, w),))
         assert_labels_match(got_l, labels, fcnfast.bilinear_upsample2d(d, 4, (2, 3, h, w)), "argmax")
+
+
+def test_onnx_upsample_cross_entropy(tmp_path):
+    class Loss(nn.Module):
+        def forward(self, x, target):
+            return fcnfast.upsample_cross_entropy(
+                x, target, 4, (3, 2, target.shape[1], target.shape[2]), ignore_index=255)
+
+    D = torch.export.Dim
+    n, h, w = D("n", min=1, max=64), D("h", min=2, max=999), D("w", min=2, max=999)
+    th, tw = D("th", min=2, max=999), D("tw", min=2, max=999)
+    x0 = inputs(2, 9, 11, 5)
+    t0 = torch.randint(0, 5, (2, 30, 37))
+    torch.onnx.export(Loss(), (x0, t0), str(tmp_path / "ce.onnx"), dynamo=True,
+                      input_names=["x", "target"],
+                      dynamic_shapes=({0: n, 2: h, 3: w}, {0: n, 1: th, 2: tw}),
+                      custom_translation_table=fx.onnx_translation_table())
+    sess = session(tmp_path / "ce.onnx")
+    for (b, hh, ww), (tth, ttw) in [((3, 7, 13), (25, 49)), ((1, 12, 8), (40, 20))]:
+        x = inputs(b, hh, ww, 5)
+        target = torch.randint(0, 5, (b, tth, ttw))
+        target[:, ::3] = 255                                     # ignored pixels
+        (got,) = sess.run(None, {"x": x.numpy(), "target": target.numpy()})
+        expected = fcnfast.upsample_cross_entropy(x, target, 4, (3, 2, tth, ttw))
+        assert_scores_close(got, expected, "cross entropy at %s" % ((b, hh, ww),))
 
 
 # ---------------------------------------------------------------------------
@@ -561,8 +614,8 @@ def test_cli_export_onnx_and_pt2(tmp_path, capsys):
                  str(tmp_path / "m.onnx")]) == 0
     assert main(["export", "--format", "pt2", "--model", str(ckpt), "-o",
                  str(tmp_path / "m.pt2")]) == 0
-    assert main(["export", "--format", "onnx", "--model", "fcn8s", "--backbone", "tiny",
-                 "--fixed-upsampling", "--predict", "-o", str(tmp_path / "p.onnx")]) == 0
+    assert main(["export", "--format", "pt2", "--model", "fcn8s", "--backbone", "tiny",
+                 "--fixed-upsampling", "--predict", "-o", str(tmp_path / "p.pt2")]) == 0
     assert "wrote" in capsys.readouterr().out
     x = inputs(3, 31, 27)
     with torch.no_grad():
@@ -572,8 +625,8 @@ def test_cli_export_onnx_and_pt2(tmp_path, capsys):
     with torch.no_grad():
         assert_scores_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), expected,
                             "cli pt2")
-    labels = session(tmp_path / "p.onnx").run(None, {"input": x.numpy()})[0]
-    assert labels.shape == (3, 31, 27) and labels.dtype == np.int64
+        labels = torch.export.load(str(tmp_path / "p.pt2")).module()(x)
+    assert labels.shape == (3, 31, 27) and labels.dtype == torch.int64
     assert main(["export", "--format", "onnx", "--model", "nonsense", "-o",
                  str(tmp_path / "x.onnx")]) == 2
     assert "neither an existing checkpoint" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def _crop_offset(cropped: CoordMap, reference: CoordMap, what: str) -> int:
     return int(offset)
 
 
-class FCN(NoScript, nn.Module):
+class FCN(nn.Module, NoScript):
     """A fully convolutional network of one of the ``VARIANTS``; see the module docstring.
 
     ``forward(x)`` -> (N, num_classes, H, W) logits for x of shape

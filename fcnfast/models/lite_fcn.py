@@ -57,7 +57,7 @@ def _learned_upsampling(channels: int, factor: int) -> ConvTranspose2d:
     return layer
 
 
-class LiteFCN(NoScript, nn.Module):
+class LiteFCN(nn.Module, NoScript):
     """FCN-32s/16s/8s on EfficientNet-Lite0; see the module docstring for the geometry.
 
     ``forward(x)`` takes *normalised* float input (``normalize_uint8``) of shape
