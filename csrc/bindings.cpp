@@ -17,22 +17,22 @@ TORCH_LIBRARY(fcnfast, m) {
   // crop is always explicit (top, left, height, width); Python resolves None.
   m.def(
       "conv_transpose2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation, int[4] crop) -> Tensor");
+      "int[2] output_padding, int groups, int[2] dilation, SymInt[4] crop) -> Tensor");
   // Returns (grad_x, grad_weight, grad_bias); an entry not asked for in
   // output_mask is an empty tensor.
   m.def(
       "conv_transpose2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] stride, "
-      "int[2] padding, int[2] output_padding, int groups, int[2] dilation, int[4] crop, "
+      "int[2] padding, int[2] output_padding, int groups, int[2] dilation, SymInt[4] crop, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  m.def("bilinear_upsample2d(Tensor x, int scale, int[4] crop) -> Tensor");
+  m.def("bilinear_upsample2d(Tensor x, int scale, SymInt[4] crop) -> Tensor");
   m.def(
-      "bilinear_upsample2d_backward(Tensor grad, int in_height, int in_width, int scale, "
-      "int[4] crop) -> Tensor");
+      "bilinear_upsample2d_backward(Tensor grad, SymInt in_height, SymInt in_width, int scale, "
+      "SymInt[4] crop) -> Tensor");
 
   m.def("skip_add_crop(Tensor coarse, Tensor skip, int[2] offset) -> Tensor");
   m.def(
-      "skip_add_crop_backward(Tensor grad, int skip_height, int skip_width, int[2] offset) "
+      "skip_add_crop_backward(Tensor grad, SymInt skip_height, SymInt skip_width, int[2] offset) "
       "-> Tensor");
 
   m.def(
@@ -43,13 +43,13 @@ TORCH_LIBRARY(fcnfast, m) {
       "score_skip_backward(Tensor grad, Tensor feature, Tensor weight, float scale, "
       "int[2] offset, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  m.def("upsample_argmax(Tensor x, int scale, int[4] crop) -> Tensor");
+  m.def("upsample_argmax(Tensor x, int scale, SymInt[4] crop) -> Tensor");
   m.def(
-      "upsample_cross_entropy(Tensor x, Tensor target, int scale, int[4] crop, "
+      "upsample_cross_entropy(Tensor x, Tensor target, int scale, SymInt[4] crop, "
       "int ignore_index, str reduction) -> Tensor");
   m.def(
       "upsample_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor target, int scale, "
-      "int[4] crop, int ignore_index, str reduction) -> Tensor");
+      "SymInt[4] crop, int ignore_index, str reduction) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -19,8 +19,19 @@ from .ops import (  # noqa: E402
     upsample_cross_entropy,
 )
 
+
+
+def load_model(checkpoint, device="cpu", variant=None):
+    """The model of a checkpoint, in eval mode: ``fcnfast train`` / ``fcnfast finetune``
+    checkpoints, or a wkentaro/pytorch-fcn ``.pth`` (see ``fcnfast.checkpoints.load_model``)."""
+    from .checkpoints import load_model as _load
+
+    return _load(checkpoint, device, variant)
+
+
 __all__ = [
     "__version__",
+    "load_model",
     "backend",
     "build_info",
     "use_backend",

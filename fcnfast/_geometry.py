@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 IntPair = Union[int, Sequence[int]]
 Crop = Optional[Sequence[int]]
@@ -74,6 +75,30 @@ def check_same(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> No
                          % (name_a, name_b, a.dtype, b.dtype))
 
 
+def is_symbolic(*values) -> bool:
+    """True when a size is a ``torch.SymInt`` (torch.export / torch.compile with dynamic shapes)."""
+    return any(isinstance(v, (torch.SymInt, torch.SymBool)) for v in values)
+
+
+def violated(cond) -> bool:
+    """Whether a check's failure condition ``cond`` holds.
+
+    For concrete sizes that is ``bool(cond)``. For symbolic sizes (a ``torch.SymBool`` while
+    torch.export / torch.compile trace with dynamic batch, height or width) it is True only
+    when the condition is provably true for every size: evaluating it with ``bool`` would add
+    a guard that pins the dynamic dimension (or fails the export). The native kernels check
+    the same bounds again on concrete sizes when the exported program runs.
+    """
+    if isinstance(cond, torch.SymBool):
+        return statically_known_true(cond)
+    return bool(cond)
+
+
+def _size(v):
+    """An int, or a ``torch.SymInt`` kept symbolic (``int()`` would specialise it)."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def check_positive(value: Tuple[int, int], name: str) -> None:
     if min(value) <= 0:
         raise ValueError("%s must be positive, got %s" % (name, value))
@@ -89,13 +114,14 @@ def resolve_crop(crop: Crop, full_h: int, full_w: int) -> Tuple[int, int, int, i
     if crop is None:
         return (0, 0, full_h, full_w)
     try:
-        values = tuple(int(v) for v in crop)
+        values = tuple(_size(v) for v in crop)
     except (TypeError, ValueError):
         raise ValueError("crop must be (top, left, height, width), got %r" % (crop,)) from None
     if len(values) != 4:
         raise ValueError("crop must be (top, left, height, width), got %r" % (crop,))
     top, left, h, w = values
-    if min(values) < 0 or top + h > full_h or left + w > full_w:
+    if (any(violated(v < 0) for v in values) or violated(top + h > full_h)
+            or violated(left + w > full_w)):
         raise ValueError("crop (top=%d, left=%d, height=%d, width=%d) lies outside the full output "
                          "of size %dx%d" % (top, left, h, w, full_h, full_w))
     return values
@@ -144,7 +170,7 @@ def conv_transpose2d_args(x, weight, bias, stride, padding, output_padding, grou
                                      dilation[0])
     full_w = conv_transpose_out_size(x.shape[3], kw, stride[1], padding[1], output_padding[1],
                                      dilation[1])
-    if full_h <= 0 or full_w <= 0:
+    if violated(full_h <= 0) or violated(full_w <= 0):
         raise ValueError("conv_transpose2d output would be %dx%d for input %s, weight %s"
                          % (full_h, full_w, tuple(x.shape), tuple(weight.shape)))
     return stride, padding, output_padding, dilation, (full_h, full_w)
@@ -165,7 +191,7 @@ def skip_window(coarse: torch.Tensor, skip_hw: Tuple[int, int], offset, name: st
     """Validate that coarse's H x W window at ``offset`` fits in a map of size ``skip_hw``."""
     oy, ox = pair(offset, "offset")
     h, w = coarse.shape[2], coarse.shape[3]
-    if oy < 0 or ox < 0 or oy + h > skip_hw[0] or ox + w > skip_hw[1]:
+    if oy < 0 or ox < 0 or violated(oy + h > skip_hw[0]) or violated(ox + w > skip_hw[1]):
         raise ValueError("offset (%d, %d) with window %dx%d lies outside %s of size %dx%d"
                          % (oy, ox, h, w, name, skip_hw[0], skip_hw[1]))
     return oy, ox

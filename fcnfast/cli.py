@@ -19,7 +19,7 @@ MODELS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
 BACKBONES = ("tiny", "small", "vgg16")
 
 # modules that may add their own subcommand through register_cli(subparsers)
-_PLUGINS = ("fcnfast.hsi", "fcnfast.bench", "fcnfast.finetune")
+_PLUGINS = ("fcnfast.hsi", "fcnfast.bench", "fcnfast.finetune", "fcnfast.export")
 
 
 class UsageError(Exception):

@@ -43,6 +43,21 @@ __all__ = [
 ]
 
 
+TRACE_REFUSAL = (
+    "fcnfast.%s cannot be recorded by torch.jit.trace (or the TorchScript-based "
+    "torch.onnx.export(..., dynamo=False)): its crop geometry depends on the input size, and a "
+    "trace would freeze it as constants, silently giving wrong output sizes for other inputs. "
+    "Use torch.export.export with dynamic Dims (fcnfast.export.export_program) or "
+    "torch.onnx.export(..., dynamo=True) (fcnfast.export.export_onnx, `fcnfast export`) "
+    "instead: both keep batch, height and width dynamic.")
+
+
+def _refuse_trace(name: str) -> None:
+    """Raise when torch.jit.trace records the call: never a silently size-frozen trace."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(TRACE_REFUSAL % name)
+
+
 @torch.compiler.assume_constant_result
 def _use_native(op: str, device_type: str) -> bool:
     return _backend.has_kernel(op, device_type)
@@ -58,6 +73,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     the taps that land on it). Gradients of any order for ``x``, ``weight`` and ``bias``.
     ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W).
     """
+    _refuse_trace("conv_transpose2d")
     if geo.is_unbatched(x, "x"):
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation, crop).squeeze(0)
@@ -79,6 +95,7 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop. ``x`` is
     (N, C, H, W) or unbatched (C, H, W); gradients of any order for ``x``.
     """
+    _refuse_trace("bilinear_upsample2d")
     if geo.is_unbatched(x, "x"):
         return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
@@ -95,6 +112,7 @@ def skip_add_crop(coarse, skip, offset):
     ``coarse`` and ``skip`` both (N, C, ., .) or both unbatched (C, ., .); gradients of any
     order for both.
     """
+    _refuse_trace("skip_add_crop")
     if geo.same_batching(coarse, "coarse", skip, "skip"):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     offset = reference._check_skip_add_crop(coarse, skip, offset)
@@ -110,6 +128,7 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     ``coarse`` and ``feature`` both batched (N, ., ., .) or both unbatched; gradients of any
     order for ``coarse``, ``feature``, ``weight`` and ``bias``.
     """
+    _refuse_trace("score_skip")
     if geo.same_batching(coarse, "coarse", feature, "feature"):
         return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
                           offset).squeeze(0)
@@ -125,6 +144,7 @@ def upsample_argmax(x, scale: int, crop=None):
     Returns the int64 label map (N, h, w), or (h, w) for an unbatched (C, H, W) ``x``; ties go
     to the lowest class index, as ``argmax``. Not differentiable (integer output).
     """
+    _refuse_trace("upsample_argmax")
     if geo.is_unbatched(x, "x"):
         return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
     geo.check_tensor(x, "x", 4)
@@ -148,6 +168,7 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     softmax while such a graph is built); ``target`` is an int64 label map and not
     differentiable.
     """
+    _refuse_trace("upsample_cross_entropy")
     if geo.same_batching(x, "x", target, "target", "H, W"):
         return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
                                       ignore_index, reduction)

@@ -31,9 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING",
+__all__ = ["CeilMaxPool2d", "BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING",
            "backbone_spec", "make_features", "make_fc", "pool_indices"]
 
 # Convolutions per block of VGG16 (configuration "D").
@@ -41,6 +43,29 @@ VGG16_LAYOUT: Tuple[int, ...] = (2, 2, 3, 3, 3)
 CONV1_PADDING = 100
 FC6_KERNEL = 7
 
+
+
+class CeilMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d(kernel, stride, ceil_mode=True)`` (no padding) that also exports.
+
+    Eager, it is exactly ``nn.MaxPool2d``. While torch.export / torch.compile trace with
+    symbolic (dynamic) height or width it computes the same thing as a floor-mode pooling of
+    the input padded by ``stride - 1`` rows/columns of ``-inf`` at the bottom/right
+    (``ceil((H-k)/s) + 1 == floor((H+s-1-k)/s) + 1``, and a window never lies wholly in the
+    padding): ceil mode's "does the last window start inside the input" test would otherwise
+    become a guard (``2*((197 + H) // 2) < 198 + H``) that the exporter cannot prove for every
+    size, and the export with dynamic height/width would fail.
+    """
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__(kernel_size, stride=stride, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x.shape[-1], torch.SymInt) or isinstance(x.shape[-2], torch.SymInt):
+            s = self.stride if isinstance(self.stride, int) else self.stride[0]
+            padded = F.pad(x, (0, s - 1, 0, s - 1), value=float("-inf"))
+            return F.max_pool2d(padded, self.kernel_size, self.stride)
+        return super().forward(x)
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,7 @@ def make_features(spec: BackboneSpec, in_channels: int = 3) -> nn.Sequential:
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))
             channels = width
-        layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        layers.append(CeilMaxPool2d(2, stride=2))
     return nn.Sequential(*layers)
 
 

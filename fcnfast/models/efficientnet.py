@@ -164,7 +164,9 @@ class EfficientNetLite0(nn.Module):
         """
         height, width = x.shape[-2:]
         pad_h, pad_w = (-height) % ALIGN, (-width) % ALIGN
-        if pad_h or pad_w:
+        # symbolic sizes (torch.export with dynamic H/W): always pad (by 0 where aligned), since
+        # branching on the padding would pin the dynamic dimension
+        if isinstance(pad_h, torch.SymInt) or isinstance(pad_w, torch.SymInt) or pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         h = F.relu6(self._bn0(self._conv_stem(x)))
         taps = {index: name for name, (index, _) in LITE0_TAPS.items()}

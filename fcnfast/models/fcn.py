@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import BilinearUpsample2d, SkipFuse
+from ..nn import BilinearUpsample2d, NoScript, SkipFuse
 from .backbones import backbone_spec, make_fc, make_features, pool_indices
 
 __all__ = ["FCN", "VARIANTS", "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "build_model"]
@@ -105,7 +105,7 @@ def _crop_offset(cropped: CoordMap, reference: CoordMap, what: str) -> int:
     return int(offset)
 
 
-class FCN(nn.Module):
+class FCN(nn.Module, NoScript):
     """A fully convolutional network of one of the ``VARIANTS``; see the module docstring.
 
     ``forward(x)`` -> (N, num_classes, H, W) logits for x of shape

@@ -33,7 +33,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..nn import ConvTranspose2d, SkipFuse, bilinear_kernel
+from ..nn import ConvTranspose2d, NoScript, SkipFuse, bilinear_kernel
 from .efficientnet import (EfficientNetLite0, LITE0_FEATURE_CHANNELS, lite0_state_dict_from_package,
                            load_lite0_state_dict, normalize_uint8)
 
@@ -57,7 +57,7 @@ def _learned_upsampling(channels: int, factor: int) -> ConvTranspose2d:
     return layer
 
 
-class LiteFCN(nn.Module):
+class LiteFCN(nn.Module, NoScript):
     """FCN-32s/16s/8s on EfficientNet-Lite0; see the module docstring for the geometry.
 
     ``forward(x)`` takes *normalised* float input (``normalize_uint8``) of shape
