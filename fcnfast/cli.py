@@ -334,7 +334,7 @@ _TRAIN_EXPERIMENT_ARGS = {
 
 def _remove_run(out: Path, names) -> None:
     for name in names:
-        (out / name).unlink()
+        (out / name).unlink(missing_ok=True)  # torchrun: every process passes here
     print("fcnfast: --overwrite: removed %s from %s" % (", ".join(names), out), file=sys.stderr)
 
 
@@ -539,6 +539,18 @@ def _tile_for(args, height: int, width: int, lite: bool) -> int:
     return tile
 
 
+def _label_counts(labels, num_classes: int):
+    """Pixels per class of a uint8 label map, counted in row bands (no int64 copy of the map)."""
+    import numpy as np
+    import torch
+
+    counts = np.zeros(max(256, num_classes), dtype=np.int64)
+    rows = max(1, (1 << 22) // max(1, labels.shape[1]))
+    for y in range(0, labels.shape[0], rows):
+        counts += np.bincount(labels[y:y + rows].ravel(), minlength=counts.size)
+    return torch.from_numpy(counts)
+
+
 def _predict_one(args, model, lite, device, image_path, output, overlay) -> None:
     import numpy as np
     import torch
@@ -588,7 +600,7 @@ def _predict_one(args, model, lite, device, image_path, output, overlay) -> None
     save_label_png(labels, output, palette=palette)
     names = list(class_names or _class_names(model.num_classes)
                  or [str(c) for c in range(model.num_classes)])
-    counts = torch.bincount(labels.flatten(), minlength=model.num_classes)
+    counts = _label_counts(labels.numpy(), model.num_classes)
     present = ", ".join("%s %.1f%%" % (names[c] if c < len(names) else str(c),
                                        100.0 * n / labels.numel())
                         for c, n in enumerate(counts.tolist()) if n)

@@ -260,6 +260,9 @@ def resume_conflicts(saved: dict, requested: dict) -> list:
         if key in TrainConfig.RESUME_SAFE_FIELDS or value is None:
             continue
         have = getattr(resolved, key)
+        if key == "data" and "synthetic" not in (have, value):
+            if Path(have).resolve() == Path(value).resolve():  # the same folder, spelt otherwise
+                continue
         if have != value:
             out.append("%s: checkpoint %r, given %r" % (key.replace("_", "-"), have, value))
     return out

@@ -102,13 +102,19 @@ def to_rgb8(img: Image.Image, alpha: str = "black", name: str = "image") -> np.n
             scaled = array.astype(np.float64) / full * 255.0
         grey = np.nan_to_num(scaled).round().clip(0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    if img.mode == "RGB":
+        return np.array(img, dtype=np.uint8)  # one copy (big images: no convert() copy first)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def load_image(path: PathLike, alpha: str = "black") -> np.ndarray:
     """Read an image file as a uint8 (H, W, 3) RGB array (Pillow; see ``to_rgb8`` for the modes:
     16-bit grey is scaled by 65535, an alpha channel is composited on black or refused)."""
-    return to_rgb8(_open(path, "image"), alpha=alpha, name=os.fspath(path))
+    img = _open(path, "image")
+    try:
+        return to_rgb8(img, alpha=alpha, name=os.fspath(path))
+    finally:
+        img.close()
 
 
 # lossless formats a label map may be written to (the extension picks the format)
