@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -668,8 +669,8 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_loss = [0.0, 0.0]
     # one id per run, kept across resumes: every history record names the run it belongs to
-    run_id = (ckpt or {}).get("run_id") or "%s-%d" % (
-        datetime.datetime.now().strftime("%Y%m%dT%H%M%S"), os.getpid())
+    run_id = (ckpt or {}).get("run_id") or "%s-%s" % (
+        datetime.datetime.now().strftime("%Y%m%dT%H%M%S"), uuid.uuid4().hex[:8])
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
