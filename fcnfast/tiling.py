@@ -14,8 +14,8 @@ odd sizes, and that a too small halo does change them).
 Memory: the input stays uint8 (or whatever the caller slices windows from), the label map is
 uint8, and only one window's activations exist at a time.
 
-The dense CRF (``crf=True``) runs per window as well (the window's logits and pixels, core
-kept). This bounds its memory but is an approximation of the whole-image CRF: pixels of
+The dense CRF (``crf=...``) runs per tile as well, on the tile plus ``CRF_HALO`` pixels of
+context (logits from the tile's full CNN window, core kept). This bounds its memory but is an approximation of the whole-image CRF: pixels of
 different windows exchange no messages. The CNN labels are exact; the CRF ones are not.
 """
 from __future__ import annotations
@@ -90,15 +90,23 @@ def tiles(height: int, width: int, tile: int, halo: int, stride: int
                                      x - x0, min(x + tile, width) - x0)
 
 
+# context (pixels each side of a tile) the per-tile CRF sees: the default bilateral spatial
+# std is 80 px, so 128 px keeps most of the appearance kernel's mass near the tile border
+CRF_HALO = 128
+
+
 def tiled_labels(model: nn.Module, height: int, width: int,
                  window: Callable[[int, int, int, int], torch.Tensor], tile: int = DEFAULT_TILE,
                  halo: Optional[int] = None, crf: Optional[Callable] = None,
-                 progress: bool = False, desc: str = "tiles") -> np.ndarray:
+                 progress: bool = False, desc: str = "tiles", crf_halo: int = CRF_HALO
+                 ) -> np.ndarray:
     """(H, W) uint8 labels of ``model`` computed tile by tile.
 
     ``window(y0, y1, x0, x1)`` returns the model input of that window, (1, C, y1-y0, x1-x0),
-    on the model's device. ``crf(logits, y0, y1, x0, x1) -> (h, w) labels``: refine each
-    window (see the module notes: an approximation of the whole-image CRF)."""
+    on the model's device. ``crf(logits, y0, y1, x0, x1) -> (h, w) labels``: refine the
+    logits of the tile plus ``crf_halo`` pixels around it (clipped to the window), given with
+    their image coordinates (see the module notes: an approximation of the whole-image CRF;
+    with one tile covering the image it is the whole-image CRF)."""
     from tqdm.auto import tqdm
 
     if tile <= 0:
@@ -116,7 +124,15 @@ def tiled_labels(model: nn.Module, height: int, width: int,
             if crf is None:
                 labels = model.predict(x)[0]
             else:
-                labels = crf(model(x), y0, y1, x0, x1)
+                logits = model(x)
+                h, w = logits.shape[-2:]
+                oy0, ox0 = max(0, cy0 - crf_halo), max(0, cx0 - crf_halo)
+                oy1, ox1 = min(h, cy1 + crf_halo), min(w, cx1 + crf_halo)
+                logits = logits[:, :, oy0:oy1, ox0:ox1].contiguous()
+                refined = crf(logits, y0 + oy0, y0 + oy1, x0 + ox0, x0 + ox1)
+                del logits
+                labels = torch.zeros((h, w), dtype=refined.dtype, device=refined.device)
+                labels[oy0:oy1, ox0:ox1] = refined
             out[y0 + cy0:y0 + cy1, x0 + cx0:x0 + cx1] = \
                 labels[cy0:cy1, cx0:cx1].to(torch.uint8).cpu().numpy()
             del x, labels

@@ -119,3 +119,35 @@ def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
         scores.append(capsys.readouterr().out)
     assert scores[0] == scores[1]
     assert 0.0 < json.loads(scores[0])["fcn"]["pixel_acc"] < 1.0
+
+
+def test_tiled_crf_is_bounded_and_whole_image_crf_with_one_tile():
+    from fcnfast import crf
+
+    model = _model("fcn8s", seed=3)
+    h, w = 97, 131
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, h, w),
+                                                                dtype=np.uint8))[None]
+    x = (image.float() / 255 - 0.45) / 0.25
+
+    def window(y0, y1, x0, x1):
+        return x[:, :, y0:y1, x0:x1]
+
+    def refine(logits, y0, y1, x0, x1):
+        assert logits.shape[-2:] == (y1 - y0, x1 - x0)
+        return crf.dense_crf(logits, image[:, :, y0:y1, x0:x1]).argmax(1)[0]
+
+    with torch.no_grad():
+        whole = crf.dense_crf(model(x), image).argmax(1)[0].numpy()
+    one_tile = tiled_labels(model, h, w, window, tile=160, crf=refine)
+    assert np.array_equal(one_tile, whole)
+    sizes = []
+
+    def refine_logged(logits, y0, y1, x0, x1):
+        sizes.append((y1 - y0, x1 - x0))
+        return refine(logits, y0, y1, x0, x1)
+
+    tiled = tiled_labels(model, h, w, window, tile=32, crf=refine_logged, crf_halo=16)
+    assert tiled.shape == (h, w) and len(sizes) == 4 * 5
+    assert max(a for a, _ in sizes) <= 32 + 2 * 16  # the CRF sees the tile + its halo only
+    assert (tiled == whole).mean() > 0.5
