@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -63,15 +64,62 @@ def _median_time(fn: Callable[[], object], min_time: float, min_reps: int) -> Li
     return times
 
 
-def compare_times(fn_a, fn_b, min_time=0.3, min_reps=3, rounds=3):
-    """Median seconds of fn_a and fn_b, measured in alternating rounds (noise hits both)."""
+def compare_times(fn_a, fn_b, min_time=0.3, min_reps=3, rounds=3, spread=None):
+    """Median seconds of fn_a and fn_b, measured in alternating rounds (noise hits both).
+
+    ``spread``: a list that receives max/min of fn_a's per-round medians (1.0 on a quiet
+    machine; see ``BUSY_SPREAD``)."""
     fn_a()
     fn_b()  # warm-up (allocations, lazy init)
-    ta, tb = [], []
+    ta, tb, rounds_a = [], [], []
     for _ in range(rounds):
-        ta += _median_time(fn_a, min_time / rounds, min_reps)
+        times = _median_time(fn_a, min_time / rounds, min_reps)
+        rounds_a.append(statistics.median(times))
+        ta += times
         tb += _median_time(fn_b, min_time / rounds, min_reps)
+    if spread is not None:
+        spread.append(max(rounds_a) / max(min(rounds_a), 1e-12))
     return statistics.median(ta), statistics.median(tb)
+
+
+# a baseline whose round medians differ by more than this factor means a busy machine
+BUSY_SPREAD = 1.5
+
+
+def busy_warning(spreads: List[float], threshold: float = BUSY_SPREAD) -> Optional[str]:
+    """A warning line when repeated baseline timings disagree (other work on the machine)."""
+    noisy = [x for x in spreads if x > threshold]
+    if not noisy:
+        return None
+    return ("fcnfast: warning: the machine looks busy: in %d of %d cases the baseline's repeated "
+            "timings differ by up to %.1fx (threshold %.1fx); timings and ratios are unreliable, "
+            "rerun on an idle machine" % (len(noisy), len(spreads), max(noisy), threshold))
+
+
+class _StderrToFile:
+    """Send file descriptor 2 (C++ and Python writes alike) to a temporary file meanwhile:
+    the profiler's own messages must not flood the user's terminal."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        return False
 
 
 def peak_memory(fn: Callable[[], object]) -> int:
@@ -79,9 +127,14 @@ def peak_memory(fn: Callable[[], object]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
+    import warnings
+
+    with _StderrToFile(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+            del result
+        events = prof.profiler.kineto_results.experimental_event_tree()
     allocs = []
 
     def walk(nodes):
@@ -90,7 +143,7 @@ def peak_memory(fn: Callable[[], object]) -> int:
                 allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
             walk(node.children)
 
-    walk(prof.profiler.kineto_results.experimental_event_tree())
+    walk(events)
     allocs.sort()
     current = peak = 0
     for _, size in allocs:
@@ -348,10 +401,13 @@ CASE_GROUPS = {
 # ---------------------------------------------------------------------------
 
 def run_case(case: Case, floors: dict, min_time: float, memory: bool) -> dict:
-    t_torch, t_ours = compare_times(case.torch_fn, case.fcnfast_fn, min_time=min_time)
+    spread = []
+    t_torch, t_ours = compare_times(case.torch_fn, case.fcnfast_fn, min_time=min_time,
+                                    spread=spread)
     row = {
         "case": case.name, "C": case.classes, "N": case.batch, "baseline": case.baseline,
         "torch_ms": t_torch * 1e3, "fcnfast_ms": t_ours * 1e3, "ratio": t_torch / t_ours,
+        "baseline_spread": spread[0],
     }
     if memory:
         row["torch_peak_mb"] = peak_memory(case.torch_fn) / 2 ** 20
@@ -408,7 +464,13 @@ def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8
                     rows.append(row)
                     echo("  %-40s C=%-3d N=%d  %8.2f ms -> %8.2f ms  %.2fx"
                          % (row["case"], c, n, row["torch_ms"], row["fcnfast_ms"], row["ratio"]))
-    return {"machine": machine_description(), "floors": floors, "rows": rows}
+    warning = busy_warning([r["baseline_spread"] for r in rows])
+    if warning:
+        import sys
+
+        print(warning, file=sys.stderr)
+    return {"machine": machine_description(), "floors": floors, "rows": rows,
+            "busy_warning": warning}
 
 
 def register_cli(subparsers) -> None:
@@ -432,6 +494,15 @@ def main(args: argparse.Namespace) -> int:
     for value, name in ((args.classes, "--classes"), (args.batch, "--batch")):
         if any(v <= 0 for v in value):
             raise ValueError("%s must be positive, got %s" % (name, value))
+    if not args.min_time > 0:
+        raise ValueError("--min-time must be positive, got %r" % args.min_time)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1, got %d" % args.threads)
+    for path, name in ((args.json, "--json"), (args.markdown, "--markdown")):
+        # checked before minutes of timing, not after
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise FileNotFoundError("%s %s: directory %s does not exist"
+                                    % (name, path, os.path.dirname(os.path.abspath(path))))
     classes, batches, min_time = args.classes, args.batch, args.min_time
     if args.quick:
         classes, batches, min_time = [21], [1], min(min_time, 0.1)

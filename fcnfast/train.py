@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -53,6 +54,9 @@ __all__ = [
     "evaluate",
     "crf_labels",
     "save_checkpoint",
+    "check_labels",
+    "resume_conflicts",
+    "existing_run",
     "load_checkpoint",
     "load_model",
     "train",
@@ -111,6 +115,9 @@ class TrainConfig:
 
     RUNTIME_FIELDS = ("epochs", "out", "device", "num_workers", "save_every", "max_steps",
                       "time_limit", "validate", "quiet")
+    # may differ from the checkpoint on resume: the runtime fields and the learning rate
+    # (set on the restored optimiser); every other field defines the experiment
+    RESUME_SAFE_FIELDS = RUNTIME_FIELDS + ("lr",)
 
     def resolved(self) -> "TrainConfig":
         """A copy with the optimiser preset filled in and every value checked."""
@@ -209,6 +216,68 @@ def make_dataset(cfg: TrainConfig, part: str):
     return NormalizedImages(open_segmentation(cfg.data, split, num_classes=cfg.num_classes))
 
 
+def check_labels(dataset, num_classes: int, name: str = "data",
+                 source: Optional[str] = None) -> None:
+    """Scan every label of ``dataset`` before training: ValueError naming the first file that
+    holds a class >= ``num_classes`` (255 = ignore is allowed), with the largest class found.
+
+    Synthetic scenes are generated for ``num_classes`` and need no scan. Only label files are
+    read (no images) where the dataset exposes ``paths(i)``."""
+    from .data import SyntheticScenes
+    from .data.images import load_label
+
+    base = getattr(dataset, "base", dataset)
+    if isinstance(base, SyntheticScenes) or len(base) == 0:
+        return
+    void_ids = tuple(getattr(base, "void_ids", ()) or ())
+    largest, first_bad = -1, None
+    for index in range(len(base)):
+        if hasattr(base, "paths"):
+            label_path = base.paths(index)[1]
+            labels = load_label(label_path)
+        else:  # pragma: no cover - every fcnfast dataset has paths()
+            label_path, labels = "item %d" % index, base.raw(index)[1]
+        for void in void_ids:
+            labels = np.where(labels == void, IGNORE_INDEX, labels)
+        valid = labels[labels != IGNORE_INDEX]
+        top = int(valid.max()) if valid.size else -1
+        if top >= num_classes and first_bad is None:
+            first_bad = label_path
+        largest = max(largest, top)
+    if first_bad is not None:
+        raise ValueError("%s but the %s labels hold class %d (first in %s); %s"
+                         % (source or "--num-classes %d" % num_classes, name, largest, first_bad,
+                            "use --num-classes %d or more" % (largest + 1) if source is None
+                            else "classes run 0..%d (255 = ignore)" % (num_classes - 1)))
+
+
+def resume_conflicts(saved: dict, requested: dict) -> list:
+    """Settings in ``requested`` ({field: value}, those the user gave explicitly) that differ
+    from the checkpoint's config ``saved`` and may not change on resume (everything but
+    ``TrainConfig.RESUME_SAFE_FIELDS``), as ``"field: checkpoint X, given Y"`` strings."""
+    resolved = TrainConfig.from_dict(saved).resolved()
+    out = []
+    for key, value in requested.items():
+        if key in TrainConfig.RESUME_SAFE_FIELDS or value is None:
+            continue
+        have = getattr(resolved, key)
+        if key == "data" and "synthetic" not in (have, value):
+            if Path(have).resolve() == Path(value).resolve():  # the same folder, spelt otherwise
+                continue
+        if have != value:
+            out.append("%s: checkpoint %r, given %r" % (key.replace("_", "-"), have, value))
+    return out
+
+
+RUN_FILES = ("checkpoint.pt", "history.jsonl")
+
+
+def existing_run(out) -> list:
+    """The run files (checkpoint.pt, history.jsonl) already in directory ``out``."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
 def make_datasets(cfg: TrainConfig):
     """(train, validation) datasets of ``cfg``."""
     return make_dataset(cfg, "train"), make_dataset(cfg, "val")
@@ -301,9 +370,25 @@ def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
 
 
 def _pick_device(name: str, ctx: Optional[_Dist] = None) -> torch.device:
+    """``name`` (auto, cpu, cuda, cuda:N) as a torch.device; ValueError naming the value when
+    it is not a device this torch can use (unknown name, no CUDA, index out of range)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError("--device %r is not a device name (expected auto, cpu, cuda or cuda:N)"
+                         % (name,)) from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError("--device %r: fcnfast runs on cpu or cuda, not %s" % (name, device.type))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device %r: this torch %s has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); use --device cpu"
+                             % (name, torch.__version__))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError("--device %r: only %d CUDA device(s) present"
+                             % (name, torch.cuda.device_count()))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ctx.local_rank if ctx else torch.cuda.current_device())
     return device
@@ -314,13 +399,18 @@ def _pick_device(name: str, ctx: Optional[_Dist] = None) -> torch.device:
 # ---------------------------------------------------------------------------
 
 def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: bool = False,
-             crf: Optional[Callable] = None, ctx: Optional[_Dist] = None):
+             crf: Optional[Callable] = None, ctx: Optional[_Dist] = None,
+             tile: Optional[int] = 0):
     """Confusion matrix of ``model`` over every batch of ``loader`` (summed over processes).
 
     ``progress``: show a progress bar (only on a TTY).
 
     With ``crf`` (a callable ``crf(logits, images) -> (N, H, W) labels``) a second matrix
     for the CRF-refined labels is returned as well: ``(conf, conf_crf)``.
+
+    ``tile``: run each image tile by tile (``fcnfast.tiling``; labels equal to the whole-image
+    ones, the CRF per tile); None: tiles of ``tiling.DEFAULT_TILE`` for images above
+    ``tiling.AUTO_TILE_PIXELS`` pixels; 0: never.
     """
     from tqdm.auto import tqdm
 
@@ -335,6 +425,14 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
             for images, targets in tqdm(loader, desc="validate", leave=False,
                                         disable=None if progress and ctx.main else True):
                 images, targets = images.to(device), targets.to(device)
+                size = images.shape[-2] * images.shape[-1]
+                use_tile = tile if tile is not None else (
+                    _tiling().DEFAULT_TILE if size > _tiling().AUTO_TILE_PIXELS else 0)
+                if use_tile:
+                    for i in range(images.shape[0]):
+                        _tiled_confusion(model, images[i:i + 1], targets[i:i + 1], num_classes,
+                                         use_tile, conf, crf, conf_crf)
+                    continue
                 if crf is None:
                     confusion_matrix(model.predict(images), targets, num_classes, out=conf)
                     continue
@@ -347,6 +445,31 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
     if conf_crf is None:
         return conf.cpu()
     return conf.cpu(), _all_reduce_sum(conf_crf, ctx).cpu()
+
+
+def _tiling():
+    from . import tiling
+
+    return tiling
+
+
+def _tiled_confusion(model, image, target, num_classes, tile, conf, crf, conf_crf) -> None:
+    """Add one image's tiled labels (and, with ``crf``, its per-tile CRF labels) to the matrices."""
+    height, width = image.shape[-2:]
+
+    def window(y0, y1, x0, x1):
+        return image[:, :, y0:y1, x0:x1]
+
+    labels = _tiling().tiled_labels(model, height, width, window, tile=tile)
+    confusion_matrix(torch.from_numpy(labels).to(target.device).long()[None], target,
+                     num_classes, out=conf)
+    if crf is not None:
+        def refine(logits, y0, y1, x0, x1):
+            return crf(logits, image[:, :, y0:y1, x0:x1])[0]
+
+        refined = _tiling().tiled_labels(model, height, width, window, tile=tile, crf=refine)
+        confusion_matrix(torch.from_numpy(refined).to(target.device).long()[None], target,
+                         num_classes, out=conf_crf)
 
 
 def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -511,18 +634,32 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
 
     start_time = time.perf_counter()
     ckpt = None
+    new_lr = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
         saved = TrainConfig.from_dict(ckpt["config"])
+        if cfg.lr is not None and saved.lr is not None and cfg.lr != saved.lr:
+            new_lr = cfg.lr  # a safe change: applied to the restored optimiser below
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.RUNTIME_FIELDS})
+        if new_lr is not None:
+            cfg.lr = new_lr
     cfg = cfg.resolved()
     train_set, val_set = make_datasets(cfg)  # before any process group exists: errors exit cleanly
+    check_labels(train_set, cfg.num_classes, "training")
+    if cfg.validate:
+        check_labels(val_set, cfg.num_classes, "validation")
     device_type = _pick_device(cfg.device).type
     ctx = _init_distributed(device_type)
     device = _pick_device(cfg.device, ctx)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     say = log if ctx.main else (lambda message: None)
+    say("fcnfast train: %s/%s, %d classes%s | data %s (%d train, %d val images) | %s lr %g "
+        "momentum %g weight decay %g batch %d loss %s | %d epochs | %s, %d threads | out %s"
+        % (cfg.model, cfg.backbone, cfg.num_classes,
+           ", fixed upsampling" if cfg.fixed_upsampling else "", cfg.data, len(train_set),
+           len(val_set), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size,
+           cfg.loss, cfg.epochs, device, torch.get_num_threads(), cfg.out or "(none)"))
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     random.seed(cfg.seed)
@@ -531,9 +668,20 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
     optimizer = build_optimizer(model, cfg)
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_loss = [0.0, 0.0]
+    # one id per run, kept across resumes: every history record names the run it belongs to
+    run_id = (ckpt or {}).get("run_id") or "%s-%s" % (
+        datetime.datetime.now().strftime("%Y%m%dT%H%M%S"), uuid.uuid4().hex[:8])
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError("checkpoint %s does not fit model %s/%s: %s"
+                             % (resume, cfg.model, cfg.backbone, str(exc).split("\n")[0])) from exc
+        if new_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = new_lr
+            say("learning rate changed to %g on resume" % new_lr)
         epoch, batch_in_epoch, step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         resumed_loss = ckpt["epoch_loss"]
         rng = ckpt["rng"]
@@ -576,6 +724,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             "metrics": metrics,
             "confusion": result.conf if metrics is not None else None,
             "fcnfast_version": _version(),
+            "run_id": run_id,
         }
         result.checkpoint = save_checkpoint(state, out / "checkpoint.pt")
 
@@ -622,7 +771,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
                 break
             epoch += 1
             batch_in_epoch = 0
-            record = {"epoch": epoch, "step": step}
+            record = {"run": run_id, "epoch": epoch, "step": step}
             _all_reduce_sum(loss_sum, ctx)
             if loss_sum[1] > 0:
                 record["loss"] = float(loss_sum[0] / loss_sum[1])

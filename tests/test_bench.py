@@ -21,3 +21,26 @@ def test_peak_memory_counts_the_output():
     import torch
     peak = bench.peak_memory(lambda: torch.empty(1 << 20))
     assert peak >= 4 * (1 << 20)
+
+
+def test_profiler_output_stays_out_of_stderr(capfd):
+    import torch
+    bench.peak_memory(lambda: torch.empty(1 << 16) + 1)
+    captured = capfd.readouterr()
+    assert captured.err == ""
+
+
+def test_busy_machine_warning_from_the_spread_of_baseline_timings(capfd):
+    assert bench.busy_warning([1.05, 1.2, 1.1]) is None
+    text = bench.busy_warning([1.05, 40.0 / 0.5, 1.1])
+    assert text.startswith("fcnfast: warning: the machine looks busy") and "80.0x" in text
+    spread = []
+
+    def slow_then_fast(state={"n": 0}):
+        state["n"] += 1
+        if state["n"] < 8:  # the first round is slow: a busy machine
+            import time
+            time.sleep(0.02)
+    bench.compare_times(slow_then_fast, lambda: None, min_time=0.0, min_reps=3, rounds=3,
+                        spread=spread)
+    assert spread and spread[0] > bench.BUSY_SPREAD

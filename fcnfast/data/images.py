@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 __all__ = ["MEAN_RGB", "STD_RGB", "IGNORE_INDEX", "VOC_CLASSES", "image_to_tensor",
-           "tensor_to_image", "load_image", "load_image_and_label", "load_label", "save_label_png",
-           "voc_palette"]
+           "tensor_to_image", "load_image", "load_image_and_label", "to_rgb8", "label_format_for",
+           "image_format_for", "load_label", "save_label_png", "voc_palette"]
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
@@ -66,9 +66,84 @@ def _open(path: PathLike, what: str) -> Image.Image:
     return img
 
 
-def load_image(path: PathLike) -> np.ndarray:
-    """Read an image file as a uint8 (H, W, 3) RGB array (Pillow; any mode is converted)."""
-    return np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8).copy()
+ALPHA_MODES = ("black", "error")
+
+
+def to_rgb8(img: Image.Image, alpha: str = "black", name: str = "image") -> np.ndarray:
+    """A Pillow image as uint8 (H, W, 3) RGB, for the images users have:
+
+    * 8-bit grey (L), RGB, CMYK, YCbCr, palette (P): Pillow's conversion;
+    * 16-bit / 32-bit grey (I;16, I;16B, I, F): scaled by the type's full range
+      (65535 for 16-bit, which Pillow reports as I;16* or I) -- never clipped at 255;
+    * an alpha channel (RGBA, LA, PA, or a palette/grey image with a transparency key):
+      ``alpha="black"`` composites the image on black (transparent pixels become black),
+      ``alpha="error"`` refuses with a ValueError naming the file.
+    """
+    if alpha not in ALPHA_MODES:
+        raise ValueError("alpha must be one of %s, got %r" % (ALPHA_MODES, alpha))
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        if alpha == "error":
+            raise ValueError("%s has an alpha channel (mode %s); drop --alpha error to composite "
+                             "it on black" % (name, img.mode))
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        return rgb.round().clip(0, 255).astype(np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(img)
+        if img.mode == "F":
+            finite = array[np.isfinite(array)]
+            low = float(finite.min()) if finite.size else 0.0
+            high = float(finite.max()) if finite.size else 1.0
+            scaled = (array - low) / max(high - low, 1e-12) * 255.0
+        else:
+            # 16-bit data (every PNG/TIFF 16-bit grey image; Pillow opens some as mode I)
+            full = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) <= 65535 \
+                else float(np.iinfo(np.int32).max)
+            scaled = array.astype(np.float64) / full * 255.0
+        grey = np.nan_to_num(scaled).round().clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "RGB":
+        return np.array(img, dtype=np.uint8)  # one copy (big images: no convert() copy first)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: PathLike, alpha: str = "black") -> np.ndarray:
+    """Read an image file as a uint8 (H, W, 3) RGB array (Pillow; see ``to_rgb8`` for the modes:
+    16-bit grey is scaled by 65535, an alpha channel is composited on black or refused)."""
+    img = _open(path, "image")
+    try:
+        return to_rgb8(img, alpha=alpha, name=os.fspath(path))
+    finally:
+        img.close()
+
+
+# lossless formats a label map may be written to (the extension picks the format)
+LABEL_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF"}
+
+
+def image_format_for(path: PathLike, what: str = "image") -> str:
+    """The Pillow format an output ``path`` asks for by its extension (ValueError if none)."""
+    from PIL import Image as _Image
+
+    _Image.init()
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = _Image.EXTENSION.get(ext)
+    if fmt is None or fmt not in _Image.SAVE:
+        raise ValueError("%s %s: cannot tell an image format from the extension %r (use e.g. "
+                         ".png, .jpg, .tif)" % (what, os.fspath(path), ext))
+    return fmt
+
+
+def label_format_for(path: PathLike) -> str:
+    """The lossless format of label-map output ``path``; ValueError for lossy/unknown ones."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in LABEL_FORMATS:
+        raise ValueError("label map %s: %r is not a lossless format for class indices; use one "
+                         "of %s (an --overlay picture may be JPEG)"
+                         % (os.fspath(path), ext or "(no extension)",
+                            ", ".join(sorted(LABEL_FORMATS))))
+    return LABEL_FORMATS[ext]
 
 
 def load_image_and_label(image_path: PathLike, label_path: PathLike):
@@ -121,7 +196,8 @@ def load_label(path: PathLike) -> np.ndarray:
 
 
 def save_label_png(labels, path: PathLike, palette=None) -> None:
-    """Write an (H, W) label map (values 0..255) as a palette PNG.
+    """Write an (H, W) label map (values 0..255) as a palette image; the format follows the
+    extension and must be lossless (.png, .tif/.tiff, .bmp, .gif; ValueError otherwise).
 
     ``palette``: a sequence of RGB triples for classes 0.. (e.g. CamVid's);
     default (and for the entries it does not cover) the VOC colours.
@@ -141,4 +217,4 @@ def save_label_png(labels, path: PathLike, palette=None) -> None:
         given = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
         colours[:len(given)] = given
     img.putpalette(colours.reshape(-1).tolist())
-    img.save(os.fspath(path), format="PNG")
+    img.save(os.fspath(path), format=label_format_for(path))

@@ -661,17 +661,24 @@ def _goals(results: Dict) -> str:
     return "\n".join(rows)
 
 
+def _error(message) -> int:
+    """fcnfast's CLI error format: one line, exit status 2."""
+    print("fcnfast: error: %s" % " ".join(str(message).split()), file=sys.stderr)
+    return 2
+
+
 def run(args) -> int:
+    for name in ("threads", "seeds", "window", "epochs", "batch_size", "hidden", "fcn_steps",
+                 "width", "bands", "classes"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return _error("--%s must be >= 1, got %d" % (name.replace("_", "-"), value))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.seeds < 1:
-        print("error: --seeds must be >= 1", file=sys.stderr)
-        return 2
     try:
         cube, gt, info = _load_scene(args)
     except (OSError, ValueError) as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+        return _error(exc)
     print("# fcnfast hsi: %s, %s\n- scene: %s: %s" % (info["title"], SPLIT_TITLES[args.split],
                                                        info["source"], info["description"]),
           flush=True)
@@ -680,8 +687,7 @@ def run(args) -> int:
     try:
         result = run_experiment(cube, gt, args, log=lambda s: print(s, flush=True), info=info)
     except ValueError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+        return _error(exc)
     out = os.path.join(args.out, args.split)
     _write_outputs(result, gt, out)
     result["total_s"] = time.perf_counter() - start
