@@ -49,7 +49,10 @@ def check_wheel(path, source_root, strict_so_paths):
         sos = [n for n in names if n.startswith("fcnfast/_C") and n.endswith(".so")]
         if len(sos) != 1:
             problems.append("expected exactly one fcnfast/_C*.so, found %s" % sos)
-        for required in ("fcnfast/__init__.py", "fcnfast/ops.py", "fcnfast/reference.py"):
+        for required in ("fcnfast/__init__.py", "fcnfast/ops.py", "fcnfast/reference.py",
+                         # the shipped CamVid model and its model card (package data)
+                         "fcnfast/weights/fcn8s_lite0_camvid.pt",
+                         "fcnfast/weights/fcn8s_lite0_camvid.md"):
             if required not in names:
                 problems.append("missing %s" % required)
         record = [n for n in names if n.endswith(".dist-info/RECORD")]
