@@ -36,6 +36,8 @@ GOOD = {
     "fcnfast/_C.cpython-311-x86_64-linux-gnu.so": b"\x7fELF",
     "fcnfast/_csrc/cuda/op.cu": "",
     "fcnfast/_csrc/common/geometry.h": "",
+    "fcnfast/weights/fcn8s_lite0_camvid.pt": b"weights",
+    "fcnfast/weights/fcn8s_lite0_camvid.md": "model card",
     "fcnfast-0.1.0.dist-info/entry_points.txt": "[console_scripts]\nfcnfast = fcnfast.cli:main\n",
     "fcnfast-0.1.0.dist-info/RECORD": "fcnfast/__init__.py,sha256=x,0\n",
 }
