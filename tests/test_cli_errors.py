@@ -11,17 +11,10 @@ import torch
 from PIL import Image
 
 from fcnfast import cli
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 TINY = ["--epochs", "1", "--train-images", "2", "--val-images", "1", "--image-size", "36",
         "--num-classes", "4", "--optimizer", "adam", "--batch-size", "2", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,6 @@ def files(tmp_path_factory):
     from fcnfast.data import write_synthetic_voc
 
     root = tmp_path_factory.mktemp("errors")
-    torch.set_num_threads(1)
     assert cli.main(["train", *TINY, "--out", str(root / "run")]) == 0
     voc = write_synthetic_voc(root / "voc6", num_train=2, num_val=1, size=(24, 28), seed=1,
                               num_classes=6)

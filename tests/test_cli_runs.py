@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from fcnfast import cli
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 TINY = ["--epochs", "1", "--train-images", "2", "--val-images", "1", "--image-size", "36",
         "--num-classes", "4", "--optimizer", "adam", "--batch-size", "2", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(args, capsys):

@@ -1,19 +1,11 @@
 """Issue 16, item 3: images as users have them, output formats by extension, folder input."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fcnfast import cli
 from fcnfast.data.images import label_format_for, load_image
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 
 def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
@@ -92,7 +84,6 @@ def test_lossy_or_unknown_label_formats_are_refused(name, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    torch.set_num_threads(1)
     assert cli.main(["train", "--epochs", "1", "--train-images", "2", "--val-images", "1",
                      "--image-size", "36", "--num-classes", "4", "--optimizer", "adam",
                      "--batch-size", "2", "--quiet", "--out", str(out)]) == 0

@@ -10,14 +10,7 @@ from PIL import Image
 from fcnfast import cli
 from fcnfast.models import build_model
 from fcnfast.tiling import output_stride, receptive_halo, tiled_labels, tiles
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 
 def _randomize(state, seed=0):
