@@ -147,6 +147,16 @@ class LiteFCN(nn.Module, NoScript):
         labels = self.forward(self.preprocess(batch.to(param.device))).argmax(1)
         return labels[0] if single else labels
 
+    def receptive_field(self) -> Tuple[int, int]:
+        """(receptive field size, stride) of the stride-32 features in input pixels (851, 32):
+        what ``fcnfast.tiling`` needs for tiles whose labels equal the whole-image ones.
+
+        TF SAME padding keeps each field centred on its cell (see the module docstring), and
+        the score layers are 1x1, so the backbone's convolutions in order give it exactly."""
+        from ..tiling import conv_receptive_field
+
+        return conv_receptive_field(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+
     def backbone_parameters(self):
         return self.backbone.parameters()
 
