@@ -214,14 +214,15 @@ def _add_tiling(p) -> None:
     p.add_argument("--tile", type=nonneg_int, default=None, metavar="N",
                    help="run the network tile by tile (N x N cores plus the receptive-field "
                         "halo; labels equal to the whole-image pass); 0: never; default: "
-                        "tiles of %d for images above %d pixels"
+                        "tiles of %d (%d for the Lite0 models) for images above %d pixels"
                    % (_tiling_defaults()))
 
 
 def _tiling_defaults():
+    from .models.lite_fcn import LiteFCN
     from .tiling import AUTO_TILE_PIXELS, DEFAULT_TILE
 
-    return DEFAULT_TILE, AUTO_TILE_PIXELS
+    return DEFAULT_TILE, LiteFCN.preferred_tile, AUTO_TILE_PIXELS
 
 
 def _add_predict(sub) -> None:
@@ -535,11 +536,11 @@ def _predict_model(args, device):
     return load_model(args.checkpoint, device)[0], False
 
 
-def _tile_for(args, height: int, width: int) -> int:
-    from .tiling import AUTO_TILE_PIXELS, DEFAULT_TILE
+def _tile_for(args, height: int, width: int, model) -> int:
+    from .tiling import AUTO_TILE_PIXELS, default_tile
 
     if args.tile is None:
-        return DEFAULT_TILE if height * width > AUTO_TILE_PIXELS else 0
+        return default_tile(model) if height * width > AUTO_TILE_PIXELS else 0
     return args.tile
 
 
@@ -567,7 +568,7 @@ def _predict_one(args, model, lite, device, image_path, output, overlay) -> None
     palette = class_names = None
     if lite:
         palette, class_names = model.palette, model.class_names
-    tile = _tile_for(args, height, width)
+    tile = _tile_for(args, height, width, model)
     progress = not args.quiet
     if tile:
         from .tiling import tiled_labels

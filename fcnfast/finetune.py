@@ -193,7 +193,7 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
     """Confusion matrix and the FCN paper's metrics over ``dataset`` (uint8 items), one image at a time.
 
     ``tile``: run each image tile by tile (``fcnfast.tiling``: labels equal to the whole-image
-    ones, the CRF per tile); None: tiles of ``tiling.DEFAULT_TILE`` for images above
+    ones, the CRF per tile); None: tiles of ``tiling.default_tile(model)`` for images above
     ``tiling.AUTO_TILE_PIXELS`` pixels; 0: never."""
     from tqdm import tqdm
 
@@ -205,7 +205,7 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
         image, label = dataset[index]
         height, width = image.shape[-2:]
         use_tile = tile if tile is not None else (
-            tiling.DEFAULT_TILE if height * width > tiling.AUTO_TILE_PIXELS else 0)
+            tiling.default_tile(model) if height * width > tiling.AUTO_TILE_PIXELS else 0)
         if use_tile:
             _tiled_lite_confusion(model, image, label, use_tile, crf, conf, conf_crf)
             continue

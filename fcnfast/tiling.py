@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["AUTO_TILE_PIXELS", "DEFAULT_TILE", "receptive_halo", "output_stride", "tiles",
-           "tiled_labels", "conv_receptive_field"]
+           "tiled_labels", "conv_receptive_field", "default_tile"]
 
 # images with more pixels than this are tiled automatically by predict/eval (--tile 0: never)
 AUTO_TILE_PIXELS = 2048 * 2048
@@ -67,6 +67,12 @@ def conv_receptive_field(layers) -> Tuple[int, int]:
             size += (k - 1) * d * jump
             jump *= s
     return size, jump
+
+
+def default_tile(model: nn.Module) -> int:
+    """The tile side used when none is given: ``model.preferred_tile`` if the model states
+    one (a memory-hungry backbone prefers smaller windows), else ``DEFAULT_TILE``."""
+    return int(getattr(model, "preferred_tile", DEFAULT_TILE))
 
 
 def output_stride(model: nn.Module) -> int:

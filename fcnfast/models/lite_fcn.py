@@ -147,6 +147,10 @@ class LiteFCN(nn.Module, NoScript):
         labels = self.forward(self.preprocess(batch.to(param.device))).argmax(1)
         return labels[0] if single else labels
 
+    # tiles of 768 px (windows of 768 + 2 * 512 halo): a 2048 px window of this backbone holds
+    # ~1.4 GB of activations (96 expanded channels at stride 2), too much for a 2 GB budget
+    preferred_tile = 768
+
     def receptive_field(self) -> Tuple[int, int]:
         """(receptive field size, stride) of the stride-32 features in input pixels (851, 32):
         what ``fcnfast.tiling`` needs for tiles whose labels equal the whole-image ones.
