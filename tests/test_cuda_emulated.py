@@ -448,3 +448,9 @@ def test_planted_race_and_launcher_swap_are_caught(tmp_path, cpu_cupy, monkeypat
             _run_all(cupy_path(lib, monkeypatch), dtype)
         with pytest.raises(AssertionError, match="backward|cross_entropy"):
             _run_all(Launchers(lib), dtype, skip=("conv_transpose2d",))
+
+
+def test_divergent_barrier_is_reported(emulator):
+    """A __syncthreads() that thread 0 never reaches (planted_race.cuh) is an error."""
+    out = torch.zeros(1)
+    assert emulator.fcn_emu_planted_divergent_barrier(_p(out)) == -1
