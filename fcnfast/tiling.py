@@ -156,4 +156,33 @@ def tiled_labels(model: nn.Module, height: int, width: int,
             out[y0 + cy0:y0 + cy1, x0 + cx0:x0 + cx1] = \
                 labels[cy0:cy1, cx0:cx1].to(torch.uint8).cpu().numpy()
             del x, labels
+            _release_free_memory()
     return out
+
+
+def _release_free_memory() -> None:
+    """Give the freed heap pages of the last window back to the system (glibc ``malloc_trim``).
+
+    Windows of different sizes leave holes in glibc's heap that later windows do not fit, so
+    the resident size crept up by ~0.1 GB per window (an 8000 px image: 2.2 GB and rising with
+    768 px tiles of the Lite0 model); trimming keeps it at one window's working set. A no-op
+    where the C library has no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is False:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM = False  # not looked up yet
