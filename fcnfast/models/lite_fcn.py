@@ -113,21 +113,19 @@ class LiteFCN(nn.Module, NoScript):
         """Scores at stride ``upscale`` and the crop of the final upsampling."""
         self._check_input(x)
         features, _ = self.backbone.forward_features(x)
-        # the heads run in fp32 (fcnfast's ops take one dtype; under autocast the backbone is bf16)
-        with torch.autocast(x.device.type, enabled=False):
-            features = {k: v.float() for k, v in features.items()}
-            scores = self.score_fr(self.drop(features["stride32"]))
-            for tap in self.skips:
-                up_name, score_name = _SKIP_NAMES[tap]
-                skip = features[tap]
-                crop = (1, 1, skip.shape[2], skip.shape[3])
-                scores = getattr(self, score_name)(getattr(self, up_name)(scores, crop=crop), skip)
+        # under torch.autocast the heads follow fcnfast's per-op rules (fcnfast._autocast):
+        # the deconvolutions and 1x1 score convolutions run in the autocast dtype
+        scores = self.score_fr(self.drop(features["stride32"]))
+        for tap in self.skips:
+            up_name, score_name = _SKIP_NAMES[tap]
+            skip = features[tap]
+            crop = (1, 1, skip.shape[2], skip.shape[3])
+            scores = getattr(self, score_name)(getattr(self, up_name)(scores, crop=crop), skip)
         return scores, (0, 0, x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, crop = self.coarse_scores(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.upscore(scores, crop=crop)
+        return self.upscore(scores, crop=crop)
 
     @staticmethod
     def preprocess(images: torch.Tensor) -> torch.Tensor:
