@@ -31,8 +31,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .fcn import chunked_argmax
 from ..nn import ConvTranspose2d, NoScript, SkipFuse, bilinear_kernel
 from .efficientnet import (EfficientNetLite0, LITE0_FEATURE_CHANNELS, lite0_state_dict_from_package,
                            load_lite0_state_dict, normalize_uint8)
@@ -142,8 +144,19 @@ class LiteFCN(nn.Module, NoScript):
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
         param = next(self.parameters())
-        labels = self.forward(self.preprocess(batch.to(param.device))).argmax(1)
+        scores, crop = self.coarse_scores(self.preprocess(batch.to(param.device)))
+        labels = chunked_argmax(self.upscore, scores, crop)   # one image's scores at a time
         return labels[0] if single else labels
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+             reduction: str = "mean") -> torch.Tensor:
+        """``F.cross_entropy(forward(x), target, ignore_index=ignore_index, reduction=reduction)``.
+
+        The final deconvolution is learned (k ``2f-1``), so the fused bilinear
+        ``ops.upsample_cross_entropy`` does not apply here; the loss takes the logits.
+        """
+        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
+                               reduction=reduction)
 
     def backbone_parameters(self):
         return self.backbone.parameters()
