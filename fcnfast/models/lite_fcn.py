@@ -111,10 +111,15 @@ class LiteFCN(nn.Module, NoScript):
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError("x must have a positive height and width, got %s" % (tuple(x.shape),))
 
-    def coarse_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
-        """Scores at stride ``upscale`` and the crop of the final upsampling."""
+    def coarse_scores(self, x: torch.Tensor, backbone: Optional[nn.Module] = None
+                      ) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+        """Scores at stride ``upscale`` and the crop of the final upsampling.
+
+        ``backbone``: another backbone computing the same features (``predict`` passes the
+        batch-norm-folded copy ``self.backbone.folded()``).
+        """
         self._check_input(x)
-        features, _ = self.backbone.forward_features(x)
+        features, _ = (backbone or self.backbone).forward_features(x)
         # under torch.autocast the heads follow fcnfast's per-op rules (fcnfast._autocast):
         # the deconvolutions and 1x1 score convolutions run in the autocast dtype
         scores = self.score_fr(self.drop(features["stride32"]))
@@ -144,7 +149,9 @@ class LiteFCN(nn.Module, NoScript):
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
         param = next(self.parameters())
-        scores, crop = self.coarse_scores(self.preprocess(batch.to(param.device)))
+        # in eval mode the backbone's batch norms are folded into its convolutions (a cached copy)
+        backbone = None if self.backbone.training else self.backbone.folded()
+        scores, crop = self.coarse_scores(self.preprocess(batch.to(param.device)), backbone)
         labels = chunked_argmax(self.upscore, scores, crop)   # one image's scores at a time
         return labels[0] if single else labels
 
