@@ -237,6 +237,60 @@ def child(args):
                       "peak_mb": _rss("VmHWM") - base, "load": os.getloadavg()[0]}))
 
 
+def heads(args):
+    """Lite0 only: the FCN heads alone on precomputed backbone features (one process,
+    interleaved rounds, median ms): where fcnfast and the plain FCN differ."""
+    torch.set_num_threads(args.threads)
+    model, plain, make_input, _ = build("lite0")
+    images, target = make_input(args.lite0_batch, tuple(args.lite0_size))
+    x = model.preprocess(images)
+    with torch.no_grad():
+        feats, pad = model.eval().backbone.forward_features(x)
+    class Fixed(nn.Module):   # a backbone that returns the precomputed features
+        def forward_features(self, _x):
+            return feats, pad
+
+    fake = Fixed()
+    real_backbone = plain.backbone
+    results = {}
+    for precision in args.precisions.split(","):
+        bf16 = precision == "bf16"
+        for phase in args.phases.split(","):
+            def run_fast():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    scores, crop = model.coarse_scores(x, fake)
+                    if phase == "predict":
+                        from fcnfast.models.fcn import chunked_argmax
+                        return chunked_argmax(model.upscore, scores, crop)
+                    loss = F.cross_entropy(model.upscore(scores, crop=crop), target,
+                                           ignore_index=255)
+                loss.backward()
+
+            def run_plain():
+                plain.backbone = fake
+                try:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        if phase == "predict":
+                            return plain(x).argmax(1)
+                        loss = F.cross_entropy(plain(x), target, ignore_index=255)
+                    loss.backward()
+                finally:
+                    plain.backbone = real_backbone
+
+            times = {"native": [], "plain": []}
+            for r in range(args.reps + 1):
+                for name, fn in (("native", run_fast), ("plain", run_plain)):
+                    with torch.set_grad_enabled(phase == "train"):
+                        t = time.perf_counter()
+                        fn()
+                        if r:
+                            times[name].append(time.perf_counter() - t)
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            print("lite0 heads %s %s b%d: native %.1f ms, plain %.1f ms (%.2fx), load %.1f" % (
+                precision, phase, args.lite0_batch, ms["native"], ms["plain"],
+                ms["plain"] / ms["native"], os.getloadavg()[0]), flush=True)
+
+
 # ---------------------------------------------------------------------------------------
 # parent: sanity check, the runs, the table
 # ---------------------------------------------------------------------------------------
@@ -254,16 +308,15 @@ def sanity(model_name):
         assert torch.equal(pa, c.argmax(1)), "predict differs from the plain argmax"
 
 
-def machine():
+def machine(threads):
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return "%s, %d cores, torch %s (%s), %d threads" % (
-        cpu, os.cpu_count(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
-        torch.get_num_threads())
+    return "%s, %d cores, torch %s (%s), %d thread(s) per run" % (
+        cpu, os.cpu_count(), torch.__version__, torch.backends.cpu.get_cpu_capability(), threads)
 
 
 def main():
@@ -292,12 +345,16 @@ def main():
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--heads", action="store_true",
+                   help="Lite0 heads only on precomputed features (one process, interleaved)")
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.heads:
+        return heads(args)
 
     rows = []
-    lines = ["machine: " + machine(), "command: " + " ".join([os.path.basename(sys.executable)]
+    lines = ["machine: " + machine(args.threads), "command: " + " ".join([os.path.basename(sys.executable)]
                                                              + sys.argv),
              "start: %s, load average %s" % (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                                               " ".join("%.2f" % v for v in os.getloadavg())), ""]
