@@ -2,13 +2,14 @@
 with --crf <= 3 GB).
 
     python benchmarks/large_images.py --size 8000 [--crf] [--threads 2] [--out DIR]
+    python benchmarks/large_images.py --size 8000 --model fcn8s_lite0_camvid [--crf]
 
 Each measured command runs in its own child process; its peak resident set size is the
 kernel's ``ru_maxrss`` of that child (getrusage RUSAGE_CHILDREN after it exits, read as a
 difference is impossible, so every measurement uses a fresh helper process: this script
 re-runs itself with ``--child``). The image is a synthetic JPEG (random blocks and noise),
 the model a tiny-backbone FCN-8s checkpoint trained for one step (the weights do not change
-the cost).
+the cost), or with ``--model`` a shipped model (the CamVid EfficientNet-Lite0 FCN-8s).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def make_inputs(out: Path, size: int) -> tuple:
+def make_inputs(out: Path, size: int, need_checkpoint: bool = True) -> tuple:
     import numpy as np
     from PIL import Image
 
@@ -34,7 +35,7 @@ def make_inputs(out: Path, size: int) -> tuple:
         Image.fromarray(array).save(image, quality=90)
         del array
     ckpt = out / "run" / "checkpoint.pt"
-    if not ckpt.exists():
+    if need_checkpoint and not ckpt.exists():
         from fcnfast import cli
 
         assert cli.main(["train", "--epochs", "1", "--max-steps", "1", "--train-images", "1",
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--crf", action="store_true", help="also measure predict --crf")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--extra", nargs="*", default=[], help="more predict arguments")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a shipped model (e.g. fcn8s_lite0_camvid) instead of the tiny FCN-8s")
     p.add_argument("--out", default="large_images_out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -80,14 +83,14 @@ def main() -> None:
         return child(a.child)
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    image, ckpt = make_inputs(out, a.size)
-    runs = [["predict", str(image), "-o", str(out / "labels.png"), "--checkpoint", str(ckpt),
-             "--quiet", *a.extra]]
+    image, ckpt = make_inputs(out, a.size, need_checkpoint=a.model is None)
+    which = ["--model", a.model] if a.model else ["--checkpoint", str(ckpt)]
+    runs = [["predict", str(image), "-o", str(out / "labels.png"), *which, "--quiet", *a.extra]]
     if a.crf:
         runs.append(runs[0] + ["--crf", "-o", str(out / "labels_crf.png")])
     for args in runs:
         result = measure(args, a.threads)
-        result.update(size=a.size, threads=a.threads)
+        result.update(size=a.size, threads=a.threads, model=a.model or "fcn8s tiny")
         print(json.dumps(result), flush=True)
 
 

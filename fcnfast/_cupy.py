@@ -167,6 +167,18 @@ def _blocks_for(n: int) -> int:
     return max(1, min(n, _BLOCKS_MAX))
 
 
+def _reduction_group(count: int) -> int:
+    """kernel_utils.cuh reduction_group: threads per output of the tiled grad_weight sums."""
+    group = 1
+    while group < BLOCK and group * 64 < count:
+        group *= 2
+    return group
+
+
+def _tiles(outputs: int, group: int) -> int:
+    return _blocks_for((outputs - 1) // (BLOCK // group) + 1)
+
+
 def _ptr(t):
     return _np().uint64(t.data_ptr() if t is not None else 0)
 
@@ -302,8 +314,10 @@ def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
                     (_ptr(grad), _ptr(weight), _acc(dt, scale), _ptr(gf)) + _i32(gf.numel())
                     + dims)
         if output_mask[1] and gw.numel():
-            _launch(f, "score_skip_grad_weight_kernel", dt, dev, _blocks_for(gw.numel()),
-                    (_ptr(grad), _ptr(feature), _acc(dt, scale), _ptr(gw)) + _i32(n) + dims)
+            group = _reduction_group(n * h * w)
+            _launch(f, "score_skip_grad_weight_kernel", dt, dev, _tiles(gw.numel(), group),
+                    (_ptr(grad), _ptr(feature), _acc(dt, scale), _ptr(gw)) + _i32(n, group)
+                    + dims)
         if output_mask[2] and k:
             _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(k),
                     (_ptr(grad), _ptr(gb)) + _i32(n, k, h * w))
@@ -361,8 +375,9 @@ def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, 
             _launch(f, "conv_transpose2d_grad_x_kernel", dt, dev, _grid_for(gx.numel()),
                     (_ptr(grad), _ptr(weight), _ptr(gx)) + _i32(gx.numel()) + dims)
         if output_mask[1] and gw.numel():
-            _launch(f, "conv_transpose2d_grad_weight_kernel", dt, dev, _blocks_for(gw.numel()),
-                    (_ptr(x), _ptr(grad), _ptr(gw)) + _i32(x.shape[0]) + dims)
+            group = _reduction_group(x.shape[0] * x.shape[2] * x.shape[3])
+            _launch(f, "conv_transpose2d_grad_weight_kernel", dt, dev, _tiles(gw.numel(), group),
+                    (_ptr(x), _ptr(grad), _ptr(gw)) + _i32(x.shape[0], group) + dims)
         if output_mask[2] and cout:
             _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(cout),
                     (_ptr(grad), _ptr(gb)) + _i32(x.shape[0], cout, oh * ow))
@@ -444,9 +459,9 @@ def _ce_workspace(x, pixels):
     ws = torch.empty(2 * blocks + 1 + pixels, dtype=torch.float64, device=x.device)
     base = ws.data_ptr()
     np = _np()
-    # partials, coefficient, lse (layout of upsample_cross_entropy.cu CeWorkspace)
-    return ws, blocks, np.uint64(base), np.uint64(base + 16 * blocks), np.uint64(
-        base + 8 * (2 * blocks + 1))
+    # loss partials, int pixel counts, coefficient, lse (upsample_cross_entropy.cu CeWorkspace)
+    return ws, blocks, np.uint64(base), np.uint64(base + 8 * blocks), np.uint64(
+        base + 16 * blocks), np.uint64(base + 8 * (2 * blocks + 1))
 
 
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
@@ -455,12 +470,12 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
     with _device(x):
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
-        ws, blocks, partials, _, _ = _ce_workspace(x, pixels)
+        ws, blocks, partials, counts, _, _ = _ce_workspace(x, pixels)
         _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
-                (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials)
+                (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials, counts)
                 + _i32(pixels, x.shape[1]) + dims)
         _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
-                (partials,) + _i32(blocks, reduction == "mean")
+                (partials, counts) + _i32(blocks, reduction == "mean")
                 + (np.uint64(0), _ptr(loss), np.uint64(0)))
         # ws may be freed now: the caching allocator reuses it only in the same stream order
         del ws
@@ -478,12 +493,12 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
         gx = torch.empty_like(x)
         if gx.numel() == 0:
             return gx
-        ws, blocks, partials, coef, lse = _ce_workspace(x, pixels)
+        ws, blocks, partials, counts, coef, lse = _ce_workspace(x, pixels)
         _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
-                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials)
+                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials, counts)
                 + _i32(pixels, x.shape[1]) + dims)
         _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
-                (partials,) + _i32(blocks, reduction == "mean")
+                (partials, counts) + _i32(blocks, reduction == "mean")
                 + (_ptr(grad_loss), np.uint64(0), coef))
         _launch(f, "ce_grad_x_kernel", x.dtype, x.device, _grid_for(gx.numel()),
                 (_ptr(x), _ptr(target), np.int64(ignore_index), lse, coef, _ptr(gx))

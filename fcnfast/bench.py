@@ -474,7 +474,10 @@ def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmark fcnfast's ops against PyTorch (markdown table)")
+    from .cli import HelpFormatter
+
+    p = subparsers.add_parser("bench", help="benchmark fcnfast's ops against PyTorch (markdown table)",
+                              formatter_class=HelpFormatter)
     p.add_argument("--groups", nargs="+", choices=sorted(CASE_GROUPS), default=None,
                    help="case groups to run (default: all)")
     p.add_argument("--classes", nargs="+", type=int, default=[21, 59, 150])

@@ -35,8 +35,9 @@ class _Parser(argparse.ArgumentParser):
                   % ("%s: " % " ".join(command) if command else "", " ".join(message.split()), hint))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every option's default (also of options without a help text)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default (also of options without a help text, and not
+    twice where the text already names it); descriptions keep their own line breaks."""
 
     def _format_action(self, action):
         if (action.help is None and action.option_strings
@@ -44,6 +45,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # (0 == False: not "in")
+        if "default" in text.lower() or unset or action.default == argparse.SUPPRESS:
+            return text  # already stated, or nothing worth stating (an unset option / a flag)
+        return super()._get_help_string(action)
+
+
+_HelpFormatter = HelpFormatter
 
 
 class UsageError(Exception):
@@ -101,7 +112,11 @@ def _add_demo(sub) -> None:
 
     p = sub.add_parser("demo", formatter_class=_HelpFormatter, help="train a small FCN-8s on synthetic scenes on the CPU, "
                        "evaluate it and time fcnfast's kernels against the reference ops")
-    p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
+    p.add_argument("--out", default="demo_out",
+                   help="output directory; an earlier demo's output there is replaced, another "
+                        "run is not (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a train/finetune run found in --out")
     p.add_argument("--epochs", type=pos_int, default=d["epochs"],
                    help="training epochs (default: %(default)s)")
     p.add_argument("--minutes", type=pos_float, default=d["minutes"],
@@ -199,14 +214,15 @@ def _add_tiling(p) -> None:
     p.add_argument("--tile", type=nonneg_int, default=None, metavar="N",
                    help="run the network tile by tile (N x N cores plus the receptive-field "
                         "halo; labels equal to the whole-image pass); 0: never; default: "
-                        "tiles of %d for images above %d pixels"
+                        "tiles of %d (%d for the Lite0 models) for images above %d pixels"
                    % (_tiling_defaults()))
 
 
 def _tiling_defaults():
+    from .models.lite_fcn import LiteFCN
     from .tiling import AUTO_TILE_PIXELS, DEFAULT_TILE
 
-    return DEFAULT_TILE, AUTO_TILE_PIXELS
+    return DEFAULT_TILE, LiteFCN.preferred_tile, AUTO_TILE_PIXELS
 
 
 def _add_predict(sub) -> None:
@@ -357,9 +373,6 @@ def cmd_eval(args) -> int:
     if args.crf:
         _require_crf()
     if args.model is not None or _is_finetuned(args.checkpoint):
-        if args.tile:
-            raise UsageError("--tile %d: tiling is not available for the Lite0 models (only for "
-                             "the fcnfast train FCNs)" % args.tile)
         return _eval_shipped(args)
     model, ckpt = load_model(args.checkpoint, device)
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -406,7 +419,7 @@ def _eval_shipped(args) -> int:
     name = args.model or args.checkpoint
     dataset = open_segmentation(args.data, args.split or "val", num_classes=model.num_classes)
     result = evaluate_lite(model, dataset, model.num_classes, crf=args.crf,
-                           progress=not args.quiet)
+                           progress=not args.quiet, tile=args.tile)
     scores = {"fcn": result["scores"]}
     if args.crf:
         scores["fcn+crf"] = result["scores_crf"]
@@ -523,20 +536,12 @@ def _predict_model(args, device):
     return load_model(args.checkpoint, device)[0], False
 
 
-def _tile_for(args, height: int, width: int, lite: bool) -> int:
-    from .tiling import AUTO_TILE_PIXELS, DEFAULT_TILE
+def _tile_for(args, height: int, width: int, model) -> int:
+    from .tiling import AUTO_TILE_PIXELS, default_tile
 
-    tile = args.tile
-    if tile is None:
-        tile = DEFAULT_TILE if height * width > AUTO_TILE_PIXELS else 0
-        if tile and lite:
-            print("fcnfast: warning: %dx%d image: tiling is not available for the Lite0 models; "
-                  "running on the whole image" % (width, height), file=sys.stderr)
-            return 0
-    elif tile and lite:
-        raise UsageError("--tile %d: tiling is not available for the Lite0 models (only for the "
-                         "fcnfast train FCNs)" % tile)
-    return tile
+    if args.tile is None:
+        return default_tile(model) if height * width > AUTO_TILE_PIXELS else 0
+    return args.tile
 
 
 def _label_counts(labels, num_classes: int):
@@ -563,12 +568,15 @@ def _predict_one(args, model, lite, device, image_path, output, overlay) -> None
     palette = class_names = None
     if lite:
         palette, class_names = model.palette, model.class_names
-    tile = _tile_for(args, height, width, lite)
+    tile = _tile_for(args, height, width, model)
     progress = not args.quiet
     if tile:
         from .tiling import tiled_labels
 
-        def window(y0, y1, x0, x1):
+        def window(y0, y1, x0, x1):  # what model.predict takes: uint8 RGB for the Lite0 models
+            if lite:
+                return torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])
+                                        ).permute(2, 0, 1).unsqueeze(0).to(device)
             return image_to_tensor(image[y0:y1, x0:x1]).unsqueeze(0).to(device)
 
         refine = None
@@ -615,16 +623,17 @@ def _predict_one(args, model, lite, device, image_path, output, overlay) -> None
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import claim_demo_dir, run_demo
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise NotADirectoryError("--out %s exists and is not a directory" % args.out)
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1, got %d" % args.threads)
-
+    try:
+        claim_demo_dir(Path(args.out), args.overwrite)  # before any work
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from exc
     run_demo(out=args.out, epochs=args.epochs, minutes=args.minutes, seed=args.seed,
              train_images=args.images, val_images=args.val_images, image_size=args.size, threads=args.threads,
-             timing=not args.no_timing, quiet=args.quiet)
+             timing=not args.no_timing, quiet=args.quiet, overwrite=args.overwrite)
     return 0
 
 

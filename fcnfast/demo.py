@@ -63,21 +63,26 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
              val_images: int = DEMO_DEFAULTS["val_images"],
              image_size: int = DEMO_DEFAULTS["image_size"], threads: Optional[int] = None,
              timing: bool = True, quiet: bool = False,
-             log: Callable[[str], None] = print) -> dict:
-    """Run the demo; returns the scores, the wall time and the timing comparison."""
+             log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """Run the demo; returns the scores, the wall time and the timing comparison.
+
+    ``out`` may hold an earlier demo's output (replaced: a demo is made again in a minute),
+    but not another run (``fcnfast train`` / ``finetune`` files): that raises
+    FileExistsError unless ``overwrite``."""
     previous_threads = torch.get_num_threads()
     try:
         return _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size,
-                         threads, timing, quiet, log)
+                         threads, timing, quiet, log, overwrite)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size, threads,
-              timing, quiet, log) -> dict:
+              timing, quiet, log, overwrite) -> dict:
     start = time.perf_counter()
     threads_note = _set_threads(threads)
     out = Path(out)
+    claim_demo_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, epochs, seed, train_images, val_images, image_size, minutes, quiet)
     log("fcnfast demo: FCN-8s (tiny backbone, %d classes) on %d synthetic %dx%d scenes, "
@@ -114,9 +119,39 @@ def _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size, 
         % (result.checkpoint, files[0], result.checkpoint))
     log("demo finished in %.1f s (training %.1f s, %d steps)"
         % (seconds, result.seconds, len(result.losses)))
+    _write_marker(out, scores, scores_crf, seconds)
     return {"scores": scores, "scores_crf": scores_crf, "seconds": seconds,
             "train_seconds": result.seconds, "steps": len(result.losses), "timing": timings,
             "files": files}
+
+
+# the demo's own record in its --out: a directory holding it may be replaced by a new demo
+DEMO_MARKER = "demo.json"
+# run files the demo does not replace without --overwrite unless DEMO_MARKER says they are its own
+_RUN_FILES = ("checkpoint.pt", "history.jsonl", "last.pt", "best.pt", "history.json")
+
+
+def claim_demo_dir(out: Path, overwrite: bool = False) -> None:
+    """Make ``out`` ready for a new demo: an earlier demo's run files are removed (so its
+    history is not mixed into the new one); another run's files stop the demo unless
+    ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError("--out %s exists and is not a directory" % out)
+    held = [name for name in _RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if held and not (out / DEMO_MARKER).exists() and not overwrite:
+        raise FileExistsError("--out %s holds a run that the demo did not write (%s); choose "
+                              "another --out or pass --overwrite" % (out, ", ".join(held)))
+    for name in held:
+        (out / name).unlink()
+
+
+def _write_marker(out: Path, scores: dict, scores_crf, seconds: float) -> None:
+    import json
+
+    record = {"scores": scores, "scores_crf": scores_crf, "seconds": round(seconds, 1)}
+    tmp = out / (DEMO_MARKER + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float))
+    os.replace(tmp, out / DEMO_MARKER)
 
 
 def _set_threads(threads: Optional[int]) -> str:

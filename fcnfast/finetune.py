@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,14 +188,27 @@ def iou_table(confusion: torch.Tensor, class_names: Optional[Sequence[str]]) -> 
 
 @torch.no_grad()
 def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
-                  progress: bool = False, bf16: bool = False) -> Dict[str, object]:
-    """Confusion matrix and the FCN paper's metrics over ``dataset`` (uint8 items), one image at a time."""
+                  progress: bool = False, bf16: bool = False, tile: Optional[int] = 0
+                  ) -> Dict[str, object]:
+    """Confusion matrix and the FCN paper's metrics over ``dataset`` (uint8 items), one image at a time.
+
+    ``tile``: run each image tile by tile (``fcnfast.tiling``: labels equal to the whole-image
+    ones, the CRF per tile); None: tiles of ``tiling.default_tile(model)`` for images above
+    ``tiling.AUTO_TILE_PIXELS`` pixels; 0: never."""
     from tqdm import tqdm
+
+    from . import tiling
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     conf_crf = torch.zeros_like(conf) if crf else None
     for index in tqdm(range(len(dataset)), disable=not progress, desc="val", leave=False):
         image, label = dataset[index]
+        height, width = image.shape[-2:]
+        use_tile = tile if tile is not None else (
+            tiling.default_tile(model) if height * width > tiling.AUTO_TILE_PIXELS else 0)
+        if use_tile:
+            _tiled_lite_confusion(model, image, label, use_tile, crf, conf, conf_crf)
+            continue
         x = model.preprocess(image[None])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -208,6 +222,28 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
         result["confusion_crf"] = conf_crf
         result["scores_crf"] = segmentation_scores(conf_crf)
     return result
+
+
+def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, conf, conf_crf
+                          ) -> None:
+    """Add one uint8 image's tiled labels (and per-tile CRF labels) to the confusion matrices."""
+    from . import tiling
+    height, width = image.shape[-2:]
+
+    def window(y0, y1, x0, x1):
+        return image[None, :, y0:y1, x0:x1]
+
+    labels = tiling.tiled_labels(model, height, width, window, tile=tile)
+    conf += confusion_matrix(torch.from_numpy(labels).long()[None], label[None], conf.shape[0])
+    if crf:
+        from .crf import dense_crf
+
+        def refine(logits, y0, y1, x0, x1):
+            return dense_crf(logits[0].float(), image[:, y0:y1, x0:x1]).argmax(0)
+
+        refined = tiling.tiled_labels(model, height, width, window, tile=tile, crf=refine)
+        conf_crf += confusion_matrix(torch.from_numpy(refined).long()[None], label[None],
+                                     conf.shape[0])
 
 
 def _lr_factor(step: int, total: int, cfg: FinetuneConfig, time_progress: float = 0.0) -> float:
@@ -393,13 +429,13 @@ def _seed_worker(worker_id: int) -> None:
 
 def register_cli(sub) -> None:
     """Add ``fcnfast finetune`` to the ``fcnfast`` command line."""
-    from .cli import nonneg_float, nonneg_int, pos_float, pos_int
+    from .cli import HelpFormatter, nonneg_float, nonneg_int, pos_float, pos_int
 
     d = FinetuneConfig(data="")
     p = sub.add_parser(
         "finetune", help="fine-tune an ImageNet-pretrained Lite0 FCN on real images",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
-        formatter_class=_DefaultsFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--data", required=True,
                    help="dataset folder: list-file (<split>.txt, e.g. CamVid), images/+labels/ or VOC")
     p.add_argument("--out", default=d.out, help="run directory (last.pt, best.pt, history.json)")
@@ -435,21 +471,84 @@ def register_cli(sub) -> None:
     p.add_argument("--num-workers", type=nonneg_int, default=d.num_workers)
     p.add_argument("--max-train-images", type=pos_int, default=None)
     p.add_argument("--max-val-images", type=pos_int, default=None)
-    p.add_argument("--resume", metavar="CKPT", default=None, help="continue a run from last.pt")
+    p.add_argument("--resume", metavar="CKPT", default=None,
+                   help="continue a run from its last.pt (its settings; only %s may be given "
+                        "anew)" % ", ".join("--" + f.replace("_", "-") for f in RESUME_SAFE_FIELDS))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (last.pt, best.pt, history.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)
 
 
+# files of a finetune run directory; --out refuses a directory holding any of them (unless
+# --resume continues that run, or --overwrite)
+RUN_FILES = ("last.pt", "best.pt", "history.json")
+# settings that may change when a run is resumed; any other one given explicitly must match
+RESUME_SAFE_FIELDS = ("epochs", "lr", "minutes", "val_every", "num_workers", "threads", "out",
+                      "max_val_images")
+
+
 def _cmd_finetune(args) -> int:
-    options = {k: v for k, v in vars(args).items()
-               if k in FinetuneConfig.__dataclass_fields__ and v is not None}
-    cfg = FinetuneConfig(**options)
-    if args.resume is not None:
-        if not Path(args.resume).is_file():
-            raise FileNotFoundError("checkpoint not found: %s" % args.resume)
+    from .cli import UsageError
+
+    fields = FinetuneConfig.__dataclass_fields__
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    explicit = {k for k in getattr(args, "_explicit", set()) if k in fields}
+    if args.resume is None:
+        cfg = FinetuneConfig(**options)
+    else:
+        cfg = _resumed_config(args.resume, {k: options[k] for k in explicit if k in options})
+    _claim_out_dir(Path(cfg.out), args.resume, args.overwrite, UsageError)
     finetune(cfg, resume=args.resume, progress=not args.quiet)
     return 0
 
 
-class _DefaultsFormatter(__import__("argparse").ArgumentDefaultsHelpFormatter):
-    pass
+def _resumed_config(resume: str, requested: dict) -> FinetuneConfig:
+    """The checkpoint's settings with the explicitly given safe ones applied (``--out``
+    defaults to the checkpoint's directory); a conflicting setting stops with the list."""
+    from .cli import UsageError
+
+    if not Path(resume).is_file():
+        raise FileNotFoundError("checkpoint not found: %s" % resume)
+    state = load_checkpoint(resume)
+    if state.get("kind") != "finetune":
+        raise UsageError("--resume %s is not a checkpoint of fcnfast finetune" % resume)
+    saved = dict(state["config"])
+    conflicts = []
+    for key, value in sorted(requested.items()):
+        if key in RESUME_SAFE_FIELDS:
+            continue
+        have = saved.get(key)
+        same = (list(have) == list(value) if key == "crop" else
+                Path(have).resolve() == Path(value).resolve() if key == "data" else have == value)
+        if not same:
+            conflicts.append("%s: checkpoint %r, given %r" % (key.replace("_", "-"), have, value))
+    if conflicts:
+        raise UsageError("--resume %s: settings differ from the checkpoint (only %s may change): "
+                         "%s" % (resume, ", ".join(f.replace("_", "-") for f in RESUME_SAFE_FIELDS),
+                                 "; ".join(conflicts)))
+    saved.update(requested)
+    if "out" not in requested:
+        saved["out"] = str(Path(resume).parent)  # continue the run where it lives
+    known = FinetuneConfig.__dataclass_fields__
+    return FinetuneConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def _claim_out_dir(out: Path, resume: Optional[str], overwrite: bool, error) -> None:
+    """Refuse an ``--out`` that holds another run: nothing a user trained is replaced silently."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError("--out %s exists and is not a directory" % out)
+    held = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if not held:
+        return
+    if resume is not None and out.resolve() == Path(resume).resolve().parent:
+        return  # continuing this very run
+    if not overwrite:
+        hint = ("resume into its own directory (--out %s)" % Path(resume).parent if resume
+                else "pass --resume %s to continue it" % (out / "last.pt"))
+        raise error("--out %s already holds a finetune run (%s); %s, choose another --out, or "
+                    "pass --overwrite" % (out, ", ".join(held), hint))
+    for name in held:
+        (out / name).unlink()
+    print("fcnfast: --overwrite: removed %s from %s" % (", ".join(held), out), file=sys.stderr)
+

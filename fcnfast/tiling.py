@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["AUTO_TILE_PIXELS", "DEFAULT_TILE", "receptive_halo", "output_stride", "tiles",
-           "tiled_labels"]
+           "tiled_labels", "conv_receptive_field", "default_tile"]
 
 # images with more pixels than this are tiled automatically by predict/eval (--tile 0: never)
 AUTO_TILE_PIXELS = 2048 * 2048
@@ -40,14 +40,26 @@ def _pairs(value) -> Tuple[int, int]:
 
 
 def _walk(model: nn.Module) -> Tuple[int, int]:
-    """(receptive field size, stride) at fc6 of a VGG-style FCN, in input pixels."""
+    """(receptive field size, stride) of the network's coarsest features, in input pixels.
+
+    A model may state its own (``receptive_field()``, e.g. ``LiteFCN``); otherwise the
+    VGG-style FCNs of ``fcnfast train`` (``features`` + ``fc6``) are walked layer by layer."""
+    own = getattr(model, "receptive_field", None)
+    if callable(own):
+        return own()
     features = getattr(model, "features", None)
     fc6 = getattr(model, "fc6", None)
     if features is None or fc6 is None:
-        raise ValueError("tiling needs an fcnfast VGG-style FCN (features + fc6), got %s"
-                         % type(model).__name__)
+        raise ValueError("tiling needs an fcnfast FCN (a VGG-style FCN with features + fc6, or "
+                         "a model with receptive_field()), got %s" % type(model).__name__)
+    return conv_receptive_field(list(features) + [fc6])
+
+
+def conv_receptive_field(layers) -> Tuple[int, int]:
+    """(receptive field size, stride) of a chain of ``nn.Conv2d`` / ``nn.MaxPool2d`` layers
+    applied in the given order (other modules -- activations, norms -- do not widen it)."""
     size, jump = 1, 1
-    for module in list(features) + [fc6]:
+    for module in layers:
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
             k = _pairs(module.kernel_size)[0]
             s = _pairs(module.stride)[0]
@@ -55,6 +67,12 @@ def _walk(model: nn.Module) -> Tuple[int, int]:
             size += (k - 1) * d * jump
             jump *= s
     return size, jump
+
+
+def default_tile(model: nn.Module) -> int:
+    """The tile side used when none is given: ``model.preferred_tile`` if the model states
+    one (a memory-hungry backbone prefers smaller windows), else ``DEFAULT_TILE``."""
+    return int(getattr(model, "preferred_tile", DEFAULT_TILE))
 
 
 def output_stride(model: nn.Module) -> int:
@@ -103,7 +121,8 @@ def tiled_labels(model: nn.Module, height: int, width: int,
     """(H, W) uint8 labels of ``model`` computed tile by tile.
 
     ``window(y0, y1, x0, x1)`` returns the model input of that window, (1, C, y1-y0, x1-x0),
-    on the model's device. ``crf(logits, y0, y1, x0, x1) -> (h, w) labels``: refine the
+    on the model's device: what ``model.predict`` takes (the normalised float image for the
+    VGG-style FCNs, the uint8 RGB image for ``LiteFCN``). ``crf(logits, y0, y1, x0, x1) -> (h, w) labels``: refine the
     logits of the tile plus ``crf_halo`` pixels around it (clipped to the window), given with
     their image coordinates (see the module notes: an approximation of the whole-image CRF;
     with one tile covering the image it is the whole-image CRF)."""
@@ -124,7 +143,8 @@ def tiled_labels(model: nn.Module, height: int, width: int,
             if crf is None:
                 labels = model.predict(x)[0]
             else:
-                logits = model(x)
+                # uint8 windows are raw images (LiteFCN): its forward takes the normalised input
+                logits = model(model.preprocess(x) if x.dtype == torch.uint8 else x)
                 h, w = logits.shape[-2:]
                 oy0, ox0 = max(0, cy0 - crf_halo), max(0, cx0 - crf_halo)
                 oy1, ox1 = min(h, cy1 + crf_halo), min(w, cx1 + crf_halo)

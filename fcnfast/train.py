@@ -687,6 +687,8 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
         rng = ckpt["rng"]
         _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         say("resumed from %s at epoch %d, step %d" % (resume, epoch + 1, step))
+        if cfg.out and ctx.main:
+            _set_aside_later_history(Path(cfg.out), epoch, say)
         if epoch >= cfg.epochs:
             say("the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
                 % (epoch, cfg.epochs))
@@ -804,6 +806,32 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
             dist.destroy_process_group()
     result.seconds = time.perf_counter() - start_time
     return result
+
+
+def _set_aside_later_history(out: Path, epoch: int, say: Callable[[str], None]) -> None:
+    """Resuming from a checkpoint older than the run's last epoch (e.g. one kept by
+    ``--save-every``) redoes the later epochs: move their records out of ``history.jsonl`` (to
+    ``history.superseded.jsonl``, nothing is lost) so that each epoch is recorded once."""
+    path = out / "history.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep, later = [], []
+    for line in lines:
+        try:
+            done = json.loads(line).get("epoch", 0) <= epoch
+        except ValueError:
+            done = True  # not ours to judge: keep it where it was
+        (keep if done else later).append(line)
+    if not later:
+        return
+    with open(out / "history.superseded.jsonl", "a") as f:
+        f.write("".join(line + "\n" for line in later))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)  # atomic: a crash leaves the old or the new history, never half
+    say("history.jsonl: %d record(s) after epoch %d moved to history.superseded.jsonl "
+        "(they are trained again now)" % (len(later), epoch))
 
 
 def _should_stop(step: int, cfg: TrainConfig, start_time: float, ctx: _Dist, device) -> bool:

@@ -109,9 +109,91 @@ def test_train_prints_a_header(tmp_path, capsys):
 
 
 def test_help_shows_defaults(capsys):
+    import re
+
     for command, expected in (("train", "(default: fcn8s)"), ("eval", "(default: 1)"),
-                              ("predict", "(default: black)"), ("demo", "(default: demo_out)")):
+                              ("predict", "(default: black)"), ("demo", "(default: demo_out)"),
+                              ("train", "(default: 0)"),  # a zero default is still shown
+                              ("bench", "(default: 0.5)"), ("hsi", "(default 64)"),
+                              ("finetune", "(default: 40)")):
         with pytest.raises(SystemExit) as exc:
             cli.main([command, "--help"])
         assert exc.value.code == 0
-        assert expected in " ".join(capsys.readouterr().out.split()), command
+        text = " ".join(capsys.readouterr().out.split())
+        assert expected in text, command
+        # never twice for one option (a help text that names its default is left alone)
+        assert not re.search(r"default[^-]*\(default: ", text), command
+
+
+def test_resume_from_an_older_checkpoint_records_each_epoch_once(run_dir, capsys):
+    """A checkpoint kept from epoch 1, resumed after the run went on to epoch 3: epochs 2-3
+    are trained again, so their first records move to history.superseded.jsonl."""
+    import shutil
+
+    shutil.copy(run_dir / "checkpoint.pt", run_dir / "epoch1.pt")
+    resume = ["train", "--epochs", "3", "--quiet", "--resume"]
+    assert run([*resume, str(run_dir / "checkpoint.pt")], capsys)[0] == 0
+    first_go = _lines(run_dir / "history.jsonl")
+    assert [r["epoch"] for r in first_go] == [1, 2, 3]
+    code, out, err = run([*resume, str(run_dir / "epoch1.pt")], capsys)
+    assert code == 0, err
+    assert "2 record(s) after epoch 1 moved to history.superseded.jsonl" in out
+    records = _lines(run_dir / "history.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[0] == first_go[0]
+    assert _lines(run_dir / "history.superseded.jsonl") == first_go[1:]  # nothing lost
+
+
+# -- finetune and demo: the same guard ---------------------------------------------------
+
+def _finetune_data(tmp_path):
+    from test_camvid import _camvid_fixture  # a small CamVid-layout folder (list files)
+
+    root = _camvid_fixture(tmp_path / "camvid", count=2, h=32, w=40)
+    (root / "val.txt").write_text((root / "train.txt").read_text())
+    return root
+
+
+FINETUNE = ["--no-pretrained", "--epochs", "1", "--batch-size", "2", "--crop", "32", "32",
+            "--warmup-steps", "1", "--num-workers", "0", "--threads", "1", "--quiet"]
+
+
+def test_finetune_out_guard_resume_settings_and_overwrite(tmp_path, capsys):
+    data, out = str(_finetune_data(tmp_path)), tmp_path / "ft"
+    base = ["finetune", "--data", data, *FINETUNE]
+    assert run([*base, "--out", str(out)], capsys)[0] == 0
+    before = (out / "last.pt").read_bytes()
+    code, _, err = run([*base, "--out", str(out)], capsys)  # a second run into the same --out
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "already holds a finetune run (last.pt, best.pt, history.json)" in err
+    assert (out / "last.pt").read_bytes() == before
+    # --resume: the checkpoint's settings (not the defaults), --out its directory; a
+    # conflicting setting is listed and nothing runs
+    code, _, err = run(["finetune", "--data", data, "--resume", str(out / "last.pt"),
+                        "--crop", "48", "48", "--batch-size", "2", "--epochs", "2"], capsys)
+    assert code == 2 and "crop: checkpoint [32, 32], given [48, 48]" in err
+    assert "batch-size" not in err  # the same value given again is no conflict
+    code, _, err = run(["finetune", "--data", data, "--resume", str(out / "last.pt"),
+                        "--epochs", "2", "--quiet"], capsys)
+    assert code == 0, err
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["config"]["crop"] == [32, 32]
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 2
+    code, _, err = run([*base, "--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and "removed last.pt, best.pt, history.json" in err
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_demo_replaces_its_own_output_but_not_another_run(run_dir, tmp_path, capsys):
+    small = ["demo", "--epochs", "1", "--images", "2", "--val-images", "1", "--size", "32",
+             "--no-timing", "--quiet", "--threads", "1"]
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    code, _, err = run([*small, "--out", str(run_dir)], capsys)  # a train run lives there
+    assert code == 2 and "holds a run that the demo did not write" in err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    demo_dir = tmp_path / "demo"
+    for _ in range(2):  # the README command can be run again: the demo replaces its output
+        code, _, err = run([*small, "--out", str(demo_dir)], capsys)
+        assert code == 0, err
+        assert len(_lines(demo_dir / "history.jsonl")) == 1  # not appended to the last demo
+    assert "mean_iu" in json.loads((demo_dir / "demo.json").read_text())["scores"]
+    assert run([*small, "--out", str(run_dir), "--overwrite"], capsys)[0] == 0

@@ -1,63 +1,245 @@
-"""The CUDA kernels run on the CPU, through the CuPy backend's launch code.
+"""The CUDA kernels and their host launchers run on the CPU, against the reference.
 
 ``tests/cuda_emulator/emulator.cpp`` compiles ``csrc/cuda/*.cu`` with the host
-compiler (the kernel-only branch NVRTC compiles) and runs each launch block by
-block with ``kBlock`` real threads, ``__syncthreads`` a barrier. Here the CuPy
-backend (``fcnfast._cupy``) launches through it instead of CuPy, so the kernel
-arithmetic, the launch arguments, the grid rules and the multi-kernel sequences
-(cross-entropy passes, block reductions) are checked against the CPU ops
-without a GPU. What it cannot check: GPU memory, streams, devices, NVCC code
-generation and the compiled binding -- those are tests/test_cuda.py's.
+compiler and runs each launch block by block with ``kBlock`` threads,
+``__syncthreads`` a barrier. Two paths reach it:
+
+* ``launchers``: the C++ host launchers a CUDA build of the extension runs
+  (``conv_transpose2d()``, ... of ``csrc/cuda/<op>.cu``), whose ``launch()``
+  calls go to the emulator: their grid sizes, workspace layout and kernel
+  argument order are what is tested. The Python driver below does what
+  ``bindings_cuda.cpp`` does (allocate outputs, pass the shape structs).
+* ``cupy``: the CuPy backend's own launch table (``fcnfast._cupy``), its
+  ``_launch`` routed to the emulator.
+
+Every op, gradient and dtype runs on both paths under three thread orders
+(ascending, descending, seeded random: the order in which blocks run and the
+threads of a block resume after each barrier), and is compared with
+``fcnfast.reference`` in float64 on the same dtype-rounded inputs. A planted
+race and a planted launcher-argument swap must be caught. What this cannot
+check: GPU memory, streams, devices, NVCC code generation and the torch
+binding -- those are tests/test_cuda.py's (needs a GPU).
 Skipped without g++ or the CUDA headers (cuda_fp16.h).
 """
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fcnfast import _cupy
+from fcnfast import _cupy, _geometry as geo, reference
 
-from conftest import TOLERANCE, require_native
+from conftest import tolerance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DT_IDS = ["f32", "f64", "f16", "bf16"]
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+ORDERS = {"ascending": 0, "descending": 1, "random": 2}
+# the random order's seed (fixed so a CI verdict is reproducible; set to explore)
+SEED = int(os.environ.get("FCNFAST_EMU_SEED", "20261202"))
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def _compile(root, out, extra=()):
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     include = _cupy.cuda_include_dir()
-    root = _cupy.source_dir()
     source = os.path.join(HERE, "cuda_emulator", "emulator.cpp")
     if cxx is None or include is None or root is None or not os.path.isfile(source):
         pytest.skip("needs g++, the CUDA headers (cuda_fp16.h), the CUDA sources and "
                     "tests/cuda_emulator/emulator.cpp")
-    lib = str(tmp_path_factory.mktemp("emu") / "emulator.so")
     proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-I" + root,
-                           "-isystem", include, source, "-o", lib], capture_output=True, text=True)
+                           "-isystem", include, *extra, source, "-o", out],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return ctypes.CDLL(lib)
+    lib = ctypes.CDLL(out)
+    lib.fcn_emu_set_order.argtypes = (ctypes.c_int, ctypes.c_ulonglong)
+    lib.fcn_emu_ce_workspace_bytes.restype = ctypes.c_longlong
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return _compile(_cupy.source_dir(), str(tmp_path_factory.mktemp("emu") / "emulator.so"))
 
 
 @pytest.fixture
-def emulated_cupy(emulator, monkeypatch):
-    """Route fcnfast._cupy's launches to the emulator (CPU tensors, host pointers)."""
+def cpu_cupy(monkeypatch):
+    """fcnfast._cupy's argument checks accept CPU tensors (the emulator uses host memory)."""
+    monkeypatch.setattr(_cupy, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(_cupy, "_device", lambda t: contextlib.nullcontext())
+
+
+def cupy_path(lib, monkeypatch):
+    """The CuPy backend's ops with its ``_launch`` going to the emulator's kernel table."""
     def launch(filename, kernel, dtype, device, grid, args):
         values = [ctypes.create_string_buffer(a.tobytes(), a.nbytes) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        rc = emulator.fcn_emu_launch(_cupy.name_expression(kernel, dtype).encode(), pointers,
-                                     ctypes.c_uint(grid))
-        assert rc == 0, "emulator has no kernel %s" % _cupy.name_expression(kernel, dtype)
+        name = _cupy.name_expression(kernel, dtype)
+        rc = lib.fcn_emu_launch(name.encode(), pointers, ctypes.c_uint(grid))
+        assert rc == 0, "%s: emulator returned %d (1: unknown kernel, -1: divergent barrier)" % (
+            name, rc)
 
-    monkeypatch.setattr(_cupy, "_DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(_cupy, "_device", lambda t: contextlib.nullcontext())
     monkeypatch.setattr(_cupy, "_launch", launch)
     return _cupy.IMPLS
 
+
+# ---------------------------------------------------------------------------
+# the compiled launchers: what csrc/cuda/bindings_cuda.cpp does around them
+# ---------------------------------------------------------------------------
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
+
+
+def _shape(*values):
+    return (ctypes.c_int * len(values))(*[int(v) for v in values])
+
+
+class Launchers:
+    """fcnfast ops on CPU tensors through the emulated C++ launchers (launchers.h)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def __getitem__(self, op):
+        return getattr(self, op)
+
+    def _call(self, name, *args):
+        rc = getattr(self.lib, "fcn_emu_" + name)(*args)
+        assert rc == 0, "launcher %s returned %d (-1: divergent barrier)" % (name, rc)
+
+    def skip_add_crop(self, coarse, skip, offset):
+        oy, ox = reference._check_skip_add_crop(coarse, skip, offset)
+        n, c, h, w = coarse.shape
+        coarse, skip = coarse.contiguous(), skip.contiguous()
+        out = torch.empty_like(coarse)
+        if out.numel():
+            self._call("skip_add_crop", DTYPE_CODE[coarse.dtype], _p(coarse), _p(skip), _p(out),
+                       _shape(n * c, h, w, skip.shape[2], skip.shape[3], oy, ox))
+        return out
+
+    def skip_add_crop_backward(self, grad, skip_h, skip_w, offset):
+        oy, ox = geo.skip_window(grad, (skip_h, skip_w), offset)
+        n, c, h, w = grad.shape
+        grad = grad.contiguous()
+        out = grad.new_empty((n, c, skip_h, skip_w))
+        if out.numel():
+            self._call("skip_add_crop_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(out),
+                       _shape(n * c, h, w, skip_h, skip_w, oy, ox))
+        return out
+
+    def _score_shape(self, ref, feature, oy, ox):
+        n, k, h, w = ref.shape
+        return _shape(n, k, feature.shape[1], h, w, feature.shape[2], feature.shape[3], oy, ox)
+
+    def score_skip(self, coarse, feature, weight, bias, scale, offset):
+        oy, ox = reference._check_score_skip(coarse, feature, weight, bias, offset)
+        coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
+        out = torch.empty_like(coarse)
+        if out.numel():
+            self._call("score_skip", DTYPE_CODE[coarse.dtype], _p(coarse), _p(feature),
+                       _p(weight), _p(bias), ctypes.c_double(scale), _p(out),
+                       self._score_shape(coarse, feature, oy, ox))
+        return out
+
+    def score_skip_backward(self, grad, feature, weight, scale, offset, mask):
+        oy, ox = reference._check_score_skip(grad, feature, weight, None, offset)
+        grad, feature, weight = grad.contiguous(), feature.contiguous(), weight.contiguous()
+        gf = torch.empty_like(feature) if mask[0] else grad.new_empty((0,))
+        gw = torch.empty_like(weight) if mask[1] else grad.new_empty((0,))
+        gb = grad.new_empty((weight.shape[0],)) if mask[2] else grad.new_empty((0,))
+        self._call("score_skip_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(feature),
+                   _p(weight), ctypes.c_double(scale), _p(gf), _p(gw), _p(gb),
+                   self._score_shape(grad, feature, oy, ox))
+        return gf, gw, gb
+
+    def conv_transpose2d(self, x, weight, bias, *geom):
+        cout, oh, ow, dims = _cupy._conv_dims(x, weight, bias, *geom)
+        x, weight = x.contiguous(), weight.contiguous()
+        out = x.new_empty((x.shape[0], cout, oh, ow))
+        if out.numel():
+            self._call("conv_transpose2d", DTYPE_CODE[x.dtype], _p(x), _p(weight), _p(bias),
+                       _p(out), _shape(x.shape[0], *dims))
+        return out
+
+    def conv_transpose2d_backward(self, grad, x, weight, *geom_mask):
+        *geom, mask = geom_mask
+        cout, oh, ow, dims = _cupy._conv_dims(x, weight, None, *geom)
+        grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
+        gx = torch.empty_like(x) if mask[0] else x.new_empty((0,))
+        gw = torch.empty_like(weight) if mask[1] else x.new_empty((0,))
+        gb = x.new_empty((cout,)) if mask[2] else x.new_empty((0,))
+        self._call("conv_transpose2d_backward", DTYPE_CODE[x.dtype], _p(grad), _p(x), _p(weight),
+                   _p(gx), _p(gw), _p(gb), _shape(x.shape[0], *dims))
+        return gx, gw, gb
+
+    def _up_shape(self, n, c, h, w, scale, crop):
+        oh, ow, dims = _cupy._upsample_dims(n, c, h, w, scale, crop)
+        return oh, ow, _shape(n, c, *dims)
+
+    def bilinear_upsample2d(self, x, scale, crop):
+        n, c, h, w = x.shape
+        oh, ow, s = self._up_shape(n, c, h, w, scale, crop)
+        x = x.contiguous()
+        out = x.new_empty((n, c, oh, ow))
+        if out.numel():
+            self._call("bilinear_upsample2d", DTYPE_CODE[x.dtype], _p(x), _p(out), s)
+        return out
+
+    def bilinear_upsample2d_backward(self, grad, in_h, in_w, scale, crop):
+        n, c = grad.shape[:2]
+        _, _, s = self._up_shape(n, c, in_h, in_w, scale, crop)
+        grad = grad.contiguous()
+        out = grad.new_empty((n, c, in_h, in_w))
+        if out.numel():
+            self._call("bilinear_upsample2d_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(out),
+                       s)
+        return out
+
+    def upsample_argmax(self, x, scale, crop):
+        n, c, h, w = x.shape
+        oh, ow, s = self._up_shape(n, c, h, w, scale, crop)
+        x = x.contiguous()
+        out = x.new_empty((n, oh, ow), dtype=torch.int64)
+        if out.numel():
+            self._call("upsample_argmax", DTYPE_CODE[x.dtype], _p(x), _p(out), s)
+        return out
+
+    def _ce(self, x, target, scale, crop, ignore_index, reduction):
+        _cupy._check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+        n, c, h, w = x.shape
+        _, _, s = self._up_shape(n, c, h, w, scale, crop)
+        ws = torch.empty((self.lib.fcn_emu_ce_workspace_bytes(s) + 7) // 8, dtype=torch.float64)
+        return s, ws
+
+    def upsample_cross_entropy(self, x, target, scale, crop, ignore_index, reduction):
+        s, ws = self._ce(x, target, scale, crop, ignore_index, reduction)
+        x, target = x.contiguous(), target.contiguous()
+        loss = x.new_empty(())
+        self._call("upsample_cross_entropy", DTYPE_CODE[x.dtype], _p(x), _p(target),
+                   ctypes.c_longlong(ignore_index), int(reduction == "mean"), _p(loss), _p(ws), s)
+        return loss
+
+    def upsample_cross_entropy_backward(self, grad_loss, x, target, scale, crop, ignore_index,
+                                        reduction):
+        s, ws = self._ce(x, target, scale, crop, ignore_index, reduction)
+        x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()
+        gx = torch.empty_like(x)
+        if gx.numel():
+            self._call("upsample_cross_entropy_backward", DTYPE_CODE[x.dtype], _p(grad_loss),
+                       _p(x), _p(target), ctypes.c_longlong(ignore_index),
+                       int(reduction == "mean"), _p(gx), _p(ws), s)
+        return gx
+
+
+# ---------------------------------------------------------------------------
+# calls and the float64 oracle
+# ---------------------------------------------------------------------------
 
 def _calls():
     g = torch.Generator().manual_seed(0)
@@ -87,6 +269,12 @@ def _calls():
         ("score_skip", (u, feature, wsk, randn(3), 0.5, [2, 3])),
         ("score_skip", (u, feature, wsk, None, 1.0, [0, 0])),
         ("score_skip_backward", (u, feature, wsk, 0.5, [2, 3], mask)),
+        # long reductions: the tiled grad_weight kernels with 16 and 64 threads per element
+        ("conv_transpose2d_backward", (randn(2, 2, 42, 41), randn(2, 2, 20, 20), randn(2, 2, 4, 3),
+                                       [2, 2], [0, 0], [0, 0], 1, [1, 1], [0, 0, 42, 41],
+                                       [False, True, False])),
+        ("score_skip_backward", (randn(2, 2, 40, 50), randn(2, 3, 41, 52), randn(2, 3, 1, 1),
+                                 1.0, [1, 2], [False, True, True])),
         ("upsample_argmax", (u, 4, crop)),
         ("upsample_cross_entropy", (u * 3, target, 4, crop, 255, "mean")),
         ("upsample_cross_entropy", (u * 3, target, 4, crop, 255, "sum")),
@@ -97,29 +285,172 @@ def _calls():
     ]
 
 
-def _close(actual, expected, dtype, what):
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    if expected.numel() == 0:
-        return
+def _grads(fn, wrt, grad):
+    wrt = [t.detach().requires_grad_() for t in wrt]
+    return torch.autograd.grad(fn(*wrt), wrt, grad)
+
+
+def _oracle(op, args, dtype):
+    """float64 reference outputs (and reduction lengths) for op(*args) on dtype-rounded args."""
+    def rounded(z):  # the fused kernels see the scores bilinear_upsample2d would store
+        return z + (z.to(dtype).double() - z).detach()
+
+    if op == "conv_transpose2d":
+        x, w, b, *geom = args
+        return [(reference.conv_transpose2d(x, w, b, *geom), w.shape[0] // geom[3] *
+                 w.shape[2] * w.shape[3])]
+    if op == "conv_transpose2d_backward":
+        grad, x, w, *geom, mask = args
+        gx, gw = _grads(lambda x, w: reference.conv_transpose2d(x, w, None, *geom), (x, w), grad)
+        n, cout = grad.shape[:2]
+        return [(gx, w.shape[1] * w.shape[2] * w.shape[3]), (gw, grad[:, 0].numel()),
+                (grad.sum((0, 2, 3)), grad[:, 0].numel())]
+    if op == "bilinear_upsample2d":
+        return [(reference.bilinear_upsample2d(*args), 4)]
+    if op == "bilinear_upsample2d_backward":
+        grad, h, w, scale, crop = args
+        x = grad.new_zeros(grad.shape[:2] + (h, w))
+        return [(_grads(lambda x: reference.bilinear_upsample2d(x, scale, crop), (x,), grad)[0],
+                 4 * scale * scale)]
+    if op == "skip_add_crop":
+        return [(reference.skip_add_crop(*args), 1)]
+    if op == "skip_add_crop_backward":
+        grad, h, w, offset = args
+        skip = grad.new_zeros(grad.shape[:2] + (h, w))
+        return [(_grads(lambda s: reference.skip_add_crop(grad, s, offset), (skip,), grad)[0], 1)]
+    if op == "score_skip":
+        return [(reference.score_skip(*args), args[1].shape[1])]
+    if op == "score_skip_backward":
+        grad, feature, w, scale, offset, mask = args
+        gf, gw = _grads(lambda f, w: reference.score_skip(torch.zeros_like(grad), f, w, None,
+                                                          scale, offset), (feature, w), grad)
+        return [(gf, w.shape[0]), (gw, grad[:, 0].numel()),
+                (grad.sum((0, 2, 3)), grad[:, 0].numel())]
+    if op == "upsample_argmax":
+        x, scale, crop = args
+        return [(reference.bilinear_upsample2d(x, scale, crop).to(dtype).argmax(1), 1)]
+    if op in ("upsample_cross_entropy", "upsample_cross_entropy_backward"):
+        backward = op.endswith("backward")
+        grad_loss, (x, target, scale, crop, ii, red) = (args[0], args[1:]) if backward else \
+            (None, args)
+
+        def loss(x):
+            z = rounded(reference.bilinear_upsample2d(x, scale, crop))
+            return F.cross_entropy(z, target, ignore_index=ii, reduction=red)
+        if not backward:
+            return [(loss(x).to(dtype).double(), target.numel() * x.shape[1])]
+        return [(_grads(loss, (x,), grad_loss)[0], 4 * scale * scale * x.shape[1])]
+    raise AssertionError(op)
+
+
+def _check(actual, expected, terms, dtype, what):
     if expected.dtype == torch.int64:
         assert torch.equal(actual, expected), what
+        return
+    assert actual.shape == expected.shape and actual.dtype == dtype, what
+    if expected.numel() == 0:
         return
     a, e = actual.double(), expected.double()
     scale = max(1.0, e.abs().max().item())
     err = (a - e).abs().max().item()
-    assert err <= TOLERANCE[dtype] * scale, "%s: max abs error %.3g (scale %.3g)" % (what, err,
-                                                                                  scale)
+    tol = tolerance(dtype, terms)
+    assert err <= tol * scale, "%s: max abs error %.3g > %.3g (scale %.3g)" % (
+        what, err, tol * scale, scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "f16", "bf16"])
-def test_emulated_kernels_match_cpu_ops(emulated_cupy, dtype):
+def _run_all(impls, dtype, skip=()):
     for i, (op, args) in enumerate(_calls()):
-        require_native(op)
+        if op in skip:
+            continue
         args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
-        expected = getattr(torch.ops.fcnfast, op)(*args)
-        got = emulated_cupy[op](*args)
-        if isinstance(expected, torch.Tensor):
-            expected, got = [expected], [got]
-        for j, (e, a) in enumerate(zip(expected, got)):
-            _close(a, e, dtype, "%s (call %d, output %d, %s)" % (op, i, j, dtype))
+        oracle_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                            else a for a in args)
+        got = impls[op](*args)
+        got = [got] if isinstance(got, torch.Tensor) else list(got)
+        mask = args[-1] if op.endswith("_backward") and isinstance(args[-1], list) else None
+        for j, (expected, terms) in enumerate(_oracle(op, oracle_args, dtype)):
+            what = "%s (call %d, output %d, %s)" % (op, i, j, dtype)
+            if mask is not None and not mask[j]:
+                assert got[j].numel() == 0, what
+                continue
+            _check(got[j], expected.to(dtype) if dtype != torch.float64 and
+                   expected.dtype != torch.int64 else expected, terms, dtype, what)
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("path", ["launchers", "cupy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_emulated_kernels_match_reference(emulator, cpu_cupy, monkeypatch, path, order, dtype):
+    emulator.fcn_emu_set_order(ORDERS[order], SEED + DTYPES.index(dtype))
+    impls = Launchers(emulator) if path == "launchers" else cupy_path(emulator, monkeypatch)
+    _run_all(impls, dtype)
+
+
+# ---------------------------------------------------------------------------
+# planted defects: each must be caught
+# ---------------------------------------------------------------------------
+
+def _planted_race_sum(lib, values):
+    out = torch.empty(values.shape[0], dtype=torch.float32)
+    rc = lib.fcn_emu_planted_tail_sum(_p(values), _p(out), ctypes.c_uint(values.shape[0]))
+    assert rc == 0
+    return out
+
+
+def test_planted_race_is_caught_by_every_order_but_ascending(emulator):
+    """tests/cuda_emulator/planted_race.cuh: the last thread sums shared memory the
+    others wrote, without a barrier. The reader has the highest index, so the
+    ascending order alone (the old emulator's) hides it; descending and random catch it."""
+    values = torch.rand(3, 256, generator=torch.Generator().manual_seed(1))
+    expected = values.double().sum(1).float()
+    results = {}
+    for order, code in ORDERS.items():
+        emulator.fcn_emu_set_order(code, SEED)
+        results[order] = torch.allclose(_planted_race_sum(emulator, values), expected)
+    assert results == {"ascending": True, "descending": False, "random": False}, results
+
+
+def _mutant_sources(tmp_path):
+    """A throwaway copy of the CUDA sources with two planted defects:
+    * the barrier after the stores of block_sum (kernel_utils.cuh) removed: a race
+      where the reading thread has the lower index (hidden by the descending order);
+    * the stride arguments of the conv_transpose2d forward launcher swapped."""
+    root = tmp_path / "csrc"
+    shutil.copytree(_cupy.source_dir(), root)
+    utils = root / "cuda" / "kernel_utils.cuh"
+    text = utils.read_text()
+    race = "  buf[threadIdx.x] = v;\n  __syncthreads();\n"
+    assert race in text
+    utils.write_text(text.replace(race, "  buf[threadIdx.x] = v;\n"))
+    conv = root / "cuda" / "conv_transpose2d.cu"
+    text = conv.read_text()
+    forward = text[text.index("cudaError_t conv_transpose2d("):
+                   text.index("cudaError_t conv_transpose2d_backward(")]
+    args = "s.stride_h, s.stride_w"
+    assert forward.count(args) == 1, "the forward launcher's argument list changed"
+    conv.write_text(text.replace(forward, forward.replace(args, "s.stride_w, s.stride_h")))
+    return str(root)
+
+
+def test_planted_race_and_launcher_swap_are_caught(tmp_path, cpu_cupy, monkeypatch):
+    lib = _compile(_mutant_sources(tmp_path), str(tmp_path / "mutant.so"))
+    dtype = torch.float32
+    # the swap: only the compiled-launcher path runs the launcher, under any order
+    lib.fcn_emu_set_order(ORDERS["descending"], SEED)
+    with pytest.raises(AssertionError, match=r"conv_transpose2d \(call 0"):
+        _run_all(Launchers(lib), dtype)
+    _run_all(cupy_path(lib, monkeypatch), dtype)  # the race is hidden by descending
+    # the race (block_sum: grad_weight, grad_bias, the cross-entropy loss) with the swap aside
+    for order in ("ascending", "random"):
+        lib.fcn_emu_set_order(ORDERS[order], SEED)
+        with pytest.raises(AssertionError, match="backward|cross_entropy"):
+            _run_all(cupy_path(lib, monkeypatch), dtype)
+        with pytest.raises(AssertionError, match="backward|cross_entropy"):
+            _run_all(Launchers(lib), dtype, skip=("conv_transpose2d",))
+
+
+def test_divergent_barrier_is_reported(emulator):
+    """A __syncthreads() that thread 0 never reaches (planted_race.cuh) is an error."""
+    out = torch.zeros(1)
+    assert emulator.fcn_emu_planted_divergent_barrier(_p(out)) == -1

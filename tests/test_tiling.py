@@ -144,3 +144,56 @@ def test_tiled_crf_is_bounded_and_whole_image_crf_with_one_tile():
     assert tiled.shape == (h, w) and len(sizes) == 4 * 5
     assert max(a for a, _ in sizes) <= 32 + 2 * 16  # the CRF sees the tile + its halo only
     assert (tiled == whole).mean() > 0.5
+
+
+def _camvid_like(h, w, seed=0):
+    """A smooth random uint8 image (structure at 8 px scale, like a photo), (1, 3, h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 8 + 1, w // 8 + 1, generator=g) * 255
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").to(torch.uint8)
+
+
+def test_lite0_tiled_equals_whole_image_on_odd_sizes():
+    """The shipped EfficientNet-Lite0 FCN-8s (TF SAME padding, pad to 32): 851 px receptive
+    field, halo 512; with 512 px tiles the windows are cut inside the image on both sides."""
+    from fcnfast.models.pretrained import pretrained
+
+    model = pretrained("fcn8s_lite0_camvid").eval()
+    assert model.receptive_field() == (851, 32) and receptive_halo(model) == 512
+    h, w = 613, 1085
+    image = _camvid_like(h, w)
+    whole = model.predict(image)[0].numpy().astype(np.uint8)
+    assert len(np.unique(whole)) > 1
+
+    def window(y0, y1, x0, x1):
+        return image[:, :, y0:y1, x0:x1]
+
+    plan = list(tiles(h, w, 512, receptive_halo(model), 32))
+    assert any(x0 > 0 for (_, _, x0, _), _ in plan) and any(x1 < w for (_, _, _, x1), _ in plan)
+    assert np.array_equal(tiled_labels(model, h, w, window, tile=512), whole)
+    short = tiled_labels(model, h, w, window, tile=512, halo=64)
+    assert not np.array_equal(short, whole)
+
+
+def test_lite0_predict_and_eval_tile_flag(tmp_path, capsys):
+    """CLI wiring for the shipped model: --tile gives the whole-image labels and scores."""
+    image = _camvid_like(181, 243, seed=1)[0].permute(1, 2, 0).numpy()
+    Image.fromarray(image).save(tmp_path / "street.png")
+    args = ["predict", str(tmp_path / "street.png"), "--model", "fcn8s_lite0_camvid", "--quiet"]
+    assert cli.main([*args, "-o", str(tmp_path / "whole.png"), "--tile", "0"]) == 0
+    assert cli.main([*args, "-o", str(tmp_path / "tiled.png"), "--tile", "64"]) == 0
+    assert "[tiles of 64]" in capsys.readouterr().out
+    whole = np.asarray(Image.open(tmp_path / "whole.png"))
+    assert len(np.unique(whole)) > 1
+    assert np.array_equal(whole, np.asarray(Image.open(tmp_path / "tiled.png")))
+    (tmp_path / "set" / "images").mkdir(parents=True)
+    (tmp_path / "set" / "labels").mkdir()
+    Image.fromarray(image).save(tmp_path / "set" / "images" / "a.png")
+    Image.fromarray((np.arange(181 * 243) % 11).astype(np.uint8).reshape(181, 243)).save(
+        tmp_path / "set" / "labels" / "a.png")
+    scores = []
+    for tile in ("0", "64"):
+        assert cli.main(["eval", "--model", "fcn8s_lite0_camvid", "--data", str(tmp_path / "set"),
+                         "--json", "--quiet", "--tile", tile]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0] == scores[1] and 0.0 < scores[0]["fcn"]["pixel_acc"] < 1.0

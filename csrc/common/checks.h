@@ -6,8 +6,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include <array>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -59,6 +61,26 @@ inline void check_device(const at::Tensor& t, at::DeviceType type, const char* n
 inline void check_index32(int64_t numel, const char* name) {
   TORCH_CHECK_VALUE(numel <= std::numeric_limits<int32_t>::max(), "fcnfast: ", name,
                     " has ", numel, " elements, more than 32-bit indexing allows (",
+                    std::numeric_limits<int32_t>::max(), ")");
+}
+
+// check_index32 for a tensor of the given sizes (each >= 0), multiplied without
+// overflow: sizes taken from arguments (a backward's input size, a crop, a scale)
+// can multiply past int64 before the check sees them, and a wrapped product
+// could pass it.
+inline void check_index32_sizes(std::initializer_list<int64_t> sizes, const char* name) {
+  int64_t numel = 1;
+  bool overflow = false;
+  for (int64_t s : sizes) {
+    if (s == 0) return;  // empty, whatever the other sizes
+    overflow = overflow || c10::mul_overflows(numel, s, &numel);
+  }
+  if (!overflow && numel <= std::numeric_limits<int32_t>::max()) return;
+  std::string shape = "[";
+  for (int64_t s : sizes) shape += (shape.size() > 1 ? ", " : "") + std::to_string(s);
+  TORCH_CHECK_VALUE(false, "fcnfast: ", name, " of size ", shape, "] has ",
+                    overflow ? std::string("more than 2^63") : std::to_string(numel),
+                    " elements, more than 32-bit indexing allows (",
                     std::numeric_limits<int32_t>::max(), ")");
 }
 

@@ -104,7 +104,7 @@ at::Tensor skip_add_crop_backward_cuda(const at::Tensor& grad, int64_t skip_h, i
   const auto off = pair_arg(offset, "offset");
   const int64_t H = grad.size(2), W = grad.size(3);
   check_window(off[0], off[1], H, W, skip_h, skip_w, "skip");
-  check_index32(grad.size(0) * grad.size(1) * skip_h * skip_w, "grad_skip");
+  check_index32_sizes({grad.size(0), grad.size(1), skip_h, skip_w}, "grad_skip");
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   auto out = at::empty({g.size(0), g.size(1), skip_h, skip_w}, g.options());
@@ -231,7 +231,7 @@ cuda::ConvTranspose2dShape conv_shape(const at::Tensor& x, const at::Tensor& wei
   check_int32(full_w + pad[1] + dil[1] * weight.size(3), "full output width");
   const Crop c = check_crop(crop, full_h, full_w);
   const int64_t out_channels = weight.size(1) * groups;
-  check_index32(x.size(0) * out_channels * c.height * c.width, "output");
+  check_index32_sizes({x.size(0), out_channels, c.height, c.width}, "output");
   return {to_int(x.size(0)), to_int(x.size(1)), to_int(x.size(2)), to_int(x.size(3)),
           to_int(out_channels), to_int(groups), to_int(weight.size(2)), to_int(weight.size(3)),
           to_int(st[0]), to_int(st[1]), to_int(pad[0]), to_int(pad[1]), to_int(dil[0]),
@@ -294,6 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
 cuda::UpsampleShape upsample_shape(int64_t n, int64_t channels, int64_t in_h, int64_t in_w,
                                    int64_t scale, at::IntArrayRef crop) {
   TORCH_CHECK_VALUE(scale > 0, "fcnfast: scale must be a positive int, got ", scale);
+  // bounded first, so (in_h + 1) * scale cannot overflow int64
+  check_int32(scale, "scale");
+  check_int32(in_h, "input height");
+  check_int32(in_w, "input width");
   const int64_t full_h = (in_h + 1) * scale, full_w = (in_w + 1) * scale;
   check_int32(full_h, "upsampled height");
   check_int32(full_w, "upsampled width");
@@ -309,7 +313,7 @@ cuda::UpsampleShape upsample_shape(const at::Tensor& x, int64_t scale, at::IntAr
 at::Tensor bilinear_upsample2d_cuda(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
   check_input(x, "x");
   const auto s = upsample_shape(x, scale, crop);
-  check_index32(x.size(0) * x.size(1) * int64_t(s.out_h) * s.out_w, "output");
+  check_index32_sizes({x.size(0), x.size(1), s.out_h, s.out_w}, "output");
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   auto out = at::empty({xc.size(0), xc.size(1), s.out_h, s.out_w}, xc.options());
@@ -327,7 +331,7 @@ at::Tensor bilinear_upsample2d_backward_cuda(const at::Tensor& grad, int64_t in_
   const auto s = upsample_shape(grad.size(0), grad.size(1), in_h, in_w, scale, crop);
   TORCH_CHECK_VALUE(grad.size(2) == s.out_h && grad.size(3) == s.out_w, "fcnfast: grad ",
                     shape_str(grad), " must match the crop ", s.out_h, "x", s.out_w);
-  check_index32(grad.size(0) * grad.size(1) * in_h * in_w, "grad_x");
+  check_index32_sizes({grad.size(0), grad.size(1), in_h, in_w}, "grad_x");
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   auto out = at::empty({g.size(0), g.size(1), in_h, in_w}, g.options());
@@ -342,7 +346,7 @@ at::Tensor upsample_argmax_cuda(const at::Tensor& x, int64_t scale, at::IntArray
   TORCH_CHECK_VALUE(x.size(1) > 0, "fcnfast: upsample_argmax needs at least one channel, got x ",
                     shape_str(x));
   const auto s = upsample_shape(x, scale, crop);
-  check_index32(x.size(0) * int64_t(s.out_h) * s.out_w, "labels");
+  check_index32_sizes({x.size(0), s.out_h, s.out_w}, "labels");
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   auto out = at::empty({xc.size(0), s.out_h, s.out_w}, xc.options().dtype(at::kLong));

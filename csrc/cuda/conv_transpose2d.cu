@@ -5,7 +5,7 @@
 // zero-inserted input, no col2im scatter. Backward, all gathers in a fixed
 // order (no atomics):
 //   grad_x[n,ci,iy,ix]        = sum_{co in group, ky, kx} grad[n,co,y,x] * w[ci,co',ky,kx]
-//   grad_weight[ci,co',ky,kx] = sum_{n,iy,ix} x[n,ci,iy,ix] * grad[n,co,y,x]  (one block each)
+//   grad_weight[ci,co',ky,kx] = sum_{n,iy,ix} x[n,ci,iy,ix] * grad[n,co,y,x]  (tiled groups)
 //   grad_bias[co]             = sum_{n,y,x} grad[n,co,y,x]                       (one block each)
 // with y = iy*stride - pad + ky*dil inside the kept window. The per-pixel math
 // (tap ranges, forward and grad_x gathers, the input range of a tap) is
@@ -90,42 +90,50 @@ __global__ void conv_transpose2d_grad_x_kernel(const T* __restrict__ grad,
   }
 }
 
-// One block per weight element (ci, c_local, ky, kx): the threads split the
-// (image, input position) pairs whose tap lands in the kept window
-// (conv_transpose_input_range) and a fixed-order block sum combines them.
+// Weight elements (ci, c_local, ky, kx) in tiles: `group` threads (a power of
+// two, reduction_group() of the launcher) split one element's (image, input
+// position) pairs whose tap lands in the kept window (conv_transpose_input_range),
+// kBlock / group elements per block, and a fixed-order group_sum combines them.
+// (One block per element left ~1.8 M mostly idle blocks for a learned upscore32.)
 template <typename T>
 __global__ void conv_transpose2d_grad_weight_kernel(const T* __restrict__ x,
                                                     const T* __restrict__ grad,
                                                     T* __restrict__ grad_weight, int n_images,
-                                                    FCN_CONV_GEOM_PARAMS) {
+                                                    int group, FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
   const int cout_g = out_channels / groups, cin_g = in_channels / groups;
   const int in_plane = in_h * in_w, out_plane = out_h * out_w;
-  FCN_BLOCK_STRIDE(b, in_channels * cout_g * kernel_h * kernel_w) {
-    int r = static_cast<int>(b);
-    const int kx = r % kernel_w;
-    r /= kernel_w;
-    const int ky = r % kernel_h;
-    r /= kernel_h;
-    const int c_local = r % cout_g, ci = r / cout_g;
-    const int co = (ci / cin_g) * cout_g + c_local;
-    int64_t iy0, iy1, ix0, ix1;
-    conv_transpose_input_range(ky, stride_h, pad_h, dil_h, in_h, top, out_h, &iy0, &iy1);
-    conv_transpose_input_range(kx, stride_w, pad_w, dil_w, in_w, left, out_w, &ix0, &ix1);
-    const int rows = static_cast<int>(iy1 - iy0), cols = static_cast<int>(ix1 - ix0);
-    const int per_image = rows * cols, count = n_images * per_image;
-    // crop-relative output position of input (iy, ix) through this tap
-    const int dy = ky * dil_h - pad_h - top, dx = kx * dil_w - pad_w - left;
+  const unsigned weights = static_cast<unsigned>(in_channels * cout_g * kernel_h * kernel_w);
+  const unsigned per_block = kBlock / group;
+  const int lane = static_cast<int>(threadIdx.x) & (group - 1);
+  FCN_BLOCK_STRIDE(tile, (weights - 1) / per_block + 1) {
+    const unsigned e = tile * per_block + threadIdx.x / group;
     Acc acc = Acc(0);
-    for (int j = threadIdx.x; j < count; j += kBlock) {
-      const int n = j / per_image, p = j - n * per_image;
-      const int iy = static_cast<int>(iy0) + p / cols, ix = static_cast<int>(ix0) + p % cols;
-      acc += to_acc(x[(n * in_channels + ci) * in_plane + iy * in_w + ix]) *
-             to_acc(grad[(n * out_channels + co) * out_plane + (iy * stride_h + dy) * out_w +
-                         ix * stride_w + dx]);
+    if (e < weights) {
+      int r = static_cast<int>(e);
+      const int kx = r % kernel_w;
+      r /= kernel_w;
+      const int ky = r % kernel_h;
+      r /= kernel_h;
+      const int c_local = r % cout_g, ci = r / cout_g;
+      const int co = (ci / cin_g) * cout_g + c_local;
+      int64_t iy0, iy1, ix0, ix1;
+      conv_transpose_input_range(ky, stride_h, pad_h, dil_h, in_h, top, out_h, &iy0, &iy1);
+      conv_transpose_input_range(kx, stride_w, pad_w, dil_w, in_w, left, out_w, &ix0, &ix1);
+      const int rows = static_cast<int>(iy1 - iy0), cols = static_cast<int>(ix1 - ix0);
+      const int per_image = rows * cols, count = n_images * per_image;
+      // crop-relative output position of input (iy, ix) through this tap
+      const int dy = ky * dil_h - pad_h - top, dx = kx * dil_w - pad_w - left;
+      for (int j = lane; j < count; j += group) {
+        const int n = j / per_image, p = j - n * per_image;
+        const int iy = static_cast<int>(iy0) + p / cols, ix = static_cast<int>(ix0) + p % cols;
+        acc += to_acc(x[(n * in_channels + ci) * in_plane + iy * in_w + ix]) *
+               to_acc(grad[(n * out_channels + co) * out_plane + (iy * stride_h + dy) * out_w +
+                           ix * stride_w + dx]);
+      }
     }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) grad_weight[b] = from_acc<T>(acc);
+    acc = group_sum(acc, group);  // every thread: the barriers are block-wide
+    if (lane == 0 && e < weights) grad_weight[e] = from_acc<T>(acc);
   }
 }
 
@@ -136,12 +144,11 @@ cudaError_t conv_transpose2d(DType dtype, const void* x, const void* weight, con
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    conv_transpose2d_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
+    return launch(conv_transpose2d_kernel<T>, grid_for(total), stream,
         static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
         static_cast<T*>(out), static_cast<int>(total), s.in_channels, s.in_h, s.in_w,
         s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
         s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
-    return cudaGetLastError();
   });
 }
 
@@ -152,9 +159,10 @@ cudaError_t conv_transpose2d_backward(DType dtype, const void* grad, const void*
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
     const T* g = static_cast<const T*>(grad);
+    cudaError_t err = cudaSuccess;
     const long long x_total = static_cast<long long>(s.n) * s.in_channels * s.in_h * s.in_w;
     if (grad_x != nullptr && x_total > 0) {
-      conv_transpose2d_grad_x_kernel<T><<<grid_for(x_total), kBlock, 0, stream>>>(
+      err = launch(conv_transpose2d_grad_x_kernel<T>, grid_for(x_total), stream,
           g, static_cast<const T*>(weight), static_cast<T*>(grad_x), static_cast<int>(x_total),
           s.in_channels, s.in_h, s.in_w, s.out_channels, s.groups, s.kernel_h, s.kernel_w,
           s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h,
@@ -162,17 +170,19 @@ cudaError_t conv_transpose2d_backward(DType dtype, const void* grad, const void*
     }
     const long long weights = static_cast<long long>(s.in_channels) * (s.out_channels / s.groups) *
                               s.kernel_h * s.kernel_w;
-    if (grad_weight != nullptr && weights > 0) {
-      conv_transpose2d_grad_weight_kernel<T><<<blocks_for(weights), kBlock, 0, stream>>>(
-          static_cast<const T*>(x), g, static_cast<T*>(grad_weight), s.n, s.in_channels, s.in_h,
-          s.in_w, s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w,
-          s.pad_h, s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
+    if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
+      const int group = reduction_group(static_cast<long long>(s.n) * s.in_h * s.in_w);
+      err = launch(conv_transpose2d_grad_weight_kernel<T>,
+          blocks_for((weights - 1) / (kBlock / group) + 1), stream, static_cast<const T*>(x), g,
+          static_cast<T*>(grad_weight), s.n, group, s.in_channels, s.in_h, s.in_w,
+          s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
+          s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
     }
-    if (grad_bias != nullptr && s.out_channels > 0) {
-      channel_sum_kernel<T><<<blocks_for(s.out_channels), kBlock, 0, stream>>>(
-          g, static_cast<T*>(grad_bias), s.n, s.out_channels, s.out_h * s.out_w);
+    if (err == cudaSuccess && grad_bias != nullptr && s.out_channels > 0) {
+      err = launch(channel_sum_kernel<T>, blocks_for(s.out_channels), stream, g,
+                   static_cast<T*>(grad_bias), s.n, s.out_channels, s.out_h * s.out_w);
     }
-    return cudaGetLastError();
+    return err;
   });
 }
 #endif  // __CUDACC_RTC__

@@ -19,6 +19,7 @@ typedef int int32_t;
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 #endif
 
 // PyTorch's CUDAExtension defines these to keep at::Half unambiguous; these
@@ -75,21 +76,30 @@ __device__ __forceinline__ typename AccOf<T>::type round_to(typename AccOf<T>::t
   return to_acc(from_acc<T>(v));
 }
 
-// Deterministic sum over the block (blockDim.x == kBlock, a power of two): a
-// fixed shared-memory tree, so the result depends only on the inputs. Every
-// thread of the block must call it; every thread gets the sum.
+// Deterministic sums over groups of `group` consecutive threads (group a power
+// of two dividing kBlock): a fixed shared-memory tree per group, so each sum
+// depends only on the inputs and the group size. Every thread of the block
+// must call it with the same group (the barriers are block-wide); every thread
+// gets the sum of its group.
 template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc v) {
+__device__ __forceinline__ Acc group_sum(Acc v, int group) {
   __shared__ Acc buf[kBlock];
   buf[threadIdx.x] = v;
   __syncthreads();
-  for (int half = kBlock / 2; half > 0; half >>= 1) {
-    if (static_cast<int>(threadIdx.x) < half) buf[threadIdx.x] += buf[threadIdx.x + half];
+  const int lane = static_cast<int>(threadIdx.x) & (group - 1);
+  for (int half = group / 2; half > 0; half >>= 1) {
+    if (lane < half) buf[threadIdx.x] += buf[threadIdx.x + half];
     __syncthreads();
   }
-  const Acc total = buf[0];
+  const Acc total = buf[threadIdx.x - lane];
   __syncthreads();  // buf may be reused by the next call
   return total;
+}
+
+// Sum over the whole block (blockDim.x == kBlock).
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v) {
+  return group_sum(v, kBlock);
 }
 
 // Grid-stride loops. Sizes are int32 (the host checks every tensor against
@@ -131,6 +141,41 @@ inline unsigned grid_for(long long n) {
 // Blocks for one-block-per-output kernels (n > 0).
 inline unsigned blocks_for(long long n) {
   return static_cast<unsigned>(n > (1 << 20) ? (1 << 20) : (n < 1 ? 1 : n));
+}
+
+// Every kernel launch of the host launchers goes through launch(): under nvcc
+// it is kernel<<<grid, kBlock, 0, stream>>>(args...); the CPU emulator
+// (tests/cuda_emulator/emulator.cpp) compiles the launchers with the host
+// compiler and FCNFAST_CUDA_EMULATOR defined, and supplies emu_launch, which
+// runs the grid on the CPU. So the launchers' own grid sizes, workspace layout
+// and argument order are what the emulator tests execute. Returns the launch
+// error (cudaSuccess on the emulator).
+#ifdef FCNFAST_CUDA_EMULATOR
+template <typename... P, typename... A>
+cudaError_t emu_launch(void (*kernel)(P...), unsigned grid, A&&... args);
+#endif
+template <typename... P, typename... A>
+inline cudaError_t launch(void (*kernel)(P...), unsigned grid, cudaStream_t stream,
+                          A&&... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
+#ifdef FCNFAST_CUDA_EMULATOR
+  (void)stream;
+  return emu_launch(kernel, grid, std::forward<A>(args)...);
+#else
+  kernel<<<grid, kBlock, 0, stream>>>(std::forward<A>(args)...);
+  return cudaGetLastError();
+#endif
+}
+
+// Threads that share one output of the tiled reductions (the grad_weight
+// kernels): the smallest power of two, up to kBlock, that leaves each thread at
+// most 64 of the `count` terms. A function of the shape only, so the summation
+// order (and the result) does not depend on the device. fcnfast/_cupy.py has
+// the same rule.
+inline int reduction_group(long long count) {
+  int group = 1;
+  while (group < kBlock && group * 64LL < count) group *= 2;
+  return group;
 }
 
 // Calls f(T{}) with T the kernel storage type of dtype.

@@ -62,27 +62,35 @@ __global__ void score_skip_grad_feature_kernel(const T* __restrict__ grad,
   }
 }
 
-// One block per weight element (k, c), reducing over n, y, x in a fixed order.
+// Weight elements (k, c) in tiles: `group` threads (reduction_group() of the
+// launcher) split one element's (n, y, x) terms, kBlock / group elements per
+// block, and a fixed-order group_sum combines them.
 template <typename T>
 __global__ void score_skip_grad_weight_kernel(const T* __restrict__ grad,
                                               const T* __restrict__ feature,
                                               typename AccOf<T>::type scale,
                                               T* __restrict__ grad_weight, int n_images,
-                                              int classes, int channels, int h, int w,
+                                              int group, int classes, int channels, int h, int w,
                                               int feature_h, int feature_w, int oy, int ox) {
   typedef typename AccOf<T>::type Acc;
   const int hw = h * w, count = n_images * hw;
-  FCN_BLOCK_STRIDE(b, classes * channels) {
-    const int k = static_cast<int>(b) / channels, c = static_cast<int>(b) % channels;
+  const unsigned weights = static_cast<unsigned>(classes * channels);
+  const unsigned per_block = kBlock / group;
+  const int lane = static_cast<int>(threadIdx.x) & (group - 1);
+  FCN_BLOCK_STRIDE(tile, (weights - 1) / per_block + 1) {
+    const unsigned e = tile * per_block + threadIdx.x / group;
     Acc acc = Acc(0);
-    for (int j = threadIdx.x; j < count; j += kBlock) {
-      const int n = j / hw, p = j - n * hw;
-      const int y = p / w, x = p - y * w;
-      acc += to_acc(grad[(n * classes + k) * hw + p]) *
-             to_acc(feature[((n * channels + c) * feature_h + y + oy) * feature_w + x + ox]);
+    if (e < weights) {
+      const int k = static_cast<int>(e) / channels, c = static_cast<int>(e) % channels;
+      for (int j = lane; j < count; j += group) {
+        const int n = j / hw, p = j - n * hw;
+        const int y = p / w, x = p - y * w;
+        acc += to_acc(grad[(n * classes + k) * hw + p]) *
+               to_acc(feature[((n * channels + c) * feature_h + y + oy) * feature_w + x + ox]);
+      }
     }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) grad_weight[b] = from_acc<T>(acc * scale);
+    acc = group_sum(acc, group);  // every thread: the barriers are block-wide
+    if (lane == 0 && e < weights) grad_weight[e] = from_acc<T>(acc * scale);
   }
 }
 
@@ -95,12 +103,11 @@ cudaError_t score_skip(DType dtype, const void* coarse, const void* feature, con
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
-    score_skip_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
+    return launch(score_skip_kernel<T>, grid_for(total), stream,
         static_cast<const T*>(coarse), static_cast<const T*>(feature),
         static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<Acc>(scale),
         static_cast<T*>(out), static_cast<int>(total), s.classes, s.channels, s.h, s.w,
         s.feature_h, s.feature_w, s.oy, s.ox);
-    return cudaGetLastError();
   });
 }
 
@@ -112,25 +119,28 @@ cudaError_t score_skip_backward(DType dtype, const void* grad, const void* featu
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
     const T* g = static_cast<const T*>(grad);
+    cudaError_t err = cudaSuccess;
     const long long feature_total =
         static_cast<long long>(s.n) * s.channels * s.feature_h * s.feature_w;
     if (grad_feature != nullptr && feature_total > 0) {
-      score_skip_grad_feature_kernel<T><<<grid_for(feature_total), kBlock, 0, stream>>>(
+      err = launch(score_skip_grad_feature_kernel<T>, grid_for(feature_total), stream,
           g, static_cast<const T*>(weight), static_cast<Acc>(scale), static_cast<T*>(grad_feature),
           static_cast<int>(feature_total), s.classes, s.channels, s.h, s.w, s.feature_h,
           s.feature_w, s.oy, s.ox);
     }
     const long long weights = static_cast<long long>(s.classes) * s.channels;
-    if (grad_weight != nullptr && weights > 0) {
-      score_skip_grad_weight_kernel<T><<<blocks_for(weights), kBlock, 0, stream>>>(
+    if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
+      const int group = reduction_group(static_cast<long long>(s.n) * s.h * s.w);
+      err = launch(score_skip_grad_weight_kernel<T>,
+          blocks_for((weights - 1) / (kBlock / group) + 1), stream,
           g, static_cast<const T*>(feature), static_cast<Acc>(scale), static_cast<T*>(grad_weight),
-          s.n, s.classes, s.channels, s.h, s.w, s.feature_h, s.feature_w, s.oy, s.ox);
+          s.n, group, s.classes, s.channels, s.h, s.w, s.feature_h, s.feature_w, s.oy, s.ox);
     }
-    if (grad_bias != nullptr && s.classes > 0) {
-      channel_sum_kernel<T><<<blocks_for(s.classes), kBlock, 0, stream>>>(
-          g, static_cast<T*>(grad_bias), s.n, s.classes, s.h * s.w);
+    if (err == cudaSuccess && grad_bias != nullptr && s.classes > 0) {
+      err = launch(channel_sum_kernel<T>, blocks_for(s.classes), stream, g,
+                   static_cast<T*>(grad_bias), s.n, s.classes, s.h * s.w);
     }
-    return cudaGetLastError();
+    return err;
   });
 }
 #endif  // __CUDACC_RTC__

@@ -43,10 +43,9 @@ cudaError_t skip_add_crop(DType dtype, const void* coarse, const void* skip, voi
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    skip_add_crop_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
+    return launch(skip_add_crop_kernel<T>, grid_for(total), stream,
         static_cast<const T*>(coarse), static_cast<const T*>(skip), static_cast<T*>(out),
         static_cast<int>(total), h, w, skip_h, skip_w, oy, ox);
-    return cudaGetLastError();
   });
 }
 
@@ -57,10 +56,9 @@ cudaError_t skip_add_crop_backward(DType dtype, const void* grad, void* grad_ski
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    skip_add_crop_backward_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
+    return launch(skip_add_crop_backward_kernel<T>, grid_for(total), stream,
         static_cast<const T*>(grad), static_cast<T*>(grad_skip), static_cast<int>(total), h, w,
         skip_h, skip_w, oy, ox);
-    return cudaGetLastError();
   });
 }
 #endif  // __CUDACC_RTC__

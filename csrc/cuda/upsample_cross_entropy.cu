@@ -8,7 +8,8 @@
 //   pass 1  ce_pixel_kernel: a fixed grid of at most kCeMaxBlocks blocks; each
 //           thread walks its pixels in a fixed order computing
 //           lse = logsumexp_c z_c and loss = lse - z_target (online softmax);
-//           each block writes (sum of losses, number of counted pixels).
+//           each block writes its sum of losses and its number of counted
+//           pixels (an int: a float count is inexact above 2^24 pixels).
 //   pass 2  ce_finalize_kernel: one block sums the partials in a fixed order
 //           and writes the loss (sum, or sum / count for "mean"), or in the
 //           backward the coefficient grad_loss (/ count).
@@ -31,12 +32,14 @@ namespace cuda {
 template <typename T>
 __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
                                 int64_t ignore_index, typename AccOf<T>::type* __restrict__ lse_out,
-                                typename AccOf<T>::type* __restrict__ partials, int pixels,
+                                typename AccOf<T>::type* __restrict__ partials,
+                                int* __restrict__ counts, int pixels,
                                 int channels, int in_h, int in_w, int scale, int top, int left,
                                 int out_h, int out_w) {
   typedef typename AccOf<T>::type Acc;
   const int in_plane = in_h * in_w;
-  Acc loss_sum = Acc(0), count = Acc(0);
+  Acc loss_sum = Acc(0);
+  int count = 0;
   FCN_GRID_STRIDE(i, pixels) {
     const int idx = static_cast<int>(i);
     const int ox = idx % out_w, r1 = idx / out_w;
@@ -66,13 +69,13 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
     const Acc lse = m + log(sum);
     if (lse_out != nullptr) lse_out[idx] = lse;
     loss_sum += lse - z_target;
-    count += Acc(1);
+    ++count;
   }
   loss_sum = block_sum(loss_sum);
   count = block_sum(count);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = loss_sum;
-    partials[2 * blockIdx.x + 1] = count;
+    partials[blockIdx.x] = loss_sum;
+    counts[blockIdx.x] = count;
   }
 }
 
@@ -80,21 +83,23 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
 // grad_loss[0] (/ count for mean) (backward).
 template <typename T>
 __global__ void ce_finalize_kernel(const typename AccOf<T>::type* __restrict__ partials,
-                                   int n_partials, int mean, const T* __restrict__ grad_loss,
+                                   const int* __restrict__ counts, int n_partials, int mean,
+                                   const T* __restrict__ grad_loss,
                                    T* __restrict__ loss, typename AccOf<T>::type* __restrict__ coef) {
   typedef typename AccOf<T>::type Acc;
-  Acc loss_sum = Acc(0), count = Acc(0);
+  Acc loss_sum = Acc(0);
+  int count = 0;  // <= pixels <= INT32_MAX
   for (int j = threadIdx.x; j < n_partials; j += kBlock) {
-    loss_sum += partials[2 * j];
-    count += partials[2 * j + 1];
+    loss_sum += partials[j];
+    count += counts[j];
   }
   loss_sum = block_sum(loss_sum);
   count = block_sum(count);
   if (threadIdx.x == 0) {
-    if (loss != nullptr) loss[0] = from_acc<T>(mean ? loss_sum / count : loss_sum);
+    if (loss != nullptr) loss[0] = from_acc<T>(mean ? loss_sum / Acc(count) : loss_sum);
     if (coef != nullptr) {
       const Acc g = to_acc(grad_loss[0]);
-      coef[0] = mean ? g / count : g;
+      coef[0] = mean ? g / Acc(count) : g;
     }
   }
 }
@@ -153,16 +158,20 @@ int ce_blocks(long long pixels) {
   return static_cast<int>(b < 1 ? 1 : (b > kCeMaxBlocks ? kCeMaxBlocks : b));
 }
 
-// Workspace layout (in doubles, so it is aligned for either accumulator):
-// [0, 2*blocks) partials, [2*blocks] coefficient, then one lse per pixel.
+// Workspace layout (in 8-byte slots, so it is aligned for either accumulator):
+// [0, blocks) the loss partials, then the blocks' int pixel counts (packed,
+// starting at slot blocks; slots up to 2*blocks are reserved), [2*blocks] the
+// coefficient, then one lse per pixel. fcnfast/_cupy.py uses the same layout.
 template <typename Acc>
 struct CeWorkspace {
   Acc* partials;
+  int* counts;
   Acc* coef;
   Acc* lse;
   CeWorkspace(void* base, int blocks) {
     char* p = static_cast<char*>(base);
     partials = reinterpret_cast<Acc*>(p);
+    counts = reinterpret_cast<int*>(p + blocks * sizeof(double));
     coef = reinterpret_cast<Acc*>(p + 2 * blocks * sizeof(double));
     lse = reinterpret_cast<Acc*>(p + (2 * blocks + 1) * sizeof(double));
   }
@@ -188,13 +197,13 @@ cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* ta
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
     CeWorkspace<Acc> ws(workspace, blocks);
-    ce_pixel_kernel<T><<<blocks, kBlock, 0, stream>>>(
-        static_cast<const T*>(x), target, ignore_index, nullptr, ws.partials,
-        static_cast<int>(pixels), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
-        s.out_w);
-    ce_finalize_kernel<T><<<1, kBlock, 0, stream>>>(ws.partials, blocks, mean ? 1 : 0, nullptr,
-                                                    static_cast<T*>(loss), nullptr);
-    return cudaGetLastError();
+    const cudaError_t err = launch(
+        ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target, ignore_index,
+        nullptr, ws.partials, ws.counts, static_cast<int>(pixels), s.channels, s.in_h, s.in_w,
+        s.scale, s.top, s.left, s.out_h, s.out_w);
+    if (err != cudaSuccess) return err;
+    return launch(ce_finalize_kernel<T>, 1, stream, ws.partials, ws.counts, blocks, mean ? 1 : 0,
+                  nullptr, static_cast<T*>(loss), nullptr);
   });
 }
 
@@ -210,18 +219,18 @@ cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, 
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
     CeWorkspace<Acc> ws(workspace, blocks);
-    ce_pixel_kernel<T><<<blocks, kBlock, 0, stream>>>(
-        static_cast<const T*>(x), target, ignore_index, ws.lse, ws.partials,
-        static_cast<int>(pixels), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
-        s.out_w);
-    ce_finalize_kernel<T><<<1, kBlock, 0, stream>>>(ws.partials, blocks, mean ? 1 : 0,
-                                                    static_cast<const T*>(grad_loss), nullptr,
-                                                    ws.coef);
-    ce_grad_x_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(
-        static_cast<const T*>(x), target, ignore_index, ws.lse, ws.coef, static_cast<T*>(grad_x),
-        static_cast<int>(total), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h,
-        s.out_w);
-    return cudaGetLastError();
+    cudaError_t err = launch(
+        ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target, ignore_index,
+        ws.lse, ws.partials, ws.counts, static_cast<int>(pixels), s.channels, s.in_h, s.in_w,
+        s.scale, s.top, s.left, s.out_h, s.out_w);
+    if (err != cudaSuccess) return err;
+    err = launch(ce_finalize_kernel<T>, 1, stream, ws.partials, ws.counts, blocks, mean ? 1 : 0,
+                 static_cast<const T*>(grad_loss), nullptr, ws.coef);
+    if (err != cudaSuccess) return err;
+    return launch(ce_grad_x_kernel<T>, grid_for(total), stream, static_cast<const T*>(x), target,
+                  ignore_index, ws.lse, ws.coef, static_cast<T*>(grad_x),
+                  static_cast<int>(total), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left,
+                  s.out_h, s.out_w);
   });
 }
 #endif  // __CUDACC_RTC__

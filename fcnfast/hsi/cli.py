@@ -130,8 +130,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+
     p = subparsers.add_parser("hsi", help="hyperspectral: patch CNN vs FCN on one scene",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p

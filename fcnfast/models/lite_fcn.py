@@ -165,6 +165,20 @@ class LiteFCN(nn.Module, NoScript):
         return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
                                reduction=reduction)
 
+    # tiles of 768 px (windows of 768 + 2 * 512 halo): a 2048 px window of this backbone holds
+    # ~1.4 GB of activations (96 expanded channels at stride 2), too much for a 2 GB budget
+    preferred_tile = 768
+
+    def receptive_field(self) -> Tuple[int, int]:
+        """(receptive field size, stride) of the stride-32 features in input pixels (851, 32):
+        what ``fcnfast.tiling`` needs for tiles whose labels equal the whole-image ones.
+
+        TF SAME padding keeps each field centred on its cell (see the module docstring), and
+        the score layers are 1x1, so the backbone's convolutions in order give it exactly."""
+        from ..tiling import conv_receptive_field
+
+        return conv_receptive_field(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+
     def backbone_parameters(self):
         return self.backbone.parameters()
 
