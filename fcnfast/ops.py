@@ -20,6 +20,11 @@ with its own autograd formula (see ``_register``), so higher-order gradients run
 same kernels. Integer arguments (``upsample_cross_entropy``'s ``target``, the labels
 of ``upsample_argmax``) carry no gradient: PyTorch refuses ``requires_grad`` on
 integer tensors, and ``torch.func`` refuses to differentiate with respect to them.
+
+Mixed precision: under ``torch.autocast`` (CPU or CUDA) each op casts its tensors by its
+rule (``fcnfast._autocast.RULES``, stated in each docstring) on both backends; the
+``torch.ops.fcnfast`` dispatcher ops have ``AutocastCPU`` / ``AutocastCUDA`` kernels with
+the same rules.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 from torch._functorch import utils as _functorch_utils
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
+from . import _autocast
 from . import _backend
 from . import _geometry as geo
 from . import reference
@@ -72,19 +78,24 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     output pixels are computed (phase decomposition: each output pixel gathers
     the taps that land on it). Gradients of any order for ``x``, ``weight`` and ``bias``.
     ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W).
+
+    Under ``torch.autocast``: ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
+    (as ``F.conv_transpose2d``); the kernel accumulates in fp32.
     """
     _refuse_trace("conv_transpose2d")
     if geo.is_unbatched(x, "x"):
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation, crop).squeeze(0)
+    x, weight, bias = _autocast.cast("conv_transpose2d", x.device.type, (x, weight, bias))
     stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
         x, weight, bias, stride, padding, output_padding, groups, dilation)
     crop = geo.resolve_crop(crop, *full)
     if _use_native("conv_transpose2d", x.device.type):
         return torch.ops.fcnfast.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
                                                   groups, dilation, crop)
-    return reference.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
-                                      dilation, crop)
+    with _autocast.disabled(x.device.type):
+        return reference.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
+                                          groups, dilation, crop)
 
 
 def bilinear_upsample2d(x, scale: int, crop=None):
@@ -94,16 +105,21 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     The Caffe bilinear weights are computed analytically (no weight tensor).
     Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop. ``x`` is
     (N, C, H, W) or unbatched (C, H, W); gradients of any order for ``x``.
+
+    Under ``torch.autocast``: ``x`` is cast to the autocast dtype (the expression is a
+    ``F.conv_transpose2d``); the kernel accumulates in fp32.
     """
     _refuse_trace("bilinear_upsample2d")
     if geo.is_unbatched(x, "x"):
         return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
+    x, = _autocast.cast("bilinear_upsample2d", x.device.type, (x,))
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
     if _use_native("bilinear_upsample2d", x.device.type):
         return torch.ops.fcnfast.bilinear_upsample2d(x, scale, crop)
-    return reference.bilinear_upsample2d(x, scale, crop)
+    with _autocast.disabled(x.device.type):
+        return reference.bilinear_upsample2d(x, scale, crop)
 
 
 def skip_add_crop(coarse, skip, offset):
@@ -111,14 +127,18 @@ def skip_add_crop(coarse, skip, offset):
 
     ``coarse`` and ``skip`` both (N, C, ., .) or both unbatched (C, ., .); gradients of any
     order for both.
+
+    Under ``torch.autocast``: both are cast to the wider of their dtypes (as ``+``).
     """
     _refuse_trace("skip_add_crop")
     if geo.same_batching(coarse, "coarse", skip, "skip"):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
+    coarse, skip = _autocast.cast("skip_add_crop", coarse.device.type, (coarse, skip))
     offset = reference._check_skip_add_crop(coarse, skip, offset)
     if _use_native("skip_add_crop", coarse.device.type):
         return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
-    return reference.skip_add_crop(coarse, skip, offset)
+    with _autocast.disabled(coarse.device.type):
+        return reference.skip_add_crop(coarse, skip, offset)
 
 
 def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0, 0)):
@@ -127,15 +147,22 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     ``coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]``.
     ``coarse`` and ``feature`` both batched (N, ., ., .) or both unbatched; gradients of any
     order for ``coarse``, ``feature``, ``weight`` and ``bias``.
+
+    Under ``torch.autocast``: all tensors are cast to the wider of ``coarse``'s dtype and the
+    autocast dtype (the 1x1 conv in the autocast dtype, then ``+`` promotes to ``coarse``'s);
+    the kernel accumulates in fp32.
     """
     _refuse_trace("score_skip")
     if geo.same_batching(coarse, "coarse", feature, "feature"):
         return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
                           offset).squeeze(0)
+    coarse, feature, weight, bias = _autocast.cast("score_skip", coarse.device.type,
+                                                   (coarse, feature, weight, bias))
     offset = reference._check_score_skip(coarse, feature, weight, bias, offset)
     if _use_native("score_skip", coarse.device.type):
         return torch.ops.fcnfast.score_skip(coarse, feature, weight, bias, float(scale), offset)
-    return reference.score_skip(coarse, feature, weight, bias, scale, offset)
+    with _autocast.disabled(coarse.device.type):
+        return reference.score_skip(coarse, feature, weight, bias, scale, offset)
 
 
 def upsample_argmax(x, scale: int, crop=None):
@@ -143,16 +170,21 @@ def upsample_argmax(x, scale: int, crop=None):
 
     Returns the int64 label map (N, h, w), or (h, w) for an unbatched (C, H, W) ``x``; ties go
     to the lowest class index, as ``argmax``. Not differentiable (integer output).
+
+    Under ``torch.autocast``: ``x`` is cast to float32 (the coarse map is small; the labels
+    are then those of the fp32 reference on the same scores).
     """
     _refuse_trace("upsample_argmax")
     if geo.is_unbatched(x, "x"):
         return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
+    x, = _autocast.cast("upsample_argmax", x.device.type, (x,))
     geo.check_tensor(x, "x", 4)
     scale = geo.check_scale(scale)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
     if _use_native("upsample_argmax", x.device.type):
         return torch.ops.fcnfast.upsample_argmax(x, scale, crop)
-    return reference.upsample_argmax(x, scale, crop)
+    with _autocast.disabled(x.device.type):
+        return reference.upsample_argmax(x, scale, crop)
 
 
 def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
@@ -167,17 +199,22 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     Gradients of any order for ``x`` (the second-order formulas materialise the upsampled
     softmax while such a graph is built); ``target`` is an int64 label map and not
     differentiable.
+
+    Under ``torch.autocast``: ``x`` is cast to float32 and the loss is float32 (as
+    ``F.cross_entropy`` under autocast); the gradient reaches a bf16/fp16 ``x`` in its dtype.
     """
     _refuse_trace("upsample_cross_entropy")
     if geo.same_batching(x, "x", target, "target", "H, W"):
         return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
                                       ignore_index, reduction)
+    x, = _autocast.cast("upsample_cross_entropy", x.device.type, (x,))
     reference._check_cross_entropy_args(x, target, scale, crop, reduction)
     crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
     if _use_native("upsample_cross_entropy", x.device.type):
         return torch.ops.fcnfast.upsample_cross_entropy(x, target, scale, crop, int(ignore_index),
                                                         reduction)
-    return reference.upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    with _autocast.disabled(x.device.type):
+        return reference.upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -670,6 +707,9 @@ def _register():
         return x.new_zeros(x.shape) if out is None else out
 
     _autograd("upsample_cross_entropy_backward", ceb_setup, ceb_backward, ceb_jvp)
+
+    # ---- autocast: every op casts by its rule (fcnfast._autocast.RULES), CPU and CUDA ------
+    _autocast.register(_LIB, [n for n in _autocast.RULES if hasattr(T, n)])
 
     # ---- CRF ops: inference only ----------------------------------------------------------
     for name in _NOT_DIFFERENTIABLE:

@@ -324,7 +324,42 @@ def test_lite0_runs_under_bf16_autocast():
     x = torch.randn(1, 3, 40, 50)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.shape == (1, 3, 40, 50) and out.dtype == torch.float32
+    # the heads follow fcnfast's autocast rules: the final deconvolution runs in bf16
+    assert out.shape == (1, 3, 40, 50) and out.dtype == torch.bfloat16
+
+
+def test_folded_backbone_matches_and_follows_the_weights():
+    """predict's batch-norm-folded backbone: the same features as the eval-mode backbone; the
+    cached copy is reused while nothing changes and rebuilt when a weight or statistic does."""
+    torch.manual_seed(3)
+    model = LiteFCN("fcn8s", 3).eval()
+    with torch.no_grad():
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 45, 70)
+    folded = model.backbone.folded()
+    assert model.backbone.folded() is folded
+    with torch.no_grad():
+        ref, _ = model.backbone.forward_features(x)
+        got, _ = folded.forward_features(x)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4)
+        model.backbone._bn0.running_mean.add_(1.0)
+        assert model.backbone.folded() is not folded
+        ref, _ = model.backbone.forward_features(x)
+        got, _ = model.backbone.folded().forward_features(x)
+        torch.testing.assert_close(got["stride32"], ref["stride32"], rtol=1e-4, atol=1e-4)
+    images = torch.randint(0, 256, (2, 3, 45, 70), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(model.preprocess(images))
+    labels = model.predict(images)
+    top2 = logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3      # pixels not within rounding of a tie
+    assert torch.equal(labels[clear], logits.argmax(1)[clear])
 
 
 def test_predict_takes_uint8_and_returns_labels():

@@ -411,3 +411,61 @@ def test_channels_last_gives_the_same_output_and_gradients():
     out_cl, grad_cl = run(model, x.contiguous(memory_format=torch.channels_last))
     assert_close_scaled(out_cl, out)
     assert_close_scaled(grad_cl, grad)
+
+
+# -- fused defaults: the final upsampling decides ----------------------------------------
+
+def _spy(monkeypatch, name):
+    from fcnfast.models import fcn as fcn_module
+
+    calls = []
+    real = getattr(fcn_module.ops, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fcn_module.ops, name, spy)
+    return calls
+
+
+def test_learned_final_still_bilinear_uses_the_fused_ops(monkeypatch):
+    """A learned final upsampling whose weight is still the bilinear kernel: predict runs
+    upsample_argmax; loss runs upsample_cross_entropy once the weight takes no gradient."""
+    model = randomize(fcn8s(num_classes=4, backbone="tiny"), std=0.5).eval()
+    with torch.no_grad():
+        model.upscore8.weight.copy_(fcnfast.nn.bilinear_kernel(4, 16))
+    x = torch.randn(3, 3, 30, 26)
+    target = torch.randint(0, 4, (3, 30, 26))
+    argmax_calls = _spy(monkeypatch, "upsample_argmax")
+    ce_calls = _spy(monkeypatch, "upsample_cross_entropy")
+    with torch.no_grad():
+        assert torch.equal(model.predict(x), model(x).argmax(1))
+    assert argmax_calls == ["upsample_argmax"]
+    expected = F.cross_entropy(model(x), target, ignore_index=255)
+    loss = model.loss(x, target)                       # the weight takes a gradient: unfused
+    assert ce_calls == [] and loss.requires_grad
+    assert torch.autograd.grad(loss, model.upscore8.weight)[0].abs().max() > 0
+    model.upscore8.weight.requires_grad_(False)
+    assert_close_scaled(model.loss(x, target), expected.detach())
+    assert ce_calls == ["upsample_cross_entropy"]
+
+
+def test_trained_final_predict_is_chunked_and_exact(monkeypatch):
+    from fcnfast.models import fcn as fcn_module
+
+    model = randomize(fcn8s(num_classes=5, backbone="tiny"), std=1.0).eval()
+    argmax_calls = _spy(monkeypatch, "upsample_argmax")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 37, 41)
+        with torch.no_grad():
+            assert torch.equal(model.predict(x), model(x).argmax(1))
+    assert argmax_calls == []
+
+
+def test_label_map_equals_argmax_with_ties():
+    from fcnfast.models.fcn import label_map
+
+    scores = torch.randint(0, 3, (2, 6, 9, 11)).float()   # many ties: lowest index wins
+    assert torch.equal(label_map(scores), scores.argmax(1))
+    assert torch.equal(label_map(scores.bfloat16()), scores.bfloat16().argmax(1))

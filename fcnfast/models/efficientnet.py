@@ -28,6 +28,7 @@ RGB; ``normalize_uint8`` applies it.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
@@ -62,6 +63,11 @@ HEAD_CHANNELS = 1280
 # Feature taps for the FCN: name -> (index of the last block of the tap, total stride)
 LITE0_TAPS = {"stride8": (4, 8), "stride16": (10, 16)}
 LITE0_FEATURE_CHANNELS = {"stride8": 40, "stride16": 112, "stride32": HEAD_CHANNELS}
+
+
+def _memory_format(t: torch.Tensor):
+    return (torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous() else torch.contiguous_format)
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -177,6 +183,42 @@ class EfficientNetLite0(nn.Module):
                 features[taps[index]] = h
         features["stride32"] = F.relu6(self._bn1(self._conv_head(h)))
         return features, (pad_h, pad_w)
+
+    def folded(self) -> "EfficientNetLite0":
+        """An inference copy with every batch norm folded into the convolution before it.
+
+        ``conv -> BN(eval)`` equals one convolution with weight ``w * g / sqrt(v + eps)`` and bias
+        ``b - m * g / sqrt(v + eps)``: one pass over each activation less (the backbone is
+        bandwidth-bound on CPU). Only valid in eval mode (running statistics). The copy is
+        cached and rebuilt when any parameter or buffer changes (version, storage, dtype, layout).
+        """
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.stride())
+                    for t in list(self.parameters()) + list(self.buffers()))
+        cache = self.__dict__.get("_folded_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # a copy without the cache itself (deepcopy would copy the old folded copy too)
+        self.__dict__.pop("_folded_cache", None)
+        copy_ = copy.deepcopy(self).eval()
+        pairs = [(copy_, "_conv_stem", "_bn0"), (copy_, "_conv_head", "_bn1")]
+        for block in copy_._blocks:
+            if block.expand:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        with torch.no_grad():
+            for owner, conv_name, bn_name in pairs:
+                conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+                inv = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+                weight = conv.weight.float() * inv.view(-1, 1, 1, 1)
+                conv.weight = nn.Parameter(weight.to(conv.weight.dtype).contiguous(
+                    memory_format=_memory_format(conv.weight)), requires_grad=False)
+                conv.bias = nn.Parameter((bn.bias.float() - bn.running_mean.float() * inv).to(
+                    conv.weight.dtype), requires_grad=False)
+                setattr(owner, bn_name, nn.Identity())
+        for p_ in copy_.parameters():
+            p_.requires_grad_(False)
+        self.__dict__["_folded_cache"] = (key, copy_)
+        return copy_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, _ = self.forward_features(x)

@@ -30,10 +30,11 @@ and then learned". The later reference Caffe nets freeze all of them.
 * ``fixed_upsampling=True``: the final ``upscore``/``upscore16``/``upscore8``
   is the frozen analytic bilinear op (no parameters), as in the paper; the
   intermediate 2x layers stay learned unless ``fixed_skip_upsampling=True``
-  (the reference Caffe nets: everything frozen). With the final layer frozen,
-  ``predict`` uses ``ops.upsample_argmax`` and ``loss`` uses
-  ``ops.upsample_cross_entropy`` on the coarse scores, so the full-resolution
-  C x H x W scores are never held.
+  (the reference Caffe nets: everything frozen). With the final layer frozen
+  (or learned, still bilinear and ``requires_grad=False``), ``predict`` uses
+  ``ops.upsample_argmax`` and ``loss`` uses ``ops.upsample_cross_entropy`` on
+  the coarse scores, so the full-resolution C x H x W scores are never held; a
+  trained final layer's ``predict`` holds one image's scores at a time.
 
 Score layers (``score_fr``, ``score_pool4``, ``score_pool3``) start at zero,
 as in the FCN reference code; backbone convolutions use He initialisation
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import BilinearUpsample2d, NoScript, SkipFuse
+from ..nn import BilinearUpsample2d, NoScript, SkipFuse, bilinear_kernel
 from .backbones import backbone_spec, make_fc, make_features, pool_indices
 
 __all__ = ["FCN", "VARIANTS", "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "build_model"]
@@ -65,6 +66,47 @@ VARIANTS = {
 }
 
 _FINAL_NAME = {32: "upscore", 16: "upscore16", 8: "upscore8"}
+
+def label_map(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(1)`` for (N, C, H, W) scores, reduced over channels stored innermost.
+
+    PyTorch's ``argmax(1)`` on NCHW walks the channel axis at stride H*W; the same reduction
+    on a channels-innermost copy is several times faster on CPU (same ties: lowest index).
+    """
+    return scores.permute(0, 2, 3, 1).contiguous().argmax(-1)
+
+
+def chunked_argmax(upsample, scores: torch.Tensor, crop) -> torch.Tensor:
+    """``upsample(scores, crop=crop).argmax(1)`` holding one image's C x H x W scores at a time.
+
+    ``upsample`` is a final deconvolution layer taking ``crop=(top, left, h, w)`` (fcnfast's
+    ``ConvTranspose2d`` / learned ``BilinearUpsample2d``): a learned final layer has no fused
+    label-map op, so the scores of each image are computed (fused crop) and at once reduced
+    to labels by ``label_map``.
+    """
+    top, left, h, w = (int(v) for v in crop)
+    n = scores.shape[0]
+    if n <= 1 or torch.compiler.is_compiling():
+        return label_map(upsample(scores, crop=(top, left, h, w)))
+    labels = torch.empty((n, h, w), dtype=torch.int64, device=scores.device)
+    for i in range(n):
+        labels[i] = label_map(upsample(scores[i:i + 1], crop=(top, left, h, w)))[0]
+    return labels
+
+
+def is_bilinear_upsampling(layer, scale: int) -> bool:
+    """True when ``layer`` (a final upsampling) computes ``ops.bilinear_upsample2d(x, scale)``:
+    the frozen analytic layer, or a learned one whose (C, C, 2s, 2s) weight is still exactly the
+    diagonal bilinear kernel. Not decided while ``torch.compile`` traces (False there)."""
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        return True
+    if torch.compiler.is_compiling() or tuple(weight.shape[2:]) != (2 * scale, 2 * scale):
+        return False
+    if weight.shape[0] != weight.shape[1] or getattr(layer, "bias", None) is not None:
+        return False
+    expected = bilinear_kernel(weight.shape[0], 2 * scale, weight.dtype).to(weight.device)
+    return bool(torch.equal(weight.detach(), expected))
 
 
 # ---------------------------------------------------------------------------
@@ -236,22 +278,29 @@ class FCN(nn.Module, NoScript):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W) int64 labels, ``forward(x).argmax(1)`` (call ``eval()`` first).
 
-        With a frozen final upsampling the label map comes from
-        ``ops.upsample_argmax`` on the coarse scores (no C x H x W scores held).
+        The C x H x W scores are never held: when the final upsampling is bilinear (frozen,
+        or learned but still the bilinear kernel) the label map comes from
+        ``ops.upsample_argmax`` on the coarse scores; otherwise from ``chunked_argmax`` (the
+        learned deconvolution one image at a time, each reduced to labels at once).
         """
-        if self.fixed_upsampling:
-            scores, crop = self.coarse_scores(x)
+        scores, crop = self.coarse_scores(x)
+        if is_bilinear_upsampling(self.final_upsample, self.upscale):
             return ops.upsample_argmax(scores, self.upscale, crop)
-        return self.forward(x).argmax(1)
+        return chunked_argmax(self.final_upsample, scores, crop)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
              reduction: str = "mean") -> torch.Tensor:
         """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target`` (N, H, W).
 
-        ``reduction="sum"`` is Caffe's unnormalised loss. With a frozen final
-        upsampling it runs the fused ``ops.upsample_cross_entropy``.
+        ``reduction="sum"`` is Caffe's unnormalised loss. When the final upsampling is
+        bilinear and takes no gradient (``fixed_upsampling``, or a learned layer with the
+        bilinear weight and ``requires_grad=False``) it runs the fused
+        ``ops.upsample_cross_entropy`` on the coarse scores (no full-resolution logits).
         """
-        if self.fixed_upsampling:
+        final = self.final_upsample
+        weight = getattr(final, "weight", None)
+        if ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
+                and is_bilinear_upsampling(final, self.upscale)):
             scores, crop = self.coarse_scores(x)
             return ops.upsample_cross_entropy(scores, target, self.upscale, crop,
                                               ignore_index=ignore_index, reduction=reduction)

@@ -31,8 +31,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .fcn import chunked_argmax
 from ..nn import ConvTranspose2d, NoScript, SkipFuse, bilinear_kernel
 from .efficientnet import (EfficientNetLite0, LITE0_FEATURE_CHANNELS, lite0_state_dict_from_package,
                            load_lite0_state_dict, normalize_uint8)
@@ -109,25 +111,28 @@ class LiteFCN(nn.Module, NoScript):
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError("x must have a positive height and width, got %s" % (tuple(x.shape),))
 
-    def coarse_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
-        """Scores at stride ``upscale`` and the crop of the final upsampling."""
+    def coarse_scores(self, x: torch.Tensor, backbone: Optional[nn.Module] = None
+                      ) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+        """Scores at stride ``upscale`` and the crop of the final upsampling.
+
+        ``backbone``: another backbone computing the same features (``predict`` passes the
+        batch-norm-folded copy ``self.backbone.folded()``).
+        """
         self._check_input(x)
-        features, _ = self.backbone.forward_features(x)
-        # the heads run in fp32 (fcnfast's ops take one dtype; under autocast the backbone is bf16)
-        with torch.autocast(x.device.type, enabled=False):
-            features = {k: v.float() for k, v in features.items()}
-            scores = self.score_fr(self.drop(features["stride32"]))
-            for tap in self.skips:
-                up_name, score_name = _SKIP_NAMES[tap]
-                skip = features[tap]
-                crop = (1, 1, skip.shape[2], skip.shape[3])
-                scores = getattr(self, score_name)(getattr(self, up_name)(scores, crop=crop), skip)
+        features, _ = (backbone or self.backbone).forward_features(x)
+        # under torch.autocast the heads follow fcnfast's per-op rules (fcnfast._autocast):
+        # the deconvolutions and 1x1 score convolutions run in the autocast dtype
+        scores = self.score_fr(self.drop(features["stride32"]))
+        for tap in self.skips:
+            up_name, score_name = _SKIP_NAMES[tap]
+            skip = features[tap]
+            crop = (1, 1, skip.shape[2], skip.shape[3])
+            scores = getattr(self, score_name)(getattr(self, up_name)(scores, crop=crop), skip)
         return scores, (0, 0, x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, crop = self.coarse_scores(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.upscore(scores, crop=crop)
+        return self.upscore(scores, crop=crop)
 
     @staticmethod
     def preprocess(images: torch.Tensor) -> torch.Tensor:
@@ -144,8 +149,21 @@ class LiteFCN(nn.Module, NoScript):
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
         param = next(self.parameters())
-        labels = self.forward(self.preprocess(batch.to(param.device))).argmax(1)
+        # in eval mode the backbone's batch norms are folded into its convolutions (a cached copy)
+        backbone = None if self.backbone.training else self.backbone.folded()
+        scores, crop = self.coarse_scores(self.preprocess(batch.to(param.device)), backbone)
+        labels = chunked_argmax(self.upscore, scores, crop)   # one image's scores at a time
         return labels[0] if single else labels
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+             reduction: str = "mean") -> torch.Tensor:
+        """``F.cross_entropy(forward(x), target, ignore_index=ignore_index, reduction=reduction)``.
+
+        The final deconvolution is learned (k ``2f-1``), so the fused bilinear
+        ``ops.upsample_cross_entropy`` does not apply here; the loss takes the logits.
+        """
+        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
+                               reduction=reduction)
 
     # tiles of 768 px (windows of 768 + 2 * 512 halo): a 2048 px window of this backbone holds
     # ~1.4 GB of activations (96 expanded channels at stride 2), too much for a 2 GB budget
