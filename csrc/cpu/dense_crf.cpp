@@ -18,11 +18,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/permutohedral.h"
+#include "../common/vec8.h"
 
 namespace fcnfast {
 namespace {
@@ -42,7 +44,51 @@ auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn)
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 };
 
-// Exact Gaussian blur of an H x W x C (channels last) image with zero outside, separable.
+// dst[k] = g0 src[k] + sum_t g_t (a_t[k] + b_t[k]) for k in [0, n): one output row of a
+// symmetric FIR filter, eight lanes at a time with 4 vector accumulators held in registers
+// across all taps (one store per output instead of one per tap). A tap with one side outside
+// the image is passed as (a, a, g / 2), which is exact in float.
+struct TapPair {
+  const float* a;
+  const float* b;
+  float g;
+};
+
+void symmetric_taps(const float* src, float g0, const TapPair* taps, int64_t num_taps, float* dst,
+                    int64_t n) {
+  using simd::Vec8;
+  const Vec8 w0 = Vec8::broadcast(g0);
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    Vec8 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = w0 * Vec8::load(src + k + 8 * u);
+    for (int64_t t = 0; t < num_taps; ++t) {
+      const Vec8 g = Vec8::broadcast(taps[t].g);
+      for (int u = 0; u < 4; ++u) {
+        const int64_t o = k + 8 * u;
+        acc[u] = fmadd(g, Vec8::load(taps[t].a + o) + Vec8::load(taps[t].b + o), acc[u]);
+      }
+    }
+    for (int u = 0; u < 4; ++u) acc[u].store(dst + k + 8 * u);
+  }
+  for (; k + 8 <= n; k += 8) {
+    Vec8 acc = w0 * Vec8::load(src + k);
+    for (int64_t t = 0; t < num_taps; ++t) {
+      acc = fmadd(Vec8::broadcast(taps[t].g), Vec8::load(taps[t].a + k) + Vec8::load(taps[t].b + k),
+                  acc);
+    }
+    acc.store(dst + k);
+  }
+  for (; k < n; ++k) {
+    float acc = g0 * src[k];
+    for (int64_t t = 0; t < num_taps; ++t) acc = std::fma(taps[t].g, taps[t].a[k] + taps[t].b[k], acc);
+    dst[k] = acc;
+  }
+}
+
+// Exact Gaussian blur of an H x W image with `cs` floats per pixel (channels last), zero outside,
+// separable: per output row the vertical pass into a row buffer with zero margins, then the
+// horizontal pass from it, so the intermediate image never leaves the cache.
 class SpatialBlur {
  public:
   SpatialBlur(int64_t h, int64_t w, double std) : h_(h), w_(w) {
@@ -54,35 +100,28 @@ class SpatialBlur {
     }
   }
 
-  void apply(const float* in, float* out, int64_t C) const {
-    const int64_t row = w_ * C;
-    std::vector<float> tmp(h_ * row);
-    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // vertical pass
+  void apply(const float* in, float* out, int64_t cs) const {
+    const int64_t row = w_ * cs, margin = radius_ * cs;
+    parallel(0, h_, row * 4 * (radius_ + 1), [&](int64_t begin, int64_t end) {
+      std::vector<float> line(row + 2 * margin, 0.0f);
+      float* center = line.data() + margin;
+      std::vector<TapPair> taps(radius_);
       for (int64_t y = begin; y < end; ++y) {
-        float* dst = tmp.data() + y * row;
-        std::fill(dst, dst + row, 0.0f);
-        const int64_t lo = std::max<int64_t>(0, y - radius_), hi = std::min(h_ - 1, y + radius_);
-        for (int64_t yy = lo; yy <= hi; ++yy) {
-          const float g = taps_[std::abs(yy - y)];
-          const float* src = in + yy * row;
-          for (int64_t k = 0; k < row; ++k) dst[k] += g * src[k];
+        int64_t used = 0;
+        for (int64_t t = 1; t <= radius_; ++t) {  // vertical taps that exist for this row
+          const bool up = y - t >= 0, down = y + t < h_;
+          if (up && down) {
+            taps[used++] = {in + (y - t) * row, in + (y + t) * row, taps_[t]};
+          } else if (up || down) {
+            const float* only = in + (up ? y - t : y + t) * row;
+            taps[used++] = {only, only, 0.5f * taps_[t]};
+          }
         }
-      }
-    });
-    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // horizontal
-      // the row padded with radius zeros on both sides, so the inner loop has no bounds checks
-      std::vector<float> padded((w_ + 2 * radius_) * C, 0.0f);
-      for (int64_t y = begin; y < end; ++y) {
-        std::copy(tmp.data() + y * row, tmp.data() + (y + 1) * row, padded.data() + radius_ * C);
-        float* dst = out + y * row;
-        const float* center = padded.data() + radius_ * C;
-        for (int64_t k = 0; k < row; ++k) dst[k] = taps_[0] * center[k];
+        symmetric_taps(in + y * row, taps_[0], taps.data(), used, center, row);
         for (int64_t t = 1; t <= radius_; ++t) {
-          const float g = taps_[t];
-          const float* left = center - t * C;
-          const float* right = center + t * C;
-          for (int64_t k = 0; k < row; ++k) dst[k] += g * (left[k] + right[k]);
+          taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
         }
+        symmetric_taps(center, taps_[0], taps.data(), radius_, out + y * row, row);
       }
     });
   }
@@ -106,39 +145,86 @@ void check_lattice_features(const float* f, int64_t count, const char* what) {
                     " in absolute value (NaN/Inf in the image, or a tiny bilateral std?)");
 }
 
+// Labels padded to whole 8-lane vectors: every per-pixel and per-vertex row is Cp floats.
+int64_t padded_labels(int64_t C) { return (C + 7) / 8 * 8; }
+
+// z (P x Cp, channels last) from logits (C x P); the padding lanes are -inf, so the softmax
+// gives them probability exactly 0 and they carry zeros through every filter.
+void pack_logits(const float* logits, int64_t C, int64_t P, int64_t Cp, float* z) {
+  constexpr int64_t kBlock = 64;  // pixels per block: the block's rows stay in L1
+  parallel(0, (P + kBlock - 1) / kBlock, kBlock * Cp, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
+      for (int64_t c = 0; c < Cp; ++c) {
+        const float* src = logits + c * P;
+        for (int64_t i = i0; i < i1; ++i) {
+          z[i * Cp + c] = c < C ? src[i] : -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  });
+}
+
+// out (C x P) from Q (P x Cp).
+void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out) {
+  constexpr int64_t kBlock = 64;
+  parallel(0, (P + kBlock - 1) / kBlock, kBlock * C, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t i = i0; i < i1; ++i) out[c * P + i] = Q[i * Cp + c];
+      }
+    }
+  });
+}
+
 // One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
-// diagonal), and the buffers n * Q (filter input) and its filtered result.
+// diagonal), and the buffers n * Q (filter input) and its filtered result (P x Cp each).
 struct PairwiseTerm {
   bool lattice = false;  // the bilateral term (permutohedral lattice), else the spatial blur
   float weight = 0.0f;
   std::vector<float> n, self, scaled, filtered;
 };
 
-// The fused per-pixel mean-field step, one parallel pass:
+// The fused per-pixel mean-field step, one parallel pass over P x Cp:
 //   Q_i = softmax(z_i + sum_t w_t n_i (filtered_i - self_i n_i Q_i))   (no messages when first)
 //   scaled_t,i = n_t,i Q_i                                             (next filter inputs)
-void mean_field_update(const float* logits, std::vector<PairwiseTerm>& terms, bool first,
-                       int64_t P, int64_t C, float* Q) {
-  parallel(0, P, C * (2 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
-    std::vector<float> energy(C);
+// The energy of each 8-label vector overwrites Q_i's once all terms have read it.
+void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool first, int64_t P,
+                       int64_t Cp, float* Q) {
+  using simd::Vec8;
+  const int64_t nv = Cp / 8, T = first ? 0 : static_cast<int64_t>(terms.size());
+  parallel(0, P, Cp * (8 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float* q = Q + i * C;
-      std::copy(logits + i * C, logits + (i + 1) * C, energy.begin());
-      for (const auto& t : terms) {
-        if (first) break;
-        const float wn = t.weight * t.n[i], sn = t.self[i] * t.n[i];
-        const float* f = t.filtered.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) energy[c] += wn * (f[c] - sn * q[c]);
+      float* q = Q + i * Cp;
+      const float* zi = z + i * Cp;
+      Vec8 wn[2], sn[2];
+      const float* f[2];
+      for (int64_t t = 0; t < T; ++t) {
+        wn[t] = Vec8::broadcast(terms[t].weight * terms[t].n[i]);
+        sn[t] = Vec8::broadcast(terms[t].self[i] * terms[t].n[i]);
+        f[t] = terms[t].filtered.data() + i * Cp;
       }
-      float top = energy[0];
-      for (int64_t c = 1; c < C; ++c) top = std::max(top, energy[c]);
-      float total = 0.0f;
-      for (int64_t c = 0; c < C; ++c) total += (q[c] = std::exp(energy[c] - top));
-      const float inv = 1.0f / total;
-      for (int64_t c = 0; c < C; ++c) q[c] *= inv;
-      for (auto& t : terms) {
-        float* out = t.scaled.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = t.n[i] * q[c];
+      Vec8 top = Vec8::broadcast(-std::numeric_limits<float>::infinity());
+      for (int64_t v = 0; v < nv; ++v) {
+        Vec8 e = Vec8::load(zi + 8 * v);
+        const Vec8 qv = Vec8::load(q + 8 * v);
+        for (int64_t t = 0; t < T; ++t) e = fmadd(wn[t], Vec8::load(f[t] + 8 * v) - sn[t] * qv, e);
+        top = max(top, e);
+        e.store(q + 8 * v);
+      }
+      const Vec8 shift = Vec8::broadcast(top.hmax());
+      Vec8 total = Vec8::zero();
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec8 p = simd::exp_nonpositive(Vec8::load(q + 8 * v) - shift);
+        total = total + p;
+        p.store(q + 8 * v);
+      }
+      const Vec8 inv = Vec8::broadcast(1.0f / total.hsum());
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec8 p = Vec8::load(q + 8 * v) * inv;
+        p.store(q + 8 * v);
+        for (auto& t : terms) (Vec8::broadcast(t.n[i]) * p).store(t.scaled.data() + i * Cp + 8 * v);
       }
     }
   });
@@ -149,18 +235,34 @@ struct CrfParams {
   double spatial_std, spatial_weight, bilateral_spatial_std, bilateral_color_std, bilateral_weight;
 };
 
-// One image: logits and the returned Q are P x C (channels last), appearance P x K.
+// The bilateral features (P x (2 + K)) in std units: x, y, then the appearance channels.
+std::vector<float> bilateral_features(const float* appearance, int64_t H, int64_t W, int64_t K,
+                                      const CrfParams& p) {
+  const int64_t P = H * W, d = 2 + K;
+  std::vector<float> features(P * d);
+  for (int64_t i = 0; i < P; ++i) {
+    float* f = features.data() + i * d;
+    f[0] = static_cast<float>((i % W) / p.bilateral_spatial_std);
+    f[1] = static_cast<float>((i / W) / p.bilateral_spatial_std);
+    for (int64_t k = 0; k < K; ++k) {
+      f[2 + k] = static_cast<float>(appearance[k * P + i] / p.bilateral_color_std);
+    }
+  }
+  return features;
+}
+
+// One image: logits and the returned Q are C x P (planar, as in NCHW), appearance K x P.
 void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
-                      int64_t C, int64_t K, const CrfParams& p, float* Q) {
-  const int64_t P = H * W;
+                      int64_t C, int64_t K, const CrfParams& p, float* out) {
+  const int64_t P = H * W, Cp = padded_labels(C);
   auto new_term = [&](bool on_lattice, double weight) {
     PairwiseTerm t;
     t.lattice = on_lattice;
     t.weight = static_cast<float>(weight);
     t.n.resize(P);
     t.self.assign(P, 1.0f);
-    t.scaled.resize(P * C);
-    t.filtered.resize(P * C);
+    t.scaled.resize(P * Cp);
+    t.filtered.resize(P * Cp);
     return t;
   };
   std::vector<PairwiseTerm> terms;
@@ -173,36 +275,32 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
   }
   std::unique_ptr<permutohedral::Lattice> lattice;
+  permutohedral::Workspace work;  // the lattice's vertex buffers, reused by every iteration
   if (p.bilateral_weight != 0.0) {
     const int d = static_cast<int>(2 + K);
-    std::vector<float> features(P * d);
-    for (int64_t i = 0; i < P; ++i) {
-      float* f = features.data() + i * d;
-      f[0] = static_cast<float>((i % W) / p.bilateral_spatial_std);
-      f[1] = static_cast<float>((i / W) / p.bilateral_spatial_std);
-      for (int64_t k = 0; k < K; ++k) {
-        f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
-      }
-    }
+    std::vector<float> features = bilateral_features(appearance, H, W, K, p);
     check_lattice_features(features.data(), P * d, "dense_crf: appearance / bilateral_color_std");
-    lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
+    lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d, parallel);
     terms.push_back(new_term(true, p.bilateral_weight));
     lattice->self_weights(terms.back().self.data(), parallel);
     lattice->filter(ones.data(), sums.data(), 1, parallel);
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
   }
 
-  mean_field_update(logits, terms, /*first=*/true, P, C, Q);
+  std::vector<float> z(P * Cp), Q(P * Cp);
+  pack_logits(logits, C, P, Cp, z.data());
+  mean_field_update(z.data(), terms, /*first=*/true, P, Cp, Q.data());
   for (int64_t it = 0; it < p.iterations; ++it) {
     for (auto& t : terms) {
       if (t.lattice) {
-        lattice->filter(t.scaled.data(), t.filtered.data(), C, parallel);
+        lattice->filter_padded(t.scaled.data(), t.filtered.data(), Cp, parallel, work);
       } else {
-        blur.apply(t.scaled.data(), t.filtered.data(), C);
+        blur.apply(t.scaled.data(), t.filtered.data(), Cp);
       }
     }
-    mean_field_update(logits, terms, /*first=*/false, P, C, Q);
+    mean_field_update(z.data(), terms, /*first=*/false, P, Cp, Q.data());
   }
+  unpack_labels(Q.data(), C, P, Cp, out);
 }
 
 void check_params(const CrfParams& p) {
@@ -255,17 +353,16 @@ at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
   check_index32(N * C * H * W, "unary_logits");
   check_index32(H * W * (K + 3), "appearance lattice entries");
 
-  // channels last: every per-pixel loop runs over contiguous classes
-  auto z = logits.permute({0, 2, 3, 1}).contiguous();
-  auto a = appearance.permute({0, 2, 3, 1}).contiguous();
+  auto z = logits.contiguous();
+  auto a = appearance.contiguous();
   auto q = at::empty_like(z);
-  if (q.numel() == 0) return q.permute({0, 3, 1, 2});
+  if (q.numel() == 0) return q;
   const int64_t P = H * W;
   for (int64_t b = 0; b < N; ++b) {
-    mean_field_image(z.data_ptr<float>() + b * P * C, a.data_ptr<float>() + b * P * K, H, W, C, K,
-                     params, q.data_ptr<float>() + b * P * C);
+    mean_field_image(z.data_ptr<float>() + b * C * P, a.data_ptr<float>() + b * K * P, H, W, C, K,
+                     params, q.data_ptr<float>() + b * C * P);
   }
-  return q.permute({0, 3, 1, 2}).contiguous();
+  return q;
 }
 
 // The raw lattice operator, for tests: out = L values (or (L - diag L) values), features (P, d)
@@ -285,7 +382,7 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor
   auto out = at::empty({P, C}, v.options());
   if (P == 0 || C == 0) return out.zero_();
   check_lattice_features(f.data_ptr<float>(), f.numel(), "permutohedral_filter: features");
-  permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)));
+  permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)), parallel);
   lattice.filter(v.data_ptr<float>(), out.data_ptr<float>(), C, parallel);
   if (exclude_self) {
     float* o = out.data_ptr<float>();
