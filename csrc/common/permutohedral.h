@@ -42,6 +42,15 @@ inline bool features_in_range(const float* f, int64_t count) {
   return true;
 }
 
+// a[0..n) == b[0..n), inline (keys are a few ints; a libc memcmp call costs more than the loop)
+template <class T>
+inline bool same(const T* a, const T* b, int n) {
+  for (int k = 0; k < n; ++k) {
+    if (a[k] != b[k]) return false;
+  }
+  return true;
+}
+
 // Open-addressing hash table from lattice keys (the first d of d+1 integer coordinates; the last
 // is minus their sum) to dense vertex ids 0..size()-1 in order of first insertion.
 class KeyTable {
@@ -53,7 +62,7 @@ class KeyTable {
     keys_.reserve(static_cast<size_t>(expected) * d);
   }
 
-  int64_t size() const { return static_cast<int64_t>(keys_.size()) / d_; }
+  int64_t size() const { return size_; }
   const int32_t* key(int64_t id) const { return keys_.data() + id * d_; }
 
   // Id of `key`, or -1 when absent.
@@ -71,7 +80,7 @@ class KeyTable {
       int32_t id = slots_[s];
       if (id >= 0 && equal(id, key)) return id;
       if (id < 0) {
-        id = static_cast<int32_t>(size());
+        id = static_cast<int32_t>(size_++);
         keys_.insert(keys_.end(), key, key + d_);
         slots_[s] = id;
         return id;
@@ -90,7 +99,7 @@ class KeyTable {
     return h ^ (h >> 29);
   }
   bool equal(int32_t id, const int32_t* key) const {
-    return std::memcmp(keys_.data() + static_cast<size_t>(id) * d_, key, sizeof(int32_t) * d_) == 0;
+    return same(keys_.data() + static_cast<size_t>(id) * d_, key, d_);
   }
   void grow() {
     std::vector<int32_t> old(slots_.size() * 2, -1);
@@ -103,13 +112,14 @@ class KeyTable {
   }
 
   int d_;
+  int64_t size_ = 0;
   std::vector<int32_t> slots_;
   std::vector<int32_t> keys_;
 };
 
 // Vertex value buffers reused across filter_padded calls (a CRF filters once per iteration).
 struct Workspace {
-  std::vector<float> a, b;
+  std::vector<float> a, b, c;
 };
 
 class Lattice {
@@ -123,6 +133,9 @@ class Lattice {
     vertex_.resize(n_ * D1);
     weight_.resize(n_ * D1);
     rank_.resize(n_ * D1);
+    for (int j = 1; j <= d; ++j) {  // scale so that the lattice blur approximates a unit-std Gaussian
+      elevate_scale_[j] = std::sqrt(2.0f / 3.0f) * D1 / std::sqrt(static_cast<float>(j * (j + 1)));
+    }
     std::vector<int32_t> rem0(n_ * D1);
     par(0, n_, 8 * D1 * D1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) locate(features + i * d, i, rem0.data() + i * D1);
@@ -130,13 +143,19 @@ class Lattice {
     insert_vertices(rem0.data());
     m_ = table_.size();
     build_neighbors(par);
-    build_splat_gather();
+    if (scatter_chunks() == 1) build_splat_gather();  // the scatter path needs no CSR
     alpha_ = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(d)));
-    slice_weight_.resize(n_ * D1);
-    for (int64_t e = 0; e < n_ * D1; ++e) slice_weight_[e] = alpha_ * weight_[e];
   }
 
   int64_t num_vertices() const { return m_; }
+
+  // From now on filter() computes L diag(s): each point's input scaled by s[i] as it is
+  // splatted. The CRF filters n * Q; folding n into the splat weights saves writing n * Q
+  // (P x labels) every iteration.
+  void scale_inputs(const float* s) {
+    for (size_t e = 0; e < splat_point_.size(); ++e) splat_weight_[e] *= s[splat_point_[e]];
+    input_scale_.assign(s, s + n_);
+  }
 
   // out = L in, for `channels` values per point (in, out: num_points x channels; may not alias).
   template <class ParFor>
@@ -163,16 +182,60 @@ class Lattice {
     std::fill(work.b.begin(), work.b.begin() + Cp, 0.0f);
     float* cur = work.a.data();
     float* next = work.b.data();
-    const int64_t per_vertex = Cp * (n_ * D1 / std::max<int64_t>(m_, 1) + 1);
-    par(0, m_, per_vertex, [&](int64_t begin, int64_t end) {
-      for_blocks(Cp, [&](auto nb, int64_t c0) { splat_block<nb()>(in, cur, Cp, c0, begin, end); });
-    });
+    if (scatter_chunks() > 1) {
+      splat_scatter(in, cur, Cp, par, work);
+    } else {
+      const int64_t per_vertex = Cp * (n_ * D1 / std::max<int64_t>(m_, 1) + 1);
+      par(0, m_, per_vertex, [&](int64_t begin, int64_t end) {
+        for_blocks(Cp, [&](auto nb, int64_t c0) { splat_block<nb()>(in, cur, Cp, c0, begin, end); });
+      });
+    }
     for (int j = 0; j < D1; ++j) {
       par(0, m_, 3 * Cp, [&](int64_t begin, int64_t end) { blur_rows(j, cur, next, Cp, begin, end); });
       std::swap(cur, next);
     }
     par(0, n_, D1 * Cp, [&](int64_t begin, int64_t end) {
       for_blocks(Cp, [&](auto nb, int64_t c0) { slice_block<nb()>(cur, out, Cp, c0, begin, end); });
+    });
+  }
+
+  // Splat by scattering in point order (the input is read once, sequentially) into one vertex
+  // buffer per fixed chunk of points, then summed chunk by chunk in order: the same bits for
+  // any thread count. Used when vertices are few next to points (an image's bilateral lattice:
+  // 250k pixels, ~10k vertices), where the CSR gather instead reads each input row d+1 times
+  // from scattered places.
+  int64_t scatter_chunks() const { return (m_ + 1) * 8 <= n_ ? 2 : 1; }
+
+  template <class ParFor>
+  void splat_scatter(const float* in, float* vals, int64_t Cp, ParFor par, Workspace& work) const {
+    using simd::Vec8;
+    const int64_t D1 = d_ + 1, K = scatter_chunks(), rows = (m_ + 1) * Cp;
+    work.c.resize((K - 1) * rows);
+    par(0, K, n_ / K * D1 * Cp, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        float* acc = k == 0 ? vals : work.c.data() + (k - 1) * rows;
+        std::fill(acc, acc + rows, 0.0f);
+        const int64_t i0 = n_ * k / K, i1 = n_ * (k + 1) / K;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float s = input_scale_.empty() ? 1.0f : input_scale_[i];
+          const float* src = in + i * Cp;
+          for (int64_t a = 0; a < D1; ++a) {
+            const Vec8 w = Vec8::broadcast(weight_[i * D1 + a] * s);
+            float* dst = acc + (static_cast<int64_t>(vertex_[i * D1 + a]) + 1) * Cp;
+            for (int64_t c = 0; c < Cp; c += 8) {
+              fmadd(w, Vec8::load(src + c), Vec8::load(dst + c)).store(dst + c);
+            }
+          }
+        }
+      }
+    });
+    par(0, m_, K * Cp, [&](int64_t begin, int64_t end) {
+      for (int64_t k = 1; k < K; ++k) {
+        const float* part = work.c.data() + (k - 1) * rows;
+        for (int64_t e = (begin + 1) * Cp; e < (end + 1) * Cp; e += 8) {
+          (Vec8::load(vals + e) + Vec8::load(part + e)).store(vals + e);
+        }
+      }
     });
   }
 
@@ -204,14 +267,17 @@ class Lattice {
       for (int64_t i = begin; i < end; ++i) {
         const int32_t* verts = vertex_.data() + i * D1;
         const float* w = weight_.data() + i * D1;
-        // by_rank[r]: the direction bit of the coordinate with rank r
-        uint32_t by_rank[kMaxDim + 1];
+        // by_rank[r]: the direction bit of the coordinate with rank r; prefix[r]: OR of
+        // by_rank[0 .. r-1], so every direction set is one XOR
+        uint32_t by_rank[kMaxDim + 1], prefix[kMaxDim + 2];
         for (int k = 0; k < D1; ++k) by_rank[rank_[i * D1 + k]] = 1u << k;
+        prefix[0] = 0;
+        for (int r = 0; r < D1; ++r) prefix[r + 1] = prefix[r] | by_rank[r];
         double total = 0.0;
         for (int a = 0; a < D1; ++a) {
           double row = 0.0;
           for (int b = 0; b < D1; ++b) {
-            const uint32_t set = direction_set(by_rank, a, b);
+            const uint32_t set = direction_set(prefix, a, b);
             row += w[b] * (tabulate ? table[verts[a] * sets + set] : blur_entry(verts[a], set));
           }
           total += row * w[a];
@@ -228,11 +294,10 @@ class Lattice {
     const int d = d_, D1 = d + 1;
     float elevated[kMaxDim + 1], barycentric[kMaxDim + 2];
     int32_t rank[kMaxDim + 1];
-    // scale so that the lattice blur approximates a unit-std Gaussian
-    const float inv_std = std::sqrt(2.0f / 3.0f) * D1;
+    const float inv_d1 = 1.0f / D1;
     float sum = 0.0f;
     for (int j = d; j > 0; --j) {
-      const float cf = f[j - 1] * inv_std / std::sqrt(static_cast<float>(j * (j + 1)));
+      const float cf = f[j - 1] * elevate_scale_[j];
       elevated[j] = sum - j * cf;
       sum += cf;
     }
@@ -240,7 +305,7 @@ class Lattice {
     // nearest remainder-0 lattice point
     int32_t rem_sum = 0;
     for (int k = 0; k < D1; ++k) {
-      const float v = elevated[k] / D1;
+      const float v = elevated[k] * inv_d1;
       const float up = std::ceil(v) * D1, down = std::floor(v) * D1;
       rem0[k] = static_cast<int32_t>(up - elevated[k] < elevated[k] - down ? up : down);
       rem_sum += rem0[k];
@@ -266,7 +331,7 @@ class Lattice {
     }
     for (int k = 0; k < D1 + 1; ++k) barycentric[k] = 0.0f;
     for (int k = 0; k < D1; ++k) {
-      const float v = (elevated[k] - rem0[k]) / D1;
+      const float v = (elevated[k] - rem0[k]) * inv_d1;
       barycentric[d - rank[k]] += v;
       barycentric[d - rank[k] + 1] -= v;
     }
@@ -278,23 +343,22 @@ class Lattice {
   }
 
   // Vertex ids in order of first insertion (pixel order), sequentially: the simplex vertices
-  // are rem0 + the canonical simplex (remainder r) permuted by rank. Neighbouring pixels often
-  // lie in the same simplex; they reuse the previous point's ids without hashing.
+  // are rem0 + the canonical simplex (remainder r) permuted by rank. A point in the same
+  // simplex as the previous one (neighbouring pixels often are) reuses its ids unhashed.
   void insert_vertices(const int32_t* rem0_all) {
     const int d = d_, D1 = d + 1;
     int32_t key[kMaxDim + 1];
     for (int64_t i = 0; i < n_; ++i) {
       const int32_t* rem0 = rem0_all + i * D1;
       const int8_t* rank = rank_.data() + i * D1;
-      if (i > 0 && std::memcmp(rem0, rem0 - D1, sizeof(int32_t) * D1) == 0 &&
-          std::memcmp(rank, rank - D1, D1) == 0) {
-        std::copy(vertex_.begin() + (i - 1) * D1, vertex_.begin() + i * D1,
-                  vertex_.begin() + i * D1);
+      int32_t* ids = vertex_.data() + i * D1;
+      if (i > 0 && same(rem0, rem0 - D1, D1) && same(rank, rank - D1, D1)) {
+        std::copy(ids - D1, ids, ids);
         continue;
       }
       for (int r = 0; r < D1; ++r) {
         for (int k = 0; k < d; ++k) key[k] = rem0[k] + (rank[k] <= d - r ? r : r - D1);
-        vertex_[i * D1 + r] = table_.insert(key);
+        ids[r] = table_.insert(key);
       }
     }
   }
@@ -356,16 +420,17 @@ class Lattice {
                    int64_t end) const {
     using simd::Vec8;
     const int64_t D1 = d_ + 1;
+    const Vec8 alpha = Vec8::broadcast(alpha_);
     for (int64_t i = begin; i < end; ++i) {
       Vec8 acc[NB];
       for (int u = 0; u < NB; ++u) acc[u] = Vec8::zero();
       for (int64_t a = 0; a < D1; ++a) {
-        const Vec8 w = Vec8::broadcast(slice_weight_[i * D1 + a]);
+        const Vec8 w = Vec8::broadcast(weight_[i * D1 + a]);
         const float* src = vals + (static_cast<int64_t>(vertex_[i * D1 + a]) + 1) * Cp + c0;
         for (int u = 0; u < NB; ++u) acc[u] = fmadd(w, Vec8::load(src + 8 * u), acc[u]);
       }
       float* dst = out + i * Cp + c0;
-      for (int u = 0; u < NB; ++u) acc[u].store(dst + 8 * u);
+      for (int u = 0; u < NB; ++u) (alpha * acc[u]).store(dst + 8 * u);
     }
   }
 
@@ -404,10 +469,12 @@ class Lattice {
     std::vector<int64_t> fill(splat_start_.begin(), splat_start_.end() - 1);
     splat_point_.resize(entries);
     splat_weight_.resize(entries);
-    for (int64_t e = 0; e < entries; ++e) {
-      const int64_t slot = fill[vertex_[e]]++;
-      splat_point_[slot] = static_cast<int32_t>(e / D1);
-      splat_weight_[slot] = weight_[e];
+    for (int64_t i = 0; i < n_; ++i) {
+      for (int64_t a = 0; a < D1; ++a) {
+        const int64_t slot = fill[vertex_[i * D1 + a]]++;
+        splat_point_[slot] = static_cast<int32_t>(i);
+        splat_weight_[slot] = weight_[i * D1 + a];
+      }
     }
   }
 
@@ -415,15 +482,10 @@ class Lattice {
   // rem0 + (r, ..., r) - (d+1) [rank_k > d - r], so for a < b the coordinates with rank in
   // (d-b, d-a] move by -e_j (S is their complement, the e_j sum to zero) and for a > b those with
   // rank in (d-a, d-b] move by +e_j.
-  uint32_t direction_set(const uint32_t* by_rank, int a, int b) const {
+  uint32_t direction_set(const uint32_t* prefix, int a, int b) const {
     const int d = d_;
-    uint32_t set = 0;
-    if (a < b) {
-      for (int r = d - b + 1; r <= d - a; ++r) set |= by_rank[r];
-      return ~set & ((1u << (d + 1)) - 1);
-    }
-    for (int r = d - a + 1; r <= d - b; ++r) set |= by_rank[r];
-    return set;
+    const uint32_t moved = prefix[d - a + 1] ^ prefix[d - b + 1];  // ranks between, either order
+    return a < b ? ~moved & ((1u << (d + 1)) - 1) : moved;
   }
 
   // B[v, v + sum_{j in S} e_j]: the paths with moves +e_j (j in S), or -e_j (j not in S); for
@@ -449,6 +511,7 @@ class Lattice {
   }
 
   int d_;
+  float elevate_scale_[kMaxDim + 1] = {};
   int64_t n_, m_ = 0;
   float alpha_ = 1.0f;
   KeyTable table_;
@@ -456,7 +519,7 @@ class Lattice {
   std::vector<float> weight_;      // n x (d+1) barycentric weights
   std::vector<int8_t> rank_;       // n x (d+1) rank of each elevated coordinate's remainder
   std::vector<int32_t> neighbor_;  // m x (d+1) x 2
-  std::vector<float> slice_weight_;  // n x (d+1) alpha * barycentric weights
+  std::vector<float> input_scale_;  // s of scale_inputs (empty: none)
   std::vector<int64_t> splat_start_;  // CSR by vertex over the splat entries, in point order:
   std::vector<int32_t> splat_point_;  //   the point of each entry
   std::vector<float> splat_weight_;   //   and its barycentric weight

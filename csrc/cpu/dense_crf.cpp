@@ -20,6 +20,8 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -42,6 +44,81 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 20;
 auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn) {
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+};
+
+// Scratch buffers of the CRF (P x Cp floats each, 24 MB for a 500x500 image with 21 labels).
+// Fresh pages cost a page fault each on first touch -- measured on the 2-core VM at about
+// 1 ms per MB, as much as the whole filtering -- so released buffers are kept, up to
+// kPoolBytes in all, for the next call (the next image of a data set, the next tile).
+// Contents are unspecified: every buffer is written in full before it is read.
+class BufferPool {
+ public:
+  static constexpr int64_t kPoolBytes = int64_t{256} << 20;
+
+  static BufferPool& instance() {
+    static BufferPool pool;
+    return pool;
+  }
+
+  std::unique_ptr<float[]> take(int64_t size, int64_t& capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // the smallest kept buffer that fits without wasting more than half of it
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second >= size && it->second <= 2 * size &&
+            (best == free_.end() || it->second < best->second)) {
+          best = it;
+        }
+      }
+      if (best != free_.end()) {
+        capacity = best->second;
+        kept_ -= capacity * static_cast<int64_t>(sizeof(float));
+        auto data = std::move(best->first);
+        free_.erase(best);
+        return data;
+      }
+    }
+    capacity = size;
+    return std::make_unique_for_overwrite<float[]>(size);
+  }
+
+  void give(std::unique_ptr<float[]> data, int64_t capacity) {
+    const int64_t bytes = capacity * static_cast<int64_t>(sizeof(float));
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_ + bytes > kPoolBytes) return;  // freed here
+    kept_ += bytes;
+    free_.emplace_back(std::move(data), capacity);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<std::unique_ptr<float[]>, int64_t>> free_;
+  int64_t kept_ = 0;
+};
+
+// A float buffer from the pool, returned to it when destroyed.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t size) : data_(BufferPool::instance().take(size, capacity_)) {}
+  Buffer(Buffer&&) = default;
+  Buffer& operator=(Buffer&& other) {
+    release();
+    data_ = std::move(other.data_);
+    capacity_ = other.capacity_;
+    return *this;
+  }
+  ~Buffer() { release(); }
+  float* get() const { return data_.get(); }
+  explicit operator bool() const { return data_ != nullptr; }
+
+ private:
+  void release() {
+    if (data_) BufferPool::instance().give(std::move(data_), capacity_);
+  }
+  int64_t capacity_ = 0;  // before data_: take() sets it while data_ is initialised
+  std::unique_ptr<float[]> data_;
 };
 
 // dst[k] = g0 src[k] + sum_t g_t (a_t[k] + b_t[k]) for k in [0, n): one output row of a
@@ -87,8 +164,9 @@ void symmetric_taps(const float* src, float g0, const TapPair* taps, int64_t num
 }
 
 // Exact Gaussian blur of an H x W image with `cs` floats per pixel (channels last), zero outside,
-// separable: per output row the vertical pass into a row buffer with zero margins, then the
-// horizontal pass from it, so the intermediate image never leaves the cache.
+// separable: the horizontal pass row by row (each row read once, from a copy with zero margins),
+// then the vertical pass in column strips narrow enough that the 2 radius + 1 rows of a strip
+// stay in the L2 cache while the strip is swept downwards.
 class SpatialBlur {
  public:
   SpatialBlur(int64_t h, int64_t w, double std) : h_(h), w_(w) {
@@ -100,35 +178,51 @@ class SpatialBlur {
     }
   }
 
-  void apply(const float* in, float* out, int64_t cs) const {
+  void apply(const float* in, float* out, int64_t cs) {
     const int64_t row = w_ * cs, margin = radius_ * cs;
-    parallel(0, h_, row * 4 * (radius_ + 1), [&](int64_t begin, int64_t end) {
+    if (tmp_size_ < h_ * row) {
+      tmp_ = Buffer(h_ * row);
+      tmp_size_ = h_ * row;
+    }
+    float* tmp = tmp_.get();
+    parallel(0, h_, row * 2 * (radius_ + 1), [&](int64_t begin, int64_t end) {  // horizontal
       std::vector<float> line(row + 2 * margin, 0.0f);
       float* center = line.data() + margin;
       std::vector<TapPair> taps(radius_);
+      for (int64_t t = 1; t <= radius_; ++t) taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
       for (int64_t y = begin; y < end; ++y) {
-        int64_t used = 0;
-        for (int64_t t = 1; t <= radius_; ++t) {  // vertical taps that exist for this row
-          const bool up = y - t >= 0, down = y + t < h_;
-          if (up && down) {
-            taps[used++] = {in + (y - t) * row, in + (y + t) * row, taps_[t]};
-          } else if (up || down) {
-            const float* only = in + (up ? y - t : y + t) * row;
-            taps[used++] = {only, only, 0.5f * taps_[t]};
+        std::copy(in + y * row, in + (y + 1) * row, center);
+        symmetric_taps(center, taps_[0], taps.data(), radius_, tmp + y * row, row);
+      }
+    });
+    const int64_t strips = (row + kStrip - 1) / kStrip;
+    parallel(0, strips, h_ * kStrip * 2 * (radius_ + 1), [&](int64_t begin, int64_t end) {
+      std::vector<TapPair> taps(radius_);
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t k0 = s * kStrip, n = std::min(kStrip, row - k0);
+        for (int64_t y = 0; y < h_; ++y) {
+          int64_t used = 0;
+          for (int64_t t = 1; t <= radius_; ++t) {  // vertical taps that exist for this row
+            const bool up = y - t >= 0, down = y + t < h_;
+            if (up && down) {
+              taps[used++] = {tmp + (y - t) * row + k0, tmp + (y + t) * row + k0, taps_[t]};
+            } else if (up || down) {
+              const float* only = tmp + (up ? y - t : y + t) * row + k0;
+              taps[used++] = {only, only, 0.5f * taps_[t]};
+            }
           }
+          symmetric_taps(tmp + y * row + k0, taps_[0], taps.data(), used, out + y * row + k0, n);
         }
-        symmetric_taps(in + y * row, taps_[0], taps.data(), used, center, row);
-        for (int64_t t = 1; t <= radius_; ++t) {
-          taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
-        }
-        symmetric_taps(center, taps_[0], taps.data(), radius_, out + y * row, row);
       }
     });
   }
 
  private:
+  static constexpr int64_t kStrip = 512;  // floats per strip: 25 rows x 2 KiB for std 3
   int64_t h_, w_, radius_;
   std::vector<float> taps_;
+  Buffer tmp_;  // the horizontally blurred image, reused across iterations
+  int64_t tmp_size_ = 0;
 };
 
 // n_i = (row_sum_i - self_i)^(-1/2), 0 for isolated pixels.
@@ -180,10 +274,13 @@ void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out)
 
 // One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
 // diagonal), and the buffers n * Q (filter input) and its filtered result (P x Cp each).
+
 struct PairwiseTerm {
   bool lattice = false;  // the bilateral term (permutohedral lattice), else the spatial blur
   float weight = 0.0f;
-  std::vector<float> n, self, scaled, filtered;
+  std::vector<float> n, self;
+  Buffer scaled;  // n * Q; null for the lattice, which folds n into its splat weights
+  Buffer filtered;
 };
 
 // The fused per-pixel mean-field step, one parallel pass over P x Cp:
@@ -203,7 +300,7 @@ void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool fi
       for (int64_t t = 0; t < T; ++t) {
         wn[t] = Vec8::broadcast(terms[t].weight * terms[t].n[i]);
         sn[t] = Vec8::broadcast(terms[t].self[i] * terms[t].n[i]);
-        f[t] = terms[t].filtered.data() + i * Cp;
+        f[t] = terms[t].filtered.get() + i * Cp;
       }
       Vec8 top = Vec8::broadcast(-std::numeric_limits<float>::infinity());
       for (int64_t v = 0; v < nv; ++v) {
@@ -224,7 +321,9 @@ void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool fi
       for (int64_t v = 0; v < nv; ++v) {
         const Vec8 p = Vec8::load(q + 8 * v) * inv;
         p.store(q + 8 * v);
-        for (auto& t : terms) (Vec8::broadcast(t.n[i]) * p).store(t.scaled.data() + i * Cp + 8 * v);
+        for (auto& t : terms) {
+          if (t.scaled) (Vec8::broadcast(t.n[i]) * p).store(t.scaled.get() + i * Cp + 8 * v);
+        }
       }
     }
   });
@@ -261,8 +360,8 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     t.weight = static_cast<float>(weight);
     t.n.resize(P);
     t.self.assign(P, 1.0f);
-    t.scaled.resize(P * Cp);
-    t.filtered.resize(P * Cp);
+    if (!on_lattice) t.scaled = Buffer(P * Cp);
+    t.filtered = Buffer(P * Cp);
     return t;
   };
   std::vector<PairwiseTerm> terms;
@@ -285,22 +384,23 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     lattice->self_weights(terms.back().self.data(), parallel);
     lattice->filter(ones.data(), sums.data(), 1, parallel);
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
+    lattice->scale_inputs(terms.back().n.data());  // from here on it filters n * Q
   }
 
-  std::vector<float> z(P * Cp), Q(P * Cp);
-  pack_logits(logits, C, P, Cp, z.data());
-  mean_field_update(z.data(), terms, /*first=*/true, P, Cp, Q.data());
+  Buffer z(P * Cp), Q(P * Cp);
+  pack_logits(logits, C, P, Cp, z.get());
+  mean_field_update(z.get(), terms, /*first=*/true, P, Cp, Q.get());
   for (int64_t it = 0; it < p.iterations; ++it) {
     for (auto& t : terms) {
       if (t.lattice) {
-        lattice->filter_padded(t.scaled.data(), t.filtered.data(), Cp, parallel, work);
+        lattice->filter_padded(Q.get(), t.filtered.get(), Cp, parallel, work);
       } else {
-        blur.apply(t.scaled.data(), t.filtered.data(), Cp);
+        blur.apply(t.scaled.get(), t.filtered.get(), Cp);
       }
     }
-    mean_field_update(z.data(), terms, /*first=*/false, P, Cp, Q.data());
+    mean_field_update(z.get(), terms, /*first=*/false, P, Cp, Q.get());
   }
-  unpack_labels(Q.data(), C, P, Cp, out);
+  unpack_labels(Q.get(), C, P, Cp, out);
 }
 
 void check_params(const CrfParams& p) {
