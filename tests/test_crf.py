@@ -76,10 +76,11 @@ def test_spatial_term_matches_reference_tightly(shape, spatial_std):
     assert err <= SPATIAL_TOL, err
 
 
-@pytest.mark.parametrize("shape", [(3, 9, 70), (21, 6, 40), (9, 5, 64)])
+@pytest.mark.parametrize("shape", [(3, 9, 70), (21, 6, 40), (9, 5, 64), (21, 7, 9), (17, 3, 5)])
 def test_spatial_term_wide_rows_match_reference(shape):
     """Rows of more than one 512-float strip (W * padded labels > 512): the vertical pass of the
-    separable blur runs strip by strip, the last strip partial."""
+    separable blur runs strip by strip, the last strip partial; and label / pixel counts that
+    leave partial 8 x 8 tiles in the transposes to and from the padded channels-last layout."""
     require_native("dense_crf")
     c, h, w = shape
     image, _ = blocks_image(h, w)

@@ -315,8 +315,10 @@ class Lattice {
     for (int k = 0; k < D1; ++k) rank[k] = 0;
     for (int k = 0; k < d; ++k) {
       const float dk = elevated[k] - rem0[k];
-      for (int l = k + 1; l < D1; ++l) {
-        if (dk < elevated[l] - rem0[l]) ++rank[k]; else ++rank[l];
+      for (int l = k + 1; l < D1; ++l) {  // branch-free: the outcome is a coin flip
+        const int32_t less = dk < elevated[l] - rem0[l];
+        rank[k] += less;
+        rank[l] += 1 - less;
       }
     }
     for (int k = 0; k < D1; ++k) {

@@ -242,18 +242,50 @@ void check_lattice_features(const float* f, int64_t count, const char* what) {
 // Labels padded to whole 8-lane vectors: every per-pixel and per-vertex row is Cp floats.
 int64_t padded_labels(int64_t C) { return (C + 7) / 8 * 8; }
 
+// 8 x 8 transpose: dst[r * dst_stride + c] = src[c * src_stride + r], r, c < 8.
+inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+#ifdef FCNFAST_VEC8_AVX2
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * src_stride);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(dst + k * dst_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    _mm256_storeu_ps(dst + (k + 4) * dst_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+#else
+  for (int r = 0; r < 8; ++r) {
+    for (int c = 0; c < 8; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+  }
+#endif
+}
+
 // z (P x Cp, channels last) from logits (C x P); the padding lanes are -inf, so the softmax
-// gives them probability exactly 0 and they carry zeros through every filter.
+// gives them probability exactly 0 and they carry zeros through every filter. Whole 8 x 8
+// tiles (8 labels x 8 pixels) are transposed in registers, the edges element by element.
 void pack_logits(const float* logits, int64_t C, int64_t P, int64_t Cp, float* z) {
   constexpr int64_t kBlock = 64;  // pixels per block: the block's rows stay in L1
+  const float pad = -std::numeric_limits<float>::infinity();
   parallel(0, (P + kBlock - 1) / kBlock, kBlock * Cp, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
-      for (int64_t c = 0; c < Cp; ++c) {
-        const float* src = logits + c * P;
-        for (int64_t i = i0; i < i1; ++i) {
-          z[i * Cp + c] = c < C ? src[i] : -std::numeric_limits<float>::infinity();
+      const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
+      for (int64_t c = 0; c < full_c; c += 8) {
+        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(logits + c * P + i, P, z + i * Cp + c, Cp);
+        for (int64_t i = full_i; i < i1; ++i) {
+          for (int64_t cc = c; cc < c + 8; ++cc) z[i * Cp + cc] = logits[cc * P + i];
         }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t c = full_c; c < Cp; ++c) z[i * Cp + c] = c < C ? logits[c * P + i] : pad;
       }
     }
   });
@@ -265,8 +297,13 @@ void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out)
   parallel(0, (P + kBlock - 1) / kBlock, kBlock * C, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
+      const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
+      for (int64_t c = 0; c < full_c; c += 8) {
+        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(Q + i * Cp + c, Cp, out + c * P + i, P);
+      }
       for (int64_t c = 0; c < C; ++c) {
-        for (int64_t i = i0; i < i1; ++i) out[c * P + i] = Q[i * Cp + c];
+        const int64_t from = c < full_c ? full_i : i0;  // the rest of the block's pixels
+        for (int64_t i = from; i < i1; ++i) out[c * P + i] = Q[i * Cp + c];
       }
     }
   });
@@ -382,7 +419,12 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d, parallel);
     terms.push_back(new_term(true, p.bilateral_weight));
     lattice->self_weights(terms.back().self.data(), parallel);
-    lattice->filter(ones.data(), sums.data(), 1, parallel);
+    {  // row sums: the filter of ones, in lane 0 of 8 (pooled buffers, no copies)
+      Buffer in(P * 8), filtered(P * 8);
+      for (int64_t i = 0; i < P * 8; ++i) in.get()[i] = i % 8 == 0 ? 1.0f : 0.0f;
+      lattice->filter_padded(in.get(), filtered.get(), 8, parallel, work);
+      for (int64_t i = 0; i < P; ++i) sums[i] = filtered.get()[i * 8];
+    }
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
     lattice->scale_inputs(terms.back().n.data());  // from here on it filters n * Q
   }
