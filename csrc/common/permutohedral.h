@@ -11,8 +11,11 @@
 // approximates c * exp(-|f_i - f_j|^2 / 2) up to a constant scale c (removed by normalisation).
 //
 // Everything here is deterministic: vertices get ids in order of first insertion (pixel order),
-// splatting is a gather over the transposed splat matrix (no atomics), and the parallel loops
-// (supplied by the caller as `par(begin, end, work_per_item, fn)`) write disjoint outputs.
+// splatting is a gather over the transposed splat matrix (no atomics) or, when vertices are few,
+// a scatter into one buffer per fixed chunk of points summed in chunk order (the chunks depend
+// on the data only, not on the thread count), and the parallel loops (supplied by the caller as
+// `par(begin, end, work_per_item, fn)`) write disjoint outputs. Values are filtered in rows of a
+// multiple of 8 floats (simd::Vec8), labels innermost.
 #pragma once
 
 #include <algorithm>
