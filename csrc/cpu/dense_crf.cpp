@@ -178,7 +178,9 @@ class SpatialBlur {
     }
   }
 
-  void apply(const float* in, float* out, int64_t cs) {
+  // out = G (scale * in): each pixel's `cs` values multiplied by scale[pixel] (none when null)
+  // as its row is copied for the horizontal pass, so the CRF blurs n * Q without writing it.
+  void apply(const float* in, float* out, int64_t cs, const float* scale = nullptr) {
     const int64_t row = w_ * cs, margin = radius_ * cs;
     if (tmp_size_ < h_ * row) {
       tmp_ = Buffer(h_ * row);
@@ -191,7 +193,14 @@ class SpatialBlur {
       std::vector<TapPair> taps(radius_);
       for (int64_t t = 1; t <= radius_; ++t) taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
       for (int64_t y = begin; y < end; ++y) {
-        std::copy(in + y * row, in + (y + 1) * row, center);
+        if (scale == nullptr) {
+          std::copy(in + y * row, in + (y + 1) * row, center);
+        } else {
+          for (int64_t x = 0; x < w_; ++x) {
+            const float sx = scale[y * w_ + x];
+            for (int64_t c = 0; c < cs; ++c) center[x * cs + c] = sx * in[(y * w_ + x) * cs + c];
+          }
+        }
         symmetric_taps(center, taps_[0], taps.data(), radius_, tmp + y * row, row);
       }
     });
@@ -310,19 +319,17 @@ void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out)
 }
 
 // One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
-// diagonal), and the buffers n * Q (filter input) and its filtered result (P x Cp each).
-
+// diagonal), and the filtered n * Q (P x Cp).
 struct PairwiseTerm {
   bool lattice = false;  // the bilateral term (permutohedral lattice), else the spatial blur
   float weight = 0.0f;
   std::vector<float> n, self;
-  Buffer scaled;  // n * Q; null for the lattice, which folds n into its splat weights
   Buffer filtered;
 };
 
 // The fused per-pixel mean-field step, one parallel pass over P x Cp:
 //   Q_i = softmax(z_i + sum_t w_t n_i (filtered_i - self_i n_i Q_i))   (no messages when first)
-//   scaled_t,i = n_t,i Q_i                                             (next filter inputs)
+// The filters take Q itself: the blur and the lattice splat multiply by n_t as they read it.
 // The energy of each 8-label vector overwrites Q_i's once all terms have read it.
 void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool first, int64_t P,
                        int64_t Cp, float* Q) {
@@ -358,9 +365,6 @@ void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool fi
       for (int64_t v = 0; v < nv; ++v) {
         const Vec8 p = Vec8::load(q + 8 * v) * inv;
         p.store(q + 8 * v);
-        for (auto& t : terms) {
-          if (t.scaled) (Vec8::broadcast(t.n[i]) * p).store(t.scaled.get() + i * Cp + 8 * v);
-        }
       }
     }
   });
@@ -397,7 +401,6 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     t.weight = static_cast<float>(weight);
     t.n.resize(P);
     t.self.assign(P, 1.0f);
-    if (!on_lattice) t.scaled = Buffer(P * Cp);
     t.filtered = Buffer(P * Cp);
     return t;
   };
@@ -437,7 +440,7 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
       if (t.lattice) {
         lattice->filter_padded(Q.get(), t.filtered.get(), Cp, parallel, work);
       } else {
-        blur.apply(t.scaled.get(), t.filtered.get(), Cp);
+        blur.apply(Q.get(), t.filtered.get(), Cp, t.n.data());
       }
     }
     mean_field_update(z.get(), terms, /*first=*/false, P, Cp, Q.get());
