@@ -1,90 +1,118 @@
-"""Benchmark fcnfast.crf.dense_crf (native permutohedral mean field).
+"""Benchmark fcnfast.crf.dense_crf (native permutohedral mean field) against pydensecrf.
 
 Plain script (also usable under pytest-benchmark: ``pytest benchmarks/bench_crf.py``):
 
-    python benchmarks/bench_crf.py                     # 21 classes, 5 iterations, 125^2 .. 1000^2
-    python benchmarks/bench_crf.py --threads 1 --sizes 500
-    taskset -c 0 python benchmarks/bench_crf.py --threads 1   # pin to one core
+    python benchmarks/bench_crf.py                           # 320x240 .. 1000x1000, 21 labels
+    python benchmarks/bench_crf.py --sizes 320x240 500 --seeds 0 1 --repeat 7
+    taskset -c 0 python benchmarks/bench_crf.py --threads 1  # fcnfast pinned to one core
 
-Prints, per image size, the median wall time and the median process CPU time (all threads; with
-other jobs on the machine the wall time is inflated by waiting, the CPU time much less), the time
-per pixel (linear scaling shows as a flat column) and the load average. The O(P^2) pure-PyTorch
-reference runs in the same process at small sizes for the speed ratio.
+Per image size and scene, side by side in the same process, interleaved round by round:
+pydensecrf (Kraehenbuehl's C++, single-threaded; ``pip install pydensecrf2``, skipped with a
+note when absent) and fcnfast with 1 and 2 torch threads, on the same unaries, image and kernels
+(Gaussian sxy 3 weight 3, bilateral sxy 80 srgb 13 weight 10, 5 iterations). Times are the best
+of ``--repeat`` rounds (wall clock; the process CPU time too, less inflated by other jobs), the
+fcnfast first call in the process separately (fresh buffers: page faults), the time per pixel
+(linear scaling shows as a flat column), the label agreement with pydensecrf and the load average.
+The O(P^2) pure-PyTorch reference runs at small sizes for a correctness-scale comparison.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
 from fcnfast import crf
+from fcnfast.bench import crf_scene, pydensecrf_inference
 
 
 def scene(size: int, num_classes: int, seed: int = 0):
-    """A synthetic photo-like scene: overlapping discs of class colours plus noise, and logits."""
-    g = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    labels = torch.zeros(size, size, dtype=torch.long)
-    for k in range(12):
-        cy, cx = torch.randint(0, size, (2,), generator=g).tolist()
-        r = int(torch.randint(size // 10 + 1, size // 3 + 2, (1,), generator=g))
-        labels[(ys - cy) ** 2 + (xs - cx) ** 2 < r * r] = k % num_classes
-    colours = torch.rand(num_classes, 3, generator=g) * 255
-    image = colours[labels].permute(2, 0, 1) + torch.randn(3, size, size, generator=g) * 8
-    logits = torch.randn(num_classes, size, size, generator=g)
-    logits += 2.0 * torch.nn.functional.one_hot(labels, num_classes).permute(2, 0, 1)
-    return logits, image.clamp(0, 255).to(torch.uint8)
+    """A square synthetic photo-like scene (see fcnfast.bench.crf_scene) and its logits."""
+    return crf_scene(size, size, num_classes, seed)
 
 
-def measure(fn, repeat: int):
-    fn()  # warm-up
-    walls, cpus = [], []
+def parse_size(text: str):
+    """'500' -> (500, 500); '320x240' (width x height) -> (240, 320) as (H, W)."""
+    if "x" in text:
+        w, h = (int(v) for v in text.split("x"))
+        return h, w
+    return int(text), int(text)
+
+
+def best_times(fns, repeat: int):
+    """Best wall and CPU time of each fn, running them interleaved round by round."""
+    walls = [float("inf")] * len(fns)
+    cpus = [float("inf")] * len(fns)
     for _ in range(repeat):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
+        for k, (fn, threads) in enumerate(fns):
+            torch.set_num_threads(threads)
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            walls[k] = min(walls[k], time.perf_counter() - w)
+            cpus[k] = min(cpus[k], time.process_time() - c)
+    return walls, cpus
 
 
-def run(sizes, num_classes, iterations, repeat, reference_sizes):
-    print("dense_crf: %d classes, %d iterations, torch threads %d, cpus %s, loadavg %s"
-          % (num_classes, iterations, torch.get_num_threads(), len(os.sched_getaffinity(0)),
-             " ".join("%.1f" % v for v in os.getloadavg())))
+def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes):
+    load = lambda: " ".join("%.1f" % v for v in os.getloadavg())  # noqa: E731
+    print("dense_crf: %d labels, %d iterations, fcnfast threads %s, cpus %d, loadavg %s"
+          % (num_classes, iterations, threads, len(os.sched_getaffinity(0)), load()))
     for size in reference_sizes:
         logits, image = scene(size, num_classes)
-        native = measure(lambda: crf.dense_crf(logits, image, iterations=iterations), repeat)
-        ref = measure(lambda: crf.dense_crf_reference(logits, image, iterations=iterations), repeat)
-        print("  %4dx%-4d reference (O(P^2)) wall %.4f s, native wall %.4f s: %.1fx faster"
-              % (size, size, ref[0], native[0], ref[0] / native[0]))
-    print("  %9s %9s %10s %10s %14s %9s" % ("size", "pixels", "wall s", "cpu s", "wall ns/pixel",
-                                            "loadavg"))
+        (ref, ours), _ = best_times([(lambda: crf.dense_crf_reference(
+            logits, image, iterations=iterations), 1), (lambda: crf.dense_crf(
+                logits, image, iterations=iterations), 1)], repeat)
+        print("  %dx%d O(P^2) reference %.4f s, native %.4f s: %.1fx" % (size, size, ref, ours,
+                                                                       ref / ours))
+    header = ["size", "scene", "pydensecrf s (cpu)"]
+    header += ["fcnfast %dT s (cpu)" % t for t in threads]
+    header += ["x vs pydensecrf %dT" % t for t in threads]
+    header += ["fcnfast 1st call s", "ns/pixel %dT" % threads[0], "labels agree", "loadavg"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     rows = []
-    for size in sizes:
-        logits, image = scene(size, num_classes)
-        wall, cpu = measure(lambda: crf.dense_crf(logits, image, iterations=iterations), repeat)
-        rows.append((size, wall, cpu))
-        print("  %4dx%-4d %9d %10.3f %10.3f %14.1f %9.1f"
-              % (size, size, size * size, wall, cpu, 1e9 * wall / (size * size),
-                 os.getloadavg()[0]), flush=True)
+    for h, w in sizes:
+        for seed in seeds:
+            logits, image = crf_scene(h, w, num_classes, seed)
+            ours = lambda: crf.dense_crf(logits, image, iterations=iterations)  # noqa: E731
+            torch.set_num_threads(threads[0])
+            start = time.perf_counter()
+            q = ours()
+            first = time.perf_counter() - start
+            theirs = pydensecrf_inference(logits, image, iterations)
+            fns = [(ours, t) for t in threads] + ([(theirs, 1)] if theirs else [])
+            walls, cpus = best_times(fns, repeat)
+            if theirs:
+                agree = (torch.from_numpy(theirs()).argmax(0) == q.argmax(0)).double().mean()
+                cells = ["%.3f (%.3f)" % (walls[-1], cpus[-1])]
+            else:
+                agree, cells = float("nan"), ["not installed"]
+            cells += ["%.3f (%.3f)" % (walls[k], cpus[k]) for k in range(len(threads))]
+            cells += ["%.2fx" % (walls[-1] / walls[k]) if theirs else "-"
+                      for k in range(len(threads))]
+            cells += ["%.3f" % first, "%.0f" % (1e9 * walls[0] / (h * w)),
+                      "%.4f%%" % (100 * float(agree)), load()]
+            print("| %dx%d | %d | %s |" % (w, h, seed, " | ".join(cells)), flush=True)
+            rows.append((h, w, seed, walls, cpus, float(agree)))
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[125, 250, 500, 1000])
+    parser.add_argument("--sizes", nargs="+", default=["320x240", "250", "500", "1000"],
+                        help="N (square) or WxH")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="scenes (seed 0 is the 500x500 scene of earlier results)")
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--reference-sizes", type=int, nargs="*", default=[32, 48])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="fcnfast thread counts to time")
+    parser.add_argument("--reference-sizes", type=int, nargs="*", default=[])
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(args.sizes, args.classes, args.iterations, args.repeat, args.reference_sizes)
+    run([parse_size(s) for s in args.sizes], args.classes, args.iterations, args.repeat,
+        args.seeds, args.threads, args.reference_sizes)
 
 
 def test_dense_crf_500(benchmark):

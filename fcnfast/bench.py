@@ -386,6 +386,73 @@ def model_cases(c: int, n: int, size: int = 256) -> List[Case]:
     ]
 
 
+# ---------------------------------------------------------------------------
+# dense CRF vs pydensecrf (issue 19, part 1)
+# ---------------------------------------------------------------------------
+
+CRF_SIZE = (240, 320)  # H, W
+
+
+def pydensecrf_inference(logits, image, iterations=5):
+    """pydensecrf (Kraehenbuehl's C++) on the same unaries, image and kernels as
+    ``fcnfast.crf.dense_crf``'s defaults; ``None`` when pydensecrf is not installed."""
+    try:
+        import numpy as np
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        return None
+    c, h, w = logits.shape
+    unary = np.ascontiguousarray((-logits.log_softmax(0)).reshape(c, -1).numpy())
+    rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+
+    def run():
+        d = dcrf.DenseCRF2D(w, h, c)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=rgb, compat=10)
+        return np.array(d.inference(iterations)).reshape(c, h, w)
+
+    return run
+
+
+def crf_scene(h: int, w: int, num_classes: int, seed: int = 0):
+    """Discs of class colours plus noise (uint8 image) and unaries that point to them: a square
+    scene of side max(h, w) (the scene of benchmarks/bench_crf.py), cropped to h x w."""
+    size = max(h, w)
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    labels = torch.zeros(size, size, dtype=torch.long)
+    for k in range(12):
+        cy, cx = torch.randint(0, size, (2,), generator=g).tolist()
+        r = int(torch.randint(size // 10 + 1, size // 3 + 2, (1,), generator=g))
+        labels[(ys - cy) ** 2 + (xs - cx) ** 2 < r * r] = k % num_classes
+    colours = torch.rand(num_classes, 3, generator=g) * 255
+    image = colours[labels].permute(2, 0, 1) + torch.randn(3, size, size, generator=g) * 8
+    logits = torch.randn(num_classes, size, size, generator=g)
+    logits += 2.0 * torch.nn.functional.one_hot(labels, num_classes).permute(2, 0, 1)
+    image = image.clamp(0, 255).to(torch.uint8)
+    return logits[:, :h, :w].contiguous(), image[:, :h, :w].contiguous()
+
+
+def crf_cases(c: int, n: int) -> List[Case]:
+    """fcnfast.crf.dense_crf vs pydensecrf, one 320x240 image, 5 iterations (batch 1 only).
+    Skipped with a note when pydensecrf is not installed."""
+    from . import crf
+
+    if n != 1:
+        return []
+    logits, image = crf_scene(*CRF_SIZE, c)
+    theirs = pydensecrf_inference(logits, image)
+    if theirs is None:
+        import sys
+
+        print("fcnfast bench: crf case C=%d skipped: pydensecrf is not installed "
+              "(pip install pydensecrf2)" % c, file=sys.stderr)
+        return []
+    return [Case("dense_crf %dx%d 5 it" % (CRF_SIZE[1], CRF_SIZE[0]), c, n, theirs,
+                 lambda: crf.dense_crf(logits, image), baseline="pydensecrf")]
+
+
 CASE_GROUPS = {
     "bilinear": bilinear_cases,
     "deconv": deconv_cases,
@@ -393,6 +460,7 @@ CASE_GROUPS = {
     "fused": fused_cases,
     "head": head_cases,
     "model": model_cases,
+    "crf": crf_cases,
 }
 
 

@@ -44,3 +44,22 @@ def test_busy_machine_warning_from_the_spread_of_baseline_timings(capfd):
     bench.compare_times(slow_then_fast, lambda: None, min_time=0.0, min_reps=3, rounds=3,
                         spread=spread)
     assert spread and spread[0] > bench.BUSY_SPREAD
+
+
+def test_bench_crf_group_vs_pydensecrf(capfd):
+    """The crf group times pydensecrf against dense_crf, or is skipped with a note without it."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    result = bench.run(["crf"], classes=[3], batches=[1, 2], min_time=0.01, memory=False,
+                       quick=True, echo=lambda *a: None)
+    if have:
+        assert [r["case"] for r in result["rows"]] == ["dense_crf 320x240 5 it"]
+        row = result["rows"][0]
+        assert row["baseline"] == "pydensecrf" and row["N"] == 1
+        assert row["torch_ms"] > 0 and row["fcnfast_ms"] > 0
+    else:
+        assert result["rows"] == []
+        assert "pydensecrf is not installed" in capfd.readouterr().err

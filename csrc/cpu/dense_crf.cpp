@@ -18,11 +18,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/permutohedral.h"
+#include "../common/vec8.h"
 
 namespace fcnfast {
 namespace {
@@ -42,7 +46,127 @@ auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn)
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 };
 
-// Exact Gaussian blur of an H x W x C (channels last) image with zero outside, separable.
+// Scratch buffers of the CRF (P x Cp floats each, 24 MB for a 500x500 image with 21 labels).
+// Fresh pages cost a page fault each on first touch -- measured on the 2-core VM at about
+// 1 ms per MB, as much as the whole filtering -- so released buffers are kept, up to
+// kPoolBytes in all, for the next call (the next image of a data set, the next tile).
+// Contents are unspecified: every buffer is written in full before it is read.
+class BufferPool {
+ public:
+  static constexpr int64_t kPoolBytes = int64_t{256} << 20;
+
+  static BufferPool& instance() {
+    static BufferPool pool;
+    return pool;
+  }
+
+  std::unique_ptr<float[]> take(int64_t size, int64_t& capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // the smallest kept buffer that fits without wasting more than half of it
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second >= size && it->second <= 2 * size &&
+            (best == free_.end() || it->second < best->second)) {
+          best = it;
+        }
+      }
+      if (best != free_.end()) {
+        capacity = best->second;
+        kept_ -= capacity * static_cast<int64_t>(sizeof(float));
+        auto data = std::move(best->first);
+        free_.erase(best);
+        return data;
+      }
+    }
+    capacity = size;
+    return std::make_unique_for_overwrite<float[]>(size);
+  }
+
+  void give(std::unique_ptr<float[]> data, int64_t capacity) {
+    const int64_t bytes = capacity * static_cast<int64_t>(sizeof(float));
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_ + bytes > kPoolBytes) return;  // freed here
+    kept_ += bytes;
+    free_.emplace_back(std::move(data), capacity);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<std::unique_ptr<float[]>, int64_t>> free_;
+  int64_t kept_ = 0;
+};
+
+// A float buffer from the pool, returned to it when destroyed.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t size) : data_(BufferPool::instance().take(size, capacity_)) {}
+  Buffer(Buffer&&) = default;
+  Buffer& operator=(Buffer&& other) {
+    release();
+    data_ = std::move(other.data_);
+    capacity_ = other.capacity_;
+    return *this;
+  }
+  ~Buffer() { release(); }
+  float* get() const { return data_.get(); }
+  explicit operator bool() const { return data_ != nullptr; }
+
+ private:
+  void release() {
+    if (data_) BufferPool::instance().give(std::move(data_), capacity_);
+  }
+  int64_t capacity_ = 0;  // before data_: take() sets it while data_ is initialised
+  std::unique_ptr<float[]> data_;
+};
+
+// dst[k] = g0 src[k] + sum_t g_t (a_t[k] + b_t[k]) for k in [0, n): one output row of a
+// symmetric FIR filter, eight lanes at a time with 4 vector accumulators held in registers
+// across all taps (one store per output instead of one per tap). A tap with one side outside
+// the image is passed as (a, a, g / 2), which is exact in float.
+struct TapPair {
+  const float* a;
+  const float* b;
+  float g;
+};
+
+void symmetric_taps(const float* src, float g0, const TapPair* taps, int64_t num_taps, float* dst,
+                    int64_t n) {
+  using simd::Vec8;
+  const Vec8 w0 = Vec8::broadcast(g0);
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    Vec8 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = w0 * Vec8::load(src + k + 8 * u);
+    for (int64_t t = 0; t < num_taps; ++t) {
+      const Vec8 g = Vec8::broadcast(taps[t].g);
+      for (int u = 0; u < 4; ++u) {
+        const int64_t o = k + 8 * u;
+        acc[u] = fmadd(g, Vec8::load(taps[t].a + o) + Vec8::load(taps[t].b + o), acc[u]);
+      }
+    }
+    for (int u = 0; u < 4; ++u) acc[u].store(dst + k + 8 * u);
+  }
+  for (; k + 8 <= n; k += 8) {
+    Vec8 acc = w0 * Vec8::load(src + k);
+    for (int64_t t = 0; t < num_taps; ++t) {
+      acc = fmadd(Vec8::broadcast(taps[t].g), Vec8::load(taps[t].a + k) + Vec8::load(taps[t].b + k),
+                  acc);
+    }
+    acc.store(dst + k);
+  }
+  for (; k < n; ++k) {
+    float acc = g0 * src[k];
+    for (int64_t t = 0; t < num_taps; ++t) acc = std::fma(taps[t].g, taps[t].a[k] + taps[t].b[k], acc);
+    dst[k] = acc;
+  }
+}
+
+// Exact Gaussian blur of an H x W image with `cs` floats per pixel (channels last), zero outside,
+// separable: the horizontal pass row by row (each row read once, from a copy with zero margins),
+// then the vertical pass in column strips narrow enough that the 2 radius + 1 rows of a strip
+// stay in the L2 cache while the strip is swept downwards.
 class SpatialBlur {
  public:
   SpatialBlur(int64_t h, int64_t w, double std) : h_(h), w_(w) {
@@ -54,42 +178,60 @@ class SpatialBlur {
     }
   }
 
-  void apply(const float* in, float* out, int64_t C) const {
-    const int64_t row = w_ * C;
-    std::vector<float> tmp(h_ * row);
-    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // vertical pass
+  // out = G (scale * in): each pixel's `cs` values multiplied by scale[pixel] (none when null)
+  // as its row is copied for the horizontal pass, so the CRF blurs n * Q without writing it.
+  void apply(const float* in, float* out, int64_t cs, const float* scale = nullptr) {
+    const int64_t row = w_ * cs, margin = radius_ * cs;
+    if (tmp_size_ < h_ * row) {
+      tmp_ = Buffer(h_ * row);
+      tmp_size_ = h_ * row;
+    }
+    float* tmp = tmp_.get();
+    parallel(0, h_, row * 2 * (radius_ + 1), [&](int64_t begin, int64_t end) {  // horizontal
+      std::vector<float> line(row + 2 * margin, 0.0f);
+      float* center = line.data() + margin;
+      std::vector<TapPair> taps(radius_);
+      for (int64_t t = 1; t <= radius_; ++t) taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
       for (int64_t y = begin; y < end; ++y) {
-        float* dst = tmp.data() + y * row;
-        std::fill(dst, dst + row, 0.0f);
-        const int64_t lo = std::max<int64_t>(0, y - radius_), hi = std::min(h_ - 1, y + radius_);
-        for (int64_t yy = lo; yy <= hi; ++yy) {
-          const float g = taps_[std::abs(yy - y)];
-          const float* src = in + yy * row;
-          for (int64_t k = 0; k < row; ++k) dst[k] += g * src[k];
+        if (scale == nullptr) {
+          std::copy(in + y * row, in + (y + 1) * row, center);
+        } else {
+          for (int64_t x = 0; x < w_; ++x) {
+            const float sx = scale[y * w_ + x];
+            for (int64_t c = 0; c < cs; ++c) center[x * cs + c] = sx * in[(y * w_ + x) * cs + c];
+          }
         }
+        symmetric_taps(center, taps_[0], taps.data(), radius_, tmp + y * row, row);
       }
     });
-    parallel(0, h_, row * (2 * radius_ + 1), [&](int64_t begin, int64_t end) {  // horizontal
-      // the row padded with radius zeros on both sides, so the inner loop has no bounds checks
-      std::vector<float> padded((w_ + 2 * radius_) * C, 0.0f);
-      for (int64_t y = begin; y < end; ++y) {
-        std::copy(tmp.data() + y * row, tmp.data() + (y + 1) * row, padded.data() + radius_ * C);
-        float* dst = out + y * row;
-        const float* center = padded.data() + radius_ * C;
-        for (int64_t k = 0; k < row; ++k) dst[k] = taps_[0] * center[k];
-        for (int64_t t = 1; t <= radius_; ++t) {
-          const float g = taps_[t];
-          const float* left = center - t * C;
-          const float* right = center + t * C;
-          for (int64_t k = 0; k < row; ++k) dst[k] += g * (left[k] + right[k]);
+    const int64_t strips = (row + kStrip - 1) / kStrip;
+    parallel(0, strips, h_ * kStrip * 2 * (radius_ + 1), [&](int64_t begin, int64_t end) {
+      std::vector<TapPair> taps(radius_);
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t k0 = s * kStrip, n = std::min(kStrip, row - k0);
+        for (int64_t y = 0; y < h_; ++y) {
+          int64_t used = 0;
+          for (int64_t t = 1; t <= radius_; ++t) {  // vertical taps that exist for this row
+            const bool up = y - t >= 0, down = y + t < h_;
+            if (up && down) {
+              taps[used++] = {tmp + (y - t) * row + k0, tmp + (y + t) * row + k0, taps_[t]};
+            } else if (up || down) {
+              const float* only = tmp + (up ? y - t : y + t) * row + k0;
+              taps[used++] = {only, only, 0.5f * taps_[t]};
+            }
+          }
+          symmetric_taps(tmp + y * row + k0, taps_[0], taps.data(), used, out + y * row + k0, n);
         }
       }
     });
   }
 
  private:
+  static constexpr int64_t kStrip = 512;  // floats per strip: 25 rows x 2 KiB for std 3
   int64_t h_, w_, radius_;
   std::vector<float> taps_;
+  Buffer tmp_;  // the horizontally blurred image, reused across iterations
+  int64_t tmp_size_ = 0;
 };
 
 // n_i = (row_sum_i - self_i)^(-1/2), 0 for isolated pixels.
@@ -106,39 +248,123 @@ void check_lattice_features(const float* f, int64_t count, const char* what) {
                     " in absolute value (NaN/Inf in the image, or a tiny bilateral std?)");
 }
 
+// Labels padded to whole 8-lane vectors: every per-pixel and per-vertex row is Cp floats.
+int64_t padded_labels(int64_t C) { return (C + 7) / 8 * 8; }
+
+// 8 x 8 transpose: dst[r * dst_stride + c] = src[c * src_stride + r], r, c < 8.
+inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+#ifdef FCNFAST_VEC8_AVX2
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * src_stride);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(dst + k * dst_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    _mm256_storeu_ps(dst + (k + 4) * dst_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+#else
+  for (int r = 0; r < 8; ++r) {
+    for (int c = 0; c < 8; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+  }
+#endif
+}
+
+// z (P x Cp, channels last) from logits (C x P); the padding lanes are -inf, so the softmax
+// gives them probability exactly 0 and they carry zeros through every filter. Whole 8 x 8
+// tiles (8 labels x 8 pixels) are transposed in registers, the edges element by element.
+void pack_logits(const float* logits, int64_t C, int64_t P, int64_t Cp, float* z) {
+  constexpr int64_t kBlock = 64;  // pixels per block: the block's rows stay in L1
+  const float pad = -std::numeric_limits<float>::infinity();
+  parallel(0, (P + kBlock - 1) / kBlock, kBlock * Cp, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
+      const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
+      for (int64_t c = 0; c < full_c; c += 8) {
+        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(logits + c * P + i, P, z + i * Cp + c, Cp);
+        for (int64_t i = full_i; i < i1; ++i) {
+          for (int64_t cc = c; cc < c + 8; ++cc) z[i * Cp + cc] = logits[cc * P + i];
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t c = full_c; c < Cp; ++c) z[i * Cp + c] = c < C ? logits[c * P + i] : pad;
+      }
+    }
+  });
+}
+
+// out (C x P) from Q (P x Cp).
+void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out) {
+  constexpr int64_t kBlock = 64;
+  parallel(0, (P + kBlock - 1) / kBlock, kBlock * C, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
+      const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
+      for (int64_t c = 0; c < full_c; c += 8) {
+        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(Q + i * Cp + c, Cp, out + c * P + i, P);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t from = c < full_c ? full_i : i0;  // the rest of the block's pixels
+        for (int64_t i = from; i < i1; ++i) out[c * P + i] = Q[i * Cp + c];
+      }
+    }
+  });
+}
+
 // One pairwise term of the mean-field update: weight, normaliser n, self weight (the kernel's
-// diagonal), and the buffers n * Q (filter input) and its filtered result.
+// diagonal), and the filtered n * Q (P x Cp).
 struct PairwiseTerm {
   bool lattice = false;  // the bilateral term (permutohedral lattice), else the spatial blur
   float weight = 0.0f;
-  std::vector<float> n, self, scaled, filtered;
+  std::vector<float> n, self;
+  Buffer filtered;
 };
 
-// The fused per-pixel mean-field step, one parallel pass:
+// The fused per-pixel mean-field step, one parallel pass over P x Cp:
 //   Q_i = softmax(z_i + sum_t w_t n_i (filtered_i - self_i n_i Q_i))   (no messages when first)
-//   scaled_t,i = n_t,i Q_i                                             (next filter inputs)
-void mean_field_update(const float* logits, std::vector<PairwiseTerm>& terms, bool first,
-                       int64_t P, int64_t C, float* Q) {
-  parallel(0, P, C * (2 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
-    std::vector<float> energy(C);
+// The filters take Q itself: the blur and the lattice splat multiply by n_t as they read it.
+// The energy of each 8-label vector overwrites Q_i's once all terms have read it.
+void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool first, int64_t P,
+                       int64_t Cp, float* Q) {
+  using simd::Vec8;
+  const int64_t nv = Cp / 8, T = first ? 0 : static_cast<int64_t>(terms.size());
+  parallel(0, P, Cp * (8 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float* q = Q + i * C;
-      std::copy(logits + i * C, logits + (i + 1) * C, energy.begin());
-      for (const auto& t : terms) {
-        if (first) break;
-        const float wn = t.weight * t.n[i], sn = t.self[i] * t.n[i];
-        const float* f = t.filtered.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) energy[c] += wn * (f[c] - sn * q[c]);
+      float* q = Q + i * Cp;
+      const float* zi = z + i * Cp;
+      Vec8 wn[2], sn[2];
+      const float* f[2];
+      for (int64_t t = 0; t < T; ++t) {
+        wn[t] = Vec8::broadcast(terms[t].weight * terms[t].n[i]);
+        sn[t] = Vec8::broadcast(terms[t].self[i] * terms[t].n[i]);
+        f[t] = terms[t].filtered.get() + i * Cp;
       }
-      float top = energy[0];
-      for (int64_t c = 1; c < C; ++c) top = std::max(top, energy[c]);
-      float total = 0.0f;
-      for (int64_t c = 0; c < C; ++c) total += (q[c] = std::exp(energy[c] - top));
-      const float inv = 1.0f / total;
-      for (int64_t c = 0; c < C; ++c) q[c] *= inv;
-      for (auto& t : terms) {
-        float* out = t.scaled.data() + i * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = t.n[i] * q[c];
+      Vec8 top = Vec8::broadcast(-std::numeric_limits<float>::infinity());
+      for (int64_t v = 0; v < nv; ++v) {
+        Vec8 e = Vec8::load(zi + 8 * v);
+        const Vec8 qv = Vec8::load(q + 8 * v);
+        for (int64_t t = 0; t < T; ++t) e = fmadd(wn[t], Vec8::load(f[t] + 8 * v) - sn[t] * qv, e);
+        top = max(top, e);
+        e.store(q + 8 * v);
+      }
+      const Vec8 shift = Vec8::broadcast(top.hmax());
+      Vec8 total = Vec8::zero();
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec8 p = simd::exp_nonpositive(Vec8::load(q + 8 * v) - shift);
+        total = total + p;
+        p.store(q + 8 * v);
+      }
+      const Vec8 inv = Vec8::broadcast(1.0f / total.hsum());
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec8 p = Vec8::load(q + 8 * v) * inv;
+        p.store(q + 8 * v);
       }
     }
   });
@@ -149,18 +375,33 @@ struct CrfParams {
   double spatial_std, spatial_weight, bilateral_spatial_std, bilateral_color_std, bilateral_weight;
 };
 
-// One image: logits and the returned Q are P x C (channels last), appearance P x K.
+// The bilateral features (P x (2 + K)) in std units: x, y, then the appearance channels.
+std::vector<float> bilateral_features(const float* appearance, int64_t H, int64_t W, int64_t K,
+                                      const CrfParams& p) {
+  const int64_t P = H * W, d = 2 + K;
+  std::vector<float> features(P * d);
+  for (int64_t i = 0; i < P; ++i) {
+    float* f = features.data() + i * d;
+    f[0] = static_cast<float>((i % W) / p.bilateral_spatial_std);
+    f[1] = static_cast<float>((i / W) / p.bilateral_spatial_std);
+    for (int64_t k = 0; k < K; ++k) {
+      f[2 + k] = static_cast<float>(appearance[k * P + i] / p.bilateral_color_std);
+    }
+  }
+  return features;
+}
+
+// One image: logits and the returned Q are C x P (planar, as in NCHW), appearance K x P.
 void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
-                      int64_t C, int64_t K, const CrfParams& p, float* Q) {
-  const int64_t P = H * W;
+                      int64_t C, int64_t K, const CrfParams& p, float* out) {
+  const int64_t P = H * W, Cp = padded_labels(C);
   auto new_term = [&](bool on_lattice, double weight) {
     PairwiseTerm t;
     t.lattice = on_lattice;
     t.weight = static_cast<float>(weight);
     t.n.resize(P);
     t.self.assign(P, 1.0f);
-    t.scaled.resize(P * C);
-    t.filtered.resize(P * C);
+    t.filtered = Buffer(P * Cp);
     return t;
   };
   std::vector<PairwiseTerm> terms;
@@ -173,36 +414,38 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
   }
   std::unique_ptr<permutohedral::Lattice> lattice;
+  permutohedral::Workspace work;  // the lattice's vertex buffers, reused by every iteration
   if (p.bilateral_weight != 0.0) {
     const int d = static_cast<int>(2 + K);
-    std::vector<float> features(P * d);
-    for (int64_t i = 0; i < P; ++i) {
-      float* f = features.data() + i * d;
-      f[0] = static_cast<float>((i % W) / p.bilateral_spatial_std);
-      f[1] = static_cast<float>((i / W) / p.bilateral_spatial_std);
-      for (int64_t k = 0; k < K; ++k) {
-        f[2 + k] = static_cast<float>(appearance[i * K + k] / p.bilateral_color_std);
-      }
-    }
+    std::vector<float> features = bilateral_features(appearance, H, W, K, p);
     check_lattice_features(features.data(), P * d, "dense_crf: appearance / bilateral_color_std");
-    lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d);
+    lattice = std::make_unique<permutohedral::Lattice>(features.data(), P, d, parallel);
     terms.push_back(new_term(true, p.bilateral_weight));
     lattice->self_weights(terms.back().self.data(), parallel);
-    lattice->filter(ones.data(), sums.data(), 1, parallel);
+    {  // row sums: the filter of ones, in lane 0 of 8 (pooled buffers, no copies)
+      Buffer in(P * 8), filtered(P * 8);
+      for (int64_t i = 0; i < P * 8; ++i) in.get()[i] = i % 8 == 0 ? 1.0f : 0.0f;
+      lattice->filter_padded(in.get(), filtered.get(), 8, parallel, work);
+      for (int64_t i = 0; i < P; ++i) sums[i] = filtered.get()[i * 8];
+    }
     normaliser(sums.data(), terms.back().self.data(), P, terms.back().n.data());
+    lattice->scale_inputs(terms.back().n.data());  // from here on it filters n * Q
   }
 
-  mean_field_update(logits, terms, /*first=*/true, P, C, Q);
+  Buffer z(P * Cp), Q(P * Cp);
+  pack_logits(logits, C, P, Cp, z.get());
+  mean_field_update(z.get(), terms, /*first=*/true, P, Cp, Q.get());
   for (int64_t it = 0; it < p.iterations; ++it) {
     for (auto& t : terms) {
       if (t.lattice) {
-        lattice->filter(t.scaled.data(), t.filtered.data(), C, parallel);
+        lattice->filter_padded(Q.get(), t.filtered.get(), Cp, parallel, work);
       } else {
-        blur.apply(t.scaled.data(), t.filtered.data(), C);
+        blur.apply(Q.get(), t.filtered.get(), Cp, t.n.data());
       }
     }
-    mean_field_update(logits, terms, /*first=*/false, P, C, Q);
+    mean_field_update(z.get(), terms, /*first=*/false, P, Cp, Q.get());
   }
+  unpack_labels(Q.get(), C, P, Cp, out);
 }
 
 void check_params(const CrfParams& p) {
@@ -255,17 +498,16 @@ at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
   check_index32(N * C * H * W, "unary_logits");
   check_index32(H * W * (K + 3), "appearance lattice entries");
 
-  // channels last: every per-pixel loop runs over contiguous classes
-  auto z = logits.permute({0, 2, 3, 1}).contiguous();
-  auto a = appearance.permute({0, 2, 3, 1}).contiguous();
+  auto z = logits.contiguous();
+  auto a = appearance.contiguous();
   auto q = at::empty_like(z);
-  if (q.numel() == 0) return q.permute({0, 3, 1, 2});
+  if (q.numel() == 0) return q;
   const int64_t P = H * W;
   for (int64_t b = 0; b < N; ++b) {
-    mean_field_image(z.data_ptr<float>() + b * P * C, a.data_ptr<float>() + b * P * K, H, W, C, K,
-                     params, q.data_ptr<float>() + b * P * C);
+    mean_field_image(z.data_ptr<float>() + b * C * P, a.data_ptr<float>() + b * K * P, H, W, C, K,
+                     params, q.data_ptr<float>() + b * C * P);
   }
-  return q.permute({0, 3, 1, 2}).contiguous();
+  return q;
 }
 
 // The raw lattice operator, for tests: out = L values (or (L - diag L) values), features (P, d)
@@ -285,7 +527,7 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor
   auto out = at::empty({P, C}, v.options());
   if (P == 0 || C == 0) return out.zero_();
   check_lattice_features(f.data_ptr<float>(), f.numel(), "permutohedral_filter: features");
-  permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)));
+  permutohedral::Lattice lattice(f.data_ptr<float>(), P, static_cast<int>(f.size(1)), parallel);
   lattice.filter(v.data_ptr<float>(), out.data_ptr<float>(), C, parallel);
   if (exclude_self) {
     float* o = out.data_ptr<float>();
