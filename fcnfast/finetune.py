@@ -14,7 +14,8 @@ segmentation dataset in any layout ``fcnfast.data.open_segmentation`` reads:
 * optimiser: AdamW (or SGD with momentum) with a linear warm-up and a poly
   (power 0.9) or cosine decay per step; the backbone's learning rate is
   ``--backbone-lr-scale`` times the heads';
-* optional bf16 autocast on CPU (``--bf16``; the FCN heads stay fp32);
+* optional bf16 autocast on CPU (``--bf16``: backbone and heads, the heads by fcnfast's per-op
+  autocast rules in ``fcnfast._autocast``; the loss in fp32);
 * per-epoch validation with the per-class IoU table, the best epoch (by val
   mean IoU) kept as ``best.pt``; ``last.pt`` written atomically after every
   epoch and on ``--minutes`` expiry; ``--resume`` continues exactly (model,
@@ -459,7 +460,8 @@ def register_cli(sub) -> None:
     p.add_argument("--class-weights", choices=("median", "median-sqrt", "none"),
                    default=d.class_weights,
                    help="median-frequency balancing (SegNet), its square root (milder), or none")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (backbone and FCN heads; loss in fp32)")
     p.add_argument("--threads", type=pos_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--minutes", type=pos_float, default=None,
