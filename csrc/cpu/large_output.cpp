@@ -12,9 +12,6 @@
 #endif
 
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
-#include <string>
 #include <deque>
 #include <mutex>
 
@@ -40,45 +37,26 @@ struct Block {
   size_t requested;  // what the current tensor asked for (profiler accounting)
 };
 
-// The THP mode the kernel is in: "[madvise]" etc. in /sys; "" when unknown.
-std::string thp_mode(const char* file) {
-  std::ifstream f(std::string("/sys/kernel/mm/transparent_hugepage/") + file);
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const auto a = text.find('['), b = text.find(']');
-  return (a == std::string::npos || b == std::string::npos) ? "" : text.substr(a + 1, b - a - 1);
-}
-
-// Whether to ask for huge pages on a fresh block (FCNFAST_HUGE_PAGES: 0 never,
-// 1 always, unset: auto). Auto asks only where the advice cannot stall: with
-// THP defrag "always", "madvise" or "defer+madvise" MADV_HUGEPAGE makes the
-// first write fault compact memory synchronously when no free 2 MB page is at
-// hand (125-170 ms per call measured in issue 19), so auto asks only under
-// "defer"/"never" and enabled=madvise. Under enabled=always the kernel backs
-// the 2 MB-aligned blocks with huge pages by itself when free ones exist.
-bool want_huge_pages() {
-  const size_t v = env_value("FCNFAST_HUGE_PAGES", 2);
-  if (v == 0 || v == 1) return v == 1;
-  static const bool safe = thp_mode("enabled") == "madvise" &&
-                           (thp_mode("defrag") == "defer" || thp_mode("defrag") == "never");
-  return safe;
-}
-
-#if !defined(MADV_POPULATE_WRITE)
-#define MADV_POPULATE_WRITE 23
-#endif
-
-// A fresh block's pages are faulted in on first write. FCNFAST_POPULATE=1
-// pre-faults them in one madvise per 2 MB chunk, on all threads.
+// Huge-page advice for a fresh block (FCNFAST_HUGE_PAGES: 1 MADV_HUGEPAGE,
+// otherwise MADV_NOHUGEPAGE). The cache makes later calls fault-free either
+// way; the advice only moves the first call per block. Measured on the 2-core
+// VM (benchmarks/results/cpu.md), bilinear x8 C=150 (143 MB), CPU ms of the
+// first call: THP enabled=madvise: none/NOHUGEPAGE 148-178 (36.6k 4 KB
+// faults), HUGEPAGE 66-285; enabled=always: kernel's choice (huge pages)
+// 206-344, NOHUGEPAGE 153-166, HUGEPAGE 48-67. HUGEPAGE is a gamble under
+// defrag=madvise (synchronous compaction when no free 2 MB page is at hand:
+// 125-170 ms calls in issue 19), and so is the kernel's own THP under
+// defrag=always, so the default is the predictable one: 4 KB pages. (Pre-
+// faulting fresh blocks with MADV_POPULATE_WRITE on all threads: no gain.)
 void advise_fresh_block(void* p, size_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  if (want_huge_pages()) madvise(p, bytes, MADV_HUGEPAGE);
+  const size_t mode = env_value("FCNFAST_HUGE_PAGES", 0);
+#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+  madvise(p, bytes, mode == 1 ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+  (void)mode;
 #endif
-  if (env_value("FCNFAST_POPULATE", 0) == 1) {
-    char* base = static_cast<char*>(p);
-    at::parallel_for(0, static_cast<int64_t>(bytes / kHuge), 1, [&](int64_t b, int64_t e) {
-      madvise(base + b * kHuge, (e - b) * kHuge, MADV_POPULATE_WRITE);
-    });
-  }
 }
 
 // A 2 MB-aligned anonymous mapping of `bytes` (a multiple of 2 MB): aligned so

@@ -26,10 +26,9 @@ namespace cpu {
 //
 // FCNFAST_CPU_OUTPUT_CACHE_MB (read on every release; default 1024) bounds the
 // bytes held by freed blocks; 0 returns every block to the kernel at once.
-// FCNFAST_HUGE_PAGES=1 adds MADV_HUGEPAGE to fresh blocks (default off: see
-// benchmarks/results/cpu.md for the measurements on both THP settings; with
-// THP enabled=always the kernel still backs the aligned blocks with huge pages
-// whenever free ones exist, without stalling to make them).
+// Huge pages: fresh blocks get MADV_NOHUGEPAGE (4 KB pages, never a compaction
+// stall) unless FCNFAST_HUGE_PAGES=1 asks MADV_HUGEPAGE. Why, measured on both
+// THP settings: large_output.cpp and benchmarks/results/cpu.md.
 // Sizes below kLargeOutputBytes use at::empty (glibc's heap reuses them).
 constexpr size_t kLargeOutputBytes = size_t(4) << 20;
 
