@@ -541,6 +541,160 @@ def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8
             "busy_warning": warning}
 
 
+# ---------------------------------------------------------------------------
+# cold calls: the first calls of a fresh process (issue 19, part 0)
+# ---------------------------------------------------------------------------
+
+# (group, case name, baseline): the cases whose op allocates a large output; the
+# fcnfast side of the two bilinear rows is the same op, timed once per process.
+COLD_CASES = (
+    ("bilinear", "bilinear_upsample2d x8 fwd", "PyTorch"),
+    ("bilinear", "bilinear_upsample2d x8 fwd", "F.interpolate"),
+    ("deconv", "conv_transpose2d k16s8+crop fwd", "PyTorch"),
+    ("fused", "upsample_argmax x8", "PyTorch"),
+)
+
+
+def thp_settings() -> str:
+    """The kernel's transparent huge page settings ("enabled=madvise defrag=madvise"), or "-"."""
+    parts = []
+    for name in ("enabled", "defrag"):
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/%s" % name) as f:
+                text = f.read()
+        except OSError:
+            return "-"
+        chosen = [w[1:-1] for w in text.split() if w.startswith("[")]
+        parts.append("%s=%s" % (name, chosen[0] if chosen else text.strip()))
+    return " ".join(parts)
+
+
+def _cold_child(spec_json: str) -> None:
+    """Runs in a fresh process: times ``calls`` consecutive calls of one side of one case
+    and prints their seconds as JSON on the last line."""
+    spec = json.loads(spec_json)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    # Start the thread pool on unrelated work first: the first call should time the op
+    # (its allocation and page faults included), not OpenMP's start-up.
+    torch.ones(1 << 20).add_(1)
+    case = next(c for c in CASE_GROUPS[spec["group"]](spec["C"], spec["N"])
+                if c.name == spec["case"] and c.baseline == spec["baseline"])
+    fn = case.fcnfast_fn if spec["side"] == "fcnfast" else case.torch_fn
+    times = []
+    result = None
+    with torch.no_grad():
+        for _ in range(spec["calls"]):
+            # as in a user's loop (out = op(x)): the previous result lives until the
+            # new one is returned, so the second call needs a second large buffer
+            t0 = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - t0)
+    del result
+    print(json.dumps(times))
+
+
+def _run_cold_child(spec: dict) -> List[float]:
+    import subprocess
+    import sys
+
+    code = "import sys; from fcnfast.bench import _cold_child; _cold_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError("fcnfast bench --cold: the child process failed:\n%s" % proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def percentile(values: List[float], q: float) -> float:
+    """The nearest-rank q-th percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def cold_stats(runs: List[List[float]]) -> dict:
+    """Milliseconds over fresh processes' call series: the first call (median and worst
+    over processes), the median and p99 of the later calls, the slowest call of all."""
+    later = [t for run in runs for t in run[1:]] or [run[0] for run in runs]
+    return {"first_ms": 1e3 * statistics.median(run[0] for run in runs),
+            "first_max_ms": 1e3 * max(run[0] for run in runs),
+            "median_ms": 1e3 * statistics.median(later),
+            "p99_ms": 1e3 * percentile(later, 99),
+            "max_ms": 1e3 * max(t for run in runs for t in run)}
+
+
+def run_cold(classes=(21, 59, 150), batches=(1,), procs: int = 5, calls: int = 10,
+             threads: Optional[int] = None, cases=COLD_CASES, echo=print) -> dict:
+    """Cold-call latency: each side of each case in ``procs`` fresh processes of ``calls``
+    calls each (processes of the two sides alternate, so that noise hits both)."""
+    echo(machine_description())
+    echo("transparent huge pages: %s" % thp_settings())
+    rows = []
+    for c in classes:
+        for n in batches:
+            ours_runs = {}  # one fcnfast series per (group, case name)
+            for group, name, baseline in cases:
+                base = dict(group=group, case=name, baseline=baseline, C=c, N=n, calls=calls,
+                            threads=threads)
+                theirs = []
+                need_ours = (group, name) not in ours_runs
+                ours = []
+                for _ in range(procs):
+                    theirs.append(_run_cold_child(dict(base, side="torch")))
+                    if need_ours:
+                        ours.append(_run_cold_child(dict(base, side="fcnfast")))
+                if need_ours:
+                    ours_runs[(group, name)] = ours
+                t, f = cold_stats(theirs), cold_stats(ours_runs[(group, name)])
+                row = {"case": name, "C": c, "N": n, "baseline": baseline, "procs": procs,
+                       "calls": calls}
+                row.update({"torch_" + k: v for k, v in t.items()})
+                row.update({"fcnfast_" + k: v for k, v in f.items()})
+                rows.append(row)
+                echo("  %-34s C=%-3d N=%d %-13s first %7.2f / %7.2f ms, median %7.2f / %7.2f, "
+                     "p99 %7.2f / %7.2f" % (name, c, n, baseline, t["first_ms"], f["first_ms"],
+                                           t["median_ms"], f["median_ms"], t["p99_ms"],
+                                           f["p99_ms"]))
+    return {"machine": machine_description(), "thp": thp_settings(), "rows": rows}
+
+
+def format_cold_table(rows: List[dict]) -> str:
+    lines = ["| case | C | N | baseline | baseline first ms | baseline median ms | baseline p99 ms "
+             "| fcnfast first ms | fcnfast median ms | fcnfast p99 ms | fcnfast first / median "
+             "| fcnfast p99 / median |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append("| %s | %d | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2fx | %.2fx |"
+                     % (r["case"], r["C"], r["N"], r["baseline"], r["torch_first_ms"],
+                        r["torch_median_ms"], r["torch_p99_ms"], r["fcnfast_first_ms"],
+                        r["fcnfast_median_ms"], r["fcnfast_p99_ms"],
+                        r["fcnfast_first_ms"] / r["fcnfast_median_ms"],
+                        r["fcnfast_p99_ms"] / r["fcnfast_median_ms"]))
+    return "\n".join(lines)
+
+
+def _cold_main(args: argparse.Namespace, classes, batches) -> int:
+    """``fcnfast bench --cold``: the cold-call table instead of the steady-state one."""
+    if args.cold_procs < 1 or args.cold_calls < 1:
+        raise ValueError("--cold-procs and --cold-calls must be >= 1")
+    result = run_cold(classes, batches, args.cold_procs, args.cold_calls, args.threads)
+    table = format_cold_table(result["rows"])
+    print()
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# fcnfast CPU cold calls\n\n%s; transparent huge pages %s. Each side in %d "
+                    "fresh processes of %d calls (each keeping the previous result, as a loop "
+                    "does); first = median over processes of the first call; median and p99 "
+                    "over the later calls.\n\n%s\n"
+                    % (result["machine"], result["thp"], args.cold_procs, args.cold_calls, table))
+    return 0
+
+
 def register_cli(subparsers) -> None:
     from .cli import HelpFormatter
 
@@ -556,6 +710,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="C=21, N=1, short timings")
     p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also save the table as a markdown file")
+    p.add_argument("--cold", action="store_true",
+                   help="time the first calls of fresh processes instead (first-call, median, p99 "
+                        "latency of the ops that allocate a large output)")
+    p.add_argument("--cold-procs", type=int, default=5, help="--cold: fresh processes per side")
+    p.add_argument("--cold-calls", type=int, default=10, help="--cold: calls per process")
     p.set_defaults(func=main)
 
 
@@ -577,6 +736,8 @@ def main(args: argparse.Namespace) -> int:
     classes, batches, min_time = args.classes, args.batch, args.min_time
     if args.quick:
         classes, batches, min_time = [21], [1], min(min_time, 0.1)
+    if getattr(args, "cold", False):
+        return _cold_main(args, classes, batches)
     result = run(args.groups, classes, batches, min_time, not args.no_memory, args.quick)
     table = format_table(result["rows"])
     print()

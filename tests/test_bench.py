@@ -63,3 +63,62 @@ def test_bench_crf_group_vs_pydensecrf(capfd):
     else:
         assert result["rows"] == []
         assert "pydensecrf is not installed" in capfd.readouterr().err
+
+
+def test_cold_calls_rows_fields_and_table():
+    """``fcnfast bench --cold``: fresh processes per side; fields and table shape, not speed."""
+    cases = (("bilinear", "bilinear_upsample2d x8 fwd", "PyTorch"),
+             ("bilinear", "bilinear_upsample2d x8 fwd", "F.interpolate"))
+    result = bench.run_cold(classes=[3], batches=[1], procs=2, calls=3, threads=1, cases=cases,
+                            echo=lambda *a: None)
+    rows = result["rows"]
+    assert [(r["case"], r["baseline"]) for r in rows] == [c[1:] for c in cases]
+    for row in rows:
+        assert (row["C"], row["N"], row["procs"], row["calls"]) == (3, 1, 2, 3)
+        for side in ("torch", "fcnfast"):
+            first, median, p99, top = (row["%s_%s_ms" % (side, k)]
+                                       for k in ("first", "median", "p99", "max"))
+            assert 0 < median <= p99 <= top and 0 < first <= row["%s_first_max_ms" % side] <= top
+    # the fcnfast side of both bilinear rows is one series, timed once
+    assert rows[0]["fcnfast_median_ms"] == rows[1]["fcnfast_median_ms"]
+    assert isinstance(result["thp"], str)
+    table = bench.format_cold_table(rows)
+    assert table.count("\n") == 2 + len(rows) - 1 and "first / median" in table
+    json.dumps(result)
+
+
+def test_cold_stats_and_percentile():
+    assert bench.percentile([5, 1, 3, 2, 4], 50) == 3
+    assert bench.percentile(list(range(1, 101)), 99) == 99
+    assert bench.percentile([7.0], 99) == 7.0
+    stats = bench.cold_stats([[0.010, 0.001, 0.001], [0.020, 0.002, 0.001]])
+    assert stats["first_ms"] == 15.0 and stats["first_max_ms"] == 20.0
+    assert stats["median_ms"] == 1.0 and stats["p99_ms"] == 2.0 and stats["max_ms"] == 20.0
+
+
+def test_cold_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.register_cli(parser.add_subparsers())
+    monkeypatch.setattr(bench, "COLD_CASES", bench.COLD_CASES[:1])
+    calls = {}
+
+    def fake_run_cold(classes, batches, procs, ncalls, threads):
+        calls.update(classes=classes, batches=batches, procs=procs, calls=ncalls)
+        row = {"case": "bilinear_upsample2d x8 fwd", "C": 21, "N": 1, "baseline": "PyTorch",
+               "procs": procs, "calls": ncalls}
+        for side in ("torch", "fcnfast"):
+            row.update({"%s_%s" % (side, k): 1.0 for k in
+                        ("first_ms", "first_max_ms", "median_ms", "p99_ms", "max_ms")})
+        return {"machine": "m", "thp": "enabled=madvise defrag=madvise", "rows": [row]}
+
+    monkeypatch.setattr(bench, "run_cold", fake_run_cold)
+    js, md = tmp_path / "c.json", tmp_path / "c.md"
+    args = parser.parse_args(["bench", "--cold", "--cold-procs", "2", "--cold-calls", "4",
+                              "--classes", "21", "--batch", "1", "--json", str(js),
+                              "--markdown", str(md)])
+    assert args.func(args) == 0
+    assert calls == {"classes": [21], "batches": [1], "procs": 2, "calls": 4}
+    assert json.loads(js.read_text())["rows"][0]["fcnfast_p99_ms"] == 1.0
+    assert "transparent huge pages enabled=madvise" in md.read_text()

@@ -21,9 +21,9 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   check_index32(N * C * geo.crop.height * geo.crop.width, "output");
   auto xc = x.contiguous();
-  auto out = at::empty({N, C, geo.crop.height, geo.crop.width}, xc.options());
+  // a reused block when one is free: no page faults (large_output.h)
+  auto out = cpu::empty_large({N, C, geo.crop.height, geo.crop.width}, xc.options());
   if (out.numel() == 0) return out;
-  cpu::advise_huge_pages(out);
   const int64_t h = geo.crop.height, w = geo.crop.width, top = geo.crop.top;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "bilinear_upsample2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;

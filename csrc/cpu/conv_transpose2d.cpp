@@ -510,9 +510,8 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   const at::Tensor input = phase_input<scalar_t, acc_t>(x, win);
   const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   // one image's gradient permuted into the phase convolution's output layout
-  at::Tensor gt = at::empty({1, ld, rows, nqw},
-                            input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  cpu::advise_huge_pages(gt);
+  at::Tensor gt = cpu::empty_large({1, ld, rows, nqw}, input.options(),
+                                   at::MemoryFormat::ChannelsLast);
   at::Tensor dwc = grad_weight ? at::zeros_like(wc) : at::Tensor();
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   acc_t* gtp = gt.data_ptr<acc_t>();
@@ -644,13 +643,13 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                        dilation, crop);
   check_bias(bias, x, a.g.out_channels);
   const auto& g = a.g;
-  auto out = at::empty({a.batch, g.out_channels, g.crop_h, g.crop_w}, x.options());
+  // a reused block when one is free: no page faults (large_output.h)
+  auto out = cpu::empty_large({a.batch, g.out_channels, g.crop_h, g.crop_w}, x.options());
   if (out.numel() == 0) return out;
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
   at::Tensor bc = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const PhasePlan plan = make_plan(g);
-  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
     if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc)) {

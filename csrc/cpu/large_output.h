@@ -3,9 +3,6 @@
 
 #include <ATen/ATen.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -16,24 +13,33 @@
 namespace fcnfast {
 namespace cpu {
 
-// Large outputs are written once right after allocation. Allocations this big
-// are fresh mmap()s, and with 4 KB pages their first-touch page faults can
-// cost more than the kernel itself (~20 ms for a 59 MB output on a 2-core VM:
-// one fault per 4 KB). Ask for transparent huge pages on the 2 MB-aligned
-// interior, 512x fewer faults. Advisory only: a no-op where THP is disabled
-// or unsupported, and harmless on memory that is already mapped.
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1), e = (begin + bytes) & ~(kHuge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// Large outputs (and large scratch buffers) come from empty_large(): 2 MB-aligned
+// anonymous mappings kept in a small process-wide cache when freed
+// (large_output.cpp). Why: an FCN output is 21-143 MB per image, and every
+// fresh mapping is page-faulted in on first write. glibc hands out blocks above
+// its 32 MB mmap ceiling (C=59, 150) as fresh mmaps on every call, and even
+// 21 MB blocks go back to the kernel now and then, so steady-state calls paid
+// 4 KB page faults (bilinear x8 at C=59/150: 19-33 % of copy bandwidth), and
+// madvise(MADV_HUGEPAGE) on them made the kernel compact memory synchronously
+// inside the fault (THP defrag=madvise): 125-170 ms calls in a fresh process
+// instead of 1.1 ms. A reused block is already mapped: no faults at all.
+//
+// FCNFAST_CPU_OUTPUT_CACHE_MB (read on every release; default 1024) bounds the
+// bytes held by freed blocks; 0 returns every block to the kernel at once.
+// Huge pages: fresh blocks get MADV_NOHUGEPAGE (4 KB pages, never a compaction
+// stall) unless FCNFAST_HUGE_PAGES=1 asks MADV_HUGEPAGE. Why, measured on both
+// THP settings: large_output.cpp and benchmarks/results/cpu.md.
+// Sizes below kLargeOutputBytes use at::empty (glibc's heap reuses them).
+constexpr size_t kLargeOutputBytes = size_t(4) << 20;
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
+                       at::MemoryFormat format = at::MemoryFormat::Contiguous);
+
+struct LargeOutputCacheStats {
+  int64_t cached_bytes, cached_blocks, hits, misses;
+};
+LargeOutputCacheStats large_output_cache_stats();
+void large_output_cache_clear();
 
 // Whether to write `t` with non-temporal (streaming) stores. They skip the
 // read-for-ownership of every cache line, which pays off only for outputs far

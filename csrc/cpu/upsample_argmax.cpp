@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "bilinear_rows.h"
+#include "large_output.h"
 
 namespace fcnfast {
 namespace {
@@ -51,7 +52,7 @@ at::Tensor upsample_argmax_cpu(const at::Tensor& x, int64_t scale, at::IntArrayR
   TORCH_CHECK_VALUE(C > 0 || N * h * w == 0, "fcnfast: upsample_argmax needs at least one ",
                     "channel, got x of shape ", shape_str(x));
   auto xc = x.contiguous();
-  auto out = at::empty({N, h, w}, xc.options().dtype(at::kLong));
+  auto out = cpu::empty_large({N, h, w}, xc.options().dtype(at::kLong));  // large_output.h
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_argmax", [&] {
     using acc_t = at::opmath_type<scalar_t>;
