@@ -161,15 +161,29 @@ def tiled_labels(model: nn.Module, height: int, width: int,
 
 
 def _release_free_memory() -> None:
-    """Give the freed heap pages of the last window back to the system (glibc ``malloc_trim``).
+    """Give the last window's freed memory back to the system (the native output cache, then
+    glibc's heap via ``malloc_trim``).
 
     Windows of different sizes leave holes in glibc's heap that later windows do not fit, so
     the resident size crept up by ~0.1 GB per window (an 8000 px image: 2.2 GB and rising with
     768 px tiles of the Lite0 model); trimming keeps it at one window's working set. A no-op
     where the C library has no ``malloc_trim``."""
+    _clear_output_cache()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _clear_output_cache() -> None:
+    """Empty the native ops' cache of freed large outputs (``csrc/cpu/large_output``): windows
+    differ in size, so its blocks would rarely be reused and only hold memory."""
+    try:
+        from . import _C
+    except ImportError:  # the reference backend only
+        return
+    clear = getattr(_C, "cpu_output_cache_clear", None)
+    if clear is not None:
+        clear()
 
 
 def _malloc_trim():
