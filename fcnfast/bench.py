@@ -680,6 +680,16 @@ def _cold_main(args: argparse.Namespace, classes, batches) -> int:
         raise ValueError("--cold-procs and --cold-calls must be >= 1")
     result = run_cold(classes, batches, args.cold_procs, args.cold_calls, args.threads)
     table = format_cold_table(result["rows"])
+    _emit(args, result, table,
+          "# fcnfast CPU cold calls\n\n%s; transparent huge pages %s. Each side in %d fresh "
+          "processes of %d calls (each keeping the previous result, as a loop does); first = "
+          "median over processes of the first call; median and p99 over the later calls."
+          % (result["machine"], result["thp"], args.cold_procs, args.cold_calls))
+    return 0
+
+
+def _emit(args: argparse.Namespace, result: dict, table: str, markdown_header: str) -> None:
+    """Print the table; save the result as JSON (--json) and header + table (--markdown)."""
     print()
     print(table)
     if args.json:
@@ -687,12 +697,7 @@ def _cold_main(args: argparse.Namespace, classes, batches) -> int:
             json.dump(result, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# fcnfast CPU cold calls\n\n%s; transparent huge pages %s. Each side in %d "
-                    "fresh processes of %d calls (each keeping the previous result, as a loop "
-                    "does); first = median over processes of the first call; median and p99 "
-                    "over the later calls.\n\n%s\n"
-                    % (result["machine"], result["thp"], args.cold_procs, args.cold_calls, table))
-    return 0
+            f.write("%s\n\n%s\n" % (markdown_header, table))
 
 
 def register_cli(subparsers) -> None:
@@ -739,16 +744,9 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "cold", False):
         return _cold_main(args, classes, batches)
     result = run(args.groups, classes, batches, min_time, not args.no_memory, args.quick)
-    table = format_table(result["rows"])
-    print()
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("# fcnfast CPU benchmark\n\n%s\n\nFloors measured in the same run: copy bandwidth "
-                    "%.1f GB/s, fp32 GEMM %.1f GFLOP/s.\n\n%s\n"
-                    % (result["machine"], result["floors"]["bandwidth"] / 1e9,
-                       result["floors"]["flops"] / 1e9, table))
+    _emit(args, result, format_table(result["rows"]),
+          "# fcnfast CPU benchmark\n\n%s\n\nFloors measured in the same run: copy bandwidth "
+          "%.1f GB/s, fp32 GEMM %.1f GFLOP/s." % (result["machine"],
+                                                 result["floors"]["bandwidth"] / 1e9,
+                                                 result["floors"]["flops"] / 1e9))
     return 0
