@@ -54,8 +54,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-_HelpFormatter = HelpFormatter
-
 
 class UsageError(Exception):
     """An expected, user-facing error: printed as one line, exit status 2."""
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
-    p = sub.add_parser("info", formatter_class=_HelpFormatter, help="version, backend and how the extension was built")
+    p = sub.add_parser("info", formatter_class=HelpFormatter, help="version, backend and how the extension was built")
     p.add_argument("--json", action="store_true", help="print the build info as JSON")
     p.set_defaults(func=cmd_info)
     _add_plugins(sub)
@@ -110,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo(sub) -> None:
     from .demo import DEMO_DEFAULTS as d
 
-    p = sub.add_parser("demo", formatter_class=_HelpFormatter, help="train a small FCN-8s on synthetic scenes on the CPU, "
+    p = sub.add_parser("demo", formatter_class=HelpFormatter, help="train a small FCN-8s on synthetic scenes on the CPU, "
                        "evaluate it and time fcnfast's kernels against the reference ops")
     p.add_argument("--out", default="demo_out",
                    help="output directory; an earlier demo's output there is replaced, another "
@@ -137,7 +135,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", formatter_class=_HelpFormatter, help="train an FCN")
+    p = sub.add_parser("train", formatter_class=HelpFormatter, help="train an FCN")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (default) or a VOC-format directory (JPEGImages/, "
                         "SegmentationClass/, ImageSets/Segmentation/)")
@@ -188,7 +186,7 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", formatter_class=_HelpFormatter, help="the FCN paper's four metrics of a checkpoint or shipped model")
+    p = sub.add_parser("eval", formatter_class=HelpFormatter, help="the FCN paper's four metrics of a checkpoint or shipped model")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of fcnfast train")
     which.add_argument("--model", metavar="NAME",
@@ -226,7 +224,7 @@ def _tiling_defaults():
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", formatter_class=_HelpFormatter,
+    p = sub.add_parser("predict", formatter_class=HelpFormatter,
                        help="label maps of images (one file, several files or a folder)")
     p.add_argument("image", nargs="+",
                    help="input image(s) or a folder of images (PNG, JPEG, TIFF, BMP ...; 8/16-bit "
@@ -536,14 +534,6 @@ def _predict_model(args, device):
     return load_model(args.checkpoint, device)[0], False
 
 
-def _tile_for(args, height: int, width: int, model) -> int:
-    from .tiling import AUTO_TILE_PIXELS, default_tile
-
-    if args.tile is None:
-        return default_tile(model) if height * width > AUTO_TILE_PIXELS else 0
-    return args.tile
-
-
 def _label_counts(labels, num_classes: int):
     """Pixels per class of a uint8 label map, counted in row bands (no int64 copy of the map)."""
     import numpy as np
@@ -568,7 +558,9 @@ def _predict_one(args, model, lite, device, image_path, output, overlay) -> None
     palette = class_names = None
     if lite:
         palette, class_names = model.palette, model.class_names
-    tile = _tile_for(args, height, width, model)
+    from .tiling import tile_for
+
+    tile = tile_for(model, height, width, args.tile)
     progress = not args.quiet
     if tile:
         from .tiling import tiled_labels

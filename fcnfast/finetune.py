@@ -205,8 +205,7 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
     for index in tqdm(range(len(dataset)), disable=not progress, desc="val", leave=False):
         image, label = dataset[index]
         height, width = image.shape[-2:]
-        use_tile = tile if tile is not None else (
-            tiling.default_tile(model) if height * width > tiling.AUTO_TILE_PIXELS else 0)
+        use_tile = tiling.tile_for(model, height, width, tile)
         if use_tile:
             _tiled_lite_confusion(model, image, label, use_tile, crf, conf, conf_crf)
             continue

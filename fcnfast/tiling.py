@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["AUTO_TILE_PIXELS", "DEFAULT_TILE", "receptive_halo", "output_stride", "tiles",
-           "tiled_labels", "conv_receptive_field", "default_tile"]
+           "tiled_labels", "conv_receptive_field", "default_tile", "tile_for"]
 
 # images with more pixels than this are tiled automatically by predict/eval (--tile 0: never)
 AUTO_TILE_PIXELS = 2048 * 2048
@@ -73,6 +73,14 @@ def default_tile(model: nn.Module) -> int:
     """The tile side used when none is given: ``model.preferred_tile`` if the model states
     one (a memory-hungry backbone prefers smaller windows), else ``DEFAULT_TILE``."""
     return int(getattr(model, "preferred_tile", DEFAULT_TILE))
+
+
+def tile_for(model: nn.Module, height: int, width: int, tile: Optional[int] = None) -> int:
+    """The tile side for an image: ``tile`` if given (0: whole image), else
+    ``default_tile(model)`` above ``AUTO_TILE_PIXELS`` pixels and 0 (whole image) below."""
+    if tile is not None:
+        return tile
+    return default_tile(model) if height * width > AUTO_TILE_PIXELS else 0
 
 
 def output_stride(model: nn.Module) -> int:

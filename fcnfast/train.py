@@ -425,9 +425,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
             for images, targets in tqdm(loader, desc="validate", leave=False,
                                         disable=None if progress and ctx.main else True):
                 images, targets = images.to(device), targets.to(device)
-                size = images.shape[-2] * images.shape[-1]
-                use_tile = tile if tile is not None else (
-                    _tiling().DEFAULT_TILE if size > _tiling().AUTO_TILE_PIXELS else 0)
+                use_tile = _tiling().tile_for(model, images.shape[-2], images.shape[-1], tile)
                 if use_tile:
                     for i in range(images.shape[0]):
                         _tiled_confusion(model, images[i:i + 1], targets[i:i + 1], num_classes,
