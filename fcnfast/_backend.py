@@ -147,7 +147,17 @@ def backend(device=None) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Temporarily force ``"reference"`` or ``"native"`` (or ``"auto"``) in this process."""
+    """Context manager: run the ops on one backend in this process for its duration.
+
+    Args:
+        name (str): ``"native"`` (the compiled extension; an error when it failed to load),
+            ``"reference"`` (the pure-PyTorch definitions) or ``"auto"`` (native when loaded).
+
+    Example::
+
+        with fcnfast.use_backend("reference"):
+            out = fcnfast.bilinear_upsample2d(x, 8)
+    """
     if name not in _VALID:
         raise ValueError("backend must be one of %s, got %r" % (_VALID, name))
     if name == "native" and _load_extension() is None:

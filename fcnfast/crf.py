@@ -75,13 +75,32 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
               pca_components: int | None = None, backend: str = "auto"):
     """Mean-field inference of the fully connected CRF; returns Q, shaped like ``unary_logits``.
 
-    ``unary_logits`` (C, H, W) or (N, C, H, W) floating; ``image`` (F, H, W) or (N, F, H, W),
-    uint8/integer or floating in 0..255 units. ``backend``: ``"auto"`` (native kernel when
-    available, else the reference for small images), ``"native"`` or ``"reference"``. See the module
-    docstring for the model, the parameter names of the paper and the normalisation.
     Equals ``dense_crf_reference(...)`` up to the lattice approximation of the appearance kernel.
-    Inference only: the native path returns a tensor without gradient; inputs on a GPU are
-    processed by the CPU kernel and the result is returned on their device.
+    See the module docstring for the model, the parameter names of the paper and the
+    normalisation. Inference only: the native path returns a tensor without gradient; inputs on
+    a GPU are processed by the CPU kernel and the result is returned on their device.
+
+    Args:
+        unary_logits (Tensor): per-pixel class scores (the network's logits), (C, H, W) or
+            (N, C, H, W); floating (the native kernel computes in float32, the reference in
+            float64 for float64 input and float32 otherwise).
+        image (Tensor): the appearance of each pixel, (F, H, W) or (N, F, H, W) with the same
+            H, W (and N); uint8/integer or floating in 0..255 units (RGB: F = 3; more bands of
+            a hyperspectral cube: see ``pca_components``).
+        iterations (int): mean-field iterations (>= 0).
+        spatial_std (float): std in pixels of the smoothness kernel (the paper's gamma; > 0).
+        spatial_weight (float): weight of the smoothness kernel (w2; >= 0).
+        bilateral_spatial_std (float): std in pixels of the appearance kernel (theta_alpha).
+        bilateral_color_std (float): std in image units of the appearance kernel (theta_beta).
+        bilateral_weight (float): weight of the appearance kernel (w1).
+        pca_components (int, optional): project the F image bands onto this many principal
+            components first (1..min(F, 14)); default: the image itself when F <= 3, else 3
+            components (see ``appearance_features``).
+        backend (str): ``"auto"`` (native kernel when available, else the reference for small
+            images), ``"native"`` or ``"reference"``.
+
+    Returns:
+        Tensor: Q, the per-pixel class probabilities, shaped and typed like ``unary_logits``.
     """
     logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
     params = _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
@@ -123,7 +142,16 @@ def dense_crf_reference(unary_logits, image, iterations: int = 5, spatial_std: f
 
 
 def refine_labels(logits, image, **kwargs):
-    """``dense_crf(logits, image, **kwargs).argmax(-3)``: int64 labels (H, W) or (N, H, W)."""
+    """``dense_crf(logits, image, **kwargs).argmax(-3)``.
+
+    Args:
+        logits (Tensor): (C, H, W) or (N, C, H, W) class scores, as for ``dense_crf``.
+        image (Tensor): (F, H, W) or (N, F, H, W) appearance, as for ``dense_crf``.
+        **kwargs: the keyword arguments of ``dense_crf``.
+
+    Returns:
+        Tensor: int64 labels, (H, W) or (N, H, W).
+    """
     return dense_crf(logits, image, **kwargs).argmax(dim=-3)
 
 

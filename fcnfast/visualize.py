@@ -20,7 +20,16 @@ def _palette(palette: Optional[Sequence[Sequence[int]]]) -> np.ndarray:
 
 
 def colorize(labels: np.ndarray, palette=None) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) uint8 colours (ignore = black)."""
+    """The colour picture of a label map (the ignore label is black).
+
+    Args:
+        labels (ndarray): (H, W) integer labels (values clipped to 0..255).
+        palette (sequence of (r, g, b), optional): colours of the first classes; the others
+            keep the PASCAL VOC palette.
+
+    Returns:
+        ndarray: (H, W, 3) uint8 colours.
+    """
     colours = _palette(palette).copy()
     colours[IGNORE_INDEX] = 0
     return colours[np.asarray(labels, dtype=np.int64).clip(0, 255)]
@@ -29,9 +38,18 @@ def colorize(labels: np.ndarray, palette=None) -> np.ndarray:
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, palette=None,
                         class_names: Optional[Sequence[str]] = None, alpha: float = 0.55,
                         only_present: bool = False) -> Image.Image:
-    """``image`` (H, W, 3) uint8 blended with the label colours, and a legend column at the right.
+    """``image`` blended with the label colours, and a legend column at the right.
 
-    The legend lists every class (or, ``only_present``, those in ``labels``) with its colour.
+    Args:
+        image (ndarray): (H, W, 3) uint8 RGB.
+        labels (ndarray): (H, W) integer labels; the ignore label leaves the image as it is.
+        palette (sequence of (r, g, b), optional): as for ``colorize``.
+        class_names (sequence of str, optional): legend names (default: the class numbers).
+        alpha (float): weight of the label colour in the blend.
+        only_present (bool): list only the classes that occur in ``labels``.
+
+    Returns:
+        PIL.Image.Image: the overlay, ``H x (W + legend width)`` (taller when the legend is).
     """
     image = np.asarray(image, dtype=np.uint8)
     labels = np.asarray(labels)
