@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..losses import IGNORE_INDEX, segmentation_loss
 from ..nn import BilinearUpsample2d, NoScript, SkipFuse, bilinear_kernel
 from .backbones import backbone_spec, make_fc, make_features, pool_indices
 
@@ -288,24 +289,40 @@ class FCN(nn.Module, NoScript):
             return ops.upsample_argmax(scores, self.upscale, crop)
         return chunked_argmax(self.final_upsample, scores, crop)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
-             reduction: str = "mean") -> torch.Tensor:
-        """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target`` (N, H, W).
+    def frozen_bilinear_upsampling(self) -> bool:
+        """True when the final upsampling is bilinear and takes no gradient here
+        (``fixed_upsampling``, or a learned layer with the bilinear weight and
+        ``requires_grad=False`` or grad disabled): the loss can then run the fused
+        ``ops.upsample_cross_entropy`` on the coarse scores (``fcnfast.losses``).
 
-        ``reduction="sum"`` is Caffe's unnormalised loss. When the final upsampling is
-        bilinear and takes no gradient (``fixed_upsampling``, or a learned layer with the
-        bilinear weight and ``requires_grad=False``) it runs the fused
-        ``ops.upsample_cross_entropy`` on the coarse scores (no full-resolution logits).
+        Returns:
+            bool: whether ``fcnfast.losses.segmentation_loss`` takes the fused path.
         """
         final = self.final_upsample
         weight = getattr(final, "weight", None)
-        if ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
-                and is_bilinear_upsampling(final, self.upscale)):
-            scores, crop = self.coarse_scores(x)
-            return ops.upsample_cross_entropy(scores, target, self.upscale, crop,
-                                              ignore_index=ignore_index, reduction=reduction)
-        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
-                               reduction=reduction)
+        return ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
+                and is_bilinear_upsampling(final, self.upscale))
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+             reduction: str = "mean") -> torch.Tensor:
+        """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target``
+        (``fcnfast.losses.segmentation_loss``).
+
+        When the final upsampling is bilinear and takes no gradient
+        (``frozen_bilinear_upsampling()``) it runs the fused ``ops.upsample_cross_entropy``
+        on the coarse scores (no full-resolution logits).
+
+        Args:
+            x (Tensor): the (N, in_channels, H, W) input.
+            target (Tensor): (N, H, W) int64 labels.
+            ignore_index (int): the label not counted (default ``IGNORE_INDEX``, 255).
+            reduction (str): ``"mean"`` over the counted pixels or ``"sum"`` (Caffe's
+                unnormalised loss).
+
+        Returns:
+            Tensor: the scalar loss.
+        """
+        return segmentation_loss(self, x, target, reduction=reduction, ignore_index=ignore_index)
 
     def extra_repr(self) -> str:
         return ("variant=%s, num_classes=%d, in_channels=%d, backbone=%s, fixed_upsampling=%s, "
