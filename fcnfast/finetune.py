@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data.images import IGNORE_INDEX
+from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .data.layouts import open_segmentation
+from .losses import IGNORE_INDEX
 from .metrics import confusion_matrix, segmentation_scores
 from .models.lite_fcn import LiteFCN
-from .train import (CHECKPOINT_FORMAT, _rng_state, _set_rng_state, load_checkpoint,
-                    save_checkpoint)
+from .training.checkpointing import rng_state, set_rng_state
 
 __all__ = ["FinetuneConfig", "Augment", "median_frequency_weights", "finetune", "evaluate_lite",
            "iou_table", "load_finetuned", "is_finetune_checkpoint"]
@@ -329,7 +329,7 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         best, history = state["best"], state["history"]
         trained_seconds = state.get("trained_seconds", 0.0)
         weights = state["class_weights"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log("resumed from %s at epoch %d (step %d)" % (resume, start_epoch, step))
     if weights is not None:
         log("class weights (%s): " % cfg.class_weights
@@ -352,7 +352,7 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         save_checkpoint({"format": CHECKPOINT_FORMAT, "kind": "finetune",
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "step": step, "best": best, "history": history,
-                         "class_weights": weights, "rng": _rng_state(),
+                         "class_weights": weights, "rng": rng_state(),
                          "trained_seconds": trained_seconds,
                          "config": cfg.to_dict(), "model_config": model.config()}, path)
 
