@@ -212,11 +212,11 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
         x = model.preprocess(image[None])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        conf += confusion_matrix(logits.argmax(1), label[None], num_classes)
+        conf += confusion_matrix(label[None], logits.argmax(1), num_classes)
         if crf:
             from .crf import dense_crf
             refined = dense_crf(logits[0].float(), image)
-            conf_crf += confusion_matrix(refined.argmax(0)[None], label[None], num_classes)
+            conf_crf += confusion_matrix(label[None], refined.argmax(0)[None], num_classes)
     result = {"confusion": conf, "scores": segmentation_scores(conf)}
     if crf:
         result["confusion_crf"] = conf_crf
@@ -234,7 +234,7 @@ def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, co
         return image[None, :, y0:y1, x0:x1]
 
     labels = tiling.tiled_labels(model, height, width, window, tile=tile)
-    conf += confusion_matrix(torch.from_numpy(labels).long()[None], label[None], conf.shape[0])
+    conf += confusion_matrix(label[None], torch.from_numpy(labels).long()[None], conf.shape[0])
     if crf:
         from .crf import dense_crf
 
@@ -242,7 +242,7 @@ def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, co
             return dense_crf(logits[0].float(), image[:, y0:y1, x0:x1]).argmax(0)
 
         refined = tiling.tiled_labels(model, height, width, window, tile=tile, crf=refine)
-        conf_crf += confusion_matrix(torch.from_numpy(refined).long()[None], label[None],
+        conf_crf += confusion_matrix(label[None], torch.from_numpy(refined).long()[None],
                                      conf.shape[0])
 
 

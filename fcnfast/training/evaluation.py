@@ -51,11 +51,11 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
                                          use_tile, conf, crf, conf_crf)
                     continue
                 if crf is None:
-                    confusion_matrix(model.predict(images), targets, num_classes, out=conf)
+                    confusion_matrix(targets, model.predict(images), num_classes, out=conf)
                     continue
                 logits = model(images)
-                confusion_matrix(logits.argmax(1), targets, num_classes, out=conf)
-                confusion_matrix(crf(logits, images), targets, num_classes, out=conf_crf)
+                confusion_matrix(targets, logits.argmax(1), num_classes, out=conf)
+                confusion_matrix(targets, crf(logits, images), num_classes, out=conf_crf)
     finally:
         model.train(was_training)
     all_reduce_sum(conf, ctx)
@@ -78,14 +78,14 @@ def _tiled_confusion(model, image, target, num_classes, tile, conf, crf, conf_cr
         return image[:, :, y0:y1, x0:x1]
 
     labels = _tiling().tiled_labels(model, height, width, window, tile=tile)
-    confusion_matrix(torch.from_numpy(labels).to(target.device).long()[None], target,
+    confusion_matrix(target, torch.from_numpy(labels).to(target.device).long()[None],
                      num_classes, out=conf)
     if crf is not None:
         def refine(logits, y0, y1, x0, x1):
             return crf(logits, image[:, :, y0:y1, x0:x1])[0]
 
         refined = _tiling().tiled_labels(model, height, width, window, tile=tile, crf=refine)
-        confusion_matrix(torch.from_numpy(refined).to(target.device).long()[None], target,
+        confusion_matrix(target, torch.from_numpy(refined).to(target.device).long()[None],
                          num_classes, out=conf_crf)
 
 
