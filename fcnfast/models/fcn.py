@@ -333,31 +333,19 @@ class FCN(nn.Module, NoScript):
 
 def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
            fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-32s: score_fr upsampled 32x (k64), crop 19.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-32s: score_fr upsampled 32x (k64), crop 19."""
     return _build('fcn32s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
            fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27."""
     return _build('fcn16s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31."""
     return _build('fcn8s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
@@ -365,6 +353,28 @@ def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
                  fixed_upsampling: bool = False, **kwargs) -> FCN:
     """At-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001 before scoring."""
     return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+_BUILDER_DOC = """
+
+    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
+    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
+
+    Args:
+        num_classes (int): output classes, background included (default 21, VOC).
+        in_channels (int): input channels (3; lite0 takes RGB only).
+        backbone (str or BackboneSpec): ``"vgg16"`` (the paper's), ``"small"``, ``"tiny"``
+            (width-reduced), or ``"lite0"``.
+        fixed_upsampling (bool): freeze the final upsampling to bilinear (not for lite0).
+        pretrained (bool): lite0's ImageNet weights (lite0 only).
+        **kwargs: passed to ``FCN`` / ``LiteFCN`` (e.g. ``dropout``).
+
+    Returns:
+        FCN or LiteFCN: the model (train mode).
+    """
+for _builder in (fcn32s, fcn16s, fcn8s):
+    if _builder.__doc__:  # None under python -OO
+        _builder.__doc__ += _BUILDER_DOC
 
 
 def _build(variant, num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs):
