@@ -80,11 +80,16 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: Optional[int]
 
 
 def segmentation_scores(conf) -> dict:
-    """The FCN paper's four metrics from a confusion matrix (rows = ground truth).
+    """The FCN paper's four metrics from a confusion matrix (see the module docstring).
 
-    Returns ``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fw_iu`` (floats; NaN for an empty
-    matrix) and ``per_class_iu`` (a list, NaN for classes absent from both prediction and
-    ground truth).
+    Args:
+        conf (Tensor or array): a (K, K) matrix, rows = ground truth, columns = prediction
+            (``confusion_matrix``).
+
+    Returns:
+        dict: ``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fw_iu`` (floats; NaN for an empty
+        matrix) and ``per_class_iu`` (a list, NaN for classes absent from both prediction and
+        ground truth).
     """
     hist = torch.as_tensor(conf).detach().cpu().double().numpy()
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1]:
@@ -113,7 +118,15 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def format_scores(scores: dict, prefix: str = "") -> str:
-    """One line with the four metrics, e.g. ``pixel acc 0.9512  mean acc ...``."""
+    """One line with the four metrics, e.g. ``pixel acc 0.9512  mean acc ...``.
+
+    Args:
+        scores (dict): ``segmentation_scores``' result.
+        prefix (str): put in front of the line.
+
+    Returns:
+        str: the line.
+    """
     return prefix + "  ".join("%s %.4f" % (label, scores[key]) for key, label in (
         ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"), ("mean_iu", "mean IU"),
         ("fw_iu", "f.w. IU")))
@@ -124,6 +137,12 @@ def plot_confusion(conf, path, class_names: Optional[Sequence[str]] = None,
     """Save a row-normalised confusion matrix image (PNG or any matplotlib format) to ``path``.
 
     Uses matplotlib's Agg canvas directly, so it never touches the global pyplot backend.
+
+    Args:
+        conf (Tensor or array): a (K, K) matrix, rows = ground truth (``confusion_matrix``).
+        path (str or Path): the image file; the format follows its suffix.
+        class_names (sequence of str, optional): K tick labels (default 0 .. K-1).
+        title (str): the figure title.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

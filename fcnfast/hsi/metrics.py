@@ -41,7 +41,16 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> n
 
 
 def classification_scores(confusion: np.ndarray) -> Dict[str, object]:
-    """OA, AA, kappa and per-class accuracy from a confusion matrix (see the module docstring)."""
+    """OA, AA, kappa and per-class accuracy from a confusion matrix (see the module docstring).
+
+    Args:
+        confusion (array): a (K, K) matrix, rows = truth (``confusion_matrix``).
+
+    Returns:
+        dict: ``overall_accuracy``, ``average_accuracy``, ``kappa`` (floats),
+        ``per_class_accuracy`` (a list, NaN for classes without test pixels) and ``confusion``
+        (the matrix as lists).
+    """
     m = np.asarray(confusion, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError("confusion must be a square matrix, got shape %s" % (m.shape,))

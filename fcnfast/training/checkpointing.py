@@ -41,6 +41,12 @@ def existing_run(out) -> list:
 
 
 def rng_state() -> dict:
+    """This process's torch, NumPy, Python (and CUDA) generator states, in a form
+    ``torch.load(weights_only=True)`` reads back.
+
+    Returns:
+        dict: ``set_rng_state``'s argument.
+    """
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -54,6 +60,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the generators from ``state`` (``rng_state``'s result).
+
+    Args:
+        state (dict): the saved states (CUDA ones only when CUDA is available).
+    """
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -64,6 +75,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def gather_rng_states(ctx: Dist) -> list:
+    """Every process's ``rng_state()`` (a collective: all processes call it).
+
+    Args:
+        ctx (Dist): the process group's view.
+
+    Returns:
+        list: one state per rank.
+    """
     states = [None] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(states, rng_state())

@@ -93,10 +93,12 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what checkpoints store)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of ``values`` (a checkpoint's ``config``); unknown keys are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

@@ -15,7 +15,16 @@ __all__ = ["make_dataset", "make_datasets", "check_labels", "pad_collate", "Skip
 
 
 def make_dataset(cfg: TrainConfig, part: str):
-    """The ``"train"`` or ``"val"`` dataset of ``cfg``: SyntheticScenes or a VOC-format directory."""
+    """The ``"train"`` or ``"val"`` dataset of ``cfg``.
+
+    Args:
+        cfg (TrainConfig): ``data`` is ``"synthetic"`` (``SyntheticScenes``, validation scenes
+            from a disjoint seed) or a dataset directory (VOC, list-file or images/ + labels/).
+        part (str): ``"train"`` or ``"val"``.
+
+    Returns:
+        Dataset: (image tensor, label tensor) pairs.
+    """
     from .. import data
 
     if part not in ("train", "val"):
@@ -40,11 +49,22 @@ def make_dataset(cfg: TrainConfig, part: str):
 
 def check_labels(dataset, num_classes: int, name: str = "data",
                  source: Optional[str] = None) -> None:
-    """Scan every label of ``dataset`` before training: ValueError naming the first file that
-    holds a class >= ``num_classes`` (255 = ignore is allowed), with the largest class found.
+    """Scan every label of ``dataset`` before training.
 
     Synthetic scenes are generated for ``num_classes`` and need no scan. Only label files are
-    read (no images) where the dataset exposes ``paths(i)``."""
+    read (no images) where the dataset exposes ``paths(i)``.
+
+    Args:
+        dataset: the dataset (or a ``Subset``/wrapper with ``base``).
+        num_classes (int): classes run 0 .. num_classes - 1 (``IGNORE_INDEX``, 255, is allowed).
+        name (str): the dataset's name in the message (``"training"``, ``"validation"``).
+        source (str, optional): where ``num_classes`` came from, for the message (default:
+            ``--num-classes N``).
+
+    Raises:
+        ValueError: naming the first file that holds a class >= ``num_classes``, with the
+            largest class found.
+    """
     from ..data import SyntheticScenes
     from ..data.images import load_label
 
@@ -74,13 +94,27 @@ def check_labels(dataset, num_classes: int, name: str = "data",
 
 
 def make_datasets(cfg: TrainConfig):
-    """(train, validation) datasets of ``cfg``."""
+    """Both datasets of ``cfg``.
+
+    Args:
+        cfg (TrainConfig): see ``make_dataset``.
+
+    Returns:
+        tuple: (train dataset, validation dataset).
+    """
     return make_dataset(cfg, "train"), make_dataset(cfg, "val")
 
 
 def pad_collate(batch):
     """Stack (image, label) pairs; images of different sizes are padded at the bottom/right
-    (image with 0, label with the ignore label, so padding never counts)."""
+    (image with 0, label with ``IGNORE_INDEX``, so padding never counts).
+
+    Args:
+        batch (list): (image (C, H, W), label (H, W)) pairs.
+
+    Returns:
+        tuple: (images (N, C, H, W), labels (N, H, W)).
+    """
     images, labels = zip(*batch)
     height = max(im.shape[-2] for im in images)
     width = max(im.shape[-1] for im in images)

@@ -81,8 +81,19 @@ def all_reduce_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
 
 
 def pick_device(name: str, ctx: Optional[Dist] = None) -> torch.device:
-    """``name`` (auto, cpu, cuda, cuda:N) as a torch.device; ValueError naming the value when
-    it is not a device this torch can use (unknown name, no CUDA, index out of range)."""
+    """``name`` as a torch.device.
+
+    Args:
+        name (str): ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        ctx (Dist, optional): a plain ``cuda`` becomes ``cuda:<local rank>``.
+
+    Returns:
+        torch.device: the device, with an index for CUDA.
+
+    Raises:
+        ValueError: naming the value when it is not a device this torch can use (unknown
+            name, no CUDA, index out of range).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

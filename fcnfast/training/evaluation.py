@@ -22,14 +22,24 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
              tile: Optional[int] = 0):
     """Confusion matrix of ``model`` over every batch of ``loader`` (summed over processes).
 
-    ``progress``: show a progress bar (only on a TTY).
+    Args:
+        model (nn.Module): an fcnfast FCN (``predict`` is used without ``crf``); its train/eval
+            mode is restored afterwards.
+        loader: (images, labels) batches.
+        num_classes (int): K.
+        device: where to run (default: the model's).
+        progress (bool): show a progress bar (only on a TTY, only on rank 0).
+        crf (callable, optional): ``crf(logits, images) -> (N, H, W) labels`` (e.g.
+            ``crf_labels``); a second matrix for the refined labels is returned as well.
+        ctx (Dist, optional): the process group's view (``fcnfast.training.distributed``);
+            the matrices are summed over its processes.
+        tile (int or None): run each image tile by tile (``fcnfast.tiling``; labels equal to
+            the whole-image ones, the CRF per tile); None: tiles of ``tiling.DEFAULT_TILE`` for
+            images above ``tiling.AUTO_TILE_PIXELS`` pixels; 0: never.
 
-    With ``crf`` (a callable ``crf(logits, images) -> (N, H, W) labels``) a second matrix
-    for the CRF-refined labels is returned as well: ``(conf, conf_crf)``.
-
-    ``tile``: run each image tile by tile (``fcnfast.tiling``; labels equal to the whole-image
-    ones, the CRF per tile); None: tiles of ``tiling.DEFAULT_TILE`` for images above
-    ``tiling.AUTO_TILE_PIXELS`` pixels; 0: never.
+    Returns:
+        Tensor or tuple: the (K, K) int64 matrix on the CPU (rows = ground truth,
+        ``fcnfast.metrics.confusion_matrix``), or ``(conf, conf_crf)`` with ``crf``.
     """
     from tqdm.auto import tqdm
 
@@ -90,10 +100,17 @@ def _tiled_confusion(model, image, target, num_classes, tile, conf, crf, conf_cr
 
 
 def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Labels after ``fcnfast.crf.dense_crf`` refinement of ``logits`` (N, C, H, W) with the
-    RGB ``images`` (N, 3, H, W, normalised by ``data.image_to_tensor``).
+    """Labels after ``fcnfast.crf.dense_crf`` refinement of ``logits``.
 
-    Raises ImportError when ``fcnfast.crf`` is not available.
+    Args:
+        logits (Tensor): (N, C, H, W) scores.
+        images (Tensor): the (N, 3, H, W) RGB input, normalised by ``data.image_to_tensor``.
+
+    Returns:
+        Tensor: (N, H, W) int64 labels.
+
+    Raises:
+        ImportError: ``fcnfast.crf`` is not available.
     """
     from .. import crf
     from ..data import tensor_to_image
@@ -103,7 +120,8 @@ def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def val_loader(val_set, cfg: TrainConfig, ctx: Dist, device: torch.device):
-    # each process scores a disjoint shard (no padding duplicates, unlike DistributedSampler)
+    """The validation DataLoader of this process: a disjoint shard of ``val_set`` (no padding
+    duplicates, unlike DistributedSampler), batches of ``cfg.batch_size`` (``pad_collate``)."""
     shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world)) if ctx.world > 1 else val_set
     return DataLoader(shard, batch_size=cfg.batch_size, shuffle=False,
                       num_workers=cfg.num_workers, collate_fn=pad_collate,

@@ -41,6 +41,9 @@ __all__ = ["TrainResult", "train"]
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: the trained model, the resolved config, the loss of every step,
+    the per-epoch history records, the last validation confusion matrix, the checkpoint path
+    (None without ``out``) and the wall time in seconds."""
     model: nn.Module
     config: TrainConfig
     losses: list = field(default_factory=list)     # (step, loss) of every step this run took
