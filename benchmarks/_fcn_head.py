@@ -1,17 +1,20 @@
 """Shapes and helpers shared by the bilinear/argmax/cross-entropy benchmarks.
 
-The FCN-8s head of a 500x500 image (Caffe geometry, DESIGN.md): the fused score
-map is 70x70, upscore8 (k16 s8) makes 568x568, cropped at 31 to 500x500.
+The FCN-8s head of a 500x500 image (Caffe geometry, DESIGN.md; the numbers are
+``fcnfast.bench``'s): the fused score map is 70x70, upscore8 (k16 s8) makes 568x568,
+cropped at 31 to 500x500.
 Classes: 21 (VOC), 59 (PASCAL-Context), 150 (ADE20K).
 """
 import torch
 
 import fcnfast
+from fcnfast.bench import FINAL_OFFSET, FUSE3, SIZE
 from fcnfast.bench import peak_memory  # PyTorch-allocator peak (profiler events)
+from fcnfast.losses import IGNORE_INDEX
 
-SCORE = 70
-SCALE = 8
-CROP = (31, 31, 500, 500)
+SCORE = FUSE3   # the fused score map (after score_pool3), 70x70
+SCALE = 8       # upscore8
+CROP = (FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
 # (classes, batch); batch 8 only for VOC, which keeps the PyTorch side's
 # C x 500 x 500 scores within this machine's memory
 CASES = [(21, 1), (59, 1), (150, 1), (21, 8)]
@@ -26,7 +29,7 @@ def scores(classes, batch, seed=0):
 def labels(classes, batch, seed=1, ignored_fraction=0.1):
     g = torch.Generator().manual_seed(seed)
     target = torch.randint(0, classes, (batch,) + CROP[2:], generator=g)
-    target[torch.rand(target.shape, generator=g) < ignored_fraction] = 255
+    target[torch.rand(target.shape, generator=g) < ignored_fraction] = IGNORE_INDEX
     return target
 
 

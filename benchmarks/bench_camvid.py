@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import _common  # benchmarks/_common.py: the machine line
 
 
 def load(checkpoint=None):
@@ -180,14 +181,7 @@ def figure(args, path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return "%s, %d cores, torch %s, load average %s" % (cpu, os.cpu_count(), torch.__version__,
-                                                         " ".join("%.2f" % v for v in os.getloadavg()))
+    return _common.machine(", load average %s" % " ".join("%.2f" % v for v in os.getloadavg()))
 
 
 def main():

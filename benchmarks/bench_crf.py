@@ -60,8 +60,8 @@ def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes)
           % (num_classes, iterations, threads, len(os.sched_getaffinity(0)), load()))
     for size in reference_sizes:
         logits, image = scene(size, num_classes)
-        (ref, ours), _ = best_times([(lambda: crf.dense_crf_reference(
-            logits, image, iterations=iterations), 1), (lambda: crf.dense_crf(
+        (ref, ours), _ = best_times([(lambda logits=logits, image=image: crf.dense_crf_reference(
+            logits, image, iterations=iterations), 1), (lambda logits=logits, image=image: crf.dense_crf(
                 logits, image, iterations=iterations), 1)], repeat)
         print("  %dx%d O(P^2) reference %.4f s, native %.4f s: %.1fx" % (size, size, ref, ours,
                                                                        ref / ours))
@@ -75,7 +75,8 @@ def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes)
     for h, w in sizes:
         for seed in seeds:
             logits, image = crf_scene(h, w, num_classes, seed)
-            ours = lambda: crf.dense_crf(logits, image, iterations=iterations)  # noqa: E731
+            ours = lambda logits=logits, image=image: crf.dense_crf(  # noqa: E731
+                logits, image, iterations=iterations)
             torch.set_num_threads(threads[0])
             start = time.perf_counter()
             q = ours()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _common  # benchmarks/_common.py: the machine line
 
 IMPLS = ("native", "reference", "plain")
 
@@ -252,11 +253,10 @@ def heads(args):
 
     fake = Fixed()
     real_backbone = plain.backbone
-    results = {}
     for precision in args.precisions.split(","):
         bf16 = precision == "bf16"
         for phase in args.phases.split(","):
-            def run_fast():
+            def run_fast(bf16=bf16, phase=phase):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     scores, crop = model.coarse_scores(x, fake)
                     if phase == "predict":
@@ -266,7 +266,7 @@ def heads(args):
                                            ignore_index=255)
                 loss.backward()
 
-            def run_plain():
+            def run_plain(bf16=bf16, phase=phase):
                 plain.backbone = fake
                 try:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -309,14 +309,8 @@ def sanity(model_name):
 
 
 def machine(threads):
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return "%s, %d cores, torch %s (%s), %d thread(s) per run" % (
-        cpu, os.cpu_count(), torch.__version__, torch.backends.cpu.get_cpu_capability(), threads)
+    return _common.machine(" (%s), %d thread(s) per run" % (
+        torch.backends.cpu.get_cpu_capability(), threads))
 
 
 def main():

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from fcnfast import ops
+from fcnfast.bench import FUSE3, FUSE4, POOL3, POOL3_OFFSET, POOL4, POOL4_OFFSET
 
-# name, feature channels, feature size, window size, offset
-SKIPS = [("pool4", 512, 44, 34, 5), ("pool3", 256, 88, 70, 9)]
+# name, feature channels, feature size, window size, offset (fcnfast.bench's FCN-8s geometry)
+SKIPS = [("pool4", 512, POOL4, FUSE4, POOL4_OFFSET), ("pool3", 256, POOL3, FUSE3, POOL3_OFFSET)]
 CASES = [s + (c, 1) for s in SKIPS for c in (21, 59, 150)] + [SKIPS[0] + (21, 8)]
 
 

@@ -1,5 +1,8 @@
-"""Loading models from checkpoints: fcnfast's own and wkentaro/pytorch-fcn's.
+"""Checkpoint files: fcnfast's format, and loading models from fcnfast's and wkentaro/pytorch-fcn's.
 
+* ``save_checkpoint(state, path)`` / ``load_checkpoint(path)`` -- the file format of every
+  fcnfast checkpoint (``fcnfast train`` and ``fcnfast finetune``): a ``torch.save``d dict with
+  ``format == CHECKPOINT_FORMAT``, written atomically, read with errors that name the file.
 * ``load_model(path)`` -- the model of a checkpoint written by ``fcnfast train`` or
   ``fcnfast finetune`` (in eval mode), or of a wkentaro/pytorch-fcn ``.pth`` file.
 * ``pytorch_fcn_key_map(model)`` / ``load_pytorch_fcn(model, state_dict)`` /
@@ -15,6 +18,8 @@
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
@@ -23,8 +28,96 @@ from torch import nn
 
 from .nn import bilinear_kernel
 
-__all__ = ["load_model", "pytorch_fcn_key_map", "load_pytorch_fcn", "from_pytorch_fcn",
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "pytorch_fcn_key_map", "load_pytorch_fcn", "from_pytorch_fcn",
            "is_pytorch_fcn_state_dict"]
+
+CHECKPOINT_FORMAT = "fcnfast-checkpoint-1"
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same
+    directory, flushed and fsynced, then ``os.replace``d over ``path``. A failure at any
+    point leaves an existing checkpoint at ``path`` untouched.
+
+    Args:
+        state (dict): what to save (fcnfast's own checkpoints carry
+            ``"format": CHECKPOINT_FORMAT``).
+        path (str or Path): the file; missing parent directories are created.
+
+    Returns:
+        Path: ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    # make the rename itself durable (POSIX); not possible on every platform
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, map_location="cpu"):
+    """``torch.load`` of ``path`` (weights only); errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError("checkpoint not found: %s" % path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, wrong format ...
+        raise ValueError("cannot read checkpoint %s (corrupt or not a torch checkpoint): %s"
+                         % (path, exc)) from exc
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; errors name the file.
+
+    Args:
+        path (str or Path): the checkpoint file.
+        map_location: where tensors go (``torch.load``'s argument, default ``"cpu"``).
+
+    Returns:
+        dict: the saved state (``state["format"] == CHECKPOINT_FORMAT``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is unreadable or not an fcnfast checkpoint.
+    """
+    path = Path(path)
+    state = _read(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("%s is not an fcnfast checkpoint (missing format %r)"
+                         % (path, CHECKPOINT_FORMAT))
+    return state
+
 
 _VGG_CONVS = [(b, i) for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)]
 _FINAL = {"fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8",
@@ -144,17 +237,10 @@ def load_model(checkpoint, device="cpu", variant: Optional[str] = None) -> nn.Mo
     ``FCN8s``/``FCN8sAtOnce`` need ``variant``). Errors name the file.
     """
     from .finetune import load_finetuned
-    from .train import CHECKPOINT_FORMAT
     from .train import load_model as load_trained
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError("checkpoint not found: %s" % path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError("cannot read checkpoint %s (corrupt or not a torch checkpoint): %s"
-                         % (path, exc)) from exc
+    state = _read(path)
     if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("kind") == "finetune":
             return load_finetuned(path, device)

@@ -297,9 +297,10 @@ def cmd_train(args) -> int:
         image_size=args.image_size, data_seed=args.data_seed, out=args.out,
         device=args.device, num_workers=args.num_workers, save_every=args.save_every,
         max_steps=args.max_steps, validate=not args.no_validate, quiet=args.quiet)
-    from .train import _pick_device, existing_run, load_checkpoint, resume_conflicts
+    from .train import existing_run, load_checkpoint, resume_conflicts
+    from .training.distributed import pick_device
 
-    _pick_device(args.device)  # a bad --device fails now, not after loading the data
+    pick_device(args.device)  # a bad --device fails now, not after loading the data
     if args.resume is not None and "out" not in getattr(args, "_explicit", set()):
         args.out = cfg.out = str(Path(args.resume).parent)  # continue the run where it lives
     out = Path(args.out)
@@ -364,10 +365,11 @@ def cmd_eval(args) -> int:
     from torch.utils.data import DataLoader
 
     from .metrics import format_scores, plot_confusion, segmentation_scores
-    from .train import (TrainConfig, _pick_device, check_labels, crf_labels, evaluate,
-                        load_model, make_dataset, pad_collate)
+    from .train import (TrainConfig, check_labels, crf_labels, evaluate, load_model, make_dataset,
+                        pad_collate)
+    from .training.distributed import pick_device
 
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     if args.crf:
         _require_crf()
     if args.model is not None or _is_finetuned(args.checkpoint):
@@ -483,9 +485,9 @@ def _output_folder(path: Path, option: str) -> Path:
 
 def cmd_predict(args) -> int:
     from .data.images import image_format_for, label_format_for
-    from .train import _pick_device
+    from .training.distributed import pick_device
 
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     if args.crf:
         _require_crf()
     inputs, several = _predict_inputs(args.image)

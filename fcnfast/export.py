@@ -168,7 +168,6 @@ def onnx_translation_table():
         k = 2 * scale
         filt = bilinear_filter(k, torch.float32).numpy().reshape(1, 1, k, k).astype(np.float32)
         weight = op.CastLike(op.Constant(value=ir.tensor(filt, name="bilinear_filter_%d" % k)), x)
-        shape = op.Shape(x)
         flat = op.Reshape(x, op.Concat(ints([-1, 1]), op.Shape(x, start=2, end=4), axis=0))
         up = op.ConvTranspose(flat, weight, strides=[scale, scale])
         up = crop_hw(up, crop)

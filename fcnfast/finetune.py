@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data.images import IGNORE_INDEX
+from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .data.layouts import open_segmentation
+from .losses import IGNORE_INDEX
 from .metrics import confusion_matrix, segmentation_scores
 from .models.lite_fcn import LiteFCN
-from .train import (CHECKPOINT_FORMAT, _rng_state, _set_rng_state, load_checkpoint,
-                    save_checkpoint)
+from .training.checkpointing import rng_state, set_rng_state
 
 __all__ = ["FinetuneConfig", "Augment", "median_frequency_weights", "finetune", "evaluate_lite",
            "iou_table", "load_finetuned", "is_finetune_checkpoint"]
@@ -212,11 +212,11 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
         x = model.preprocess(image[None])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        conf += confusion_matrix(logits.argmax(1), label[None], num_classes)
+        conf += confusion_matrix(label[None], logits.argmax(1), num_classes)
         if crf:
             from .crf import dense_crf
             refined = dense_crf(logits[0].float(), image)
-            conf_crf += confusion_matrix(refined.argmax(0)[None], label[None], num_classes)
+            conf_crf += confusion_matrix(label[None], refined.argmax(0)[None], num_classes)
     result = {"confusion": conf, "scores": segmentation_scores(conf)}
     if crf:
         result["confusion_crf"] = conf_crf
@@ -234,7 +234,7 @@ def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, co
         return image[None, :, y0:y1, x0:x1]
 
     labels = tiling.tiled_labels(model, height, width, window, tile=tile)
-    conf += confusion_matrix(torch.from_numpy(labels).long()[None], label[None], conf.shape[0])
+    conf += confusion_matrix(label[None], torch.from_numpy(labels).long()[None], conf.shape[0])
     if crf:
         from .crf import dense_crf
 
@@ -242,7 +242,7 @@ def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, co
             return dense_crf(logits[0].float(), image[:, y0:y1, x0:x1]).argmax(0)
 
         refined = tiling.tiled_labels(model, height, width, window, tile=tile, crf=refine)
-        conf_crf += confusion_matrix(torch.from_numpy(refined).long()[None], label[None],
+        conf_crf += confusion_matrix(label[None], torch.from_numpy(refined).long()[None],
                                      conf.shape[0])
 
 
@@ -329,7 +329,7 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         best, history = state["best"], state["history"]
         trained_seconds = state.get("trained_seconds", 0.0)
         weights = state["class_weights"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log("resumed from %s at epoch %d (step %d)" % (resume, start_epoch, step))
     if weights is not None:
         log("class weights (%s): " % cfg.class_weights
@@ -352,7 +352,7 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         save_checkpoint({"format": CHECKPOINT_FORMAT, "kind": "finetune",
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "step": step, "best": best, "history": history,
-                         "class_weights": weights, "rng": _rng_state(),
+                         "class_weights": weights, "rng": rng_state(),
                          "trained_seconds": trained_seconds,
                          "config": cfg.to_dict(), "model_config": model.config()}, path)
 

@@ -19,16 +19,34 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .losses import IGNORE_INDEX
+
 __all__ = ["confusion_matrix", "segmentation_scores", "format_scores", "plot_confusion"]
 
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255,
+def confusion_matrix(target, pred, num_classes: int, ignore_index: Optional[int] = IGNORE_INDEX,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(num_classes, num_classes) int64 counts ``conf[t, p]`` of pixels with label ``t`` predicted ``p``.
+    """Counts ``conf[t, p]`` of pixels with true label ``t`` predicted as ``p``.
 
-    ``pred`` and ``target`` are integer label maps of the same shape (any rank). Pixels whose
-    target is ``ignore_index`` are skipped. Pass ``out`` (a previous result) to accumulate over
-    a validation set in place; the result is returned either way.
+    The argument order is scikit-learn's ``confusion_matrix(y_true, y_pred)``: ground truth
+    first, and rows are ground truth, columns prediction (``fcnfast.hsi.metrics`` uses the
+    same function and convention).
+
+    Args:
+        target (Tensor or array): integer ground-truth labels, any shape.
+        pred (Tensor or array): integer predicted labels, the shape of ``target``.
+        num_classes (int): the number of classes K; labels lie in ``[0, K)``.
+        ignore_index (int or None): pixels whose target equals it are skipped (default
+            ``IGNORE_INDEX``, 255); None: every pixel counts.
+        out (Tensor, optional): a previous (K, K) result to add to in place (accumulating
+            over a validation set).
+
+    Returns:
+        Tensor: the (K, K) int64 matrix (``out`` when given).
+
+    Raises:
+        ValueError: shapes differ, labels are not integers, or a label (other than an ignored
+            target) lies outside ``[0, K)``.
     """
     pred = torch.as_tensor(pred)
     target = torch.as_tensor(target)
@@ -42,12 +60,15 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255,
                          % (pred.dtype, target.dtype))
     target = target.reshape(-1).to(pred.device, torch.int64)
     pred = pred.reshape(-1).to(torch.int64)
-    keep = target != ignore_index
-    target, pred = target[keep], pred[keep]
+    if ignore_index is not None:
+        keep = target != ignore_index
+        target, pred = target[keep], pred[keep]
     for name, labels in (("target", target), ("pred", pred)):
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError("%s labels must lie in [0, %d) or equal ignore_index=%d, found %d..%d"
-                             % (name, num_classes, ignore_index, labels.min(), labels.max()))
+            raise ValueError("%s labels must lie in [0, %d)%s, found %d..%d"
+                             % (name, num_classes, "" if ignore_index is None else
+                                " or equal ignore_index=%d" % ignore_index,
+                                labels.min(), labels.max()))
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     conf = counts.reshape(num_classes, num_classes)
     if out is None:
@@ -59,11 +80,16 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255,
 
 
 def segmentation_scores(conf) -> dict:
-    """The FCN paper's four metrics from a confusion matrix (rows = ground truth).
+    """The FCN paper's four metrics from a confusion matrix (see the module docstring).
 
-    Returns ``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fw_iu`` (floats; NaN for an empty
-    matrix) and ``per_class_iu`` (a list, NaN for classes absent from both prediction and
-    ground truth).
+    Args:
+        conf (Tensor or array): a (K, K) matrix, rows = ground truth, columns = prediction
+            (``confusion_matrix``).
+
+    Returns:
+        dict: ``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fw_iu`` (floats; NaN for an empty
+        matrix) and ``per_class_iu`` (a list, NaN for classes absent from both prediction and
+        ground truth).
     """
     hist = torch.as_tensor(conf).detach().cpu().double().numpy()
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1]:
@@ -92,7 +118,15 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def format_scores(scores: dict, prefix: str = "") -> str:
-    """One line with the four metrics, e.g. ``pixel acc 0.9512  mean acc ...``."""
+    """One line with the four metrics, e.g. ``pixel acc 0.9512  mean acc ...``.
+
+    Args:
+        scores (dict): ``segmentation_scores``' result.
+        prefix (str): put in front of the line.
+
+    Returns:
+        str: the line.
+    """
     return prefix + "  ".join("%s %.4f" % (label, scores[key]) for key, label in (
         ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"), ("mean_iu", "mean IU"),
         ("fw_iu", "f.w. IU")))
@@ -103,6 +137,12 @@ def plot_confusion(conf, path, class_names: Optional[Sequence[str]] = None,
     """Save a row-normalised confusion matrix image (PNG or any matplotlib format) to ``path``.
 
     Uses matplotlib's Agg canvas directly, so it never touches the global pyplot backend.
+
+    Args:
+        conf (Tensor or array): a (K, K) matrix, rows = ground truth (``confusion_matrix``).
+        path (str or Path): the image file; the format follows its suffix.
+        class_names (sequence of str, optional): K tick labels (default 0 .. K-1).
+        title (str): the figure title.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

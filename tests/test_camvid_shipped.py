@@ -47,7 +47,7 @@ def test_shipped_model_segments_camvid_val_images():
         image, label = ds[index]
         labels = model.predict(image[None])
         assert labels.shape == (1, 360, 480)
-        conf += confusion_matrix(labels, label[None], 11)
+        conf += confusion_matrix(label[None], labels, 11)
     assert segmentation_scores(conf)["mean_iu"] >= SHIPPED_MIOU_FLOOR
 
 

@@ -13,6 +13,8 @@ import fcnfast
 from fcnfast.train import TrainConfig, build_model_from_config, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# `fcnfast train` that also saves each process's final weights (a test-only hook)
+WORKER = Path(__file__).resolve().with_name("ddp_worker.py")
 # where the fcnfast this test imported lives (the installed package in CI, the source tree when
 # built in place): the workers must run the same one
 PACKAGE_PARENT = Path(fcnfast.__file__).resolve().parents[1]
@@ -48,9 +50,9 @@ def run_torchrun(args, env, timeout=560):
 def test_two_process_cpu_training_matches_one_process(tmp_path):
     out, dumps = tmp_path / "ddp", tmp_path / "dumps"
     dumps.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", FCNFAST_RANK_STATE_DIR=str(dumps),
+    env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(PACKAGE_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = run_torchrun(["-m", "fcnfast", "train", *ARGS, "--out", str(out)], env)
+    proc = run_torchrun([str(WORKER), str(dumps), "train", *ARGS, "--out", str(out)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # only rank 0 prints the epoch line and writes files
     assert proc.stdout.count("epoch 1/1") == 1, proc.stdout

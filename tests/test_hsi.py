@@ -568,3 +568,17 @@ def test_disjoint_split_real_indian_pines():
         assert sum(rep["test"]) > 4000  # the buffer drops pixels but leaves a real test set
     train, test = random_split(gt, 0.1, seed=0, min_train=5)
     assert split_report(gt, train, test)["train"][8] == 5 and not (train & test).any()
+
+
+def test_confusion_matrix_convention_is_shared():
+    # one convention for both packages: (truth, pred), rows = truth, columns = prediction
+    from fcnfast import metrics
+
+    truth = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    m = confusion_matrix(truth, pred, 3)
+    assert m[0, 1] == 1 and m[1, 0] == 0          # a true 0 predicted as 1: row 0, column 1
+    np.testing.assert_array_equal(m, metrics.confusion_matrix(truth, pred, 3).numpy())
+    # the HSI matrix counts every pixel: no ignore label
+    with pytest.raises(ValueError, match="truth|target"):
+        confusion_matrix(np.array([0, 255]), np.array([0, 1]), 3)

@@ -18,7 +18,7 @@ EXPECTED_CONF = [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
 def test_confusion_matrix_by_hand():
-    conf = confusion_matrix(PRED, TARGET, 3)
+    conf = confusion_matrix(TARGET, PRED, 3)
     assert conf.dtype == torch.int64
     assert conf.tolist() == EXPECTED_CONF
 
@@ -38,7 +38,7 @@ def test_scores_by_hand():
 
 def test_absent_classes_follow_fcn_score_py():
     # 5 classes; gt has only class 0, prediction uses 0 and 3; classes 1, 2, 4 appear nowhere.
-    conf = confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 0]), 5)
+    conf = confusion_matrix(torch.tensor([0, 0]), torch.tensor([0, 3]), 5)
     assert conf[0].tolist() == [1, 0, 0, 1, 0] and conf.sum() == 2
     s = segmentation_scores(conf)
     assert s["pixel_acc"] == pytest.approx(0.5)
@@ -57,9 +57,9 @@ def test_accumulates_over_batches_like_one_matrix():
     target[0, 0, :3] = 255
     acc = torch.zeros(4, 4, dtype=torch.int64)
     for i in range(6):
-        out = confusion_matrix(pred[i], target[i], 4, out=acc)
+        out = confusion_matrix(target[i], pred[i], 4, out=acc)
         assert out is acc
-    whole = confusion_matrix(pred, target, 4)
+    whole = confusion_matrix(target, pred, 4)
     assert torch.equal(acc, whole)
     assert whole.sum() == 6 * 5 * 7 - 3
     # brute-force count
@@ -92,7 +92,7 @@ def test_empty_matrix_is_nan():
 ])
 def test_bad_labels_raise(pred, target, match):
     with pytest.raises(ValueError, match=match):
-        confusion_matrix(pred, target, 3)
+        confusion_matrix(target, pred, 3)
 
 
 def test_plot_confusion_writes_png(tmp_path):

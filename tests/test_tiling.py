@@ -77,6 +77,17 @@ def test_tiled_equals_whole_image_on_odd_sizes(name, fixed, size):
     assert not np.array_equal(short, whole)
 
 
+def _predict_tiled_equals_whole(args, tile, tmp_path, capsys):
+    """``fcnfast predict`` (``args``) with ``--tile 0`` and ``--tile <tile>``: the same label map,
+    holding more than one class."""
+    assert cli.main([*args, "-o", str(tmp_path / "whole.png"), "--tile", "0"]) == 0
+    assert cli.main([*args, "-o", str(tmp_path / "tiled.png"), "--tile", str(tile)]) == 0
+    assert "[tiles of %d]" % tile in capsys.readouterr().out
+    whole = np.asarray(Image.open(tmp_path / "whole.png"))
+    assert len(np.unique(whole)) > 1
+    assert np.array_equal(whole, np.asarray(Image.open(tmp_path / "tiled.png")))
+
+
 def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--train-images", "2", "--val-images", "1",
@@ -92,13 +103,9 @@ def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
     image = rng.integers(0, 256, (611, 589, 3), dtype=np.uint8)
     image[:300] //= 3
     Image.fromarray(image).save(tmp_path / "big.png")
-    args = ["predict", str(tmp_path / "big.png"), "--checkpoint", ckpt, "--quiet"]
-    assert cli.main([*args, "-o", str(tmp_path / "whole.png"), "--tile", "0"]) == 0
-    assert cli.main([*args, "-o", str(tmp_path / "tiled.png"), "--tile", "200"]) == 0
-    assert "[tiles of 200]" in capsys.readouterr().out
-    whole = np.asarray(Image.open(tmp_path / "whole.png"))
-    assert len(np.unique(whole)) > 1
-    assert np.array_equal(whole, np.asarray(Image.open(tmp_path / "tiled.png")))
+    _predict_tiled_equals_whole(
+        ["predict", str(tmp_path / "big.png"), "--checkpoint", ckpt, "--quiet"], 200, tmp_path,
+        capsys)
     # eval: the same scores tiled and whole (synthetic validation scenes are 36 px: one tile
     # each, so compare on a VOC folder of bigger images)
     from fcnfast.data import write_synthetic_voc
@@ -179,13 +186,9 @@ def test_lite0_predict_and_eval_tile_flag(tmp_path, capsys):
     """CLI wiring for the shipped model: --tile gives the whole-image labels and scores."""
     image = _camvid_like(181, 243, seed=1)[0].permute(1, 2, 0).numpy()
     Image.fromarray(image).save(tmp_path / "street.png")
-    args = ["predict", str(tmp_path / "street.png"), "--model", "fcn8s_lite0_camvid", "--quiet"]
-    assert cli.main([*args, "-o", str(tmp_path / "whole.png"), "--tile", "0"]) == 0
-    assert cli.main([*args, "-o", str(tmp_path / "tiled.png"), "--tile", "64"]) == 0
-    assert "[tiles of 64]" in capsys.readouterr().out
-    whole = np.asarray(Image.open(tmp_path / "whole.png"))
-    assert len(np.unique(whole)) > 1
-    assert np.array_equal(whole, np.asarray(Image.open(tmp_path / "tiled.png")))
+    _predict_tiled_equals_whole(
+        ["predict", str(tmp_path / "street.png"), "--model", "fcn8s_lite0_camvid", "--quiet"], 64,
+        tmp_path, capsys)
     (tmp_path / "set" / "images").mkdir(parents=True)
     (tmp_path / "set" / "labels").mkdir()
     Image.fromarray(image).save(tmp_path / "set" / "images" / "a.png")

@@ -89,7 +89,7 @@ def test_evaluate_sums_one_confusion_matrix():
     batches[1][1][0, :5] = 255
     conf = evaluate(model, batches, 3)
     model.eval()
-    expected = sum(confusion_matrix(model(x).argmax(1), t, 3) for x, t in batches)
+    expected = sum(confusion_matrix(t, model(x).argmax(1), 3) for x, t in batches)
     assert torch.equal(conf, expected)
     assert conf.sum() == 3 * 2 * 20 * 24 - 5 * 24
 

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..losses import IGNORE_INDEX  # the one ignore label (255), re-exported here
+
 __all__ = ["MEAN_RGB", "STD_RGB", "IGNORE_INDEX", "VOC_CLASSES", "image_to_tensor",
            "tensor_to_image", "load_image", "load_image_and_label", "to_rgb8", "label_format_for",
            "image_format_for", "load_label", "save_label_png", "voc_palette"]
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",

@@ -33,7 +33,7 @@ import torch
 from ..data.hsi import describe_scene, load_scene, normalize_bands, pca_reduce, synthetic_scene
 from ..data.hsi import NORMALIZATIONS, class_names as default_class_names
 from . import engine
-from .engine import IGNORE
+from ..losses import IGNORE_INDEX
 from .metrics import classification_scores, confusion_matrix
 from .models import HSIFCN, PatchCNN, receptive_field
 from .splits import block_split, disjoint_split, random_split, split_report
@@ -236,7 +236,7 @@ def _fingerprint(cfg: Dict) -> str:
 def _run_seed(seed, scene, gt, k, args):
     """Train both nets on one split; returns (record, predictions, masks, models)."""
     train, test = _split(gt, args, seed)
-    target = torch.from_numpy(np.where(train, gt - 1, IGNORE))
+    target = torch.from_numpy(np.where(train, gt - 1, IGNORE_INDEX))
     rep = split_report(gt, train, test)
     rec = {"seed": seed, "train_pixels": int(train.sum()), "test_pixels": int(test.sum()),
            "split": rep}

@@ -1,26 +1,25 @@
 """Training and full-scene inference for the patch CNN, its dense conversion and the HSI FCN.
 
 Scenes are float32 tensors ``(B, H, W)`` (bands first); targets are int64 ``(H, W)`` with the
-0-based class of every training pixel and ``IGNORE`` elsewhere. Both trainers use Adam, random
-flips / 90-degree rotations, and are deterministic for a given seed (single process, CPU).
+0-based class of every training pixel and ``IGNORE_INDEX`` (255, ``fcnfast.losses``) elsewhere.
+Both trainers use Adam, random flips / 90-degree rotations, and are deterministic for a given
+seed (single process, CPU).
 """
 from __future__ import annotations
 
 import time
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import IGNORE_INDEX
 from ..models.convolutionalize import convolutionalize
 from .models import extract_patches, reflect_pad
 
-__all__ = ["IGNORE", "train_patch_cnn", "predict_patches", "predict_dense", "train_fcn",
+__all__ = ["IGNORE_INDEX", "train_patch_cnn", "predict_patches", "predict_dense", "train_fcn",
            "predict_fcn", "timed"]
-
-IGNORE = 255
 
 
 def timed(fn, *args, **kwargs):
@@ -28,6 +27,20 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def _adam_one_cycle(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
+    """(Adam, OneCycleLR): warm-up to ``lr``, then cosine decay to ~0 over ``total_steps``."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+
+
+def _update(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss`` and one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator, noise: float = 0.0):
@@ -59,11 +72,10 @@ def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor,
     (warm-up to ``lr``, cosine decay to ~0 over ``epochs``)."""
     g = torch.Generator().manual_seed(seed)
     padded = reflect_pad(scene, model.window // 2)
-    rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
+    rows, cols = torch.nonzero(target != IGNORE_INDEX, as_tuple=True)
     labels = target[rows, cols]
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     per_epoch = sum(1 for s in range(0, rows.numel(), batch_size) if rows.numel() - s >= 2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * per_epoch))
+    opt, sched = _adam_one_cycle(model, lr, weight_decay, max(1, epochs * per_epoch))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(rows.numel(), generator=g)
@@ -73,11 +85,8 @@ def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor,
                 continue
             patches, _ = _augment(extract_patches(padded, rows[idx], cols[idx], model.window), None, g,
                                   noise)
-            loss = F.cross_entropy(model(patches), labels[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            _update(opt, sched, F.cross_entropy(model(patches), labels[idx],
+                                                label_smoothing=label_smoothing))
     return model.eval()
 
 
@@ -115,11 +124,10 @@ def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps
               noise: float = 0.0, seed: int = 0) -> nn.Module:
     """The FCN on the whole scene (or, for scenes larger than ``crop``, random ``crop x crop``
     windows holding training pixels); the loss is the cross-entropy over the training pixels only
-    (``ignore_index=IGNORE``). One step = one augmented scene (or ``batch_size`` crops)."""
+    (``ignore_index=IGNORE_INDEX``). One step = one augmented scene (or ``batch_size`` crops)."""
     g = torch.Generator().manual_seed(seed)
     _, h, w = scene.shape
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    opt, sched = _adam_one_cycle(model, lr, weight_decay, max(steps, 1))
     whole = h <= crop and w <= crop
     model.train()
     for _ in range(steps):
@@ -127,16 +135,13 @@ def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps
         while len(xs) < (1 if whole else batch_size):
             sy, sx = (slice(None), slice(None)) if whole else _random_crop(h, w, crop, g)
             y = target[sy, sx]
-            if not whole and not (y != IGNORE).any():
+            if not whole and not (y != IGNORE_INDEX).any():
                 continue
             x, y = _augment(scene[:, sy, sx], y, g, noise)
             xs.append(x)
             ys.append(y)
-        loss = F.cross_entropy(model(torch.stack(xs)), torch.stack(ys), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, sched, F.cross_entropy(model(torch.stack(xs)), torch.stack(ys),
+                                            ignore_index=IGNORE_INDEX))
     return model.eval()
 
 
@@ -144,8 +149,3 @@ def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps
 def predict_fcn(model: nn.Module, scene: torch.Tensor) -> torch.Tensor:
     """``(K, H, W)`` logits of the FCN on the whole scene in one forward pass."""
     return model.eval()(scene[None])[0]
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)

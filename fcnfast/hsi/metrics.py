@@ -13,26 +13,44 @@ from typing import Dict
 
 import numpy as np
 
+from ..metrics import confusion_matrix as _confusion_matrix
+
 __all__ = ["confusion_matrix", "classification_scores"]
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(K, K)`` int64 counts from 0-based ``truth`` and ``pred`` of the same shape."""
+    """``(K, K)`` int64 counts ``M[t, p]`` of test pixels of class ``t`` predicted as ``p``.
+
+    ``fcnfast.metrics.confusion_matrix`` with every pixel counted (no ignore label) and a NumPy
+    result: the same argument order (ground truth first, as scikit-learn's) and rows = truth.
+
+    Args:
+        truth (array): 0-based true classes.
+        pred (array): 0-based predicted classes, as many as ``truth``.
+        num_classes (int): K; labels lie in ``[0, K)``.
+
+    Returns:
+        np.ndarray: the (K, K) int64 matrix.
+    """
     truth = np.asarray(truth).ravel()
     pred = np.asarray(pred).ravel()
     if truth.shape != pred.shape:
         raise ValueError("truth and pred must have the same number of pixels, got %d and %d"
                          % (truth.size, pred.size))
-    for name, a in (("truth", truth), ("pred", pred)):
-        if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise ValueError("%s labels must lie in [0, %d), got range [%d, %d]"
-                             % (name, num_classes, a.min(), a.max()))
-    flat = truth.astype(np.int64) * num_classes + pred.astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return _confusion_matrix(truth, pred, num_classes, ignore_index=None).numpy()
 
 
 def classification_scores(confusion: np.ndarray) -> Dict[str, object]:
-    """OA, AA, kappa and per-class accuracy from a confusion matrix (see the module docstring)."""
+    """OA, AA, kappa and per-class accuracy from a confusion matrix (see the module docstring).
+
+    Args:
+        confusion (array): a (K, K) matrix, rows = truth (``confusion_matrix``).
+
+    Returns:
+        dict: ``overall_accuracy``, ``average_accuracy``, ``kappa`` (floats),
+        ``per_class_accuracy`` (a list, NaN for classes without test pixels) and ``confusion``
+        (the matrix as lists).
+    """
     m = np.asarray(confusion, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError("confusion must be a square matrix, got shape %s" % (m.shape,))

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..losses import IGNORE_INDEX, segmentation_loss
 from ..nn import BilinearUpsample2d, NoScript, SkipFuse, bilinear_kernel
 from .backbones import backbone_spec, make_fc, make_features, pool_indices
 
@@ -288,24 +289,40 @@ class FCN(nn.Module, NoScript):
             return ops.upsample_argmax(scores, self.upscale, crop)
         return chunked_argmax(self.final_upsample, scores, crop)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
-             reduction: str = "mean") -> torch.Tensor:
-        """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target`` (N, H, W).
+    def frozen_bilinear_upsampling(self) -> bool:
+        """True when the final upsampling is bilinear and takes no gradient here
+        (``fixed_upsampling``, or a learned layer with the bilinear weight and
+        ``requires_grad=False`` or grad disabled): the loss can then run the fused
+        ``ops.upsample_cross_entropy`` on the coarse scores (``fcnfast.losses``).
 
-        ``reduction="sum"`` is Caffe's unnormalised loss. When the final upsampling is
-        bilinear and takes no gradient (``fixed_upsampling``, or a learned layer with the
-        bilinear weight and ``requires_grad=False``) it runs the fused
-        ``ops.upsample_cross_entropy`` on the coarse scores (no full-resolution logits).
+        Returns:
+            bool: whether ``fcnfast.losses.segmentation_loss`` takes the fused path.
         """
         final = self.final_upsample
         weight = getattr(final, "weight", None)
-        if ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
-                and is_bilinear_upsampling(final, self.upscale)):
-            scores, crop = self.coarse_scores(x)
-            return ops.upsample_cross_entropy(scores, target, self.upscale, crop,
-                                              ignore_index=ignore_index, reduction=reduction)
-        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
-                               reduction=reduction)
+        return ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
+                and is_bilinear_upsampling(final, self.upscale))
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+             reduction: str = "mean") -> torch.Tensor:
+        """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target``
+        (``fcnfast.losses.segmentation_loss``).
+
+        When the final upsampling is bilinear and takes no gradient
+        (``frozen_bilinear_upsampling()``) it runs the fused ``ops.upsample_cross_entropy``
+        on the coarse scores (no full-resolution logits).
+
+        Args:
+            x (Tensor): the (N, in_channels, H, W) input.
+            target (Tensor): (N, H, W) int64 labels.
+            ignore_index (int): the label not counted (default ``IGNORE_INDEX``, 255).
+            reduction (str): ``"mean"`` over the counted pixels or ``"sum"`` (Caffe's
+                unnormalised loss).
+
+        Returns:
+            Tensor: the scalar loss.
+        """
+        return segmentation_loss(self, x, target, reduction=reduction, ignore_index=ignore_index)
 
     def extra_repr(self) -> str:
         return ("variant=%s, num_classes=%d, in_channels=%d, backbone=%s, fixed_upsampling=%s, "
@@ -316,31 +333,19 @@ class FCN(nn.Module, NoScript):
 
 def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
            fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-32s: score_fr upsampled 32x (k64), crop 19.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-32s: score_fr upsampled 32x (k64), crop 19."""
     return _build('fcn32s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
            fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27."""
     return _build('fcn16s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
 def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
-    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31.
-
-    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
-    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
-    """
+    """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31."""
     return _build('fcn8s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
@@ -348,6 +353,28 @@ def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
                  fixed_upsampling: bool = False, **kwargs) -> FCN:
     """At-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001 before scoring."""
     return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
+
+
+_BUILDER_DOC = """
+
+    ``backbone="lite0"`` builds the EfficientNet-Lite0 variant (``LiteFCN``;
+    ``pretrained=True`` loads its ImageNet weights); ``pretrained`` is only for lite0.
+
+    Args:
+        num_classes (int): output classes, background included (default 21, VOC).
+        in_channels (int): input channels (3; lite0 takes RGB only).
+        backbone (str or BackboneSpec): ``"vgg16"`` (the paper's), ``"small"``, ``"tiny"``
+            (width-reduced), or ``"lite0"``.
+        fixed_upsampling (bool): freeze the final upsampling to bilinear (not for lite0).
+        pretrained (bool): lite0's ImageNet weights (lite0 only).
+        **kwargs: passed to ``FCN`` / ``LiteFCN`` (e.g. ``dropout``).
+
+    Returns:
+        FCN or LiteFCN: the model (train mode).
+    """
+for _builder in (fcn32s, fcn16s, fcn8s):
+    if _builder.__doc__:  # None under python -OO
+        _builder.__doc__ += _BUILDER_DOC
 
 
 def _build(variant, num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs):

@@ -31,10 +31,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fcn import chunked_argmax
+from ..losses import IGNORE_INDEX, segmentation_loss
 from ..nn import ConvTranspose2d, NoScript, SkipFuse, bilinear_kernel
 from .efficientnet import (EfficientNetLite0, LITE0_FEATURE_CHANNELS, lite0_state_dict_from_package,
                            load_lite0_state_dict, normalize_uint8)
@@ -155,15 +155,24 @@ class LiteFCN(nn.Module, NoScript):
         labels = chunked_argmax(self.upscore, scores, crop)   # one image's scores at a time
         return labels[0] if single else labels
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
              reduction: str = "mean") -> torch.Tensor:
-        """``F.cross_entropy(forward(x), target, ignore_index=ignore_index, reduction=reduction)``.
+        """``F.cross_entropy(forward(x), target, ignore_index=ignore_index, reduction=reduction)``
+        (``fcnfast.losses.segmentation_loss``).
 
         The final deconvolution is learned (k ``2f-1``), so the fused bilinear
         ``ops.upsample_cross_entropy`` does not apply here; the loss takes the logits.
+
+        Args:
+            x (Tensor): the normalised (N, 3, H, W) input (``preprocess``).
+            target (Tensor): (N, H, W) int64 labels.
+            ignore_index (int): the label not counted (default ``IGNORE_INDEX``, 255).
+            reduction (str): ``"mean"`` over the counted pixels or ``"sum"``.
+
+        Returns:
+            Tensor: the scalar loss.
         """
-        return F.cross_entropy(self.forward(x), target, ignore_index=ignore_index,
-                               reduction=reduction)
+        return segmentation_loss(self, x, target, reduction=reduction, ignore_index=ignore_index)
 
     # tiles of 768 px (windows of 768 + 2 * 512 halo): a 2048 px window of this backbone holds
     # ~1.4 GB of activations (96 expanded channels at stride 2), too much for a 2 GB budget
