@@ -41,6 +41,13 @@ def tolerance(dtype, terms=1):
 
 REFERENCE_ONLY = os.environ.get("FCNFAST_BACKEND", "").lower() == "reference"
 
+# The smallest end-to-end CLI training run (``train``): one epoch on 2 + 1 synthetic
+# 36-pixel images, 4 classes, batch 2, no progress output. test_cli_errors.py and
+# test_cli_runs.py each held this list as TINY.
+TINY_TRAIN_ARGS = ("--epochs", "1", "--train-images", "2", "--val-images", "1",
+                   "--image-size", "36", "--num-classes", "4", "--optimizer", "adam",
+                   "--batch-size", "2", "--quiet")
+
 # ---------------------------------------------------------------------------
 # devices: every op test takes the ``device`` fixture ("cpu" always, "cuda" where
 # a CUDA device and CUDA kernels exist, else skipped with the reason)
