@@ -120,14 +120,25 @@ def assert_close_scaled(actual, expected, dtype=None, what="output"):
             % (what, err, TOLERANCE[dtype] * scale, scale, dtype))
 
 
+def copy_leaf(t, device="cpu"):
+    """A leaf copy of ``t`` on ``device`` with the same strides (``clone``/``to`` would
+    make a sliced view contiguous), requiring grad as ``t`` does. Overlapping
+    (stride-0) tensors are copied contiguous."""
+    if 0 in t.stride() and t.numel() > 1:
+        out = t.detach().contiguous().to(device)
+    else:
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+        out.copy_(t.detach())
+    return out.requires_grad_(t.requires_grad)
+
+
 def compare_forward_backward(native_fn, reference_fn, inputs, grad_seed=0, device="cpu"):
-    """Run both functions on clones of ``inputs`` (tensors requiring grad get a
-    gradient), compare outputs and every input gradient. ``native_fn`` runs on
-    ``device``, ``reference_fn`` (the oracle) on the CPU; the results are compared on
-    the CPU."""
+    """Run both functions on copies of ``inputs`` with the same memory layout (tensors
+    requiring grad get a gradient), compare outputs and every input gradient.
+    ``native_fn`` runs on ``device``, ``reference_fn`` (the oracle) on the CPU; the
+    results are compared on the CPU."""
     def run(fn, dev):
-        args = [t.detach().clone().to(dev).requires_grad_(t.requires_grad)
-                if isinstance(t, torch.Tensor) else t for t in inputs]
+        args = [copy_leaf(t, dev) if isinstance(t, torch.Tensor) else t for t in inputs]
         out = fn(*args)
         grads = []
         if out.requires_grad:

@@ -1,10 +1,14 @@
 """Argument sets for every fcnfast op and a native-vs-reference checker.
 
 Shared by the reliability tests (fuzz, concurrency) and the ``.ci`` scripts
-(sanitizer and wheel smoke runs on FCN shapes). A :class:`Case` holds *leaf*
-tensors plus an optional view per leaf (channels_last copy, strided slice,
-transpose, stride-0 expand), so an op sees exotic memory layouts while the
-gradients are still taken with respect to plain leaves and can be compared.
+(sanitizer and wheel smoke runs on FCN shapes); ``ORACLE_CASES`` and
+``oracle_tests`` give the per-op test files their device-parametrised fp64-oracle
+tests, and the upsampling ops' tests share a few shapes and error cases.
+
+A :class:`Case` holds *leaf* tensors plus an optional view per leaf (channels_last
+copy, strided slice, transpose, stride-0 expand), so an op sees exotic memory
+layouts while the gradients are still taken with respect to plain leaves and can
+be compared.
 """
 from __future__ import annotations
 
