@@ -78,6 +78,22 @@ def device(request):
     return request.param
 
 
+def with_cuda(*cpu_variants):
+    """Params of a fixture that runs a test on each CPU variant of a kernel (selected by
+    environment switches) and on "cuda"."""
+    return list(cpu_variants) + [pytest.param("cuda", marks=CUDA.marks)]
+
+
+def variant_device(variant: str) -> str:
+    return "cuda" if variant == "cuda" else "cpu"
+
+
+def leaves_on(device, *tensors):
+    """Leaf copies on ``device`` (None stays None), requiring grad as the originals do."""
+    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
+            for t in tensors]
+
+
 def expected_cuda_backend() -> str:
     """The CUDA backend under test: the compiled kernels when the extension has them,
     else CuPy; ``FCNFAST_CUDA_BACKEND=cupy`` forces CuPy."""
@@ -118,6 +134,16 @@ def assert_close_scaled(actual, expected, dtype=None, what="output"):
         assert err <= TOLERANCE[dtype] * scale, (
             "%s max abs error %.3g > %.3g (scale %.3g, dtype %s)"
             % (what, err, TOLERANCE[dtype] * scale, scale, dtype))
+
+
+def assert_output_mask(mask, got, expected):
+    """A backward op's results for ``output_mask``: the entries not asked for are empty,
+    the others (on any device) match ``expected``."""
+    for wanted, g, e in zip(mask, got, expected):
+        if wanted:
+            assert_close_scaled(g.cpu(), e)
+        else:
+            assert g.numel() == 0
 
 
 def copy_leaf(t, device="cpu"):

@@ -572,9 +572,8 @@ def oracle_tests(op: str) -> dict:
     from conftest import ACCELERATORS, require_native
 
     names = oracle_case_names(op)
-    tests = {}
     if not names:
-        return tests
+        return {}
 
     @pytest.mark.parametrize("dtype", ORACLE_DTYPES, ids=ORACLE_DTYPE_IDS)
     @pytest.mark.parametrize("name", names)
@@ -582,38 +581,25 @@ def oracle_tests(op: str) -> dict:
         require_native(op, device)
         check_oracle_case(name, dtype, device)
 
-    @pytest.mark.parametrize("device", ACCELERATORS)
-    @pytest.mark.parametrize("name", names)
-    def test_matches_cpu_backend(name, device):
-        require_native(op, device)
-        check_matches_cpu_backend(name, device)
-
-    tests.update(test_matches_fp64_oracle=test_matches_fp64_oracle,
-                 test_matches_cpu_backend=test_matches_cpu_backend)
-
-    empty = [n for n in names if op != "upsample_cross_entropy"]
-    if empty:
-        @pytest.mark.parametrize("name", empty)
-        def test_empty_batch_case(name, device):
+    def device_test(check, case_names, devices=None):
+        """A test of ``check(name, device)`` over ``case_names``, on ``devices`` (default:
+        the ``device`` fixture)."""
+        @pytest.mark.parametrize("name", case_names)
+        def test(name, device):
             require_native(op, device)
-            check_empty_batch(name, device)
-        tests["test_empty_batch_case"] = test_empty_batch_case
+            check(name, device)
+        return test if devices is None else pytest.mark.parametrize("device", devices)(test)
 
+    tests = dict(test_matches_fp64_oracle=test_matches_fp64_oracle,
+                 test_matches_cpu_backend=device_test(check_matches_cpu_backend, names,
+                                                      ACCELERATORS))
+    if op != "upsample_cross_entropy":  # (a loss has no batch dimension to be empty)
+        tests["test_empty_batch_case"] = device_test(check_empty_batch, names)
     grad = [n for n in GRADCHECK_CASES if n in names]
     if grad:
-        @pytest.mark.parametrize("device", ACCELERATORS)
-        @pytest.mark.parametrize("name", grad)
-        def test_gradcheck_fp64_case(name, device):
-            require_native(op, device)
-            check_gradcheck_fp64(name, device)
-
-        @pytest.mark.parametrize("device", ACCELERATORS)
-        @pytest.mark.parametrize("name", grad)
-        def test_gradgradcheck_fp64_case(name, device):
-            require_native(op, device)
-            check_gradgradcheck_fp64(name, device)
-        tests.update(test_gradcheck_fp64_case=test_gradcheck_fp64_case,
-                     test_gradgradcheck_fp64_case=test_gradgradcheck_fp64_case)
+        tests["test_gradcheck_fp64_case"] = device_test(check_gradcheck_fp64, grad, ACCELERATORS)
+        tests["test_gradgradcheck_fp64_case"] = device_test(check_gradgradcheck_fp64, grad,
+                                                            ACCELERATORS)
     return tests
 
 
@@ -635,6 +621,20 @@ def head_shape(n, c, h, w, scale, out_h, out_w):
 
 # (N, C, H, W, scale, crop): odd scale without a crop; scale 1 with a crop
 UPSAMPLE_GENERIC_SHAPES = [(3, 4, 5, 7, 3, None), (2, 3, 6, 4, 1, (0, 1, 6, 4))]
+
+
+def bottom_right_shape(n, c, h, w, scale, out_h, out_w):
+    """A crop of ``out_h`` x ``out_w`` at the bottom-right corner of the full output
+    ((H + 1) * scale x (W + 1) * scale)."""
+    return (n, c, h, w, scale, ((h + 1) * scale - out_h, (w + 1) * scale - out_w, out_h, out_w))
+
+
+def upsample_shapes(heads, bottom_right, one_pixel):
+    """``(N, C, H, W, scale, crop)`` geometries of an upsampling op's tests: the FCN heads
+    (``head_shape`` arguments), UPSAMPLE_GENERIC_SHAPES, a crop at the bottom-right edge
+    (``bottom_right_shape`` arguments) and a one-pixel crop."""
+    return ([head_shape(*h) for h in heads] + UPSAMPLE_GENERIC_SHAPES
+            + [bottom_right_shape(*bottom_right), one_pixel])
 
 # (kwargs, match): errors every upsampling op raises alike, on x (1, 3, 4, 4), scale 4
 UPSAMPLE_ERRORS = [

@@ -15,7 +15,8 @@ import torch
 import fcnfast
 from fcnfast import ops, reference
 
-from conftest import CUDA, assert_close_scaled, compare_forward_backward, require_native
+from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
+                      require_native, variant_device, with_cuda)
 from op_cases import oracle_tests
 
 OP = "conv_transpose2d"
@@ -58,23 +59,13 @@ def _make(shape, dtype=torch.float32, bias=True):
     return x, weight, b, kwargs
 
 
-@pytest.fixture(params=["rows", "phase", "direct", pytest.param("cuda", marks=CUDA.marks)])
+@pytest.fixture(params=with_cuda("rows", "phase", "direct"))
 def path(request, monkeypatch):
     if request.param != "cuda":
         monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT",
                            "1" if request.param == "direct" else "0")
         monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
     return request.param
-
-
-def _device(path):
-    return "cuda" if path == "cuda" else "cpu"
-
-
-def _on(device, *tensors):
-    """Leaves on ``device`` (None stays None), requiring grad as the originals do."""
-    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
-            for t in tensors]
 
 
 def _compare(x, weight, b, kwargs, device="cpu"):
@@ -91,18 +82,18 @@ def _compare(x, weight, b, kwargs, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
 def test_matches_reference(shape, dtype, path):
-    require_native(OP, _device(path))
+    require_native(OP, variant_device(path))
     x, weight, b, kwargs = _make(shape, dtype, bias=shape[0] != 1)
-    _compare(x, weight, b, kwargs, _device(path))
+    _compare(x, weight, b, kwargs, variant_device(path))
 
 
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], SHAPES[7], SHAPES[10]])
 def test_bfloat16(shape, path):
     """bf16 in/out with fp32 accumulation, vs the fp32 reference on the same (rounded) values."""
-    device = _device(path)
+    device = variant_device(path)
     require_native(OP, device)
     x, weight, b, kwargs = _make(shape, torch.bfloat16)
-    xd, weight_d, b_d = _on(device, x, weight, b)
+    xd, weight_d, b_d = leaves_on(device, x, weight, b)
     out = ops.conv_transpose2d(xd, weight_d, b_d, **kwargs)
     assert out.dtype == torch.bfloat16 and out.device.type == device
     args32 = [t.detach().float().requires_grad_() for t in (x, weight, b)]
@@ -117,12 +108,12 @@ def test_bfloat16(shape, path):
 
 
 def test_channels_last_and_noncontiguous(path):
-    require_native(OP, _device(path))
+    require_native(OP, variant_device(path))
     x = torch.randn(2, 4, 9, 14)[..., ::2].to(memory_format=torch.channels_last).requires_grad_()
     weight = torch.randn(6, 4, 4, 4).permute(1, 0, 2, 3).requires_grad_()  # (4, 6, 4, 4), strided
     b = torch.randn(12)[::2].requires_grad_()
     assert not x.is_contiguous() and not weight.is_contiguous() and not b.is_contiguous()
-    _compare(x, weight, b, dict(stride=2, padding=1, crop=(1, 2, 12, 10)), _device(path))
+    _compare(x, weight, b, dict(stride=2, padding=1, crop=(1, 2, 12, 10)), variant_device(path))
 
 
 # Geometries of the AVX-512 row kernel (kernel = taps * stride, 16 % stride_w == 0):
@@ -144,12 +135,12 @@ ROW_KERNEL_SHAPES = [
                          ids=[str(i) for i in range(len(ROW_KERNEL_SHAPES))])
 def test_row_kernel_geometries(shape, path):
     """The AVX-512 row kernel's geometries, on all three paths, vs the reference."""
-    require_native(OP, _device(path))
+    require_native(OP, variant_device(path))
     n, ci, co, h, w, k, s, p, crop = shape
     x = torch.randn(n, ci, h, w, requires_grad=True)
     weight = torch.randn(ci, co, *_pair(k), requires_grad=True)
     b = torch.randn(co, requires_grad=True) if n > 1 else None
-    _compare(x, weight, b, dict(stride=s, padding=p, crop=crop), _device(path))
+    _compare(x, weight, b, dict(stride=s, padding=p, crop=crop), variant_device(path))
 
 
 def test_fcn8s_upscore8_full_channels(device):
@@ -164,7 +155,7 @@ def test_fcn8s_upscore8_full_channels(device):
                                   (True, True, True), (False, False, False)])
 def test_backward_output_mask(mask, path):
     """Entries not asked for are empty; the others match the reference gradients."""
-    device = _device(path)
+    device = variant_device(path)
     require_native(OP, device)
     x, weight, b, kwargs = _make(SHAPES[6], torch.float64)
     out = reference.conv_transpose2d(x, weight, b, **kwargs)
@@ -174,22 +165,18 @@ def test_backward_output_mask(mask, path):
     got = torch.ops.fcnfast.conv_transpose2d_backward(
         grad.to(device), x.detach().to(device), weight.detach().to(device), [2, 2], [1, 1],
         [1, 1], 1, [1, 1], crop, list(mask))
-    for wanted, g, e in zip(mask, got, expected):
-        if wanted:
-            assert_close_scaled(g.cpu(), e)
-        else:
-            assert g.numel() == 0
+    assert_output_mask(mask, got, expected)
 
 
 def test_gradcheck_fp64(path):
-    device = _device(path)
+    device = variant_device(path)
     require_native(OP, device)
     for shape in ((1, 2, 3, 4, 5, 4, 2, 0, 0, 1, 1, (3, 2, 6, 7)),
                   (2, 2, 4, 3, 3, 3, 2, 1, 1, 2, 2, (1, 0, 5, 4))):
         x, weight, b, kwargs = _make(shape, torch.float64)
         assert torch.autograd.gradcheck(
             lambda x_, w_, b_, kwargs=kwargs: ops.conv_transpose2d(x_, w_, b_, **kwargs),
-            tuple(_on(device, x, weight, b)))
+            tuple(leaves_on(device, x, weight, b)))
 
 
 def test_opcheck(device):
@@ -221,9 +208,9 @@ def test_compile_fullgraph():
 
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[10]])
 def test_backward_is_deterministic(shape, path):
-    require_native(OP, _device(path))
+    require_native(OP, variant_device(path))
     x, weight, b, kwargs = _make(shape)
-    x, weight, b = _on(_device(path), x, weight, b)
+    x, weight, b = leaves_on(variant_device(path), x, weight, b)
     grads = []
     for _ in range(2):
         out = ops.conv_transpose2d(x, weight, b, **kwargs)

@@ -11,7 +11,8 @@ import torch
 import fcnfast
 from fcnfast import ops, reference
 
-from conftest import CUDA, assert_close_scaled, compare_forward_backward, require_native
+from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
+                      require_native, variant_device, with_cuda)
 from op_cases import oracle_tests
 
 OP = "score_skip"
@@ -30,21 +31,11 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["avx512", "aten", pytest.param("cuda", marks=CUDA.marks)])
+@pytest.fixture(params=with_cuda("avx512", "aten"))
 def gemm(request, monkeypatch):
     if request.param != "cuda":
         monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "aten" else "0")
     return request.param
-
-
-def _device(gemm):
-    return "cuda" if gemm == "cuda" else "cpu"
-
-
-def _on(device, *tensors):
-    """Leaves on ``device`` (None stays None), requiring grad as the originals do."""
-    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
-            for t in tensors]
 
 
 def _make(shape, dtype=torch.float32, bias=True):
@@ -72,23 +63,23 @@ def _compare(coarse, feature, weight, b, scale, offset, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
 def test_matches_reference(shape, dtype, gemm):
-    require_native(OP, _device(gemm))
-    _compare(*_make(shape, dtype, bias=shape[0] != 1), device=_device(gemm))
+    require_native(OP, variant_device(gemm))
+    _compare(*_make(shape, dtype, bias=shape[0] != 1), device=variant_device(gemm))
 
 
 @pytest.mark.parametrize("classes", [21, 150])
 def test_fcn_pool4_full_channels(classes, gemm):
     """The real FCN-8s score_pool4 shape: 512 channels, 21 classes."""
-    require_native(OP, _device(gemm))
-    _compare(*_make((1, 512, classes, 34, 34, 44, 44, 5, 5, 1.0)), device=_device(gemm))
+    require_native(OP, variant_device(gemm))
+    _compare(*_make((1, 512, classes, 34, 34, 44, 44, 5, 5, 1.0)), device=variant_device(gemm))
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
 def test_bfloat16(shape, gemm):
-    device = _device(gemm)
+    device = variant_device(gemm)
     require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make(shape, torch.bfloat16)
-    on_device = _on(device, coarse, feature, weight, b)
+    on_device = leaves_on(device, coarse, feature, weight, b)
     out = ops.score_skip(*on_device, scale, offset)
     assert out.dtype == torch.bfloat16 and out.device.type == device
     args32 = [t.detach().float().requires_grad_() for t in (coarse, feature, weight, b)]
@@ -123,11 +114,7 @@ def test_backward_output_mask(mask, device):
     got = torch.ops.fcnfast.score_skip_backward(grad.to(device), feature.detach().to(device),
                                                 weight.detach().to(device), scale,
                                                 list(offset), list(mask))
-    for wanted, g, e in zip(mask, got, expected):
-        if wanted:
-            assert_close_scaled(g.cpu(), e)
-        else:
-            assert g.numel() == 0
+    assert_output_mask(mask, got, expected)
 
 
 def test_gradcheck_fp64(device):
@@ -136,13 +123,13 @@ def test_gradcheck_fp64(device):
                                                       torch.float64)
     assert torch.autograd.gradcheck(
         lambda c, f, w, b_: ops.score_skip(c, f, w, b_, scale, offset),
-        tuple(_on(device, coarse, feature, weight, b)))
+        tuple(leaves_on(device, coarse, feature, weight, b)))
 
 
 def test_opcheck(device):
     require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5))
-    coarse, feature, weight, b = _on(device, coarse, feature, weight, b)
+    coarse, feature, weight, b = leaves_on(device, coarse, feature, weight, b)
     torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
                           (coarse, feature, weight, b, scale, list(offset)))
     torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
@@ -166,7 +153,7 @@ def test_compile_fullgraph():
 def test_backward_is_deterministic(device):
     require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 64, 21, 34, 34, 44, 44, 5, 5, 1.0))
-    coarse, feature, weight, b = _on(device, coarse, feature, weight, b)
+    coarse, feature, weight, b = leaves_on(device, coarse, feature, weight, b)
     grads = []
     for _ in range(2):
         out = ops.score_skip(coarse, feature, weight, b, scale, offset)

@@ -17,19 +17,16 @@ import fcnfast
 from fcnfast import ops, reference
 
 from conftest import TOLERANCE, require_native
-from op_cases import (ORACLE_DTYPE_IDS, ORACLE_DTYPES, UPSAMPLE_ERRORS, UPSAMPLE_GENERIC_SHAPES,
-                      check_upsample_error, head_shape)
+from op_cases import (ORACLE_DTYPE_IDS, ORACLE_DTYPES, UPSAMPLE_ERRORS, check_upsample_error,
+                      upsample_shapes)
 
 OP = "upsample_argmax"
 
-SHAPES = [
-    # (N, C, H, W, scale, crop)
-    head_shape(1, 21, 16, 16, 8, 100, 90),   # FCN-8s head geometry
-    head_shape(2, 21, 5, 6, 32, 150, 170),   # FCN-32s
-    head_shape(1, 7, 9, 8, 16, 100, 90),     # FCN-16s
-] + UPSAMPLE_GENERIC_SHAPES + [
-    (1, 2, 3, 3, 2, (7, 6, 1, 2)),           # bottom-right edge
-    (1, 5, 4, 4, 4, (2, 3, 1, 1)),           # one pixel
+# (N, C, H, W, scale, crop)
+SHAPES = upsample_shapes(
+    # FCN-8s, FCN-32s, FCN-16s heads: (N, C, H, W, scale, out_h, out_w)
+    heads=[(1, 21, 16, 16, 8, 100, 90), (2, 21, 5, 6, 32, 150, 170), (1, 7, 9, 8, 16, 100, 90)],
+    bottom_right=(1, 2, 3, 3, 2, 1, 2), one_pixel=(1, 5, 4, 4, 4, (2, 3, 1, 1))) + [
     (1, 5, 4, 4, 4, (2, 3, 0, 5)),           # zero-size crop
     (0, 5, 4, 4, 4, None),                   # empty batch
     (2, 1, 3, 3, 2, None),                   # one class: all zeros

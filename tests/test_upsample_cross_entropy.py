@@ -7,19 +7,15 @@ import fcnfast
 from fcnfast import ops, reference
 
 from conftest import assert_close_scaled, compare_forward_backward, require_native
-from op_cases import UPSAMPLE_GENERIC_SHAPES, head_shape, oracle_tests
+from op_cases import oracle_tests, upsample_shapes
 
 OP = "upsample_cross_entropy"
 
-SHAPES = [
-    # (N, C, H, W, scale, crop)
-    head_shape(1, 21, 8, 8, 8, 30, 25),      # FCN-8s head geometry
-    head_shape(2, 5, 3, 4, 32, 80, 100),     # FCN-32s
-    head_shape(1, 6, 5, 4, 16, 50, 40),      # FCN-16s
-] + UPSAMPLE_GENERIC_SHAPES + [
-    (1, 3, 3, 3, 2, (6, 5, 2, 3)),           # bottom-right edge
-    (2, 4, 4, 4, 4, (2, 3, 1, 1)),           # one pixel
-]
+# (N, C, H, W, scale, crop)
+SHAPES = upsample_shapes(
+    # FCN-8s, FCN-32s, FCN-16s heads: (N, C, H, W, scale, out_h, out_w)
+    heads=[(1, 21, 8, 8, 8, 30, 25), (2, 5, 3, 4, 32, 80, 100), (1, 6, 5, 4, 16, 50, 40)],
+    bottom_right=(1, 3, 3, 3, 2, 2, 3), one_pixel=(2, 4, 4, 4, 4, (2, 3, 1, 1)))
 
 
 def make_target(n, c, h, w, ignore_index=255, ignored_fraction=0.2, seed=0):
