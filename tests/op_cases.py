@@ -1,10 +1,14 @@
 """Argument sets for every fcnfast op and a native-vs-reference checker.
 
 Shared by the reliability tests (fuzz, concurrency) and the ``.ci`` scripts
-(sanitizer and wheel smoke runs on FCN shapes). A :class:`Case` holds *leaf*
-tensors plus an optional view per leaf (channels_last copy, strided slice,
-transpose, stride-0 expand), so an op sees exotic memory layouts while the
-gradients are still taken with respect to plain leaves and can be compared.
+(sanitizer and wheel smoke runs on FCN shapes); ``ORACLE_CASES`` and
+``oracle_tests`` give the per-op test files their device-parametrised fp64-oracle
+tests, and the upsampling ops' tests share a few shapes and error cases.
+
+A :class:`Case` holds *leaf* tensors plus an optional view per leaf (channels_last
+copy, strided slice, transpose, stride-0 expand), so an op sees exotic memory
+layouts while the gradients are still taken with respect to plain leaves and can
+be compared.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 
 from fcnfast import _backend, ops, reference
 
-from conftest import TOLERANCE, assert_close_scaled
+from conftest import TOLERANCE, assert_close_scaled, tolerance
 
 OPS = tuple(ops.__all__)  # conv_transpose2d, bilinear_upsample2d, skip_add_crop, score_skip, ...
 
@@ -314,3 +318,338 @@ def fcn_cases(height: int = 64, width: int = 64, num_classes: int = 21, seed: in
         Case("upsample_cross_entropy", (up4, target), dict(scale=8, crop=crop8), seed=seed,
              label="mean loss"),
     ]
+
+
+# ---------------------------------------------------------------------------
+# fp64-oracle cases (formerly tests/test_cuda.py): every op and gradient on a device,
+# for float32/float64/float16/bfloat16, against fcnfast.reference run on the CPU in
+# float64 on the same (dtype-rounded) inputs; tolerances scale with the reduction length
+# ---------------------------------------------------------------------------
+
+ORACLE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+ORACLE_DTYPE_IDS = ["f32", "f64", "f16", "bf16"]
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def oracle_target(n, h, w, classes, ignore=255, frac=0.1):
+    t = torch.randint(0, classes, (n, h, w))
+    t[torch.rand(n, h, w) < frac] = ignore
+    return t
+
+
+# name: (op, make() -> fp64 CPU inputs by argument name, other arguments); FCN geometry first
+ORACLE_CASES = {
+    # learned FCN-8s upscore2 (k4 s2, no crop) and upscore8 (k16 s8, crop 31)
+    "deconv-upscore2": ("conv_transpose2d",
+                        lambda: dict(x=_randn(2, 21, 8, 9), weight=_randn(21, 21, 4, 4) * 0.1,
+                                     bias=None), dict(stride=2)),
+    "deconv-upscore8": ("conv_transpose2d",
+                        lambda: dict(x=_randn(1, 21, 12, 11), weight=_randn(21, 21, 16, 16) * 0.1,
+                                     bias=_randn(21)), dict(stride=8, crop=(31, 31, 64, 60))),
+    "deconv-upscore32": ("conv_transpose2d",
+                         lambda: dict(x=_randn(1, 5, 4, 5), weight=_randn(5, 5, 64, 64) * 0.1,
+                                      bias=None), dict(stride=32, crop=(19, 19, 100, 120))),
+    # everything else the geometry allows: groups, dilation, padding, output_padding, rect kernel
+    "deconv-general": ("conv_transpose2d",
+                       lambda: dict(x=_randn(2, 6, 5, 7), weight=_randn(6, 2, 3, 4),
+                                    bias=_randn(6)),
+                       dict(stride=(3, 2), padding=(1, 2), output_padding=(1, 0), groups=3,
+                            dilation=(2, 1), crop=(1, 2, 11, 9))),
+    "deconv-stride1": ("conv_transpose2d",
+                       lambda: dict(x=_randn(2, 4, 6, 6), weight=_randn(4, 3, 3, 3), bias=None),
+                       dict(stride=1, padding=1)),
+    "bilinear-s2": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 7, 9)), dict(scale=2)),
+    "bilinear-s8-crop31": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 9, 10)),
+                           dict(scale=8, crop=(31, 31, 40, 50))),
+    "bilinear-s32-crop19": ("bilinear_upsample2d", lambda: dict(x=_randn(1, 3, 4, 4)),
+                            dict(scale=32, crop=(19, 19, 100, 90))),
+    "skip-crop5": ("skip_add_crop",
+                   lambda: dict(coarse=_randn(2, 21, 10, 12), skip=_randn(2, 21, 20, 22)),
+                   dict(offset=(5, 5))),
+    "skip-crop9-rect": ("skip_add_crop",
+                        lambda: dict(coarse=_randn(1, 21, 17, 9), skip=_randn(1, 21, 35, 19)),
+                        dict(offset=(9, 3))),
+    "score-pool4": ("score_skip",
+                    lambda: dict(coarse=_randn(2, 21, 10, 12), feature=_randn(2, 64, 20, 22),
+                                 weight=_randn(21, 64, 1, 1) * 0.1, bias=_randn(21)),
+                    dict(offset=(5, 5))),
+    "score-pool3-atonce": ("score_skip",
+                           lambda: dict(coarse=_randn(1, 21, 9, 8), feature=_randn(1, 48, 27, 26),
+                                        weight=_randn(21, 48, 1, 1), bias=None),
+                           dict(scale=0.0001 * 1e3, offset=(9, 9))),
+    "ce-s8-mean": ("upsample_cross_entropy",
+                   lambda: dict(x=_randn(2, 21, 6, 7) * 2, target=oracle_target(2, 40, 44, 21)),
+                   dict(scale=8, crop=(3, 5, 40, 44), reduction="mean")),
+    "ce-s4-sum": ("upsample_cross_entropy",
+                  lambda: dict(x=_randn(1, 5, 5, 6), target=oracle_target(1, 24, 28, 5, ignore=-1)),
+                  dict(scale=4, crop=None, ignore_index=-1, reduction="sum")),
+}
+
+# the cases whose fp64 gradcheck / gradgradcheck run (on shrunk inputs: see small_grad_case)
+GRADCHECK_CASES = ["deconv-general", "bilinear-s8-crop31", "skip-crop5", "score-pool4",
+                   "ce-s4-sum"]
+
+
+def oracle_case_names(op: str, exclude: Sequence[str] = ()) -> List[str]:
+    return [name for name, case in ORACLE_CASES.items() if case[0] == op and name not in exclude]
+
+
+def materialise(tensors, dtype, device):
+    """Floating tensors cast to ``dtype`` (the values the op sees); for the oracle
+    (device="cpu64") kept at those rounded values but in float64."""
+    out = {}
+    for k, t in tensors.items():
+        if t is None or not t.is_floating_point():
+            out[k] = None if t is None else t.to("cpu" if device == "cpu64" else device)
+            continue
+        t = t.to(dtype)
+        t = t.double() if device == "cpu64" else t.to(device)
+        out[k] = t.requires_grad_()
+    return out
+
+
+def oracle_fn(op, dtype):
+    if op != "upsample_cross_entropy":
+        return getattr(reference, op)
+
+    def cross_entropy(x, target, scale, crop=None, ignore_index=255, reduction="mean"):
+        # the unfused expression stores the upsampled scores in dtype before the softmax;
+        # round them the same way (straight-through, so the gradient is not rounded)
+        z = reference.bilinear_upsample2d(x, scale, crop)
+        z = z + (z.to(dtype).double() - z).detach()
+        return torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index,
+                                                 reduction=reduction)
+    return cross_entropy
+
+
+def run_with_grads(fn, args, kwargs, grad_out):
+    """``fn(**args, **kwargs)`` and the gradient of every argument that requires one."""
+    out = fn(**args, **kwargs)
+    wrt = {k: v for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    grads = torch.autograd.grad(out, list(wrt.values()), grad_out.to(out.dtype).to(out.device))
+    return out.detach(), dict(zip(wrt, grads))
+
+
+def reduction_terms(op, t, kwargs, what, out_shape):
+    """Products summed per element of output ``what`` ("output" or an input's gradient):
+    the tolerance grows with it (conftest.tolerance)."""
+    if op == "conv_transpose2d":
+        w, groups = t["weight"], kwargs.get("groups", 1)
+        stride = kwargs.get("stride", 1)
+        sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        kh, kw = w.shape[2:]
+        return {"output": w.shape[0] // groups * -(-kh // sh) * -(-kw // sw),
+                "x": w.shape[1] * kh * kw,
+                "weight": t["x"][:, 0].numel(),
+                "bias": out_shape[0] * out_shape[2] * out_shape[3]}.get(what, 1)
+    if op == "bilinear_upsample2d":
+        return 4 if what == "output" else 4 * kwargs["scale"] ** 2
+    if op == "score_skip":
+        return {"output": t["feature"].shape[1], "feature": t["weight"].shape[0],
+                "weight": t["coarse"][:, 0].numel(), "bias": t["coarse"][:, 0].numel()}.get(what, 1)
+    if op == "upsample_cross_entropy":
+        c = t["x"].shape[1]
+        return t["target"].numel() * c if what == "output" else 4 * kwargs["scale"] ** 2 * c
+    return 1
+
+
+def assert_close_to_oracle(actual, oracle, dtype, what, terms=1):
+    assert actual.dtype == dtype, "%s dtype %s != %s" % (what, actual.dtype, dtype)
+    assert actual.shape == oracle.shape, "%s shape %s != %s" % (what, actual.shape, oracle.shape)
+    if oracle.numel() == 0:
+        return
+    a, e = actual.detach().double().cpu(), oracle.detach().double().cpu()
+    assert torch.isfinite(a).all(), "%s has non-finite values" % what
+    scale = max(1.0, e.abs().max().item())
+    err = (a - e).abs().max().item()
+    tol = tolerance(dtype, terms)
+    assert err <= tol * scale, (
+        "%s max abs error %.3g > %.3g (scale %.3g, dtype %s, %d-term sums)"
+        % (what, err, tol * scale, scale, dtype, terms))
+
+
+def check_oracle_case(name, dtype, device):
+    """Op ``name`` of ORACLE_CASES on ``device`` in ``dtype``: output and every gradient
+    against the fp64 CPU reference on the same rounded inputs."""
+    op, make, kwargs = ORACLE_CASES[name]
+    tensors = make()
+    native_args = materialise(tensors, dtype, device)
+    oracle_args = materialise(tensors, dtype, "cpu64")
+    out_shape = oracle_fn(op, dtype)(**oracle_args, **kwargs).shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64).to(dtype)
+    out, grads = run_with_grads(getattr(ops, op), native_args, kwargs, grad_out)
+    assert out.device.type == torch.device(device).type
+    ref_out, ref_grads = run_with_grads(oracle_fn(op, dtype), oracle_args, kwargs,
+                                        grad_out.double())
+    assert_close_to_oracle(out, ref_out, dtype, "%s output" % name,
+                           reduction_terms(op, tensors, kwargs, "output", out.shape))
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert_close_to_oracle(grads[k], ref_grads[k], dtype, "%s grad %s" % (name, k),
+                               reduction_terms(op, tensors, kwargs, k, out.shape))
+    return out, grads
+
+
+def check_matches_cpu_backend(name, device):
+    """``device`` and the CPU backend (native where built, else reference) agree in float32."""
+    op, make, kwargs = ORACLE_CASES[name]
+    tensors = make()
+    g = torch.randn(oracle_fn(op, torch.float32)(**materialise(tensors, torch.float32, "cpu64"),
+                                                  **kwargs).shape, dtype=torch.float64)
+    out_d, grads_d = run_with_grads(getattr(ops, op), materialise(tensors, torch.float32, device),
+                                    kwargs, g)
+    out_h, grads_h = run_with_grads(getattr(ops, op), materialise(tensors, torch.float32, "cpu"),
+                                    kwargs, g)
+    assert out_d.device.type == torch.device(device).type
+    assert_close_to_oracle(out_d, out_h, torch.float32, "output")
+    for k in grads_h:
+        assert_close_to_oracle(grads_d[k], grads_h[k], torch.float32, "grad %s" % k)
+
+
+def check_empty_batch(name, device):
+    """The case with an empty batch: an empty output on ``device``, all-zero gradients."""
+    op, make, kwargs = ORACLE_CASES[name]
+    batched = ("x", "coarse", "skip", "feature")
+    tensors = {k: (v[:0] if k in batched else v) for k, v in make().items()}
+    args = materialise(tensors, torch.float32, device)
+    out = getattr(ops, op)(**args, **kwargs)
+    assert out.shape[0] == 0 and out.device.type == torch.device(device).type
+    out.sum().backward()
+    for k, v in args.items():
+        if v is not None and v.requires_grad and v.grad is not None:
+            assert not v.grad.any(), k
+
+
+def small_grad_case(name, device):
+    """``(fn, inputs)`` for fp64 gradcheck of ORACLE_CASES[name] on ``device``, shrunk
+    (gradcheck is O(numel^2))."""
+    op, make, kwargs = ORACLE_CASES[name]
+    tensors = make()
+    if op == "bilinear_upsample2d":
+        tensors, kwargs = dict(x=_randn(1, 2, 3, 4)), dict(scale=4, crop=(3, 2, 12, 14))
+    elif op == "skip_add_crop":
+        tensors = dict(coarse=_randn(1, 2, 3, 4), skip=_randn(1, 2, 9, 9))
+    elif op == "score_skip":
+        tensors = dict(coarse=_randn(1, 3, 3, 4), feature=_randn(1, 4, 9, 9),
+                       weight=_randn(3, 4, 1, 1), bias=_randn(3))
+    elif op == "upsample_cross_entropy":
+        tensors = dict(x=_randn(1, 3, 2, 3), target=oracle_target(1, 12, 16, 3, ignore=-1))
+    args = materialise(tensors, torch.float64, device)
+    names = [k for k, v in args.items() if v is not None and v.requires_grad]
+
+    def fn(*grad_inputs):
+        call = dict(args, **dict(zip(names, grad_inputs)))
+        return getattr(ops, op)(**call, **kwargs)
+    return fn, [args[k] for k in names]
+
+
+def check_gradcheck_fp64(name, device):
+    fn, inputs = small_grad_case(name, device)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def check_gradgradcheck_fp64(name, device):
+    """Double backward (the autograd formulas call the backward ops on ``device``), with
+    warnings as errors: an op without an autograd kernel would warn and give zeros."""
+    import warnings
+    fn, inputs = small_grad_case(name, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def oracle_tests(op: str) -> dict:
+    """The device-parametrised ORACLE_CASES tests of ``op``, for a per-op test module:
+    ``globals().update(oracle_tests(OP))``. fp64 gradcheck/gradgradcheck and the
+    comparison with the CPU backend run on accelerators only (the CPU gradchecks are the
+    per-op ``test_gradcheck_fp64`` and test_double_backward.py; the CPU needs no
+    comparison with itself)."""
+    import pytest
+
+    from conftest import ACCELERATORS, require_native
+
+    names = oracle_case_names(op)
+    if not names:
+        return {}
+
+    @pytest.mark.parametrize("dtype", ORACLE_DTYPES, ids=ORACLE_DTYPE_IDS)
+    @pytest.mark.parametrize("name", names)
+    def test_matches_fp64_oracle(name, dtype, device):
+        require_native(op, device)
+        check_oracle_case(name, dtype, device)
+
+    def device_test(check, case_names, devices=None):
+        """A test of ``check(name, device)`` over ``case_names``, on ``devices`` (default:
+        the ``device`` fixture)."""
+        @pytest.mark.parametrize("name", case_names)
+        def test(name, device):
+            require_native(op, device)
+            check(name, device)
+        return test if devices is None else pytest.mark.parametrize("device", devices)(test)
+
+    tests = dict(test_matches_fp64_oracle=test_matches_fp64_oracle,
+                 test_matches_cpu_backend=device_test(check_matches_cpu_backend, names,
+                                                      ACCELERATORS))
+    if op != "upsample_cross_entropy":  # (a loss has no batch dimension to be empty)
+        tests["test_empty_batch_case"] = device_test(check_empty_batch, names)
+    grad = [n for n in GRADCHECK_CASES if n in names]
+    if grad:
+        tests["test_gradcheck_fp64_case"] = device_test(check_gradcheck_fp64, grad, ACCELERATORS)
+        tests["test_gradgradcheck_fp64_case"] = device_test(check_gradgradcheck_fp64, grad,
+                                                            ACCELERATORS)
+    return tests
+
+
+# ---------------------------------------------------------------------------
+# shared by the upsampling ops' tests (bilinear_upsample2d, upsample_argmax,
+# upsample_cross_entropy)
+# ---------------------------------------------------------------------------
+
+# the FCN heads' final upsampling (DESIGN.md): FCN-8s x8 crop 31, FCN-16s x16 crop 27,
+# FCN-32s x32 crop 19
+FCN_HEAD_OFFSET = {8: 31, 16: 27, 32: 19}
+
+
+def head_shape(n, c, h, w, scale, out_h, out_w):
+    """``(N, C, H, W, scale, crop)`` of an FCN head's upsampling to ``out_h`` x ``out_w``."""
+    offset = FCN_HEAD_OFFSET[scale]
+    return (n, c, h, w, scale, (offset, offset, out_h, out_w))
+
+
+# (N, C, H, W, scale, crop): odd scale without a crop; scale 1 with a crop
+UPSAMPLE_GENERIC_SHAPES = [(3, 4, 5, 7, 3, None), (2, 3, 6, 4, 1, (0, 1, 6, 4))]
+
+
+def bottom_right_shape(n, c, h, w, scale, out_h, out_w):
+    """A crop of ``out_h`` x ``out_w`` at the bottom-right corner of the full output
+    ((H + 1) * scale x (W + 1) * scale)."""
+    return (n, c, h, w, scale, ((h + 1) * scale - out_h, (w + 1) * scale - out_w, out_h, out_w))
+
+
+def upsample_shapes(heads, bottom_right, one_pixel):
+    """``(N, C, H, W, scale, crop)`` geometries of an upsampling op's tests: the FCN heads
+    (``head_shape`` arguments), UPSAMPLE_GENERIC_SHAPES, a crop at the bottom-right edge
+    (``bottom_right_shape`` arguments) and a one-pixel crop."""
+    return ([head_shape(*h) for h in heads] + UPSAMPLE_GENERIC_SHAPES
+            + [bottom_right_shape(*bottom_right), one_pixel])
+
+# (kwargs, match): errors every upsampling op raises alike, on x (1, 3, 4, 4), scale 4
+UPSAMPLE_ERRORS = [
+    (dict(scale=0), "scale must be a positive int"),
+    (dict(crop=(0, 0, 21, 5)), "lies outside the full output"),
+    (dict(x=torch.randn(4, 4)), "x must be a 4-D"),
+    (dict(x=torch.randint(0, 3, (1, 3, 4, 4))), "x must be a floating"),
+]
+
+
+def check_upsample_error(fn, kwargs, match):
+    """``fn(x, scale, crop)`` with ``kwargs`` replacing the valid x (1, 3, 4, 4), scale 4,
+    crop None raises a ValueError matching ``match``."""
+    import pytest
+    args = dict(x=torch.randn(1, 3, 4, 4), scale=4, crop=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fn(args["x"], args["scale"], args["crop"])

@@ -1,9 +1,6 @@
 import os
 import subprocess
 import sys
-import warnings
-
-import torch
 
 import fcnfast
 

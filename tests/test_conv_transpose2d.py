@@ -6,7 +6,8 @@ with AVX-512F), a phase convolution on oneDNN for the other dense geometries,
 and a per-pixel gather for dilated/sparse ones (built on the torch-free
 csrc/common/conv_transpose2d.h meant for the CUDA kernels too). The `path`
 fixture runs each test on "rows" (the default choice), "phase"
-(FCNFAST_NO_AVX512=1) and "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1).
+(FCNFAST_NO_AVX512=1) and "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1), and on "cuda"
+(the CUDA kernels, where a CUDA device is present; the CPU reference is the oracle).
 """
 import pytest
 import torch
@@ -14,7 +15,9 @@ import torch
 import fcnfast
 from fcnfast import ops, reference
 
-from conftest import assert_close_scaled, compare_forward_backward, require_native
+from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
+                      require_native, variant_device, with_cuda)
+from op_cases import oracle_tests
 
 OP = "conv_transpose2d"
 
@@ -56,14 +59,16 @@ def _make(shape, dtype=torch.float32, bias=True):
     return x, weight, b, kwargs
 
 
-@pytest.fixture(params=["rows", "phase", "direct"])
+@pytest.fixture(params=with_cuda("rows", "phase", "direct"))
 def path(request, monkeypatch):
-    monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT", "1" if request.param == "direct" else "0")
-    monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
+    if request.param != "cuda":
+        monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT",
+                           "1" if request.param == "direct" else "0")
+        monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
     return request.param
 
 
-def _compare(x, weight, b, kwargs):
+def _compare(x, weight, b, kwargs, device="cpu"):
     inputs = [x, weight] + ([b] if b is not None else [])
 
     def call(impl):
@@ -71,42 +76,44 @@ def _compare(x, weight, b, kwargs):
             return lambda x_, w_: impl.conv_transpose2d(x_, w_, None, **kwargs)
         return lambda x_, w_, b_: impl.conv_transpose2d(x_, w_, b_, **kwargs)
 
-    return compare_forward_backward(call(ops), call(reference), inputs)
+    return compare_forward_backward(call(ops), call(reference), inputs, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
 def test_matches_reference(shape, dtype, path):
-    require_native(OP)
+    require_native(OP, variant_device(path))
     x, weight, b, kwargs = _make(shape, dtype, bias=shape[0] != 1)
-    _compare(x, weight, b, kwargs)
+    _compare(x, weight, b, kwargs, variant_device(path))
 
 
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], SHAPES[7], SHAPES[10]])
 def test_bfloat16(shape, path):
     """bf16 in/out with fp32 accumulation, vs the fp32 reference on the same (rounded) values."""
-    require_native(OP)
+    device = variant_device(path)
+    require_native(OP, device)
     x, weight, b, kwargs = _make(shape, torch.bfloat16)
-    out = ops.conv_transpose2d(x, weight, b, **kwargs)
-    assert out.dtype == torch.bfloat16
+    xd, weight_d, b_d = leaves_on(device, x, weight, b)
+    out = ops.conv_transpose2d(xd, weight_d, b_d, **kwargs)
+    assert out.dtype == torch.bfloat16 and out.device.type == device
     args32 = [t.detach().float().requires_grad_() for t in (x, weight, b)]
     ref = reference.conv_transpose2d(*args32, **kwargs)
-    assert_close_scaled(out.float(), ref, dtype=torch.bfloat16)
+    assert_close_scaled(out.float().cpu(), ref, dtype=torch.bfloat16)
     grad = torch.randn(out.shape, dtype=torch.bfloat16)
-    grads = torch.autograd.grad(out, (x, weight, b), grad)
+    grads = torch.autograd.grad(out, (xd, weight_d, b_d), grad.to(device))
     grads_ref = torch.autograd.grad(ref, args32, grad.float())
     for name, gn, gr in zip(("x", "weight", "bias"), grads, grads_ref):
         assert gn.dtype == torch.bfloat16
-        assert_close_scaled(gn.float(), gr, dtype=torch.bfloat16, what="grad " + name)
+        assert_close_scaled(gn.float().cpu(), gr, dtype=torch.bfloat16, what="grad " + name)
 
 
 def test_channels_last_and_noncontiguous(path):
-    require_native(OP)
+    require_native(OP, variant_device(path))
     x = torch.randn(2, 4, 9, 14)[..., ::2].to(memory_format=torch.channels_last).requires_grad_()
     weight = torch.randn(6, 4, 4, 4).permute(1, 0, 2, 3).requires_grad_()  # (4, 6, 4, 4), strided
     b = torch.randn(12)[::2].requires_grad_()
     assert not x.is_contiguous() and not weight.is_contiguous() and not b.is_contiguous()
-    _compare(x, weight, b, dict(stride=2, padding=1, crop=(1, 2, 12, 10)))
+    _compare(x, weight, b, dict(stride=2, padding=1, crop=(1, 2, 12, 10)), variant_device(path))
 
 
 # Geometries of the AVX-512 row kernel (kernel = taps * stride, 16 % stride_w == 0):
@@ -128,59 +135,62 @@ ROW_KERNEL_SHAPES = [
                          ids=[str(i) for i in range(len(ROW_KERNEL_SHAPES))])
 def test_row_kernel_geometries(shape, path):
     """The AVX-512 row kernel's geometries, on all three paths, vs the reference."""
-    require_native(OP)
+    require_native(OP, variant_device(path))
     n, ci, co, h, w, k, s, p, crop = shape
     x = torch.randn(n, ci, h, w, requires_grad=True)
     weight = torch.randn(ci, co, *_pair(k), requires_grad=True)
     b = torch.randn(co, requires_grad=True) if n > 1 else None
-    _compare(x, weight, b, dict(stride=s, padding=p, crop=crop))
+    _compare(x, weight, b, dict(stride=s, padding=p, crop=crop), variant_device(path))
 
 
-def test_fcn8s_upscore8_full_channels():
+def test_fcn8s_upscore8_full_channels(device):
     """The FCN-8s final upsampling with 21 classes (bilinear-like sizes, learned weight)."""
-    require_native(OP)
+    require_native(OP, device)
     x = torch.randn(1, 21, 70, 70, requires_grad=True)
     weight = (torch.randn(21, 21, 16, 16) * 0.1).requires_grad_()
-    _compare(x, weight, None, dict(stride=8, crop=(31, 31, 500, 500)))
+    _compare(x, weight, None, dict(stride=8, crop=(31, 31, 500, 500)), device)
 
 
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, True, True), (False, False, False)])
 def test_backward_output_mask(mask, path):
     """Entries not asked for are empty; the others match the reference gradients."""
-    require_native(OP)
+    device = variant_device(path)
+    require_native(OP, device)
     x, weight, b, kwargs = _make(SHAPES[6], torch.float64)
     out = reference.conv_transpose2d(x, weight, b, **kwargs)
     grad = torch.randn_like(out)
     expected = torch.autograd.grad(out, (x, weight, b), grad)
     crop = list(kwargs["crop"] or (0, 0) + tuple(out.shape[2:]))
     got = torch.ops.fcnfast.conv_transpose2d_backward(
-        grad, x.detach(), weight.detach(), [2, 2], [1, 1], [1, 1], 1, [1, 1], crop, list(mask))
-    for wanted, g, e in zip(mask, got, expected):
-        if wanted:
-            assert_close_scaled(g, e)
-        else:
-            assert g.numel() == 0
+        grad.to(device), x.detach().to(device), weight.detach().to(device), [2, 2], [1, 1],
+        [1, 1], 1, [1, 1], crop, list(mask))
+    assert_output_mask(mask, got, expected)
 
 
 def test_gradcheck_fp64(path):
-    require_native(OP)
+    device = variant_device(path)
+    require_native(OP, device)
     for shape in ((1, 2, 3, 4, 5, 4, 2, 0, 0, 1, 1, (3, 2, 6, 7)),
                   (2, 2, 4, 3, 3, 3, 2, 1, 1, 2, 2, (1, 0, 5, 4))):
         x, weight, b, kwargs = _make(shape, torch.float64)
         assert torch.autograd.gradcheck(
-            lambda x_, w_, b_: ops.conv_transpose2d(x_, w_, b_, **kwargs), (x, weight, b))
+            lambda x_, w_, b_, kwargs=kwargs: ops.conv_transpose2d(x_, w_, b_, **kwargs),
+            tuple(leaves_on(device, x, weight, b)))
 
 
-def test_opcheck():
-    require_native(OP)
-    x = torch.randn(2, 4, 5, 6, requires_grad=True)
-    weight = torch.randn(4, 3, 4, 4, requires_grad=True)
-    b = torch.randn(6, requires_grad=True)
+def test_opcheck(device):
+    require_native(OP, device)
+    x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 3, 4, 4, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
     args = ([2, 2], [1, 0], [1, 0], 2, [1, 1], [1, 2, 7, 9])
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default, (x, weight, b) + args)
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default, (x, weight, None) + args)
-    grad = torch.randn(2, 6, 7, 9)
+    # groups 1, no padding, crop (1, 1, 8, 9) (formerly test_cuda.test_opcheck_cuda)
+    torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default,
+                          (x, weight, None, [2, 2], [0, 0], [0, 0], 1, [1, 1], [1, 1, 8, 9]))
+    grad = torch.randn(2, 6, 7, 9, device=device)
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d_backward.default,
                           (grad, x.detach(), weight.detach()) + args + ([True, True, True],))
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d_backward.default,
@@ -198,13 +208,17 @@ def test_compile_fullgraph():
 
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[10]])
 def test_backward_is_deterministic(shape, path):
-    require_native(OP)
+    require_native(OP, variant_device(path))
     x, weight, b, kwargs = _make(shape)
+    x, weight, b = leaves_on(variant_device(path), x, weight, b)
     grads = []
     for _ in range(2):
         out = ops.conv_transpose2d(x, weight, b, **kwargs)
         grads.append(torch.autograd.grad(out, (x, weight, b), torch.ones_like(out)))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+globals().update(oracle_tests(OP))  # ORACLE_CASES on every device (formerly test_cuda.py)
 
 
 def _native_call(x, weight, bias, stride=1, padding=0, output_padding=0, groups=1, dilation=1,

@@ -1,15 +1,18 @@
-"""CUDA kernels (compiled extension or CuPy JIT) against the reference.
+"""CUDA-specific concerns of the CUDA kernels (compiled extension or CuPy JIT).
 
-The GPU tests are skipped without a CUDA device. They compare every op and
-every gradient on CUDA, for float32/float64/float16/bfloat16 and FCN shapes,
-with ``fcnfast.reference`` run on the CPU in float64 on the same (dtype-rounded)
-inputs as the oracle; check bitwise determinism (also under
-``torch.use_deterministic_algorithms(True)``), a non-default stream, the device
-guard (a second GPU), contiguity, empty batches and CPU/CUDA mixes.
+The op semantics on CUDA (every op and gradient against ``fcnfast.reference`` run
+on the CPU, all dtypes, FCN shapes, crops, edge sizes, gradcheck, opcheck) are
+tested by the per-op files (``test_<op>.py``) through the ``device`` fixture
+(conftest.py) and ``op_cases.ORACLE_CASES``. This file keeps what only CUDA has:
+the layout independence of results in device memory, bitwise determinism (also
+under ``torch.use_deterministic_algorithms(True)``), a non-default stream, the
+device guard (a second GPU), CPU/CUDA mixes, 32-bit index checks of sizes
+given as arguments, and the backend selection.
 
-The CUDA backend under test is the compiled one when the extension was built
-with CUDA, else CuPy; ``FCNFAST_CUDA_BACKEND=cupy`` forces CuPy
-(``test_cupy_backend_suite`` reruns this file that way in a subprocess).
+The GPU tests are marked ``cuda`` and skipped without a CUDA device. The CUDA
+backend under test is the compiled one when the extension was built with CUDA,
+else CuPy; ``FCNFAST_CUDA_BACKEND=cupy`` forces CuPy (``test_cupy_backend_suite``
+reruns the CUDA tests of this file and of the per-op files that way in a subprocess).
 
 The last tests need no GPU: the CUDA sources the CuPy backend compiles are
 found and list the kernels it launches, they compile with NVRTC (when libnvrtc
@@ -26,369 +29,50 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fcnfast
-from fcnfast import _backend, _cupy, ops, reference
+from fcnfast import _cupy, ops
 
-from conftest import TOLERANCE, require_native, tolerance
+from conftest import HAS_CUDA, require_native
+from op_cases import ORACLE_CASES, assert_close_to_oracle, materialise, run_with_grads
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+def needs_cuda(fn):
+    """A GPU test: marked ``cuda``, skipped (with the reason) where no CUDA device is present."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(fn))
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DT_IDS = ["f32", "f64", "f16", "bf16"]
 
-
-def _expected_cuda_backend():
-    if _cupy.requested() == "cupy":
-        return "cupy"
-    return "native" if fcnfast.build_info().get("compiled_cuda") else "cupy"
+# the per-op test files: their ``device`` parametrisation runs every op comparison on CUDA
+OP_TEST_FILES = ["test_%s.py" % op for op in ops.__all__]
 
 
 def _require_cuda_kernel(op):
-    require_native(op, "cuda")
-    assert fcnfast.backend("cuda") == _expected_cuda_backend(), fcnfast.build_info()
-
-
-# ---------------------------------------------------------------------------
-# cases: op, fp64 CPU input tensors, other arguments (FCN geometry first)
-# ---------------------------------------------------------------------------
-
-def _randn(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def _target(n, h, w, classes, ignore=255, frac=0.1):
-    t = torch.randint(0, classes, (n, h, w))
-    t[torch.rand(n, h, w) < frac] = ignore
-    return t
-
-
-CASES = {
-    # learned FCN-8s upscore2 (k4 s2, no crop) and upscore8 (k16 s8, crop 31)
-    "deconv-upscore2": ("conv_transpose2d",
-                        lambda: dict(x=_randn(2, 21, 8, 9), weight=_randn(21, 21, 4, 4) * 0.1,
-                                     bias=None), dict(stride=2)),
-    "deconv-upscore8": ("conv_transpose2d",
-                        lambda: dict(x=_randn(1, 21, 12, 11), weight=_randn(21, 21, 16, 16) * 0.1,
-                                     bias=_randn(21)), dict(stride=8, crop=(31, 31, 64, 60))),
-    "deconv-upscore32": ("conv_transpose2d",
-                         lambda: dict(x=_randn(1, 5, 4, 5), weight=_randn(5, 5, 64, 64) * 0.1,
-                                      bias=None), dict(stride=32, crop=(19, 19, 100, 120))),
-    # everything else the geometry allows: groups, dilation, padding, output_padding, rect kernel
-    "deconv-general": ("conv_transpose2d",
-                       lambda: dict(x=_randn(2, 6, 5, 7), weight=_randn(6, 2, 3, 4),
-                                    bias=_randn(6)),
-                       dict(stride=(3, 2), padding=(1, 2), output_padding=(1, 0), groups=3,
-                            dilation=(2, 1), crop=(1, 2, 11, 9))),
-    "deconv-stride1": ("conv_transpose2d",
-                       lambda: dict(x=_randn(2, 4, 6, 6), weight=_randn(4, 3, 3, 3), bias=None),
-                       dict(stride=1, padding=1)),
-    "bilinear-s2": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 7, 9)), dict(scale=2)),
-    "bilinear-s8-crop31": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 9, 10)),
-                           dict(scale=8, crop=(31, 31, 40, 50))),
-    "bilinear-s32-crop19": ("bilinear_upsample2d", lambda: dict(x=_randn(1, 3, 4, 4)),
-                            dict(scale=32, crop=(19, 19, 100, 90))),
-    "skip-crop5": ("skip_add_crop",
-                   lambda: dict(coarse=_randn(2, 21, 10, 12), skip=_randn(2, 21, 20, 22)),
-                   dict(offset=(5, 5))),
-    "skip-crop9-rect": ("skip_add_crop",
-                        lambda: dict(coarse=_randn(1, 21, 17, 9), skip=_randn(1, 21, 35, 19)),
-                        dict(offset=(9, 3))),
-    "score-pool4": ("score_skip",
-                    lambda: dict(coarse=_randn(2, 21, 10, 12), feature=_randn(2, 64, 20, 22),
-                                 weight=_randn(21, 64, 1, 1) * 0.1, bias=_randn(21)),
-                    dict(offset=(5, 5))),
-    "score-pool3-atonce": ("score_skip",
-                           lambda: dict(coarse=_randn(1, 21, 9, 8), feature=_randn(1, 48, 27, 26),
-                                        weight=_randn(21, 48, 1, 1), bias=None),
-                           dict(scale=0.0001 * 1e3, offset=(9, 9))),
-    "ce-s8-mean": ("upsample_cross_entropy",
-                   lambda: dict(x=_randn(2, 21, 6, 7) * 2, target=_target(2, 40, 44, 21)),
-                   dict(scale=8, crop=(3, 5, 40, 44), reduction="mean")),
-    "ce-s4-sum": ("upsample_cross_entropy",
-                  lambda: dict(x=_randn(1, 5, 5, 6), target=_target(1, 24, 28, 5, ignore=-1)),
-                  dict(scale=4, crop=None, ignore_index=-1, reduction="sum")),
-}
-
-
-def _materialise(tensors, dtype, device):
-    """Floating tensors cast to ``dtype`` (the values the op sees); for the oracle
-    (device="cpu64") kept at those rounded values but in float64."""
-    out = {}
-    for k, t in tensors.items():
-        if t is None or not t.is_floating_point():
-            out[k] = None if t is None else t.to("cpu" if device == "cpu64" else device)
-            continue
-        t = t.to(dtype)
-        t = t.double() if device == "cpu64" else t.to(device)
-        out[k] = t.requires_grad_()
-    return out
-
-
-def _oracle_fn(op, dtype):
-    if op != "upsample_cross_entropy":
-        return getattr(reference, op)
-
-    def cross_entropy(x, target, scale, crop=None, ignore_index=255, reduction="mean"):
-        # the unfused expression stores the upsampled scores in dtype before the softmax;
-        # round them the same way (straight-through, so the gradient is not rounded)
-        z = reference.bilinear_upsample2d(x, scale, crop)
-        z = z + (z.to(dtype).double() - z).detach()
-        return F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction)
-    return cross_entropy
-
-
-def _run(fn, args, kwargs, grad_out):
-    out = fn(**args, **kwargs)
-    wrt = {k: v for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-    grads = torch.autograd.grad(out, list(wrt.values()), grad_out.to(out.dtype).to(out.device))
-    return out.detach(), dict(zip(wrt, grads))
-
-
-def _reduction_terms(op, t, kwargs, what, out_shape):
-    """Products summed per element of output ``what`` ("output" or an input's gradient):
-    the tolerance grows with it (conftest.tolerance)."""
-    if op == "conv_transpose2d":
-        w, groups = t["weight"], kwargs.get("groups", 1)
-        stride = kwargs.get("stride", 1)
-        sh, sw = (stride, stride) if isinstance(stride, int) else stride
-        kh, kw = w.shape[2:]
-        return {"output": w.shape[0] // groups * -(-kh // sh) * -(-kw // sw),
-                "x": w.shape[1] * kh * kw,
-                "weight": t["x"][:, 0].numel(),
-                "bias": out_shape[0] * out_shape[2] * out_shape[3]}.get(what, 1)
-    if op == "bilinear_upsample2d":
-        return 4 if what == "output" else 4 * kwargs["scale"] ** 2
-    if op == "score_skip":
-        return {"output": t["feature"].shape[1], "feature": t["weight"].shape[0],
-                "weight": t["coarse"][:, 0].numel(), "bias": t["coarse"][:, 0].numel()}.get(what, 1)
-    if op == "upsample_cross_entropy":
-        c = t["x"].shape[1]
-        return t["target"].numel() * c if what == "output" else 4 * kwargs["scale"] ** 2 * c
-    return 1
-
-
-def _assert_close_to_oracle(actual, oracle, dtype, what, terms=1):
-    assert actual.dtype == dtype, "%s dtype %s != %s" % (what, actual.dtype, dtype)
-    assert actual.shape == oracle.shape, "%s shape %s != %s" % (what, actual.shape, oracle.shape)
-    if oracle.numel() == 0:
-        return
-    a, e = actual.detach().double().cpu(), oracle.detach().double()
-    assert torch.isfinite(a).all(), "%s has non-finite values" % what
-    scale = max(1.0, e.abs().max().item())
-    err = (a - e).abs().max().item()
-    tol = tolerance(dtype, terms)
-    assert err <= tol * scale, (
-        "%s max abs error %.3g > %.3g (scale %.3g, dtype %s, %d-term sums)"
-        % (what, err, tol * scale, scale, dtype, terms))
-
-
-def _check_case(name, dtype, device="cuda"):
-    op, make, kwargs = CASES[name]
-    tensors = make()
-    native_args = _materialise(tensors, dtype, device)
-    oracle_args = _materialise(tensors, dtype, "cpu64")
-    out_shape = _oracle_fn(op, dtype)(**oracle_args, **kwargs).shape
-    grad_out = torch.randn(out_shape, dtype=torch.float64).to(dtype)
-    out, grads = _run(getattr(ops, op), native_args, kwargs, grad_out)
-    assert out.device.type == torch.device(device).type
-    ref_out, ref_grads = _run(_oracle_fn(op, dtype), oracle_args, kwargs, grad_out.double())
-    _assert_close_to_oracle(out, ref_out, dtype, "%s output" % name,
-                            _reduction_terms(op, tensors, kwargs, "output", out.shape))
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        _assert_close_to_oracle(grads[k], ref_grads[k], dtype, "%s grad %s" % (name, k),
-                                _reduction_terms(op, tensors, kwargs, k, out.shape))
-    return out, grads
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("name", list(CASES))
-def test_op_and_grads_match_reference(name, dtype):
-    _require_cuda_kernel(CASES[name][0])
-    _check_case(name, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_matches_cpu_backend(name):
-    """CUDA and CPU (native where built, else reference) agree in float32."""
-    op, make, kwargs = CASES[name]
-    _require_cuda_kernel(op)
-    tensors = make()
-    g = torch.randn(_oracle_fn(op, torch.float32)(**_materialise(tensors, torch.float32, "cpu64"),
-                                                   **kwargs).shape, dtype=torch.float64)
-    out_c, grads_c = _run(getattr(ops, op), _materialise(tensors, torch.float32, "cuda"), kwargs, g)
-    out_h, grads_h = _run(getattr(ops, op), _materialise(tensors, torch.float32, "cpu"), kwargs, g)
-    _assert_close_to_oracle(out_c, out_h, torch.float32, "output")
-    for k in grads_h:
-        _assert_close_to_oracle(grads_c[k], grads_h[k], torch.float32, "grad %s" % k)
-
-
-ARGMAX_CASES = [
-    # (N, C, H, W, scale, crop)
-    (2, 21, 6, 7, 8, (31, 31, 20, 25)),
-    (1, 21, 4, 4, 32, (19, 19, 100, 90)),
-    (3, 5, 5, 6, 2, None),
-]
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("case", ARGMAX_CASES)
-def test_upsample_argmax(case, dtype):
-    _require_cuda_kernel("upsample_argmax")
-    n, c, h, w, scale, crop = case
-    x = _randn(n, c, h, w).to(dtype)
-    labels = ops.upsample_argmax(x.cuda(), scale, crop)
-    assert labels.dtype == torch.int64 and labels.device.type == "cuda"
-    scores = reference.bilinear_upsample2d(x.double(), scale, crop)
-    assert labels.shape == scores.shape[:1] + scores.shape[2:]
-    labels = labels.cpu()
-    assert labels.min() >= 0 and labels.max() < c
-    # the chosen class scores the maximum up to the dtype's rounding (near-ties may differ)
-    best = scores.max(1).values
-    chosen = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
-    tol = TOLERANCE[dtype] * max(1.0, scores.abs().max().item())
-    assert (best - chosen).max().item() <= tol
-    if dtype == torch.float64:
-        assert torch.equal(labels, scores.argmax(1))
-
-
-@needs_cuda
-def test_upsample_argmax_ties_and_nan_follow_torch_argmax():
-    _require_cuda_kernel("upsample_argmax")
-    x = torch.zeros(1, 4, 3, 3, device="cuda")
-    assert torch.equal(ops.upsample_argmax(x, 2), torch.zeros(1, 8, 8, dtype=torch.int64,
-                                                              device="cuda"))
-    x[0, 2, 1, 1] = float("nan")
-    expected = reference.upsample_argmax(x.cpu(), 2)
-    assert torch.equal(ops.upsample_argmax(x, 2).cpu(), expected)
-
-
-GRADCHECK_CASES = ["deconv-general", "bilinear-s8-crop31", "skip-crop5", "score-pool4",
-                   "ce-s4-sum"]
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", GRADCHECK_CASES)
-def test_gradcheck_fp64(name):
-    fn, inputs = _small_grad_case(name)
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", GRADCHECK_CASES)
-def test_gradgradcheck_fp64(name):
-    """Double backward on CUDA (the autograd formulas call the CUDA backward ops), with
-    warnings as errors: an op without an autograd kernel would warn and give zeros."""
-    import warnings
-    fn, inputs = _small_grad_case(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.autograd.gradgradcheck(fn, inputs)
-
-
-def _small_grad_case(name):
-    op, make, kwargs = CASES[name]
-    _require_cuda_kernel(op)
-    tensors = make()
-    # shrink: gradcheck is O(numel^2)
-    if op == "bilinear_upsample2d":
-        tensors, kwargs = dict(x=_randn(1, 2, 3, 4)), dict(scale=4, crop=(3, 2, 12, 14))
-    elif op == "skip_add_crop":
-        tensors = dict(coarse=_randn(1, 2, 3, 4), skip=_randn(1, 2, 9, 9))
-    elif op == "score_skip":
-        tensors = dict(coarse=_randn(1, 3, 3, 4), feature=_randn(1, 4, 9, 9),
-                       weight=_randn(3, 4, 1, 1), bias=_randn(3))
-    elif op == "upsample_cross_entropy":
-        tensors = dict(x=_randn(1, 3, 2, 3), target=_target(1, 12, 16, 3, ignore=-1))
-    args = _materialise(tensors, torch.float64, "cuda")
-    names = [k for k, v in args.items() if v is not None and v.requires_grad]
-
-    def fn(*grad_inputs):
-        call = dict(args, **dict(zip(names, grad_inputs)))
-        return getattr(ops, op)(**call, **kwargs)
-    return fn, [args[k] for k in names]
-
-
-@needs_cuda
-def test_opcheck_cuda():
-    _require_cuda_kernel("conv_transpose2d")
-    x = torch.randn(2, 4, 5, 6, device="cuda", requires_grad=True)
-    w = torch.randn(4, 3, 4, 4, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default,
-                          (x, w, None, [2, 2], [0, 0], [0, 0], 1, [1, 1], [1, 1, 8, 9]))
-    torch.library.opcheck(torch.ops.fcnfast.bilinear_upsample2d.default, (x, 4, [3, 3, 17, 20]))
-    torch.library.opcheck(torch.ops.fcnfast.skip_add_crop.default,
-                          (x[:, :, :3, :3].contiguous(), x, [1, 2]))
-    t = torch.randint(0, 4, (2, 17, 20), device="cuda")
-    torch.library.opcheck(torch.ops.fcnfast.upsample_cross_entropy.default,
-                          (x, t, 4, [3, 3, 17, 20], 255, "mean"))
-    torch.library.opcheck(torch.ops.fcnfast.upsample_argmax.default, (x, 4, [3, 3, 17, 20]))
+    require_native(op, "cuda")  # also: the CUDA backend is the expected one (compiled, else CuPy)
 
 
 @needs_cuda
 @pytest.mark.parametrize("name", ["deconv-upscore8", "bilinear-s8-crop31", "skip-crop5",
                                   "score-pool4", "ce-s8-mean"])
 def test_noncontiguous_inputs(name):
-    op, make, kwargs = CASES[name]
+    """channels_last device memory gives bitwise the same output and gradients."""
+    op, make, kwargs = ORACLE_CASES[name]
     _require_cuda_kernel(op)
     tensors = make()
-    base = _materialise(tensors, torch.float32, "cuda")
+    base = materialise(tensors, torch.float32, "cuda")
     strided = {}
     for k, v in base.items():
         if v is not None and v.is_floating_point() and v.dim() == 4:
             v = v.detach().to(memory_format=torch.channels_last).requires_grad_()
         strided[k] = v
     g = torch.randn(getattr(ops, op)(**base, **kwargs).shape, dtype=torch.float64)
-    out_a, grads_a = _run(getattr(ops, op), base, kwargs, g)
-    out_b, grads_b = _run(getattr(ops, op), strided, kwargs, g)
+    out_a, grads_a = run_with_grads(getattr(ops, op), base, kwargs, g)
+    out_b, grads_b = run_with_grads(getattr(ops, op), strided, kwargs, g)
     assert torch.equal(out_a, out_b)
     for k in grads_a:
         assert torch.equal(grads_a[k], grads_b[k]), k
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("ce-")])
-def test_empty_batch(name):
-    op, make, kwargs = CASES[name]
-    _require_cuda_kernel(op)
-    batched = ("x", "coarse", "skip", "feature")
-    tensors = {k: (v[:0] if k in batched else v) for k, v in make().items()}
-    args = _materialise(tensors, torch.float32, "cuda")
-    out = getattr(ops, op)(**args, **kwargs)
-    assert out.shape[0] == 0 and out.device.type == "cuda"
-    out.sum().backward()
-    for k, v in args.items():
-        if v is not None and v.requires_grad and v.grad is not None:
-            assert not v.grad.any(), k
-
-
-@needs_cuda
-def test_cross_entropy_all_ignored_matches_torch():
-    _require_cuda_kernel("upsample_cross_entropy")
-    x = torch.randn(1, 3, 2, 2, device="cuda", requires_grad=True)
-    t = torch.full((1, 6, 6), 255, device="cuda")
-    for reduction in ("mean", "sum"):
-        loss = ops.upsample_cross_entropy(x, t, 2, reduction=reduction)
-        expected = reference.upsample_cross_entropy(x.detach().cpu(), t.cpu(), 2,
-                                                    reduction=reduction)
-        assert torch.equal(torch.isnan(loss).cpu(), torch.isnan(expected))
-        (g,) = torch.autograd.grad(loss, x)
-        assert torch.equal(g, torch.zeros_like(g))
-
-
-@needs_cuda
-def test_cross_entropy_bad_label_is_an_error():
-    _require_cuda_kernel("upsample_cross_entropy")
-    x = torch.randn(1, 3, 2, 2, device="cuda")
-    t = torch.zeros(1, 6, 6, dtype=torch.int64, device="cuda")
-    t[0, 1, 1] = 3
-    with pytest.raises(ValueError, match="outside"):
-        torch.ops.fcnfast.upsample_cross_entropy(x, t, 2, [0, 0, 6, 6], 255, "mean")
 
 
 # ---------------------------------------------------------------------------
@@ -536,19 +220,23 @@ def test_cupy_matches_compiled():
             if a.dtype == torch.int64:
                 assert (a != b).float().mean().item() < 1e-3, name  # near-ties only
             else:
-                _assert_close_to_oracle(b, a.double().cpu(), a.dtype, name)
+                assert_close_to_oracle(b, a.double().cpu(), a.dtype, name)
 
 
 @needs_cuda
 def test_cupy_backend_suite():
-    """Rerun this file with FCNFAST_CUDA_BACKEND=cupy (the JIT path for CPU-only wheels)."""
+    """Rerun the CUDA tests (this file's and the per-op files' cuda cases) with
+    FCNFAST_CUDA_BACKEND=cupy (the JIT path for CPU-only wheels)."""
     if _cupy.requested() == "cupy":
         pytest.skip("already running with the CuPy backend")
     if not _cupy.available():
         pytest.skip("CuPy is not installed")
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, f) for f in OP_TEST_FILES]
+    assert all(os.path.isfile(f) for f in files), files
     env = dict(os.environ, FCNFAST_CUDA_BACKEND="cupy")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           __file__, "-k", "not cupy_backend_suite"],
+                           "-m", "cuda", __file__] + files + ["-k", "not cupy_backend_suite"],
                           env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
@@ -785,8 +473,8 @@ def test_bad_cuda_backend_env_is_clear():
 @needs_cuda
 @pytest.mark.parametrize("call", [
     # 1 * 1 * 2^40 * 2^40 wraps to 0 in int64: the product must be checked without overflow
-    lambda: ops.skip_add_crop_backward(torch.zeros(1, 1, 2, 2, device="cuda"), 2 ** 40, 2 ** 40,
-                                       (0, 0)),
+    lambda: torch.ops.fcnfast.skip_add_crop_backward(torch.zeros(1, 1, 2, 2, device="cuda"),
+                                                     2 ** 40, 2 ** 40, [0, 0]),
     lambda: torch.ops.fcnfast.bilinear_upsample2d_backward(
         torch.zeros(1, 1, 4, 4, device="cuda"), 2 ** 40, 2 ** 40, 2, [0, 0, 4, 4]),
 ], ids=["skip_add_crop_backward", "bilinear_upsample2d_backward"])

@@ -452,7 +452,6 @@ def test_learned_final_still_bilinear_uses_the_fused_ops(monkeypatch):
 
 
 def test_trained_final_predict_is_chunked_and_exact(monkeypatch):
-    from fcnfast.models import fcn as fcn_module
 
     model = randomize(fcn8s(num_classes=5, backbone="tiny"), std=1.0).eval()
     argmax_calls = _spy(monkeypatch, "upsample_argmax")

@@ -2,7 +2,8 @@
 
 The fp32 window GEMM has two CPU paths: fcnfast's AVX-512 kernel (where the CPU has
 AVX-512F) and ATen's convolution (FCNFAST_NO_AVX512=1); the `gemm` fixture runs the
-forward tests on both.
+forward tests on both, and on "cuda" (the CUDA kernels, where a CUDA device is present;
+the CPU reference is the oracle).
 """
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 import fcnfast
 from fcnfast import ops, reference
 
-from conftest import assert_close_scaled, compare_forward_backward, require_native
+from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
+                      require_native, variant_device, with_cuda)
+from op_cases import oracle_tests
 
 OP = "score_skip"
 
@@ -28,9 +31,10 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["avx512", "aten"])
+@pytest.fixture(params=with_cuda("avx512", "aten"))
 def gemm(request, monkeypatch):
-    monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "aten" else "0")
+    if request.param != "cuda":
+        monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "aten" else "0")
     return request.param
 
 
@@ -43,91 +47,94 @@ def _make(shape, dtype=torch.float32, bias=True):
     return coarse, feature, weight, b, scale, (oy, ox)
 
 
-def _compare(coarse, feature, weight, b, scale, offset):
+def _compare(coarse, feature, weight, b, scale, offset, device="cpu"):
     if b is None:
         def call(impl):
             return lambda c, f, w: impl.score_skip(c, f, w, None, scale, offset)
-        return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight])
+        return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight],
+                                        device=device)
 
     def call(impl):
         return lambda c, f, w, b_: impl.score_skip(c, f, w, b_, scale, offset)
-    return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight, b])
+    return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight, b],
+                                    device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
 def test_matches_reference(shape, dtype, gemm):
-    require_native(OP)
-    _compare(*_make(shape, dtype, bias=shape[0] != 1))
+    require_native(OP, variant_device(gemm))
+    _compare(*_make(shape, dtype, bias=shape[0] != 1), device=variant_device(gemm))
 
 
 @pytest.mark.parametrize("classes", [21, 150])
 def test_fcn_pool4_full_channels(classes, gemm):
     """The real FCN-8s score_pool4 shape: 512 channels, 21 classes."""
-    require_native(OP)
-    _compare(*_make((1, 512, classes, 34, 34, 44, 44, 5, 5, 1.0)))
+    require_native(OP, variant_device(gemm))
+    _compare(*_make((1, 512, classes, 34, 34, 44, 44, 5, 5, 1.0)), device=variant_device(gemm))
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
 def test_bfloat16(shape, gemm):
-    require_native(OP)
+    device = variant_device(gemm)
+    require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make(shape, torch.bfloat16)
-    out = ops.score_skip(coarse, feature, weight, b, scale, offset)
-    assert out.dtype == torch.bfloat16
+    on_device = leaves_on(device, coarse, feature, weight, b)
+    out = ops.score_skip(*on_device, scale, offset)
+    assert out.dtype == torch.bfloat16 and out.device.type == device
     args32 = [t.detach().float().requires_grad_() for t in (coarse, feature, weight, b)]
     ref = reference.score_skip(*args32, scale, offset)
-    assert_close_scaled(out.float(), ref, dtype=torch.bfloat16)
+    assert_close_scaled(out.float().cpu(), ref, dtype=torch.bfloat16)
     grad = torch.randn(out.shape, dtype=torch.bfloat16)
-    grads = torch.autograd.grad(out, (coarse, feature, weight, b), grad)
+    grads = torch.autograd.grad(out, on_device, grad.to(device))
     grads_ref = torch.autograd.grad(ref, args32, grad.float())
     for name, gn, gr in zip(("coarse", "feature", "weight", "bias"), grads, grads_ref):
         assert gn.dtype == torch.bfloat16
-        assert_close_scaled(gn.float(), gr, dtype=torch.bfloat16, what="grad " + name)
+        assert_close_scaled(gn.float().cpu(), gr, dtype=torch.bfloat16, what="grad " + name)
 
 
-def test_channels_last_and_noncontiguous():
-    require_native(OP)
+def test_channels_last_and_noncontiguous(device):
+    require_native(OP, device)
     coarse = torch.randn(2, 4, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
     feature = torch.randn(2, 7, 9, 20)[..., ::2].requires_grad_()
     weight = torch.randn(7, 4, 1, 1).transpose(0, 1).requires_grad_()
     b = torch.randn(8)[::2].requires_grad_()
     assert not feature.is_contiguous() and not weight.is_contiguous() and not b.is_contiguous()
-    _compare(coarse, feature, weight, b, 0.5, (3, 2))
+    _compare(coarse, feature, weight, b, 0.5, (3, 2), device)
 
 
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (False, False, False)])
-def test_backward_output_mask(mask):
-    require_native(OP)
+def test_backward_output_mask(mask, device):
+    require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make(SHAPES[2], torch.float64)
     out = reference.score_skip(coarse, feature, weight, b, scale, offset)
     grad = torch.randn_like(out)
     expected = torch.autograd.grad(out, (feature, weight, b), grad)
-    got = torch.ops.fcnfast.score_skip_backward(grad, feature.detach(), weight.detach(), scale,
+    got = torch.ops.fcnfast.score_skip_backward(grad.to(device), feature.detach().to(device),
+                                                weight.detach().to(device), scale,
                                                 list(offset), list(mask))
-    for wanted, g, e in zip(mask, got, expected):
-        if wanted:
-            assert_close_scaled(g, e)
-        else:
-            assert g.numel() == 0
+    assert_output_mask(mask, got, expected)
 
 
-def test_gradcheck_fp64():
-    require_native(OP)
+def test_gradcheck_fp64(device):
+    require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5),
                                                       torch.float64)
     assert torch.autograd.gradcheck(
-        lambda c, f, w, b_: ops.score_skip(c, f, w, b_, scale, offset), (coarse, feature, weight, b))
+        lambda c, f, w, b_: ops.score_skip(c, f, w, b_, scale, offset),
+        tuple(leaves_on(device, coarse, feature, weight, b)))
 
 
-def test_opcheck():
-    require_native(OP)
+def test_opcheck(device):
+    require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5))
+    coarse, feature, weight, b = leaves_on(device, coarse, feature, weight, b)
     torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
                           (coarse, feature, weight, b, scale, list(offset)))
     torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
                           (coarse, feature, weight, None, scale, list(offset)))
-    grad = torch.randn(coarse.shape)
+    grad = torch.randn(coarse.shape, device=device)
     for mask in ([True, True, True], [True, False, True]):
         torch.library.opcheck(torch.ops.fcnfast.score_skip_backward.default,
                               (grad, feature.detach(), weight.detach(), scale, list(offset), mask))
@@ -143,14 +150,18 @@ def test_compile_fullgraph():
                                    reference.score_skip(coarse, feature, weight, b, scale, offset))
 
 
-def test_backward_is_deterministic():
-    require_native(OP)
+def test_backward_is_deterministic(device):
+    require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 64, 21, 34, 34, 44, 44, 5, 5, 1.0))
+    coarse, feature, weight, b = leaves_on(device, coarse, feature, weight, b)
     grads = []
     for _ in range(2):
         out = ops.score_skip(coarse, feature, weight, b, scale, offset)
         grads.append(torch.autograd.grad(out, (coarse, feature, weight, b), torch.ones_like(out)))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+globals().update(oracle_tests(OP))  # ORACLE_CASES on every device (formerly test_cuda.py)
 
 
 ERRORS = [

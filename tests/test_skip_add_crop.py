@@ -5,6 +5,9 @@ import fcnfast
 from fcnfast import ops, reference
 
 from conftest import compare_forward_backward, require_native
+from op_cases import oracle_tests
+
+OP = "skip_add_crop"
 
 SHAPES = [
     # (N, C, H, W, SH, SW, oy, ox)
@@ -18,50 +21,59 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(shape, dtype):
-    require_native("skip_add_crop")
+def test_matches_reference(shape, dtype, device):
+    require_native(OP, device)
     n, c, h, w, sh, sw, oy, ox = shape
     coarse = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
     skip = torch.randn(n, c, sh, sw, dtype=dtype, requires_grad=True)
     compare_forward_backward(lambda a, b: ops.skip_add_crop(a, b, (oy, ox)),
-                             lambda a, b: reference.skip_add_crop(a, b, (oy, ox)), [coarse, skip])
+                             lambda a, b: reference.skip_add_crop(a, b, (oy, ox)), [coarse, skip],
+                             device=device)
 
 
-def test_channels_last_and_noncontiguous():
-    require_native("skip_add_crop")
+def test_channels_last_and_noncontiguous(device):
+    require_native(OP, device)
     coarse = torch.randn(2, 5, 6, 7).to(memory_format=torch.channels_last).requires_grad_()
     skip = torch.randn(2, 5, 12, 20)[..., ::2].requires_grad_()
     compare_forward_backward(lambda a, b: ops.skip_add_crop(a, b, (3, 1)),
-                             lambda a, b: reference.skip_add_crop(a, b, (3, 1)), [coarse, skip])
+                             lambda a, b: reference.skip_add_crop(a, b, (3, 1)), [coarse, skip],
+                             device=device)
 
 
-def test_gradcheck_fp64():
-    require_native("skip_add_crop")
-    coarse = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    skip = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_fp64(device):
+    require_native(OP, device)
+    coarse = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    skip = torch.randn(2, 3, 7, 8, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.skip_add_crop(a, b, (2, 1)), (coarse, skip))
 
 
-def test_opcheck():
-    require_native("skip_add_crop")
-    coarse = torch.randn(2, 3, 4, 5, requires_grad=True)
-    skip = torch.randn(2, 3, 7, 8, requires_grad=True)
+def test_opcheck(device):
+    require_native(OP, device)
+    coarse = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    skip = torch.randn(2, 3, 7, 8, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.fcnfast.skip_add_crop.default, (coarse, skip, [2, 1]))
-    grad = torch.randn(2, 3, 4, 5)
+    grad = torch.randn(2, 3, 4, 5, device=device)
     torch.library.opcheck(torch.ops.fcnfast.skip_add_crop_backward.default, (grad, 7, 8, [2, 1]))
+    # a window of a grad-requiring skip, offset (1, 2) (formerly test_cuda.test_opcheck_cuda)
+    x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fcnfast.skip_add_crop.default,
+                          (x[:, :, :3, :3].contiguous(), x, [1, 2]))
+
+
+globals().update(oracle_tests(OP))  # ORACLE_CASES on every device (formerly test_cuda.py)
 
 
 def test_compile_fullgraph():
-    require_native("skip_add_crop")
+    require_native(OP)
     coarse, skip = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 6, 6)
     fn = torch.compile(lambda a, b: fcnfast.skip_add_crop(a, b, (1, 2)), fullgraph=True)
     torch.testing.assert_close(fn(coarse, skip), reference.skip_add_crop(coarse, skip, (1, 2)))
 
 
-def test_backward_is_deterministic():
-    require_native("skip_add_crop")
-    coarse = torch.randn(2, 21, 34, 34, requires_grad=True)
-    skip = torch.randn(2, 21, 44, 44, requires_grad=True)
+def test_backward_is_deterministic(device):
+    require_native(OP, device)
+    coarse = torch.randn(2, 21, 34, 34, device=device, requires_grad=True)
+    skip = torch.randn(2, 21, 44, 44, device=device, requires_grad=True)
     grads = []
     for _ in range(2):
         out = ops.skip_add_crop(coarse, skip, (5, 5))
@@ -87,6 +99,6 @@ def test_errors(impl, kwargs, match):
 
 def test_native_checks_direct_call():
     """The C++ side validates too (torch.ops called directly, bypassing Python checks)."""
-    require_native("skip_add_crop")
+    require_native(OP)
     with pytest.raises(ValueError, match="offset"):
         torch.ops.fcnfast.skip_add_crop(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 5, 5), [2, 2])
