@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build fcnfast with its CUDA kernels against the installed torch,
-# run the CUDA tests (compiled kernels, then the CuPy/NVRTC path when CuPy is installed), run the
+# run the CUDA tests (compiled kernels, then the CuPy/NVRTC path when CuPy is installed) and
+# compute-sanitizer (memcheck, racecheck) over every kernel, run the
 # GPU benchmarks and write benchmarks/results/<gpu-name>.md.
 #
 #   bash benchmarks/gpu_check.sh            (from anywhere; PYTHON=... picks the interpreter)
@@ -42,9 +43,25 @@ echo "build: $(( $(date +%s) - start )) s"
 (cd tests && "$PY" -c "import fcnfast, json; print(json.dumps(fcnfast.build_info(), indent=1))")
 
 echo "== CUDA tests =="
-# from tests/ so `import fcnfast` is the installed package, not the source tree
-(cd tests && "$PY" -m pytest -q -p no:cacheprovider -rs test_cuda.py 2>&1) | tee "$RESULTS/gpu_check_tests.log"
+# from tests/ so `import fcnfast` is the installed package, not the source tree. Every test that
+# runs on the GPU carries the `cuda` marker: the per-op files' cuda cases (vs the CPU reference)
+# and test_cuda.py's CUDA-only concerns (streams, guards, CuPy/NVRTC)
+(cd tests && "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda . 2>&1) | tee "$RESULTS/gpu_check_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: CUDA tests FAILED"; status=1; }
+
+# compute-sanitizer over the fp64-oracle and empty-batch cases of every op (all kernels, all
+# dtypes; the whole cuda suite would take hours under the sanitizer)
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool =="
+    (cd tests && compute-sanitizer --tool "$tool" --error-exitcode 99 \
+       "$PY" -m pytest -q -p no:cacheprovider -m cuda -k "fp64_oracle or empty_batch" . 2>&1) \
+      | tee "$RESULTS/gpu_check_sanitizer_$tool.log" | tail -5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: compute-sanitizer $tool FAILED"; status=1; }
+  done
+else
+  echo "gpu_check: compute-sanitizer not found, sanitizer runs skipped"
+fi
 
 echo "== GPU benchmarks =="
 (cd tests && "$PY" ../benchmarks/bench_cuda.py --out "../$RESULTS" 2>&1) | tee "$RESULTS/gpu_check_bench.log"
