@@ -87,9 +87,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation, crop).squeeze(0)
     x, weight, bias = _autocast.cast("conv_transpose2d", x.device.type, (x, weight, bias))
-    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
-        x, weight, bias, stride, padding, output_padding, groups, dilation)
-    crop = geo.resolve_crop(crop, *full)
+    stride, padding, output_padding, dilation, crop = geo.check_conv_transpose2d(
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
     if _use_native("conv_transpose2d", x.device.type):
         return torch.ops.fcnfast.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
                                                   groups, dilation, crop)
@@ -113,9 +112,7 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     if geo.is_unbatched(x, "x"):
         return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     x, = _autocast.cast("bilinear_upsample2d", x.device.type, (x,))
-    geo.check_tensor(x, "x", 4)
-    scale = geo.check_scale(scale)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    crop = geo.check_bilinear_upsample2d(x, scale, crop)
     if _use_native("bilinear_upsample2d", x.device.type):
         return torch.ops.fcnfast.bilinear_upsample2d(x, scale, crop)
     with _autocast.disabled(x.device.type):
@@ -134,7 +131,7 @@ def skip_add_crop(coarse, skip, offset):
     if geo.same_batching(coarse, "coarse", skip, "skip"):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     coarse, skip = _autocast.cast("skip_add_crop", coarse.device.type, (coarse, skip))
-    offset = reference._check_skip_add_crop(coarse, skip, offset)
+    offset = geo.check_skip_add_crop(coarse, skip, offset)
     if _use_native("skip_add_crop", coarse.device.type):
         return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
     with _autocast.disabled(coarse.device.type):
@@ -158,7 +155,7 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
                           offset).squeeze(0)
     coarse, feature, weight, bias = _autocast.cast("score_skip", coarse.device.type,
                                                    (coarse, feature, weight, bias))
-    offset = reference._check_score_skip(coarse, feature, weight, bias, offset)
+    offset = geo.check_score_skip(coarse, feature, weight, bias, offset)
     if _use_native("score_skip", coarse.device.type):
         return torch.ops.fcnfast.score_skip(coarse, feature, weight, bias, float(scale), offset)
     with _autocast.disabled(coarse.device.type):
@@ -178,9 +175,7 @@ def upsample_argmax(x, scale: int, crop=None):
     if geo.is_unbatched(x, "x"):
         return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
     x, = _autocast.cast("upsample_argmax", x.device.type, (x,))
-    geo.check_tensor(x, "x", 4)
-    scale = geo.check_scale(scale)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    crop = geo.check_upsample_argmax(x, scale, crop)
     if _use_native("upsample_argmax", x.device.type):
         return torch.ops.fcnfast.upsample_argmax(x, scale, crop)
     with _autocast.disabled(x.device.type):
@@ -208,8 +203,7 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
         return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
                                       ignore_index, reduction)
     x, = _autocast.cast("upsample_cross_entropy", x.device.type, (x,))
-    reference._check_cross_entropy_args(x, target, scale, crop, reduction)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
     if _use_native("upsample_cross_entropy", x.device.type):
         return torch.ops.fcnfast.upsample_cross_entropy(x, target, scale, crop, int(ignore_index),
                                                         reduction)

@@ -45,7 +45,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/op_checks.h"
 #include "../common/conv_transpose2d.h"
 #include "large_output.h"
 #include "phase_rows_avx512.h"
@@ -53,81 +53,7 @@
 namespace fcnfast {
 namespace {
 
-struct ConvTArgs {
-  ConvTranspose2dGeom g;
-  int64_t batch;
-};
-
-// Validates the arguments shared by the forward and the backward and returns
-// the geometry with the crop resolved against the full output size.
-ConvTArgs check_conv_transpose2d(const at::Tensor& x, const at::Tensor& weight,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef output_padding, int64_t groups,
-                                 at::IntArrayRef dilation, at::IntArrayRef crop) {
-  check_defined(x, "x");
-  check_defined(weight, "weight");
-  check_floating(x, "x");
-  check_dim(x, 4, "x");
-  check_dim(weight, 4, "weight");
-  check_same(x, "x", weight, "weight");
-  auto s = pair_arg(stride, "stride");
-  auto p = pair_arg(padding, "padding");
-  auto op = pair_arg(output_padding, "output_padding");
-  auto d = pair_arg(dilation, "dilation");
-  TORCH_CHECK_VALUE(s[0] > 0 && s[1] > 0, "fcnfast: stride must be positive, got (", s[0], ", ",
-                    s[1], ")");
-  TORCH_CHECK_VALUE(d[0] > 0 && d[1] > 0, "fcnfast: dilation must be positive, got (", d[0],
-                    ", ", d[1], ")");
-  TORCH_CHECK_VALUE(p[0] >= 0 && p[1] >= 0, "fcnfast: padding must be non-negative, got (", p[0],
-                    ", ", p[1], ")");
-  TORCH_CHECK_VALUE(op[0] >= 0 && op[1] >= 0,
-                    "fcnfast: output_padding must be non-negative, got (", op[0], ", ", op[1],
-                    ")");
-  for (int axis = 0; axis < 2; ++axis) {
-    TORCH_CHECK_VALUE(op[axis] < std::max(s[axis], d[axis]), "fcnfast: output_padding (", op[0],
-                      ", ", op[1], ") must be smaller than stride (", s[0], ", ", s[1],
-                      ") or dilation (", d[0], ", ", d[1], ")");
-  }
-  TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be a positive int, got ", groups);
-  const int64_t cin = x.size(1);
-  TORCH_CHECK_VALUE(weight.size(0) == cin, "fcnfast: weight.shape[0] (", weight.size(0),
-                    ") must equal the input channels x.shape[1] (", cin, ")");
-  TORCH_CHECK_VALUE(cin % groups == 0, "fcnfast: groups (", groups,
-                    ") must divide the input channels (", cin, ")");
-  const int64_t kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK_VALUE(kh > 0 && kw > 0, "fcnfast: weight kernel size must be positive, got ", kh,
-                    "x", kw);
-  check_index32(x.numel(), "x");
-  check_index32(weight.numel(), "weight");
-  const int64_t full_h = conv_transpose_out_size(x.size(2), kh, s[0], p[0], op[0], d[0]);
-  const int64_t full_w = conv_transpose_out_size(x.size(3), kw, s[1], p[1], op[1], d[1]);
-  TORCH_CHECK_VALUE(full_h > 0 && full_w > 0, "fcnfast: conv_transpose2d output would be ",
-                    full_h, "x", full_w, " for input ", shape_str(x), ", weight ",
-                    shape_str(weight));
-  Crop c = check_crop(crop, full_h, full_w);
-  const int64_t cout = weight.size(1) * groups;
-  // Refuse sizes past 32-bit indexing before allocating anything (the products
-  // are evaluated in steps so that they cannot overflow int64 either).
-  check_index32(full_h, "the full output height");
-  check_index32(full_w, "the full output width");
-  check_index32(c.height * c.width, "one output plane");
-  check_index32(cout * c.height * c.width, "one output image");
-  check_index32(x.size(0) * cout * c.height * c.width, "the output");
-  ConvTArgs a;
-  a.batch = x.size(0);
-  a.g = ConvTranspose2dGeom{cin,   x.size(2), x.size(3), cout,     groups,  kh,     kw,
-                            s[0],  s[1],      p[0],      p[1],     d[0],    d[1],   c.top,
-                            c.left, c.height, c.width};
-  return a;
-}
-
-void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t cout) {
-  if (!bias.has_value() || !bias->defined()) return;
-  check_dim(*bias, 1, "bias");
-  check_same(x, "x", *bias, "bias");
-  TORCH_CHECK_VALUE(bias->size(0) == cout, "fcnfast: bias has ", bias->size(0),
-                    " elements, expected the output channels ", cout);
-}
+using ConvTArgs = ConvTransposeArgs;  // csrc/common/op_checks.h
 
 // ---------------------------------------------------------------------------
 // phase plan
@@ -639,9 +565,8 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef output_padding,
                                 int64_t groups, at::IntArrayRef dilation, at::IntArrayRef crop) {
-  ConvTArgs a = check_conv_transpose2d(x, weight, stride, padding, output_padding, groups,
-                                       dilation, crop);
-  check_bias(bias, x, a.g.out_channels);
+  const ConvTArgs a = check_conv_transpose2d(x, weight, bias, stride, padding, output_padding,
+                                             groups, dilation, crop);
   const auto& g = a.g;
   // a reused block when one is free: no page faults (large_output.h)
   auto out = cpu::empty_large({a.batch, g.out_channels, g.crop_h, g.crop_w}, x.options());
@@ -666,16 +591,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
     at::IntArrayRef dilation, at::IntArrayRef crop, std::array<bool, 3> output_mask) {
-  check_defined(grad, "grad");
-  ConvTArgs a = check_conv_transpose2d(x, weight, stride, padding, output_padding, groups,
-                                       dilation, crop);
+  const ConvTArgs a = check_conv_transpose2d_backward(grad, x, weight, stride, padding,
+                                                      output_padding, groups, dilation, crop);
   const auto& g = a.g;
-  check_dim(grad, 4, "grad");
-  check_same(x, "x", grad, "grad");
-  TORCH_CHECK_VALUE(grad.size(0) == a.batch && grad.size(1) == g.out_channels &&
-                        grad.size(2) == g.crop_h && grad.size(3) == g.crop_w,
-                    "fcnfast: grad has shape ", shape_str(grad), ", expected [", a.batch, ", ",
-                    g.out_channels, ", ", g.crop_h, ", ", g.crop_w, "] (the cropped output)");
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), x.options()) : empty();

@@ -22,52 +22,13 @@
 #include <tuple>
 #include <utility>
 
-#include "../common/checks.h"
+#include "../common/op_checks.h"
 #include "isa.h"
 
 namespace fcnfast {
 namespace {
 
-struct Window {
-  int64_t batch, channels, classes;   // N, C (feature), K (weight.shape[0])
-  int64_t h, w;                       // coarse / window size
-  int64_t fh, fw;                     // feature size
-  int64_t oy, ox;                     // window offset in the feature map
-};
-
-// Checks shared by the forward and the backward; `lead` is coarse (forward)
-// or grad (backward): (N, K, H, W) with H x W the window size.
-Window check_window(const at::Tensor& lead, const char* lead_name, const at::Tensor& feature,
-                    const at::Tensor& weight, at::IntArrayRef offset) {
-  check_defined(lead, lead_name);
-  check_floating(lead, lead_name);
-  check_dim(lead, 4, lead_name);
-  const int64_t n = lead.size(0), k = lead.size(1), h = lead.size(2), w = lead.size(3);
-  check_defined(feature, "feature");
-  check_defined(weight, "weight");
-  check_floating(feature, "feature");
-  check_dim(feature, 4, "feature");
-  check_dim(weight, 4, "weight");
-  check_same(feature, "feature", weight, "weight");
-  TORCH_CHECK_VALUE(weight.size(2) == 1 && weight.size(3) == 1,
-                    "fcnfast: weight must be a 1x1 convolution weight (K, C, 1, 1), got ",
-                    shape_str(weight));
-  TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
-                    weight.size(1), ") must equal feature channels (", feature.size(1), ")");
-  TORCH_CHECK_VALUE(n == feature.size(0) && k == weight.size(0), "fcnfast: ", lead_name,
-                    " has batch ", n, " and ", k, " channels, expected batch ", feature.size(0),
-                    " and ", weight.size(0), " channels (weight.shape[0])");
-  auto off = pair_arg(offset, "offset");
-  const int64_t fh = feature.size(2), fw = feature.size(3);
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[1] >= 0 && off[0] + h <= fh && off[1] + w <= fw,
-                    "fcnfast: offset (", off[0], ", ", off[1], ") with window ", h, "x", w,
-                    " lies outside feature of size ", fh, "x", fw);
-  check_index32(feature.numel(), "feature");
-  check_index32(weight.numel(), "weight");
-  check_index32(n * k * h * w, lead_name);
-  check_same(lead, lead_name, feature, "feature");
-  return Window{n, feature.size(1), k, h, w, fh, fw, off[0], off[1]};
-}
+using Window = ScoreSkipWindow;  // csrc/common/op_checks.h
 
 // (K, C, 1, 1) weight in the compute dtype with the feature scale folded in.
 at::Tensor scaled_weight(const at::Tensor& weight, double scale, at::ScalarType acc_type) {
@@ -230,14 +191,8 @@ at::Tensor window_conv_avx512(const at::Tensor& feature, const Window& win,
 at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           double scale, at::IntArrayRef offset) {
-  const Window win = check_window(coarse, "coarse", feature, weight, offset);
+  const Window win = check_score_skip(coarse, feature, weight, bias, offset);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_dim(*bias, 1, "bias");
-    check_same(coarse, "coarse", *bias, "bias");
-    TORCH_CHECK_VALUE(bias->size(0) == win.classes, "fcnfast: bias has ", bias->size(0),
-                      " elements, expected ", win.classes);
-  }
   auto out = at::empty_like(coarse, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   auto cc = coarse.contiguous();
@@ -276,7 +231,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
     const at::Tensor& grad, const at::Tensor& feature, const at::Tensor& weight, double scale,
     at::IntArrayRef offset, std::array<bool, 3> output_mask) {
-  const Window win = check_window(grad, "grad", feature, weight, offset);
+  const Window win = check_score_skip_backward(grad, feature, weight, offset);
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, grad.options()); };
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
