@@ -28,19 +28,15 @@
 #include <vector>
 
 #include "../common/bilinear.h"
-#include "../common/op_checks.h"
+#include "../host/op_checks.h"
 #include "large_output.h"
+#include "parallel.h"
 
 namespace fcnfast {
 
-// the ops' argument checks and geometry: csrc/common/op_checks.h
+// the ops' argument checks and geometry: csrc/host/op_checks.h
 using BilinearGeometry = UpsampleGeometry;
 
-// parallel_for grain (in rows) so one chunk holds at least ~16K elements of work.
-inline int64_t rows_grain(int64_t work_per_row) {
-  constexpr int64_t kChunk = 16384;
-  return work_per_row >= kChunk ? 1 : kChunk / std::max<int64_t>(work_per_row, 1);
-}
 
 namespace cpu {
 

@@ -31,7 +31,7 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
     // stream outputs well beyond the caches (see blend_rows_stream)
     const bool stream = cpu::use_streaming_stores(out);
-    at::parallel_for(0, N * h, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / h, y = r % h;
@@ -68,7 +68,7 @@ at::Tensor bilinear_upsample2d_backward_cpu(const at::Tensor& grad, int64_t in_h
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
       gather.run(begin, end, op, [](int64_t, int64_t) {}, [&](int64_t n, int64_t Y, int64_t c) {
         return gp + ((n * C + c) * h + (Y - geo.crop.top)) * w;

@@ -45,15 +45,16 @@
 #include <tuple>
 #include <vector>
 
-#include "../common/op_checks.h"
+#include "../host/op_checks.h"
 #include "../common/conv_transpose2d.h"
 #include "large_output.h"
+#include "parallel.h"
 #include "phase_rows_avx512.h"
 
 namespace fcnfast {
 namespace {
 
-using ConvTArgs = ConvTransposeArgs;  // csrc/common/op_checks.h
+using ConvTArgs = ConvTransposeArgs;  // csrc/host/op_checks.h
 
 // ---------------------------------------------------------------------------
 // phase plan
@@ -99,14 +100,6 @@ PhasePlan make_plan(const ConvTranspose2dGeom& g) {
       make_phase_axis(g.stride_h, g.dil_h, g.kernel_h, g.pad_h, g.in_h, g.crop_top, g.crop_h),
       make_phase_axis(g.stride_w, g.dil_w, g.kernel_w, g.pad_w, g.in_w, g.crop_left, g.crop_w),
       g.in_channels / g.groups, g.out_channels / g.groups};
-}
-
-// at::parallel_for grain so that a chunk carries at least ~256K elementary
-// operations: small steps run inline, without a parallel region (whose
-// barrier costs a scheduler time slice when the cores are shared).
-int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = int64_t(1) << 18;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
 bool force_direct() {
@@ -180,7 +173,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wc.data_ptr<scalar_t>();
     const int64_t kh = p.h.kernel, kw = p.w.kernel;
-    at::parallel_for(0, groups * p.m_cols(), grain_for(p.k_rows()), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, groups * p.m_cols(), cpu::grain_for(p.k_rows(), cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t oc = b; oc < e; ++oc) {
         const int64_t rx = oc % sw, ry = (oc / sw) % sh, co = (oc / (sw * sh)) % p.cout_g;
         const int64_t grp = oc / p.m_cols();
@@ -209,7 +202,7 @@ template <typename acc_t, typename scalar_t>
 void unphase_weight(const acc_t* dwc, const PhasePlan& p, int64_t cin, scalar_t* gw) {
   const int64_t sh = p.h.stride, sw = p.w.stride, kh = p.h.kernel, kw = p.w.kernel;
   const int64_t th = p.h.taps, tw = p.w.taps;
-  at::parallel_for(0, cin, grain_for(p.cout_g * kh * kw), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, cin, cpu::grain_for(p.cout_g * kh * kw, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
       for (int64_t co = 0; co < p.cout_g; ++co)
@@ -263,7 +256,7 @@ at::Tensor phase_input(const at::Tensor& x, const InputWindow& w) {
   at::Tensor win = at::empty({batch, C, w.height, w.width}, opts);
   const scalar_t* src = x.data_ptr<scalar_t>();
   acc_t* dst = win.data_ptr<acc_t>();
-  at::parallel_for(0, batch * w.height, grain_for(w.width * C), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, batch * w.height, cpu::grain_for(w.width * C, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / w.height, iy = w.origin_y + r % w.height;
       acc_t* drow = dst + r * w.width * C;  // (n, y) row of the NHWC window
@@ -410,7 +403,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
       const acc_t* rp = r.data_ptr<acc_t>();
       // one unit = one block row of one group: a permutation of the phase
       // convolution's channels-last rows into the output
-      at::parallel_for(0, g.groups * (q1 - q0), grain_for(nqw * p.m_cols()),
+      at::parallel_for(0, g.groups * (q1 - q0), cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
                        [&](int64_t begin, int64_t end) {
         std::vector<acc_t> row(g.crop_w);
         for (int64_t u = begin; u < end; ++u) {
@@ -443,7 +436,7 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   acc_t* gtp = gt.data_ptr<acc_t>();
   // images in a fixed order (the weight gradient sums them in that order)
   for (int64_t n = 0; n < a.batch; ++n) {
-    at::parallel_for(0, g.groups * rows, grain_for(nqw * p.m_cols()),
+    at::parallel_for(0, g.groups * rows, cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
                      [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t qy = u % rows, grp = u / rows;
@@ -482,7 +475,7 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t rows = a.batch * g.out_channels * g.crop_h;
   const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
-  at::parallel_for(0, rows, grain_for(g.crop_w * taps), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, cpu::grain_for(g.crop_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t y = r % g.crop_h, nc = r / g.crop_h, co = nc % g.out_channels,
                     n = nc / g.out_channels;
@@ -511,7 +504,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
   if (grad_x) {
     scalar_t* gx = grad_x->data_ptr<scalar_t>();
     const int64_t taps = (g.out_channels / g.groups) * g.kernel_h * g.kernel_w;
-    at::parallel_for(0, a.batch * g.in_channels * g.in_h, grain_for(g.in_w * taps), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, a.batch * g.in_channels * g.in_h, cpu::grain_for(g.in_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t iy = r % g.in_h, nc = r / g.in_h, ci = nc % g.in_channels,
                       n = nc / g.in_channels;
@@ -527,7 +520,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
     const int64_t cout_g = g.out_channels / g.groups;
     const int64_t khw = g.kernel_h * g.kernel_w;
     const int64_t per_elem = a.batch * g.in_h * g.in_w;
-    at::parallel_for(0, grad_weight->numel(), grain_for(per_elem), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, grad_weight->numel(), cpu::grain_for(per_elem, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t kx = i % g.kernel_w, ky = (i / g.kernel_w) % g.kernel_h;
         const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);

@@ -22,13 +22,14 @@
 #include <tuple>
 #include <utility>
 
-#include "../common/op_checks.h"
+#include "../host/op_checks.h"
 #include "isa.h"
+#include "parallel.h"
 
 namespace fcnfast {
 namespace {
 
-using Window = ScoreSkipWindow;  // csrc/common/op_checks.h
+using Window = ScoreSkipWindow;  // csrc/host/op_checks.h
 
 // (K, C, 1, 1) weight in the compute dtype with the feature scale folded in.
 at::Tensor scaled_weight(const at::Tensor& weight, double scale, at::ScalarType acc_type) {
@@ -68,10 +69,6 @@ void scatter_window(const acc_t* dwin, const Window& win, int64_t c0, int64_t c1
 }
 
 
-int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = int64_t(1) << 16;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
-}
 
 // The windows of all images, (N, C, h, w) contiguous in the compute dtype.
 template <typename scalar_t, typename acc_t>
@@ -81,7 +78,7 @@ at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
   const scalar_t* fp = feature.data_ptr<scalar_t>();
   acc_t* op = out.data_ptr<acc_t>();
   const int64_t C = win.channels, plane = win.h * win.w;
-  at::parallel_for(0, win.batch * C, grain_for(plane), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, win.batch * C, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
     for (int64_t nc = b; nc < e; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, c, c + 1, op + n * C * plane);
@@ -174,10 +171,10 @@ at::Tensor window_conv_avx512(const at::Tensor& feature, const Window& win,
   const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* feat_n = fp + n * C * win.fh * win.fw;
-    at::parallel_for(0, C, grain_for(P), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, cpu::grain_for(P, cpu::kWindowMinWork), [&](int64_t c0, int64_t c1) {
       gather_window(feat_n, win, 0, win.h, c0, c1, xp);
     });
-    at::parallel_for(0, blocks, grain_for(kPixelBlock * C * K), [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, cpu::grain_for(kPixelBlock * C * K, cpu::kWindowMinWork), [&](int64_t b0, int64_t b1) {
       window_gemm_avx512(wp, K, xp, C, P, b0, b1, rp + n * K * P);
     });
   }
@@ -214,7 +211,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
                               {0, 0}, {1, 1}, false, {0, 0}, 1)
                   .contiguous();
     const acc_t* rp = res.data_ptr<acc_t>();
-    at::parallel_for(0, win.batch * K, grain_for(plane), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, win.batch * K, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
       for (int64_t nk = b; nk < e; ++nk) {
         const acc_t bk = bp ? static_cast<acc_t>(bp[nk % K]) : acc_t(0);
         const scalar_t* c = cp + nk * plane;
@@ -260,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
       const at::Tensor dwin = std::get<0>(grads).contiguous();
       const acc_t* dp = dwin.data_ptr<acc_t>();
       scalar_t* gfp = gf.data_ptr<scalar_t>();
-      at::parallel_for(0, win.batch * C, grain_for(win.fh * win.fw), [&](int64_t b, int64_t e) {
+      at::parallel_for(0, win.batch * C, cpu::grain_for(win.fh * win.fw, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
         for (int64_t nc = b; nc < e; ++nc) {
           const int64_t n = nc / C, c = nc % C;
           scatter_window(dp + n * C * plane, win, c, c + 1, gfp + n * C * win.fh * win.fw);

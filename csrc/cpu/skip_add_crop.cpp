@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../common/op_checks.h"
+#include "../host/op_checks.h"
 
 namespace fcnfast {
 namespace {

@@ -55,7 +55,7 @@ at::Tensor upsample_argmax_cpu(const at::Tensor& x, int64_t scale, at::IntArrayR
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     int64_t* op = out.mutable_data_ptr<int64_t>();
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-    at::parallel_for(0, N * h, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       std::vector<acc_t> values(w), best(w);
       for (int64_t r = begin; r < end; ++r) {

@@ -103,7 +103,7 @@ int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_
   if (rows == 0 || width == 0) return 0;
   const int64_t* tp = target.const_data_ptr<int64_t>();
   std::vector<int64_t> count(rows), first_bad(rows, -1);  // first bad column per row
-  at::parallel_for(0, rows, rows_grain(width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, cpu::grain_for(width, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t* t = tp + r * width;
       int64_t n = 0;
@@ -187,7 +187,7 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
       const int64_t* tp = tc.const_data_ptr<int64_t>();
       const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-      at::parallel_for(0, rows_total, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows_total, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
         cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
         std::vector<acc_t> logits(C * w), max(w), sum(w), picked(w);
         for (int64_t r = begin; r < end; ++r) {
@@ -237,7 +237,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
     const acc_t coef = static_cast<acc_t>(pixel_weight);
-    at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
       std::vector<acc_t> dlogits(C * w), max(w), sum(w), weight(w), inv_sum(w);

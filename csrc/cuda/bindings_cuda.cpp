@@ -1,6 +1,6 @@
 // CUDA implementations of the fcnfast ops for the PyTorch dispatcher.
 //
-// Thin host wrappers: validate the arguments (csrc/common/op_checks.h, the very
+// Thin host wrappers: validate the arguments (csrc/host/op_checks.h, the very
 // checks the CPU kernels run, plus "the lead tensor is on a CUDA device"; the
 // others must share its device), make the inputs contiguous, allocate the
 // outputs, then call the torch-free launchers of csrc/cuda/<op>.cu on the
@@ -15,7 +15,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/op_checks.h"
+#include "host/op_checks.h"
 #include "cuda/launchers.h"
 
 namespace fcnfast {
@@ -45,6 +45,17 @@ int to_int(int64_t v) { return static_cast<int>(v); }
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// The outputs of a backward with an output_mask (grad of a, of the weight w and
+// of a bias of `bias_size`), uninitialised; one not asked for is a distinct
+// empty tensor (outputs must not alias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_grads(const at::Tensor& a,
+                                                            const at::Tensor& w,
+                                                            int64_t bias_size,
+                                                            std::array<bool, 3> mask) {
+  return {mask[0] ? at::empty_like(a) : empty_grad(a), mask[1] ? at::empty_like(w) : empty_grad(a),
+          mask[2] ? at::empty({bias_size}, a.options()) : empty_grad(a)};
+}
 
 // ---------------------------------------------------------------------------
 // skip_add_crop
@@ -121,9 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
   const auto g = grad.contiguous();
   const auto f = feature.contiguous();
   const auto wt = weight.contiguous();
-  at::Tensor gf = mask[0] ? at::empty_like(f) : empty_grad(g);
-  at::Tensor gw = mask[1] ? at::empty_like(wt) : empty_grad(g);
-  at::Tensor gb = mask[2] ? at::empty({wt.size(0)}, g.options()) : empty_grad(g);
+  auto [gf, gw, gb] = masked_grads(f, wt, wt.size(0), mask);
   C10_CUDA_CHECK(cuda::score_skip_backward(
       dtype_of(g), g.const_data_ptr(), f.const_data_ptr(), wt.const_data_ptr(), scale,
       mask[0] ? gf.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,
@@ -177,9 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
   const auto g = grad.contiguous();
   const auto xc = x.contiguous();
   const auto wc = weight.contiguous();
-  at::Tensor gx = mask[0] ? at::empty_like(xc) : empty_grad(xc);
-  at::Tensor gw = mask[1] ? at::empty_like(wc) : empty_grad(xc);
-  at::Tensor gb = mask[2] ? at::empty({s.out_channels}, xc.options()) : empty_grad(xc);
+  auto [gx, gw, gb] = masked_grads(xc, wc, s.out_channels, mask);
   C10_CUDA_CHECK(cuda::conv_transpose2d_backward(
       dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), wc.const_data_ptr(),
       mask[0] ? gx.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,

@@ -1,12 +1,14 @@
 // Host-side argument checks shared by the CPU and CUDA bindings: the building
-// blocks of csrc/common/op_checks.h (one check function per op).
+// blocks of csrc/host/op_checks.h (one check function per op).
 //
 // Every failure is a c10::Error (ValueError in Python) whose message names the
 // argument and the offending values, in the same words as fcnfast/_geometry.py
 // (the Python checks of the reference, the public ops and the CuPy backend).
-// Unlike the rest of csrc/common/ this header (and op_checks.h) depends on ATen:
-// only host C++ files include them; the .cu kernels and the headers they
-// include (geometry.h, bilinear.h, conv_transpose2d.h, vec8.h) stay torch-free.
+//
+// csrc/host/ holds the headers that depend on ATen (this one and op_checks.h):
+// only host C++ files include them (csrc/cpu/*.cpp, csrc/cuda/bindings_cuda.cpp).
+// csrc/common/ is torch-free: the .cu kernels include it, NVRTC (the CuPy
+// backend) compiles it at run time and the wheel ships it under fcnfast/_csrc.
 #pragma once
 
 #include <ATen/ATen.h>

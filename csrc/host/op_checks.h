@@ -21,7 +21,7 @@
 #include <optional>
 #include <string>
 
-#include "common/checks.h"
+#include "host/checks.h"
 #include "common/conv_transpose2d.h"
 #include "common/geometry.h"
 
