@@ -197,7 +197,7 @@ def _np():
 
 
 # ---------------------------------------------------------------------------
-# argument checks: fcnfast._geometry's check of each op (the twin of csrc/common/op_checks.h,
+# argument checks: fcnfast._geometry's check of each op (the twin of csrc/host/op_checks.h,
 # which the compiled bindings run), after "the lead tensor is on CUDA"
 # ---------------------------------------------------------------------------
 
@@ -356,33 +356,33 @@ def _upsample_dims(in_h, in_w, scale, crop):
     return oh, ow, _i32(in_h, in_w, scale, top, left, oh, ow)
 
 
+def _run_upsample(filename, kernel, src, out_shape, dims, extra=(), out_dtype=None):
+    """The one-kernel upsampling ops: a grid-stride loop over ``out`` (out_shape) reading src."""
+    with _device(src):
+        src = src.contiguous()
+        out = src.new_empty(out_shape, dtype=out_dtype or src.dtype)
+        if out.numel():
+            _launch(filename, kernel, src.dtype, src.device, _grid_for(out.numel()),
+                    (_ptr(src), _ptr(out)) + _i32(out.numel(), *extra) + dims)
+    return out
+
+
 def bilinear_upsample2d(x, scale, crop):
     _check_cuda(x, "x")
     crop = geo.check_bilinear_upsample2d(x, scale, crop)
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(h, w, scale, crop)
-    with _device(x):
-        x = x.contiguous()
-        out = x.new_empty((n, c, oh, ow))
-        if out.numel():
-            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x.dtype, x.device,
-                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel()) + dims)
-    return out
+    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x, (n, c, oh, ow),
+                         dims)
 
 
 def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
     _check_cuda(grad, "grad")
     crop = geo.check_bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop)
     n, c = grad.shape[:2]
-    oh, ow, dims = _upsample_dims(in_height, in_width, scale, crop)
-    with _device(grad):
-        grad = grad.contiguous()
-        out = grad.new_empty((n, c, in_height, in_width))
-        if out.numel():
-            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad.dtype,
-                    grad.device, _grid_for(out.numel()),
-                    (_ptr(grad), _ptr(out)) + _i32(out.numel()) + dims)
-    return out
+    _, _, dims = _upsample_dims(in_height, in_width, scale, crop)
+    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad,
+                         (n, c, in_height, in_width), dims)
 
 
 def upsample_argmax(x, scale, crop):
@@ -390,13 +390,8 @@ def upsample_argmax(x, scale, crop):
     crop = geo.check_upsample_argmax(x, scale, crop)
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(h, w, scale, crop)
-    with _device(x):
-        x = x.contiguous()
-        out = x.new_empty((n, oh, ow), dtype=torch.int64)
-        if out.numel():
-            _launch("upsample_argmax.cu", "upsample_argmax_kernel", x.dtype, x.device,
-                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel(), c) + dims)
-    return out
+    return _run_upsample("upsample_argmax.cu", "upsample_argmax_kernel", x, (n, oh, ow), dims,
+                         extra=(c,), out_dtype=torch.int64)
 
 
 def _ce_dims(x, target, ignore_index, scale, crop):

@@ -3,7 +3,7 @@ CuPy backend (``fcnfast._cupy``).
 
 One function per op (forward and backward: ``conv_transpose2d``, ``conv_transpose2d_backward``,
 ...) validates all its arguments and returns the normalised geometry. They are the Python twin
-of ``csrc/common/op_checks.h``, which the CPU kernels and the CUDA bindings run: the same checks
+of ``csrc/host/op_checks.h``, which the CPU kernels and the CUDA bindings run: the same checks
 in the same order, raising ``ValueError`` with the same words, values and argument names
 (shapes as ``[1, 3, 8, 8]``, dtypes as C++ prints them: ``Float``, ``Long``), and the same
 32-bit index limits (``INDEX_LIMIT``, ``EXTENT_LIMIT``). tests/test_error_table.py holds every
@@ -21,7 +21,7 @@ Crop = Optional[Sequence[int]]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# The 32-bit index limits (csrc/common/checks.h: kIndexLimit, kExtentLimit). INDEX_LIMIT bounds
+# The 32-bit index limits (csrc/host/checks.h: kIndexLimit, kExtentLimit). INDEX_LIMIT bounds
 # the elements of every tensor an op reads or writes (the CUDA kernels index with int32);
 # EXTENT_LIMIT bounds any one size or geometry value (stride, padding, dilation, the full output
 # size plus padding and dilated kernel, the upsampled full size): the CUDA kernels add two such

@@ -16,16 +16,17 @@ import torch.nn.functional as F
 
 from . import _geometry as geo
 
-__all__ = [
-    "bilinear_filter",
-    "bilinear_weight",
+# the ops (fcnfast.ops and the top-level fcnfast package export the same names)
+OPS = (
     "conv_transpose2d",
     "bilinear_upsample2d",
     "skip_add_crop",
     "score_skip",
     "upsample_argmax",
     "upsample_cross_entropy",
-]
+)
+
+__all__ = ["bilinear_filter", "bilinear_weight", *OPS]
 
 
 def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -43,14 +44,14 @@ def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch
     return torch.outer(w1, w1).to(dtype)
 
 
-def bilinear_weight(channels: int, scale: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The depthwise weight of the frozen FCN upsampling: ``bilinear_filter(2*scale)`` for each
-    of ``channels`` channels, shape ``(channels, 1, 2*scale, 2*scale)`` (an expanded view).
+def bilinear_weight(channels: int, kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The depthwise weight of the frozen FCN upsampling: ``bilinear_filter(kernel_size)`` for each
+    of ``channels`` channels, shape ``(channels, 1, k, k)`` (an expanded view, no copy).
 
-    ``F.conv_transpose2d(x, bilinear_weight(C, s), stride=s, groups=C)`` is the uncropped
+    ``F.conv_transpose2d(x, bilinear_weight(C, 2*s), stride=s, groups=C)`` is the uncropped
     ``bilinear_upsample2d(x, s)``.
     """
-    k = 2 * scale
+    k = kernel_size
     return bilinear_filter(k, dtype, device).expand(channels, 1, k, k)
 
 
@@ -81,7 +82,7 @@ def bilinear_upsample2d(x, scale: int, crop=None):
         return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
     crop = geo.check_bilinear_upsample2d(x, scale, crop)
     channels = x.shape[1]
-    weight = bilinear_weight(channels, scale, x.dtype, x.device)
+    weight = bilinear_weight(channels, 2 * scale, x.dtype, x.device)
     out = F.conv_transpose2d(x, weight, stride=scale, groups=max(channels, 1)) if channels else \
         x.new_zeros(x.shape[0], 0, *geo.bilinear_full_size(x, scale))
     return _crop(out, crop)

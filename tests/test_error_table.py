@@ -1,6 +1,6 @@
 """One table of bad arguments, run against every backend: the same exception, the same words.
 
-Each op validates its arguments in one C++ function per op (csrc/common/op_checks.h, run by the
+Each op validates its arguments in one C++ function per op (csrc/host/op_checks.h, run by the
 CPU kernels and by the CUDA bindings) and in its Python twin (fcnfast/_geometry.py, run by the
 reference, the public ops and the CuPy backend). This table holds them to one another: every
 row is called on
