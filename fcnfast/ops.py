@@ -71,6 +71,16 @@ def _native_or_reference(op: str, device_type: str, args, reference_args=None):
         return getattr(reference, op)(*(args if reference_args is None else reference_args))
 
 
+def _upsample_op(name: str, check, x, scale, crop):
+    """The public bilinear_upsample2d / upsample_argmax: ``check`` is the op's argument check."""
+    _refuse_trace(name)
+    if geo.is_unbatched(x, "x"):
+        return _upsample_op(name, check, x.unsqueeze(0), scale, crop).squeeze(0)
+    x, = _autocast.cast(name, x.device.type, (x,))
+    crop = check(x, scale, crop)
+    return _native_or_reference(name, x.device.type, (x, scale, crop))
+
+
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                      dilation=1, crop=None):
     """Transposed convolution with a fused output crop.
@@ -138,12 +148,7 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     Under ``torch.autocast``: ``x`` is cast to the autocast dtype (the expression is a
     ``F.conv_transpose2d``); the kernel accumulates in fp32.
     """
-    _refuse_trace("bilinear_upsample2d")
-    if geo.is_unbatched(x, "x"):
-        return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
-    x, = _autocast.cast("bilinear_upsample2d", x.device.type, (x,))
-    crop = geo.check_bilinear_upsample2d(x, scale, crop)
-    return _native_or_reference("bilinear_upsample2d", x.device.type, (x, scale, crop))
+    return _upsample_op("bilinear_upsample2d", geo.check_bilinear_upsample2d, x, scale, crop)
 
 
 def skip_add_crop(coarse, skip, offset):
@@ -237,12 +242,7 @@ def upsample_argmax(x, scale: int, crop=None):
     Under ``torch.autocast``: ``x`` is cast to float32 (the coarse map is small; the labels
     are then those of the fp32 reference on the same scores).
     """
-    _refuse_trace("upsample_argmax")
-    if geo.is_unbatched(x, "x"):
-        return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
-    x, = _autocast.cast("upsample_argmax", x.device.type, (x,))
-    crop = geo.check_upsample_argmax(x, scale, crop)
-    return _native_or_reference("upsample_argmax", x.device.type, (x, scale, crop))
+    return _upsample_op("upsample_argmax", geo.check_upsample_argmax, x, scale, crop)
 
 
 def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
@@ -423,6 +423,13 @@ def _fill(outs, shapes, like):
     return tuple(like.new_zeros(s) if o is None else o for o, s in zip(outs, shapes))
 
 
+def _save(ctx, tensors, args):
+    """setup_context's common part: the tensors for backward and for jvp, the other inputs."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+    ctx.args = tuple(args)
+
+
 def _materialized(grads, mask):
     """The incoming gradients of a backward op's outputs; None where the output is unused or
     output_mask is False (the output is then an empty placeholder)."""
@@ -436,9 +443,7 @@ def _autograd_backward_op(name, backward_op, tangent):
     forward op's tangent (None without tangents)."""
     def setup(ctx, inputs, output):
         grad, a, w = inputs[:3]
-        ctx.save_for_backward(grad, a, w)
-        ctx.save_for_forward(grad, a, w)
-        ctx.args = tuple(inputs[3:-1])
+        _save(ctx, (grad, a, w), inputs[3:-1])
         ctx.mask = list(inputs[-1])
         ctx.shapes = [o.shape for o in output]
         ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
@@ -504,9 +509,7 @@ def _register():
 
     def ct_setup(ctx, inputs, output):
         x, weight = inputs[:2]
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
-        ctx.args = tuple(inputs[3:])
+        _save(ctx, (x, weight), inputs[3:])
         ctx.shape = output.shape
 
     def ct_backward(ctx, grad):
@@ -635,9 +638,7 @@ def _register():
 
     def ss_setup(ctx, inputs, output):
         coarse, feature, weight, bias, scale, offset = inputs
-        ctx.save_for_backward(feature, weight)
-        ctx.save_for_forward(feature, weight)
-        ctx.args = (scale, offset)
+        _save(ctx, (feature, weight), (scale, offset))
         ctx.shape = output.shape
 
     def ss_backward(ctx, grad):
@@ -706,9 +707,7 @@ def _register():
 
     def ce_setup(ctx, inputs, output):
         x, target = inputs[:2]
-        ctx.save_for_backward(x, target)
-        ctx.save_for_forward(x, target)
-        ctx.args = tuple(inputs[2:])
+        _save(ctx, (x, target), inputs[2:])
 
     def ce_backward(ctx, grad_loss):
         x, target = ctx.saved_tensors
@@ -725,9 +724,7 @@ def _register():
 
     def ceb_setup(ctx, inputs, output):
         grad_loss, x, target = inputs[:3]
-        ctx.save_for_backward(grad_loss, x, target)
-        ctx.save_for_forward(grad_loss, x, target)
-        ctx.args = tuple(inputs[3:])
+        _save(ctx, (grad_loss, x, target), inputs[3:])
 
     def ceb_backward(ctx, ggx):
         grad_loss, x, target = ctx.saved_tensors
