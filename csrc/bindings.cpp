@@ -1,8 +1,16 @@
-// The fcnfast._C extension: op schemas for the PyTorch dispatcher and a small
-// pybind11 module with build information. Kernels live in csrc/cpu/<op>.cpp
-// and csrc/cuda/<op>.cu; each backend file registers its own implementations
-// (TORCH_LIBRARY_IMPL), so an op without a kernel for a device simply falls
-// back to fcnfast.reference in Python.
+// The fcnfast._C extension: the schemas of the FCN ops for the PyTorch
+// dispatcher and a small pybind11 module with build information.
+//
+// Where the kernels register (TORCH_LIBRARY_IMPL):
+//   CPU   csrc/cpu/<op>.cpp, each file its own op(s) and backward(s);
+//   CUDA  csrc/cuda/bindings_cuda.cpp, all ops at once (host wrappers around
+//         the launchers of csrc/cuda/<op>.cu); only in a CUDA build. The CuPy
+//         backend (fcnfast/_cupy.py) registers the same names from Python.
+// csrc/cpu/dense_crf.cpp defines its own schemas (dense_crf,
+// permutohedral_filter: TORCH_LIBRARY_FRAGMENT) and CPU kernels. An op without
+// a kernel for a device falls back to fcnfast.reference in Python (fcnfast.ops);
+// the Autograd, fake and autocast kernels are registered from Python (fcnfast/ops.py,
+// fcnfast/_autocast.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 

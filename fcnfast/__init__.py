@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from ._backend import backend, build_info, use_backend  # noqa: E402
 from . import ops, reference  # noqa: E402
-from .ops import (  # noqa: E402
+from .ops import (  # noqa: E402, F401 (re-exported: __all__)
     bilinear_upsample2d,
     conv_transpose2d,
     score_skip,
@@ -37,10 +37,5 @@ __all__ = [
     "use_backend",
     "ops",
     "reference",
-    "conv_transpose2d",
-    "bilinear_upsample2d",
-    "skip_add_crop",
-    "score_skip",
-    "upsample_argmax",
-    "upsample_cross_entropy",
+    *reference.OPS,
 ]

@@ -27,7 +27,6 @@ import threading
 import torch
 
 from . import _geometry as geo
-from . import reference
 
 ENV = "FCNFAST_CUDA_BACKEND"
 CHOICES = ("auto", "native", "cupy")
@@ -36,7 +35,6 @@ BLOCK = 256  # kernel_utils.cuh kBlock
 _GRID_MAX = 65535  # kernel_utils.cuh grid_for
 _BLOCKS_MAX = 1 << 20  # kernel_utils.cuh blocks_for
 _CE_MAX_BLOCKS = 1024  # upsample_cross_entropy.cu kCeMaxBlocks
-_INT32_MAX = 2 ** 31 - 1
 
 # kernels (templates in namespace fcnfast::cuda) defined in or included by each source
 KERNELS = {
@@ -199,7 +197,8 @@ def _np():
 
 
 # ---------------------------------------------------------------------------
-# argument checks (the compiled binding's checks; fcnfast.ops has run geo checks)
+# argument checks: fcnfast._geometry's check of each op (the twin of csrc/host/op_checks.h,
+# which the compiled bindings run), after "the lead tensor is on CUDA"
 # ---------------------------------------------------------------------------
 
 # Indirections a CPU-only test replaces to run the launch plumbing without a GPU.
@@ -211,23 +210,11 @@ def _device(t):
     return torch.cuda.device(t.device)
 
 
-def _check_cuda(t, name, ndim=4):
-    geo.check_tensor(t, name, ndim)
+def _check_cuda(t, name):
+    """As bindings_cuda.cpp's check_cuda: the tensor the others must share a device with is on CUDA."""
+    geo.check_tensor(t, name, floating=False)
     if t.device.type != _DEVICE_TYPE:
         raise ValueError("%s must be on CUDA, got %s" % (name, t.device))
-    _check_index32(t.numel(), name)
-
-
-def _check_like(ref, ref_name, t, name, ndim):
-    geo.check_tensor(t, name, ndim)
-    geo.check_same(ref, ref_name, t, name)
-    _check_index32(t.numel(), name)
-
-
-def _check_index32(numel, name):
-    if numel > _INT32_MAX:
-        raise ValueError("%s has %d elements, more than 32-bit indexing allows (%d)"
-                         % (name, numel, _INT32_MAX))
 
 
 def _empty(t):
@@ -240,11 +227,7 @@ def _empty(t):
 
 def skip_add_crop(coarse, skip, offset):
     _check_cuda(coarse, "coarse")
-    _check_like(coarse, "coarse", skip, "skip", 4)
-    if coarse.shape[:2] != skip.shape[:2]:
-        raise ValueError("coarse %s and skip %s must agree in batch and channels"
-                         % (tuple(coarse.shape), tuple(skip.shape)))
-    oy, ox = geo.skip_window(coarse, skip.shape[2:], offset)
+    oy, ox = geo.check_skip_add_crop(coarse, skip, offset)
     n, c, h, w = coarse.shape
     with _device(coarse):
         coarse, skip = coarse.contiguous(), skip.contiguous()
@@ -259,9 +242,8 @@ def skip_add_crop(coarse, skip, offset):
 
 def skip_add_crop_backward(grad, skip_height, skip_width, offset):
     _check_cuda(grad, "grad")
-    oy, ox = geo.skip_window(grad, (skip_height, skip_width), offset)
+    oy, ox = geo.check_skip_add_crop_backward(grad, skip_height, skip_width, offset)
     n, c, h, w = grad.shape
-    _check_index32(n * c * skip_height * skip_width, "grad_skip")
     with _device(grad):
         grad = grad.contiguous()
         out = grad.new_empty((n, c, skip_height, skip_width))
@@ -273,16 +255,9 @@ def skip_add_crop_backward(grad, skip_height, skip_width, offset):
     return out
 
 
-def _check_score_skip(ref, feature, weight, bias, offset):
-    _check_cuda(ref, "coarse")
-    for t, name in ((feature, "feature"), (weight, "weight"), (bias, "bias")):
-        if t is not None:
-            _check_index32(t.numel(), name)
-    return reference._check_score_skip(ref, feature, weight, bias, offset)
-
-
 def score_skip(coarse, feature, weight, bias, scale, offset):
-    oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
+    _check_cuda(coarse, "coarse")
+    oy, ox = geo.check_score_skip(coarse, feature, weight, bias, offset)
     n, k, h, w = coarse.shape
     with _device(coarse):
         coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
@@ -299,7 +274,8 @@ def score_skip(coarse, feature, weight, bias, scale, offset):
 
 
 def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
-    oy, ox = _check_score_skip(grad, feature, weight, None, offset)
+    _check_cuda(grad, "grad")
+    oy, ox = geo.check_score_skip_backward(grad, feature, weight, offset)
     n, k, h, w = grad.shape
     f = "score_skip.cu"
     with _device(grad):
@@ -324,18 +300,9 @@ def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
     return gf, gw, gb
 
 
-def _conv_dims(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
-    _check_cuda(x, "x")
-    _check_index32(weight.numel(), "weight")
-    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
-        x, weight, bias, stride, padding, output_padding, groups, dilation)
-    top, left, oh, ow = geo.resolve_crop(crop, *full)
-    for a in range(2):
-        if full[a] + padding[a] + dilation[a] * weight.shape[2 + a] > _INT32_MAX // 2:
-            raise ValueError("conv_transpose2d full output %s is too large for 32-bit indexing"
-                             % (full,))
+def _conv_dims(x, weight, stride, padding, groups, dilation, crop):
+    top, left, oh, ow = crop
     cout = weight.shape[1] * groups
-    _check_index32(x.shape[0] * cout * oh * ow, "output")
     dims = _i32(x.shape[1], x.shape[2], x.shape[3], cout, groups, weight.shape[2], weight.shape[3],
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], top, left,
                 oh, ow)
@@ -343,8 +310,10 @@ def _conv_dims(x, weight, bias, stride, padding, output_padding, groups, dilatio
 
 
 def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
-    cout, oh, ow, dims = _conv_dims(x, weight, bias, stride, padding, output_padding, groups,
-                                    dilation, crop)
+    _check_cuda(x, "x")
+    stride, padding, _, dilation, crop = geo.check_conv_transpose2d(
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+    cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, groups, dilation, crop)
     with _device(x):
         x, weight = x.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
@@ -358,12 +327,10 @@ def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, d
 
 def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, groups, dilation,
                               crop, output_mask):
-    cout, oh, ow, dims = _conv_dims(x, weight, None, stride, padding, output_padding, groups,
-                                    dilation, crop)
-    _check_like(x, "x", grad, "grad", 4)
-    if tuple(grad.shape) != (x.shape[0], cout, oh, ow):
-        raise ValueError("grad %s must have the output shape %s"
-                         % (tuple(grad.shape), (x.shape[0], cout, oh, ow)))
+    _check_cuda(x, "x")
+    stride, padding, _, dilation, crop = geo.check_conv_transpose2d_backward(
+        grad, x, weight, stride, padding, output_padding, groups, dilation, crop)
+    cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, groups, dilation, crop)
     f = "conv_transpose2d.cu"
     with _device(x):
         grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
@@ -384,73 +351,54 @@ def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, 
     return gx, gw, gb
 
 
-def _upsample_dims(n, c, in_h, in_w, scale, crop):
-    geo.check_scale(scale)
-    full_h, full_w = (in_h + 1) * scale, (in_w + 1) * scale
-    if max(full_h, full_w) > _INT32_MAX // 2:
-        raise ValueError("upsampled size %dx%d is too large for 32-bit indexing" % (full_h, full_w))
-    top, left, oh, ow = geo.resolve_crop(crop, full_h, full_w)
+def _upsample_dims(in_h, in_w, scale, crop):
+    top, left, oh, ow = crop
     return oh, ow, _i32(in_h, in_w, scale, top, left, oh, ow)
+
+
+def _run_upsample(filename, kernel, src, out_shape, dims, extra=(), out_dtype=None):
+    """The one-kernel upsampling ops: a grid-stride loop over ``out`` (out_shape) reading src."""
+    with _device(src):
+        src = src.contiguous()
+        out = src.new_empty(out_shape, dtype=out_dtype or src.dtype)
+        if out.numel():
+            _launch(filename, kernel, src.dtype, src.device, _grid_for(out.numel()),
+                    (_ptr(src), _ptr(out)) + _i32(out.numel(), *extra) + dims)
+    return out
 
 
 def bilinear_upsample2d(x, scale, crop):
     _check_cuda(x, "x")
+    crop = geo.check_bilinear_upsample2d(x, scale, crop)
     n, c, h, w = x.shape
-    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
-    _check_index32(n * c * oh * ow, "output")
-    with _device(x):
-        x = x.contiguous()
-        out = x.new_empty((n, c, oh, ow))
-        if out.numel():
-            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x.dtype, x.device,
-                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel()) + dims)
-    return out
+    oh, ow, dims = _upsample_dims(h, w, scale, crop)
+    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x, (n, c, oh, ow),
+                         dims)
 
 
 def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
     _check_cuda(grad, "grad")
+    crop = geo.check_bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop)
     n, c = grad.shape[:2]
-    oh, ow, dims = _upsample_dims(n, c, in_height, in_width, scale, crop)
-    if tuple(grad.shape[2:]) != (oh, ow):
-        raise ValueError("grad %s must match the crop %dx%d" % (tuple(grad.shape), oh, ow))
-    _check_index32(n * c * in_height * in_width, "grad_x")
-    with _device(grad):
-        grad = grad.contiguous()
-        out = grad.new_empty((n, c, in_height, in_width))
-        if out.numel():
-            _launch("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad.dtype,
-                    grad.device, _grid_for(out.numel()),
-                    (_ptr(grad), _ptr(out)) + _i32(out.numel()) + dims)
-    return out
+    _, _, dims = _upsample_dims(in_height, in_width, scale, crop)
+    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad,
+                         (n, c, in_height, in_width), dims)
 
 
 def upsample_argmax(x, scale, crop):
     _check_cuda(x, "x")
+    crop = geo.check_upsample_argmax(x, scale, crop)
     n, c, h, w = x.shape
-    if c == 0:
-        raise ValueError("upsample_argmax needs at least one channel, got x %s" % (tuple(x.shape),))
-    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
-    with _device(x):
-        x = x.contiguous()
-        out = x.new_empty((n, oh, ow), dtype=torch.int64)
-        if out.numel():
-            _launch("upsample_argmax.cu", "upsample_argmax_kernel", x.dtype, x.device,
-                    _grid_for(out.numel()), (_ptr(x), _ptr(out)) + _i32(out.numel(), c) + dims)
-    return out
+    oh, ow, dims = _upsample_dims(h, w, scale, crop)
+    return _run_upsample("upsample_argmax.cu", "upsample_argmax_kernel", x, (n, oh, ow), dims,
+                         extra=(c,), out_dtype=torch.int64)
 
 
-def _check_cross_entropy(x, target, scale, crop, ignore_index, reduction):
-    _check_cuda(x, "x")
-    reference._check_cross_entropy_args(x, target, scale, crop, reduction)
+def _ce_dims(x, target, ignore_index, scale, crop):
+    """After the argument checks: the label values (as the bindings' check_target_values)."""
+    geo.check_target_values(target, x.shape[1], ignore_index)
     n, c, h, w = x.shape
-    if c == 0:
-        raise ValueError("upsample_cross_entropy needs at least one class, got x %s"
-                         % (tuple(x.shape),))
-    oh, ow, dims = _upsample_dims(n, c, h, w, scale, crop)
-    # F.cross_entropy's contract: every label is a class or ignore_index (one host sync)
-    if target.numel() and bool((((target < 0) | (target >= c)) & (target != ignore_index)).any()):
-        raise ValueError("target has labels outside [0, %d) that are not ignore_index (%d)"
-                         % (c, ignore_index))
+    oh, ow, dims = _upsample_dims(h, w, scale, crop)
     return n * oh * ow, dims
 
 
@@ -465,7 +413,9 @@ def _ce_workspace(x, pixels):
 
 
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
-    pixels, dims = _check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    _check_cuda(x, "x")
+    crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    pixels, dims = _ce_dims(x, target, ignore_index, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
     with _device(x):
         x, target = x.contiguous(), target.contiguous()
@@ -483,10 +433,10 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
 
 
 def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_index, reduction):
-    pixels, dims = _check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-    geo.check_same(x, "x", grad_loss, "grad_loss")
-    if grad_loss.numel() != 1:
-        raise ValueError("grad_loss must have one element, got shape %s" % (tuple(grad_loss.shape),))
+    _check_cuda(x, "x")
+    crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
+                                                     ignore_index, reduction)
+    pixels, dims = _ce_dims(x, target, ignore_index, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
     with _device(x):
         x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()

@@ -189,7 +189,7 @@ def _gemm_rates(quick: bool = False) -> dict:
 # ---------------------------------------------------------------------------
 
 def _bilinear_weight(c: int, k: int) -> torch.Tensor:
-    return reference.bilinear_filter(k).expand(c, 1, k, k).contiguous()
+    return reference.bilinear_weight(c, k).contiguous()
 
 
 def _grad_step(fn, inputs):

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import ops
 from . import _geometry as geo
-from .reference import bilinear_filter
+from .reference import bilinear_filter, bilinear_weight
 
 __all__ = ["bilinear_kernel", "ConvTranspose2d", "BilinearUpsample2d", "SkipFuse", "convert",
            "FrozenBilinearConvTranspose2d", "BilinearInterpolate2d",
@@ -169,7 +169,7 @@ def _bilinear_scale(m: nn.ConvTranspose2d) -> Optional[int]:
     if m.groups == 1:
         expected = bilinear_kernel(channels, k[0], torch.float64)
     elif m.groups == channels:
-        expected = bilinear_filter(k[0], torch.float64).expand(channels, 1, k[0], k[0])
+        expected = bilinear_weight(channels, k[0], torch.float64)
     else:
         return None
     if tuple(w.shape) != tuple(expected.shape):

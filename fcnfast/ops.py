@@ -39,14 +39,7 @@ from . import _backend
 from . import _geometry as geo
 from . import reference
 
-__all__ = [
-    "conv_transpose2d",
-    "bilinear_upsample2d",
-    "skip_add_crop",
-    "score_skip",
-    "upsample_argmax",
-    "upsample_cross_entropy",
-]
+__all__ = list(reference.OPS)
 
 
 TRACE_REFUSAL = (
@@ -69,6 +62,25 @@ def _use_native(op: str, device_type: str) -> bool:
     return _backend.has_kernel(op, device_type)
 
 
+def _native_or_reference(op: str, device_type: str, args, reference_args=None):
+    """``torch.ops.fcnfast.<op>(*args)`` where the op has a kernel for the device, else the
+    reference (``reference_args``, default ``args``) with autocast off (the caller cast)."""
+    if _use_native(op, device_type):
+        return getattr(torch.ops.fcnfast, op)(*args)
+    with _autocast.disabled(device_type):
+        return getattr(reference, op)(*(args if reference_args is None else reference_args))
+
+
+def _upsample_op(name: str, check, x, scale, crop):
+    """The public bilinear_upsample2d / upsample_argmax: ``check`` is the op's argument check."""
+    _refuse_trace(name)
+    if geo.is_unbatched(x, "x"):
+        return _upsample_op(name, check, x.unsqueeze(0), scale, crop).squeeze(0)
+    x, = _autocast.cast(name, x.device.type, (x,))
+    crop = check(x, scale, crop)
+    return _native_or_reference(name, x.device.type, (x, scale, crop))
+
+
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
                      dilation=1, crop=None):
     """Transposed convolution with a fused output crop.
@@ -79,6 +91,25 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     the taps that land on it). Gradients of any order for ``x``, ``weight`` and ``bias``.
     ``x`` is (N, C_in, H, W) or unbatched (C_in, H, W).
 
+    Args:
+        x (Tensor): the input.
+        weight (Tensor): (C_in, C_out / groups, kH, kW), as ``F.conv_transpose2d``.
+        bias (Tensor, optional): (C_out,).
+        stride, padding, output_padding, dilation (int or (int, int)): as
+            ``F.conv_transpose2d``; stride and dilation positive, the paddings non-negative,
+            output_padding smaller than stride or dilation.
+        groups (int): positive, divides C_in.
+        crop ((int, int, int, int), optional): (top, left, h, w) inside the full output.
+
+    Shape:
+        - x: (N, C_in, H, W) or (C_in, H, W).
+        - Output: (N, C_out, h, w) (or (C_out, h, w)); without ``crop`` the full
+          ``(H - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
+
+    dtype:
+        float32, float64, bfloat16 or float16 (every floating tensor the same dtype and
+        device); the result has the input's dtype.
+
     Under ``torch.autocast``: ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
     (as ``F.conv_transpose2d``); the kernel accumulates in fp32.
     """
@@ -87,15 +118,10 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation, crop).squeeze(0)
     x, weight, bias = _autocast.cast("conv_transpose2d", x.device.type, (x, weight, bias))
-    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
-        x, weight, bias, stride, padding, output_padding, groups, dilation)
-    crop = geo.resolve_crop(crop, *full)
-    if _use_native("conv_transpose2d", x.device.type):
-        return torch.ops.fcnfast.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
-                                                  groups, dilation, crop)
-    with _autocast.disabled(x.device.type):
-        return reference.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
-                                          groups, dilation, crop)
+    stride, padding, output_padding, dilation, crop = geo.check_conv_transpose2d(
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+    return _native_or_reference("conv_transpose2d", x.device.type, (
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop))
 
 
 def bilinear_upsample2d(x, scale: int, crop=None):
@@ -106,20 +132,23 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     Output full size is ``((H+1)*scale, (W+1)*scale)`` before the crop. ``x`` is
     (N, C, H, W) or unbatched (C, H, W); gradients of any order for ``x``.
 
+    Args:
+        x (Tensor): the coarse scores.
+        scale (int): the upsampling factor (positive).
+        crop ((int, int, int, int), optional): (top, left, h, w) inside the full output.
+
+    Shape:
+        - x: (N, C, H, W) or (C, H, W).
+        - Output: (N, C, h, w) (or (C, h, w)); without ``crop`` ((H+1)*scale, (W+1)*scale).
+
+    dtype:
+        float32, float64, bfloat16 or float16 (every floating tensor the same dtype and
+        device); the result has the input's dtype.
+
     Under ``torch.autocast``: ``x`` is cast to the autocast dtype (the expression is a
     ``F.conv_transpose2d``); the kernel accumulates in fp32.
     """
-    _refuse_trace("bilinear_upsample2d")
-    if geo.is_unbatched(x, "x"):
-        return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
-    x, = _autocast.cast("bilinear_upsample2d", x.device.type, (x,))
-    geo.check_tensor(x, "x", 4)
-    scale = geo.check_scale(scale)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
-    if _use_native("bilinear_upsample2d", x.device.type):
-        return torch.ops.fcnfast.bilinear_upsample2d(x, scale, crop)
-    with _autocast.disabled(x.device.type):
-        return reference.bilinear_upsample2d(x, scale, crop)
+    return _upsample_op("bilinear_upsample2d", geo.check_bilinear_upsample2d, x, scale, crop)
 
 
 def skip_add_crop(coarse, skip, offset):
@@ -128,17 +157,28 @@ def skip_add_crop(coarse, skip, offset):
     ``coarse`` and ``skip`` both (N, C, ., .) or both unbatched (C, ., .); gradients of any
     order for both.
 
+    Args:
+        coarse (Tensor): the map the window is added to.
+        skip (Tensor): the larger map the window is cut from.
+        offset (int or (int, int)): (oy, ox), the window's top-left corner in ``skip``.
+
+    Shape:
+        - coarse: (N, C, H, W) or (C, H, W).
+        - skip: (N, C, H_s, W_s) or (C, H_s, W_s), the window inside it.
+        - Output: ``coarse``'s shape.
+
+    dtype:
+        float32, float64, bfloat16 or float16 (every floating tensor the same dtype and
+        device); the result has the input's dtype.
+
     Under ``torch.autocast``: both are cast to the wider of their dtypes (as ``+``).
     """
     _refuse_trace("skip_add_crop")
     if geo.same_batching(coarse, "coarse", skip, "skip"):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     coarse, skip = _autocast.cast("skip_add_crop", coarse.device.type, (coarse, skip))
-    offset = reference._check_skip_add_crop(coarse, skip, offset)
-    if _use_native("skip_add_crop", coarse.device.type):
-        return torch.ops.fcnfast.skip_add_crop(coarse, skip, offset)
-    with _autocast.disabled(coarse.device.type):
-        return reference.skip_add_crop(coarse, skip, offset)
+    offset = geo.check_skip_add_crop(coarse, skip, offset)
+    return _native_or_reference("skip_add_crop", coarse.device.type, (coarse, skip, offset))
 
 
 def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0, 0)):
@@ -147,6 +187,23 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     ``coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy+H, ox:ox+W]``.
     ``coarse`` and ``feature`` both batched (N, ., ., .) or both unbatched; gradients of any
     order for ``coarse``, ``feature``, ``weight`` and ``bias``.
+
+    Args:
+        coarse (Tensor): the map the scores are added to.
+        feature (Tensor): the pooled feature map scored with ``weight``.
+        weight (Tensor): (K, C, 1, 1), the 1x1 score convolution.
+        bias (Tensor, optional): (K,).
+        scale (float): the feature scaling (FCN-8s at-once).
+        offset (int or (int, int)): (oy, ox), the window's top-left corner in ``feature``.
+
+    Shape:
+        - coarse: (N, K, H, W) or (K, H, W).
+        - feature: (N, C, H_f, W_f) or (C, H_f, W_f), the H x W window inside it.
+        - Output: ``coarse``'s shape.
+
+    dtype:
+        float32, float64, bfloat16 or float16 (every floating tensor the same dtype and
+        device); the result has the input's dtype.
 
     Under ``torch.autocast``: all tensors are cast to the wider of ``coarse``'s dtype and the
     autocast dtype (the 1x1 conv in the autocast dtype, then ``+`` promotes to ``coarse``'s);
@@ -158,11 +215,10 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
                           offset).squeeze(0)
     coarse, feature, weight, bias = _autocast.cast("score_skip", coarse.device.type,
                                                    (coarse, feature, weight, bias))
-    offset = reference._check_score_skip(coarse, feature, weight, bias, offset)
-    if _use_native("score_skip", coarse.device.type):
-        return torch.ops.fcnfast.score_skip(coarse, feature, weight, bias, float(scale), offset)
-    with _autocast.disabled(coarse.device.type):
-        return reference.score_skip(coarse, feature, weight, bias, scale, offset)
+    offset = geo.check_score_skip(coarse, feature, weight, bias, offset)
+    return _native_or_reference("score_skip", coarse.device.type,
+                                (coarse, feature, weight, bias, float(scale), offset),
+                                (coarse, feature, weight, bias, scale, offset))
 
 
 def upsample_argmax(x, scale: int, crop=None):
@@ -171,20 +227,22 @@ def upsample_argmax(x, scale: int, crop=None):
     Returns the int64 label map (N, h, w), or (h, w) for an unbatched (C, H, W) ``x``; ties go
     to the lowest class index, as ``argmax``. Not differentiable (integer output).
 
+    Args:
+        x (Tensor): the coarse scores (at least one class).
+        scale (int): the upsampling factor (positive).
+        crop ((int, int, int, int), optional): (top, left, h, w) inside the full output.
+
+    Shape:
+        - x: (N, C, H, W) or (C, H, W).
+        - Output: (N, h, w) (or (h, w)); without ``crop`` ((H+1)*scale, (W+1)*scale).
+
+    dtype:
+        ``x`` float32, float64, bfloat16 or float16; the output is int64.
+
     Under ``torch.autocast``: ``x`` is cast to float32 (the coarse map is small; the labels
     are then those of the fp32 reference on the same scores).
     """
-    _refuse_trace("upsample_argmax")
-    if geo.is_unbatched(x, "x"):
-        return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
-    x, = _autocast.cast("upsample_argmax", x.device.type, (x,))
-    geo.check_tensor(x, "x", 4)
-    scale = geo.check_scale(scale)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
-    if _use_native("upsample_argmax", x.device.type):
-        return torch.ops.fcnfast.upsample_argmax(x, scale, crop)
-    with _autocast.disabled(x.device.type):
-        return reference.upsample_argmax(x, scale, crop)
+    return _upsample_op("upsample_argmax", geo.check_upsample_argmax, x, scale, crop)
 
 
 def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
@@ -200,6 +258,23 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     softmax while such a graph is built); ``target`` is an int64 label map and not
     differentiable.
 
+    Args:
+        x (Tensor): the coarse scores (at least one class).
+        target (Tensor): int64 labels in [0, C) or ``ignore_index``.
+        scale (int): the upsampling factor (positive).
+        crop ((int, int, int, int), optional): (top, left, h, w) inside the full output.
+        ignore_index (int): the label that contributes nothing.
+        reduction (str): ``"mean"`` (over the non-ignored pixels) or ``"sum"``.
+
+    Shape:
+        - x: (N, C, H, W) or (C, H, W).
+        - target: (N, h, w) or (h, w), the (cropped) upsampled size.
+        - Output: a scalar.
+
+    dtype:
+        ``x`` float32, float64, bfloat16 or float16, ``target`` int64 on ``x``'s device; the
+        loss has ``x``'s dtype.
+
     Under ``torch.autocast``: ``x`` is cast to float32 and the loss is float32 (as
     ``F.cross_entropy`` under autocast); the gradient reaches a bf16/fp16 ``x`` in its dtype.
     """
@@ -208,13 +283,10 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
         return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
                                       ignore_index, reduction)
     x, = _autocast.cast("upsample_cross_entropy", x.device.type, (x,))
-    reference._check_cross_entropy_args(x, target, scale, crop, reduction)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
-    if _use_native("upsample_cross_entropy", x.device.type):
-        return torch.ops.fcnfast.upsample_cross_entropy(x, target, scale, crop, int(ignore_index),
-                                                        reduction)
-    with _autocast.disabled(x.device.type):
-        return reference.upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    return _native_or_reference("upsample_cross_entropy", x.device.type,
+                                (x, target, scale, crop, int(ignore_index), reduction),
+                                (x, target, scale, crop, ignore_index, reduction))
 
 
 # ---------------------------------------------------------------------------
@@ -351,10 +423,58 @@ def _fill(outs, shapes, like):
     return tuple(like.new_zeros(s) if o is None else o for o, s in zip(outs, shapes))
 
 
+def _save(ctx, tensors, args):
+    """setup_context's common part: the tensors for backward and for jvp, the other inputs."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+    ctx.args = tuple(args)
+
+
 def _materialized(grads, mask):
     """The incoming gradients of a backward op's outputs; None where the output is unused or
     output_mask is False (the output is then an empty placeholder)."""
     return [g if m else None for g, m in zip(grads, mask)]
+
+
+def _autograd_backward_op(name, backward_op, tangent):
+    """Autograd of a backward op ``(grad, a, w, *args, mask) -> (grad_a, grad_w, grad_bias)``
+    linear in grad and in w and bilinear in (grad, a): conv_transpose2d_backward (a = x) and
+    score_skip_backward (a = feature). ``tangent(a, w, ta, tw, tbias, args, shape)`` is the
+    forward op's tangent (None without tangents)."""
+    def setup(ctx, inputs, output):
+        grad, a, w = inputs[:3]
+        _save(ctx, (grad, a, w), inputs[3:-1])
+        ctx.mask = list(inputs[-1])
+        ctx.shapes = [o.shape for o in output]
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
+
+    def backward(ctx, gga, ggw, ggb):
+        grad, a, w = ctx.saved_tensors
+        gga, ggw, ggb = _materialized((gga, ggw, ggb), ctx.mask)
+        need_g, need_a, need_w = ctx.needs_input_grad[:3]
+        dg = da = dw = None
+        if need_g:
+            dg = tangent(a, w, gga, ggw, ggb, ctx.args, grad.shape)
+        if need_a and ggw is not None:   # <ggw, grad_w(a, grad)> = <grad, op(a, ggw)>
+            da = backward_op(grad, a, ggw, *ctx.args, [True, False, False])[0]
+        if need_w and gga is not None:   # <gga, grad_a(w, grad)> = <grad, op(gga, w)>
+            dw = backward_op(grad, gga, w, *ctx.args, [False, True, False])[1]
+        return (dg, da, dw) + (None,) * (len(ctx.args) + 1)
+
+    def jvp(ctx, tg, ta, tw, *_):
+        grad, a, w = ctx.saved_tensors
+        mask = ctx.mask
+        outs = [None] * 3
+        if tg is not None:
+            outs = [o if m else None
+                    for o, m in zip(backward_op(tg, a, w, *ctx.args, mask), mask)]
+        if tw is not None and mask[0]:
+            outs[0] = _add(outs[0], backward_op(grad, a, tw, *ctx.args, [True, False, False])[0])
+        if ta is not None and mask[1]:
+            outs[1] = _add(outs[1], backward_op(grad, ta, w, *ctx.args, [False, True, False])[1])
+        return _fill(outs, ctx.shapes, grad)
+
+    _autograd(name, setup, backward, jvp)
 
 
 def _register():
@@ -389,9 +509,7 @@ def _register():
 
     def ct_setup(ctx, inputs, output):
         x, weight = inputs[:2]
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
-        ctx.args = tuple(inputs[3:])
+        _save(ctx, (x, weight), inputs[3:])
         ctx.shape = output.shape
 
     def ct_backward(ctx, grad):
@@ -412,45 +530,7 @@ def _register():
 
     # conv_transpose2d_backward: grad_x = ct^T(grad; w) (linear in grad and w),
     # grad_weight (bilinear in x and grad), grad_bias = sum(grad)
-    def ctb_setup(ctx, inputs, output):
-        grad, x, weight = inputs[:3]
-        ctx.save_for_backward(grad, x, weight)
-        ctx.save_for_forward(grad, x, weight)
-        ctx.args = tuple(inputs[3:9])
-        ctx.mask = list(inputs[9])
-        ctx.shapes = [o.shape for o in output]
-        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
-
-    def ctb_backward(ctx, ggx, ggw, ggb):
-        grad, x, weight = ctx.saved_tensors
-        ggx, ggw, ggb = _materialized((ggx, ggw, ggb), ctx.mask)
-        need_g, need_x, need_w = ctx.needs_input_grad[:3]
-        dg = dx = dw = None
-        if need_g:
-            dg = ct_tangent(x, weight, ggx, ggw, ggb, ctx.args, grad.shape)
-        if need_x and ggw is not None:   # <ggw, grad_weight(x, grad)> = <grad, ct(x, ggw)>
-            dx = T.conv_transpose2d_backward(grad, x, ggw, *ctx.args, [True, False, False])[0]
-        if need_w and ggx is not None:   # <ggx, grad_x(w, grad)> = <grad, ct(ggx, w)>
-            dw = T.conv_transpose2d_backward(grad, ggx, weight, *ctx.args, [False, True, False])[1]
-        return (dg, dx, dw) + (None,) * 7
-
-    def ctb_jvp(ctx, tg, tx, tw, *_):
-        grad, x, weight = ctx.saved_tensors
-        mask = ctx.mask
-        outs = [None] * 3
-        if tg is not None:
-            outs = [o if m else None
-                    for o, m in zip(T.conv_transpose2d_backward(tg, x, weight, *ctx.args, mask),
-                                    mask)]
-        if tw is not None and mask[0]:
-            outs[0] = _add(outs[0], T.conv_transpose2d_backward(
-                grad, x, tw, *ctx.args, [True, False, False])[0])
-        if tx is not None and mask[1]:
-            outs[1] = _add(outs[1], T.conv_transpose2d_backward(
-                grad, tx, weight, *ctx.args, [False, True, False])[1])
-        return _fill(outs, ctx.shapes, grad)
-
-    _autograd("conv_transpose2d_backward", ctb_setup, ctb_backward, ctb_jvp)
+    _autograd_backward_op("conv_transpose2d_backward", T.conv_transpose2d_backward, ct_tangent)
 
     # ---- bilinear_upsample2d: y = U x; its backward U^T g ----------------------------------
     @lib.register_fake("fcnfast::bilinear_upsample2d")
@@ -558,9 +638,7 @@ def _register():
 
     def ss_setup(ctx, inputs, output):
         coarse, feature, weight, bias, scale, offset = inputs
-        ctx.save_for_backward(feature, weight)
-        ctx.save_for_forward(feature, weight)
-        ctx.args = (scale, offset)
+        _save(ctx, (feature, weight), (scale, offset))
         ctx.shape = output.shape
 
     def ss_backward(ctx, grad):
@@ -583,45 +661,9 @@ def _register():
 
     # score_skip_backward: grad_feature = scale * S^T w^T grad (linear in grad and w),
     # grad_weight (bilinear in grad and feature), grad_bias = sum(grad)
-    def ssb_setup(ctx, inputs, output):
-        grad, feature, weight = inputs[:3]
-        ctx.save_for_backward(grad, feature, weight)
-        ctx.save_for_forward(grad, feature, weight)
-        ctx.args = tuple(inputs[3:5])
-        ctx.mask = list(inputs[5])
-        ctx.shapes = [o.shape for o in output]
-        ctx.set_materialize_grads(False)
-
-    def ssb_backward(ctx, ggf, ggw, ggb):
-        grad, feature, weight = ctx.saved_tensors
-        ggf, ggw, ggb = _materialized((ggf, ggw, ggb), ctx.mask)
-        need_g, need_f, need_w = ctx.needs_input_grad[:3]
-        dg = df = dw = None
-        if need_g:
-            dg = ss_tangent(feature, weight, None, ggf, ggw, ggb, ctx.args, grad.shape)
-        if need_f and ggw is not None:
-            df = T.score_skip_backward(grad, feature, ggw, *ctx.args, [True, False, False])[0]
-        if need_w and ggf is not None:
-            dw = T.score_skip_backward(grad, ggf, weight, *ctx.args, [False, True, False])[1]
-        return dg, df, dw, None, None, None
-
-    def ssb_jvp(ctx, tg, tf, tw, *_):
-        grad, feature, weight = ctx.saved_tensors
-        mask = ctx.mask
-        outs = [None] * 3
-        if tg is not None:
-            outs = [o if m else None
-                    for o, m in zip(T.score_skip_backward(tg, feature, weight, *ctx.args, mask),
-                                    mask)]
-        if tw is not None and mask[0]:
-            outs[0] = _add(outs[0], T.score_skip_backward(
-                grad, feature, tw, *ctx.args, [True, False, False])[0])
-        if tf is not None and mask[1]:
-            outs[1] = _add(outs[1], T.score_skip_backward(
-                grad, tf, weight, *ctx.args, [False, True, False])[1])
-        return _fill(outs, ctx.shapes, grad)
-
-    _autograd("score_skip_backward", ssb_setup, ssb_backward, ssb_jvp)
+    _autograd_backward_op(
+        "score_skip_backward", T.score_skip_backward,
+        lambda f, w, tf, tw, tb, args, shape: ss_tangent(f, w, None, tf, tw, tb, args, shape))
 
     # ---- upsample_argmax: int64 labels, no gradient (the autograd fallback gives none) -------
     @lib.register_fake("fcnfast::upsample_argmax")
@@ -665,9 +707,7 @@ def _register():
 
     def ce_setup(ctx, inputs, output):
         x, target = inputs[:2]
-        ctx.save_for_backward(x, target)
-        ctx.save_for_forward(x, target)
-        ctx.args = tuple(inputs[2:])
+        _save(ctx, (x, target), inputs[2:])
 
     def ce_backward(ctx, grad_loss):
         x, target = ctx.saved_tensors
@@ -684,9 +724,7 @@ def _register():
 
     def ceb_setup(ctx, inputs, output):
         grad_loss, x, target = inputs[:3]
-        ctx.save_for_backward(grad_loss, x, target)
-        ctx.save_for_forward(grad_loss, x, target)
-        ctx.args = tuple(inputs[3:])
+        _save(ctx, (grad_loss, x, target), inputs[3:])
 
     def ceb_backward(ctx, ggx):
         grad_loss, x, target = ctx.saved_tensors

@@ -10,22 +10,23 @@ dimension removed again, as ``torch.nn.functional`` does.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _geometry as geo
 
-__all__ = [
-    "bilinear_filter",
+# the ops (fcnfast.ops and the top-level fcnfast package export the same names)
+OPS = (
     "conv_transpose2d",
     "bilinear_upsample2d",
     "skip_add_crop",
     "score_skip",
     "upsample_argmax",
     "upsample_cross_entropy",
-]
+)
+
+__all__ = ["bilinear_filter", "bilinear_weight", *OPS]
 
 
 def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -43,6 +44,17 @@ def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch
     return torch.outer(w1, w1).to(dtype)
 
 
+def bilinear_weight(channels: int, kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The depthwise weight of the frozen FCN upsampling: ``bilinear_filter(kernel_size)`` for each
+    of ``channels`` channels, shape ``(channels, 1, k, k)`` (an expanded view, no copy).
+
+    ``F.conv_transpose2d(x, bilinear_weight(C, 2*s), stride=s, groups=C)`` is the uncropped
+    ``bilinear_upsample2d(x, s)``.
+    """
+    k = kernel_size
+    return bilinear_filter(k, dtype, device).expand(channels, 1, k, k)
+
+
 def _crop(out: torch.Tensor, crop) -> torch.Tensor:
     top, left, h, w = crop
     return out[..., top:top + h, left:left + w]
@@ -54,9 +66,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if geo.is_unbatched(x, "x"):
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation, crop).squeeze(0)
-    stride, padding, output_padding, dilation, full = geo.conv_transpose2d_args(
-        x, weight, bias, stride, padding, output_padding, groups, dilation)
-    crop = geo.resolve_crop(crop, *full)
+    stride, padding, output_padding, dilation, crop = geo.check_conv_transpose2d(
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
     out = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
     return _crop(out, crop)
 
@@ -69,12 +80,9 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     """
     if geo.is_unbatched(x, "x"):
         return bilinear_upsample2d(x.unsqueeze(0), scale, crop).squeeze(0)
-    geo.check_tensor(x, "x", 4)
-    scale = geo.check_scale(scale)
-    crop = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
+    crop = geo.check_bilinear_upsample2d(x, scale, crop)
     channels = x.shape[1]
-    k = 2 * scale
-    weight = bilinear_filter(k, x.dtype, x.device).expand(channels, 1, k, k)
+    weight = bilinear_weight(channels, 2 * scale, x.dtype, x.device)
     out = F.conv_transpose2d(x, weight, stride=scale, groups=max(channels, 1)) if channels else \
         x.new_zeros(x.shape[0], 0, *geo.bilinear_full_size(x, scale))
     return _crop(out, crop)
@@ -84,42 +92,9 @@ def skip_add_crop(coarse, skip, offset):
     """``coarse + skip[..., oy:oy+H, ox:ox+W]`` with ``(H, W) = coarse.shape[-2:]``."""
     if geo.same_batching(coarse, "coarse", skip, "skip"):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
-    oy, ox = _check_skip_add_crop(coarse, skip, offset)
+    oy, ox = geo.check_skip_add_crop(coarse, skip, offset)
     h, w = coarse.shape[2:]
     return coarse + skip[..., oy:oy + h, ox:ox + w]
-
-
-def _check_skip_add_crop(coarse, skip, offset):
-    geo.check_tensor(coarse, "coarse", 4)
-    geo.check_tensor(skip, "skip", 4)
-    geo.check_same(coarse, "coarse", skip, "skip")
-    if coarse.shape[:2] != skip.shape[:2]:
-        raise ValueError("coarse %s and skip %s must agree in batch and channels"
-                         % (tuple(coarse.shape), tuple(skip.shape)))
-    return geo.skip_window(coarse, skip.shape[2:], offset)
-
-
-def _check_score_skip(coarse, feature, weight, bias, offset):
-    geo.check_tensor(coarse, "coarse", 4)
-    geo.check_tensor(feature, "feature", 4)
-    geo.check_tensor(weight, "weight", 4)
-    geo.check_same(coarse, "coarse", feature, "feature")
-    geo.check_same(coarse, "coarse", weight, "weight")
-    if weight.shape[2:] != (1, 1):
-        raise ValueError("weight must be a 1x1 convolution weight (K, C, 1, 1), got %s"
-                         % (tuple(weight.shape),))
-    if weight.shape[1] != feature.shape[1]:
-        raise ValueError("weight.shape[1] (%d) must equal feature channels (%d)"
-                         % (weight.shape[1], feature.shape[1]))
-    if coarse.shape[0] != feature.shape[0] or coarse.shape[1] != weight.shape[0]:
-        raise ValueError("coarse %s must have batch %d and %d channels (weight.shape[0])"
-                         % (tuple(coarse.shape), feature.shape[0], weight.shape[0]))
-    if bias is not None:
-        geo.check_tensor(bias, "bias", 1)
-        geo.check_same(coarse, "coarse", bias, "bias")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError("bias has %d elements, expected %d" % (bias.shape[0], weight.shape[0]))
-    return geo.skip_window(coarse, feature.shape[2:], offset, "feature")
 
 
 def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0, 0)):
@@ -132,7 +107,7 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     if geo.same_batching(coarse, "coarse", feature, "feature"):
         return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
                           offset).squeeze(0)
-    oy, ox = _check_score_skip(coarse, feature, weight, bias, offset)
+    oy, ox = geo.check_score_skip(coarse, feature, weight, bias, offset)
     h, w = coarse.shape[2:]
     return coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy + h, ox:ox + w]
 
@@ -141,6 +116,7 @@ def upsample_argmax(x, scale: int, crop=None):
     """``bilinear_upsample2d(x, scale, crop).argmax(1)`` (int64 label map)."""
     if geo.is_unbatched(x, "x"):
         return upsample_argmax(x.unsqueeze(0), scale, crop).squeeze(0)
+    crop = geo.check_upsample_argmax(x, scale, crop)
     return bilinear_upsample2d(x, scale, crop).argmax(1)
 
 
@@ -155,23 +131,6 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     if geo.same_batching(x, "x", target, "target", "H, W"):
         return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
                                       ignore_index, reduction)
-    _check_cross_entropy_args(x, target, scale, crop, reduction)
+    crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
     return F.cross_entropy(bilinear_upsample2d(x, scale, crop), target,
                            ignore_index=ignore_index, reduction=reduction)
-
-
-def _check_cross_entropy_args(x, target, scale, crop, reduction):
-    geo.check_tensor(x, "x", 4)
-    geo.check_tensor(target, "target", 3, floating=False)
-    if target.dtype != torch.int64:
-        raise ValueError("target must be an int64 label map, got %s" % target.dtype)
-    if target.device != x.device:
-        raise ValueError("x and target must be on the same device, got %s and %s"
-                         % (x.device, target.device))
-    if reduction not in ("mean", "sum"):
-        raise ValueError("reduction must be 'mean' or 'sum', got %r" % (reduction,))
-    scale = geo.check_scale(scale)
-    top, left, h, w = geo.resolve_crop(crop, *geo.bilinear_full_size(x, scale))
-    if tuple(target.shape) != (x.shape[0], h, w):
-        raise ValueError("target shape %s must be (N, H, W) = %s of the upsampled crop"
-                         % (tuple(target.shape), (x.shape[0], h, w)))

@@ -114,7 +114,7 @@ class Launchers:
         assert rc == 0, "launcher %s returned %d (-1: divergent barrier)" % (name, rc)
 
     def skip_add_crop(self, coarse, skip, offset):
-        oy, ox = reference._check_skip_add_crop(coarse, skip, offset)
+        oy, ox = geo.check_skip_add_crop(coarse, skip, offset)
         n, c, h, w = coarse.shape
         coarse, skip = coarse.contiguous(), skip.contiguous()
         out = torch.empty_like(coarse)
@@ -124,7 +124,7 @@ class Launchers:
         return out
 
     def skip_add_crop_backward(self, grad, skip_h, skip_w, offset):
-        oy, ox = geo.skip_window(grad, (skip_h, skip_w), offset)
+        oy, ox = geo.check_skip_add_crop_backward(grad, skip_h, skip_w, offset)
         n, c, h, w = grad.shape
         grad = grad.contiguous()
         out = grad.new_empty((n, c, skip_h, skip_w))
@@ -138,7 +138,7 @@ class Launchers:
         return _shape(n, k, feature.shape[1], h, w, feature.shape[2], feature.shape[3], oy, ox)
 
     def score_skip(self, coarse, feature, weight, bias, scale, offset):
-        oy, ox = reference._check_score_skip(coarse, feature, weight, bias, offset)
+        oy, ox = geo.check_score_skip(coarse, feature, weight, bias, offset)
         coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
         out = torch.empty_like(coarse)
         if out.numel():
@@ -148,7 +148,7 @@ class Launchers:
         return out
 
     def score_skip_backward(self, grad, feature, weight, scale, offset, mask):
-        oy, ox = reference._check_score_skip(grad, feature, weight, None, offset)
+        oy, ox = geo.check_score_skip_backward(grad, feature, weight, offset)
         grad, feature, weight = grad.contiguous(), feature.contiguous(), weight.contiguous()
         gf = torch.empty_like(feature) if mask[0] else grad.new_empty((0,))
         gw = torch.empty_like(weight) if mask[1] else grad.new_empty((0,))
@@ -158,8 +158,12 @@ class Launchers:
                    self._score_shape(grad, feature, oy, ox))
         return gf, gw, gb
 
+    def _conv_dims(self, x, weight, stride, padding, groups, dilation, crop):
+        return _cupy._conv_dims(x, weight, stride, padding, groups, dilation, crop)
+
     def conv_transpose2d(self, x, weight, bias, *geom):
-        cout, oh, ow, dims = _cupy._conv_dims(x, weight, bias, *geom)
+        stride, padding, _, dilation, crop = geo.check_conv_transpose2d(x, weight, bias, *geom)
+        cout, oh, ow, dims = self._conv_dims(x, weight, stride, padding, geom[3], dilation, crop)
         x, weight = x.contiguous(), weight.contiguous()
         out = x.new_empty((x.shape[0], cout, oh, ow))
         if out.numel():
@@ -169,7 +173,9 @@ class Launchers:
 
     def conv_transpose2d_backward(self, grad, x, weight, *geom_mask):
         *geom, mask = geom_mask
-        cout, oh, ow, dims = _cupy._conv_dims(x, weight, None, *geom)
+        stride, padding, _, dilation, crop = geo.check_conv_transpose2d_backward(grad, x, weight,
+                                                                                 *geom)
+        cout, oh, ow, dims = self._conv_dims(x, weight, stride, padding, geom[3], dilation, crop)
         grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
         gx = torch.empty_like(x) if mask[0] else x.new_empty((0,))
         gw = torch.empty_like(weight) if mask[1] else x.new_empty((0,))
@@ -179,10 +185,11 @@ class Launchers:
         return gx, gw, gb
 
     def _up_shape(self, n, c, h, w, scale, crop):
-        oh, ow, dims = _cupy._upsample_dims(n, c, h, w, scale, crop)
+        oh, ow, dims = _cupy._upsample_dims(h, w, scale, crop)
         return oh, ow, _shape(n, c, *dims)
 
     def bilinear_upsample2d(self, x, scale, crop):
+        crop = geo.check_bilinear_upsample2d(x, scale, crop)
         n, c, h, w = x.shape
         oh, ow, s = self._up_shape(n, c, h, w, scale, crop)
         x = x.contiguous()
@@ -192,6 +199,7 @@ class Launchers:
         return out
 
     def bilinear_upsample2d_backward(self, grad, in_h, in_w, scale, crop):
+        crop = geo.check_bilinear_upsample2d_backward(grad, in_h, in_w, scale, crop)
         n, c = grad.shape[:2]
         _, _, s = self._up_shape(n, c, in_h, in_w, scale, crop)
         grad = grad.contiguous()
@@ -202,6 +210,7 @@ class Launchers:
         return out
 
     def upsample_argmax(self, x, scale, crop):
+        crop = geo.check_upsample_argmax(x, scale, crop)
         n, c, h, w = x.shape
         oh, ow, s = self._up_shape(n, c, h, w, scale, crop)
         x = x.contiguous()
@@ -210,8 +219,13 @@ class Launchers:
             self._call("upsample_argmax", DTYPE_CODE[x.dtype], _p(x), _p(out), s)
         return out
 
-    def _ce(self, x, target, scale, crop, ignore_index, reduction):
-        _cupy._check_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+    def _ce(self, x, target, scale, crop, ignore_index, reduction, grad_loss=None):
+        if grad_loss is None:
+            crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+        else:
+            crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
+                                                             ignore_index, reduction)
+        geo.check_target_values(target, x.shape[1], ignore_index)
         n, c, h, w = x.shape
         _, _, s = self._up_shape(n, c, h, w, scale, crop)
         ws = torch.empty((self.lib.fcn_emu_ce_workspace_bytes(s) + 7) // 8, dtype=torch.float64)
@@ -227,7 +241,7 @@ class Launchers:
 
     def upsample_cross_entropy_backward(self, grad_loss, x, target, scale, crop, ignore_index,
                                         reduction):
-        s, ws = self._ce(x, target, scale, crop, ignore_index, reduction)
+        s, ws = self._ce(x, target, scale, crop, ignore_index, reduction, grad_loss)
         x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()
         gx = torch.empty_like(x)
         if gx.numel():

@@ -141,8 +141,8 @@ BAD_ARGS = [
     ("score_skip", dict(bias=randn(3, 1)), r"bias must be a 1-D tensor"),
     ("score_skip", dict(weight=randn(3, 5, 3, 3)), r"weight must be a 1x1 convolution weight"),
     ("score_skip", dict(weight=randn(3, 4, 1, 1)), r"weight.shape\[1\] \(4\) must equal feature channels \(5\)"),
-    ("score_skip", dict(weight=randn(2, 5, 1, 1), bias=randn(2)), r"coarse .* must have batch 1 and 2 channels"),
-    ("score_skip", dict(feature=randn(2, 5, 8, 8)), r"coarse .* must have batch 2"),
+    ("score_skip", dict(weight=randn(2, 5, 1, 1), bias=randn(2)), r"coarse has batch 1 and 3 channels, expected batch 1 and 2 channels"),
+    ("score_skip", dict(feature=randn(2, 5, 8, 8)), r"coarse has batch 1 and .* expected batch 2"),
     ("score_skip", dict(bias=randn(4)), r"bias has 4 elements, expected 3"),
     ("score_skip", dict(offset=(5, 0)), r"offset \(5, 0\) with window 4x4 lies outside feature of size 8x8"),
     ("score_skip", dict(offset=-1), r"offset .* lies outside feature"),
@@ -155,7 +155,7 @@ BAD_ARGS = [
     ("upsample_cross_entropy", dict(target=torch.zeros(1, 6, 6, dtype=torch.int64, device="meta")),
      r"x and target must be on the same device"),
     ("upsample_cross_entropy", dict(target=torch.zeros(1, 5, 6, dtype=torch.int64)),
-     r"target shape \(1, 5, 6\) must be \(N, H, W\) = \(1, 6, 6\)"),
+     r"target shape \[1, 5, 6\] must be \(N, H, W\) = \[1, 6, 6\]"),
     ("upsample_cross_entropy", dict(reduction="none"), r"reduction must be 'mean' or 'sum', got 'none'"),
     ("upsample_cross_entropy", dict(scale=0), r"scale must be a positive int"),
     ("upsample_cross_entropy", dict(crop=(5, 5, 6, 6)), r"crop .* lies outside the full output of size 10x10"),
@@ -292,7 +292,7 @@ NATIVE_BAD = [
 def test_native_checks(op, call, match):
     """The kernels validate on their own (``torch.ops.fcnfast.*`` is public too)."""
     native_or_skip(op)
-    with pytest.raises((ValueError, RuntimeError, IndexError), match=match):
+    with pytest.raises(ValueError, match=match):
         call()
 
 
@@ -302,20 +302,22 @@ def test_cross_entropy_target_out_of_range_like_reference():
     with pytest.raises((ValueError, RuntimeError, IndexError)):
         reference.upsample_cross_entropy(x, target, 2, (1, 1, 6, 6))
     native_or_skip("upsample_cross_entropy")
-    with pytest.raises((ValueError, RuntimeError, IndexError), match="(?i)target|class|label"):
+    with pytest.raises(ValueError, match="target value 3 is out of bounds"):
         ops.upsample_cross_entropy(x, target, 2, (1, 1, 6, 6))
     target[0, 0, 0] = -5
-    with pytest.raises((ValueError, RuntimeError, IndexError), match="(?i)target|class|label"):
+    with pytest.raises(ValueError, match="target value -5 is out of bounds"):
         ops.upsample_cross_entropy(x, target.clamp(max=2), 2, (1, 1, 6, 6))
 
 
 def test_argmax_without_classes_is_an_error():
     x = randn(1, 0, 3, 3)
-    with pytest.raises((ValueError, RuntimeError, IndexError)):
+    with pytest.raises(ValueError, match="upsample_argmax needs at least one channel"):
         reference.upsample_argmax(x, 2)
-    native_or_skip("upsample_argmax")
-    with pytest.raises((ValueError, RuntimeError, IndexError)):
+    with pytest.raises(ValueError, match="upsample_argmax needs at least one channel"):
         ops.upsample_argmax(x, 2)
+    native_or_skip("upsample_argmax")
+    with pytest.raises(ValueError, match="upsample_argmax needs at least one channel"):
+        torch.ops.fcnfast.upsample_argmax(x, 2, [0, 0, 8, 8])
 
 
 # ---------------------------------------------------------------------------
@@ -661,7 +663,7 @@ WRITER = textwrap.dedent("""
     step = 0
     while True:
         step += 1
-        state = {"format": getattr(train, "CHECKPOINT_FORMAT", None), "step": step,
+        state = {"format": train.CHECKPOINT_FORMAT, "step": step,
                  "weights": torch.full((size,), float(step)), "tail": torch.arange(1000) + step}
         print("writing", step, flush=True)
         train.save_checkpoint(state, path)
@@ -669,17 +671,9 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _load(path):
+def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path):
     from fcnfast import train
 
-    loader = getattr(train, "load_checkpoint", None)
-    return loader(path) if loader else torch.load(path, map_location="cpu", weights_only=True)
-
-
-def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path):
-    train = pytest.importorskip("fcnfast.train", reason="fcnfast.train (train helper) not merged yet")
-    if not hasattr(train, "save_checkpoint"):
-        pytest.skip("fcnfast.train.save_checkpoint not merged yet")
     path = tmp_path / "ckpt.pt"
     size = 8_000_000  # 32 MB of float32: a save takes long enough to be interrupted
     script = tmp_path / "writer.py"
@@ -707,7 +701,7 @@ def test_checkpoint_killed_mid_write_keeps_last_good(tmp_path):
         last = proc.stdout.read().split()
         if "saved" not in last:
             kills_during_write += 1
-        state = _load(path)
+        state = train.load_checkpoint(path)
         step = state["step"]
         assert step >= saved, "checkpoint went back from step %d to %d" % (saved, step)
         assert state["weights"].shape == (size,)

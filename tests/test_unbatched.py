@@ -154,7 +154,7 @@ def test_unbatched_argmax(backend):
     (lambda m: m.upsample_cross_entropy(_r(1, 3, 2, 2), _ce_target(4, 4), 2, (0, 0, 4, 4)),
      r"must both have a batch dimension"),
     (lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4, 5), 2, (0, 0, 4, 4)),
-     r"target shape \(1, 4, 5\) must be \(N, H, W\) = \(1, 4, 4\)"),
+     r"target shape \[1, 4, 5\] must be \(N, H, W\) = \[1, 4, 4\]"),
     (lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4), 2), r"target must be a 3-D tensor \(N, H, W\) or a 2-D"),
     (lambda m: m.conv_transpose2d(_r(3, 4, 4), _r(2, 2, 2, 2)), r"weight.shape\[0\] \(2\) must equal the input channels x.shape\[1\] \(3\)"),
 ])

@@ -35,22 +35,6 @@ FCN_HD int64_t pos_mod(int64_t a, int64_t b) {
   return r < 0 ? r + b : r;
 }
 
-// Phase decomposition of a transposed convolution along one axis.
-//
-// Output position `y` (index into the full output) receives input position
-// i = (y + padding - k * dilation) / stride from tap k exactly when the
-// numerator is divisible by stride and 0 <= i < in. These helpers let a
-// kernel enumerate only those taps.
-FCN_HD bool conv_transpose_tap(int64_t y, int64_t k, int64_t stride, int64_t padding,
-                               int64_t dilation, int64_t in, int64_t* i) {
-  int64_t num = y + padding - k * dilation;
-  if (num < 0 || num % stride != 0) return false;
-  int64_t q = num / stride;
-  if (q >= in) return false;
-  *i = q;
-  return true;
-}
-
 // Caffe's bilinear upsampling filter (FCN "upscore" initialisation), 1-D factor.
 // f = ceil(k/2), c = f-1 (k odd) or f-0.5 (k even), w(i) = 1 - |i - c| / f.
 // The 2-D filter is the outer product w(i) * w(j).

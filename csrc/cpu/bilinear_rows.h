@@ -28,49 +28,15 @@
 #include <vector>
 
 #include "../common/bilinear.h"
-#include "../common/checks.h"
+#include "../host/op_checks.h"
 #include "large_output.h"
+#include "parallel.h"
 
 namespace fcnfast {
 
-// ---------------------------------------------------------------------------
-// argument checks shared by the three ops (host side)
-// ---------------------------------------------------------------------------
+// the ops' argument checks and geometry: csrc/host/op_checks.h
+using BilinearGeometry = UpsampleGeometry;
 
-struct BilinearGeometry {
-  int64_t full_h, full_w;  // uncropped output size (H+1)*scale x (W+1)*scale
-  Crop crop;
-};
-
-inline BilinearGeometry check_bilinear_geometry(int64_t in_h, int64_t in_w, int64_t scale,
-                                                at::IntArrayRef crop) {
-  TORCH_CHECK_VALUE(scale > 0, "fcnfast: scale must be a positive int, got ", scale);
-  // the full output size must fit 32-bit indexing (checked before multiplying)
-  const int64_t limit = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(scale <= limit / (in_h + 1) && scale <= limit / (in_w + 1),
-                    "fcnfast: scale ", scale, " with input size ", in_h, "x", in_w,
-                    " gives a full output larger than 32-bit indexing allows");
-  BilinearGeometry geo;
-  geo.full_h = (in_h + 1) * scale;
-  geo.full_w = (in_w + 1) * scale;
-  geo.crop = check_crop(crop, geo.full_h, geo.full_w);
-  return geo;
-}
-
-inline BilinearGeometry check_bilinear_input(const at::Tensor& x, const char* name, int64_t scale,
-                                             at::IntArrayRef crop) {
-  check_defined(x, name);
-  check_floating(x, name);
-  check_dim(x, 4, name);
-  check_index32(x.numel(), name);
-  return check_bilinear_geometry(x.size(2), x.size(3), scale, crop);
-}
-
-// parallel_for grain (in rows) so one chunk holds at least ~16K elements of work.
-inline int64_t rows_grain(int64_t work_per_row) {
-  constexpr int64_t kChunk = 16384;
-  return work_per_row >= kChunk ? 1 : kChunk / std::max<int64_t>(work_per_row, 1);
-}
 
 namespace cpu {
 

@@ -17,9 +17,8 @@ namespace fcnfast {
 namespace {
 
 at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
-  const auto geo = check_bilinear_input(x, "x", scale, crop);
+  const auto geo = check_bilinear_upsample2d(x, scale, crop);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  check_index32(N * C * geo.crop.height * geo.crop.width, "output");
   auto xc = x.contiguous();
   // a reused block when one is free: no page faults (large_output.h)
   auto out = cpu::empty_large({N, C, geo.crop.height, geo.crop.width}, xc.options());
@@ -32,7 +31,7 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
     // stream outputs well beyond the caches (see blend_rows_stream)
     const bool stream = cpu::use_streaming_stores(out);
-    at::parallel_for(0, N * h, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / h, y = r % h;
@@ -59,19 +58,8 @@ at::Tensor bilinear_upsample2d_cpu(const at::Tensor& x, int64_t scale, at::IntAr
 at::Tensor bilinear_upsample2d_backward_cpu(const at::Tensor& grad, int64_t in_height,
                                             int64_t in_width, int64_t scale,
                                             at::IntArrayRef crop) {
-  check_defined(grad, "grad");
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad");
-  TORCH_CHECK_VALUE(in_height >= 0 && in_width >= 0, "fcnfast: in_height and in_width must be ",
-                    "non-negative, got ", in_height, " and ", in_width);
-  const auto geo = check_bilinear_geometry(in_height, in_width, scale, crop);
-  TORCH_CHECK_VALUE(grad.size(2) == geo.crop.height && grad.size(3) == geo.crop.width,
-                    "fcnfast: grad of shape ", shape_str(grad), " does not match the crop ",
-                    geo.crop.height, "x", geo.crop.width);
+  const auto geo = check_bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop);
   const int64_t N = grad.size(0), C = grad.size(1), H = in_height, W = in_width;
-  check_index32(grad.numel(), "grad");
-  check_index32(N * C * H * W, "grad_x");
-  check_index32(2 * C * geo.full_w, "the band accumulators");
   auto g = grad.contiguous();
   if (N * C * H * W == 0 || g.numel() == 0) return at::zeros({N, C, H, W}, g.options());
   auto out = at::empty({N, C, H, W}, g.options());  // BandGather writes every row
@@ -80,7 +68,7 @@ at::Tensor bilinear_upsample2d_backward_cpu(const at::Tensor& grad, int64_t in_h
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
       gather.run(begin, end, op, [](int64_t, int64_t) {}, [&](int64_t n, int64_t Y, int64_t c) {
         return gp + ((n * C + c) * h + (Y - geo.crop.top)) * w;

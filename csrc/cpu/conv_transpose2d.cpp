@@ -45,89 +45,16 @@
 #include <tuple>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../host/op_checks.h"
 #include "../common/conv_transpose2d.h"
 #include "large_output.h"
+#include "parallel.h"
 #include "phase_rows_avx512.h"
 
 namespace fcnfast {
 namespace {
 
-struct ConvTArgs {
-  ConvTranspose2dGeom g;
-  int64_t batch;
-};
-
-// Validates the arguments shared by the forward and the backward and returns
-// the geometry with the crop resolved against the full output size.
-ConvTArgs check_conv_transpose2d(const at::Tensor& x, const at::Tensor& weight,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef output_padding, int64_t groups,
-                                 at::IntArrayRef dilation, at::IntArrayRef crop) {
-  check_defined(x, "x");
-  check_defined(weight, "weight");
-  check_floating(x, "x");
-  check_dim(x, 4, "x");
-  check_dim(weight, 4, "weight");
-  check_same(x, "x", weight, "weight");
-  auto s = pair_arg(stride, "stride");
-  auto p = pair_arg(padding, "padding");
-  auto op = pair_arg(output_padding, "output_padding");
-  auto d = pair_arg(dilation, "dilation");
-  TORCH_CHECK_VALUE(s[0] > 0 && s[1] > 0, "fcnfast: stride must be positive, got (", s[0], ", ",
-                    s[1], ")");
-  TORCH_CHECK_VALUE(d[0] > 0 && d[1] > 0, "fcnfast: dilation must be positive, got (", d[0],
-                    ", ", d[1], ")");
-  TORCH_CHECK_VALUE(p[0] >= 0 && p[1] >= 0, "fcnfast: padding must be non-negative, got (", p[0],
-                    ", ", p[1], ")");
-  TORCH_CHECK_VALUE(op[0] >= 0 && op[1] >= 0,
-                    "fcnfast: output_padding must be non-negative, got (", op[0], ", ", op[1],
-                    ")");
-  for (int axis = 0; axis < 2; ++axis) {
-    TORCH_CHECK_VALUE(op[axis] < std::max(s[axis], d[axis]), "fcnfast: output_padding (", op[0],
-                      ", ", op[1], ") must be smaller than stride (", s[0], ", ", s[1],
-                      ") or dilation (", d[0], ", ", d[1], ")");
-  }
-  TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be a positive int, got ", groups);
-  const int64_t cin = x.size(1);
-  TORCH_CHECK_VALUE(weight.size(0) == cin, "fcnfast: weight.shape[0] (", weight.size(0),
-                    ") must equal the input channels x.shape[1] (", cin, ")");
-  TORCH_CHECK_VALUE(cin % groups == 0, "fcnfast: groups (", groups,
-                    ") must divide the input channels (", cin, ")");
-  const int64_t kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK_VALUE(kh > 0 && kw > 0, "fcnfast: weight kernel size must be positive, got ", kh,
-                    "x", kw);
-  check_index32(x.numel(), "x");
-  check_index32(weight.numel(), "weight");
-  const int64_t full_h = conv_transpose_out_size(x.size(2), kh, s[0], p[0], op[0], d[0]);
-  const int64_t full_w = conv_transpose_out_size(x.size(3), kw, s[1], p[1], op[1], d[1]);
-  TORCH_CHECK_VALUE(full_h > 0 && full_w > 0, "fcnfast: conv_transpose2d output would be ",
-                    full_h, "x", full_w, " for input ", shape_str(x), ", weight ",
-                    shape_str(weight));
-  Crop c = check_crop(crop, full_h, full_w);
-  const int64_t cout = weight.size(1) * groups;
-  // Refuse sizes past 32-bit indexing before allocating anything (the products
-  // are evaluated in steps so that they cannot overflow int64 either).
-  check_index32(full_h, "the full output height");
-  check_index32(full_w, "the full output width");
-  check_index32(c.height * c.width, "one output plane");
-  check_index32(cout * c.height * c.width, "one output image");
-  check_index32(x.size(0) * cout * c.height * c.width, "the output");
-  ConvTArgs a;
-  a.batch = x.size(0);
-  a.g = ConvTranspose2dGeom{cin,   x.size(2), x.size(3), cout,     groups,  kh,     kw,
-                            s[0],  s[1],      p[0],      p[1],     d[0],    d[1],   c.top,
-                            c.left, c.height, c.width};
-  return a;
-}
-
-void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t cout) {
-  if (!bias.has_value() || !bias->defined()) return;
-  check_dim(*bias, 1, "bias");
-  check_same(x, "x", *bias, "bias");
-  TORCH_CHECK_VALUE(bias->size(0) == cout, "fcnfast: bias has ", bias->size(0),
-                    " elements, expected the output channels ", cout);
-}
+using ConvTArgs = ConvTransposeArgs;  // csrc/host/op_checks.h
 
 // ---------------------------------------------------------------------------
 // phase plan
@@ -173,14 +100,6 @@ PhasePlan make_plan(const ConvTranspose2dGeom& g) {
       make_phase_axis(g.stride_h, g.dil_h, g.kernel_h, g.pad_h, g.in_h, g.crop_top, g.crop_h),
       make_phase_axis(g.stride_w, g.dil_w, g.kernel_w, g.pad_w, g.in_w, g.crop_left, g.crop_w),
       g.in_channels / g.groups, g.out_channels / g.groups};
-}
-
-// at::parallel_for grain so that a chunk carries at least ~256K elementary
-// operations: small steps run inline, without a parallel region (whose
-// barrier costs a scheduler time slice when the cores are shared).
-int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = int64_t(1) << 18;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
 bool force_direct() {
@@ -254,7 +173,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wc.data_ptr<scalar_t>();
     const int64_t kh = p.h.kernel, kw = p.w.kernel;
-    at::parallel_for(0, groups * p.m_cols(), grain_for(p.k_rows()), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, groups * p.m_cols(), cpu::grain_for(p.k_rows(), cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t oc = b; oc < e; ++oc) {
         const int64_t rx = oc % sw, ry = (oc / sw) % sh, co = (oc / (sw * sh)) % p.cout_g;
         const int64_t grp = oc / p.m_cols();
@@ -283,7 +202,7 @@ template <typename acc_t, typename scalar_t>
 void unphase_weight(const acc_t* dwc, const PhasePlan& p, int64_t cin, scalar_t* gw) {
   const int64_t sh = p.h.stride, sw = p.w.stride, kh = p.h.kernel, kw = p.w.kernel;
   const int64_t th = p.h.taps, tw = p.w.taps;
-  at::parallel_for(0, cin, grain_for(p.cout_g * kh * kw), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, cin, cpu::grain_for(p.cout_g * kh * kw, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t ci = b; ci < e; ++ci) {
       const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
       for (int64_t co = 0; co < p.cout_g; ++co)
@@ -337,7 +256,7 @@ at::Tensor phase_input(const at::Tensor& x, const InputWindow& w) {
   at::Tensor win = at::empty({batch, C, w.height, w.width}, opts);
   const scalar_t* src = x.data_ptr<scalar_t>();
   acc_t* dst = win.data_ptr<acc_t>();
-  at::parallel_for(0, batch * w.height, grain_for(w.width * C), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, batch * w.height, cpu::grain_for(w.width * C, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t n = r / w.height, iy = w.origin_y + r % w.height;
       acc_t* drow = dst + r * w.width * C;  // (n, y) row of the NHWC window
@@ -484,7 +403,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
       const acc_t* rp = r.data_ptr<acc_t>();
       // one unit = one block row of one group: a permutation of the phase
       // convolution's channels-last rows into the output
-      at::parallel_for(0, g.groups * (q1 - q0), grain_for(nqw * p.m_cols()),
+      at::parallel_for(0, g.groups * (q1 - q0), cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
                        [&](int64_t begin, int64_t end) {
         std::vector<acc_t> row(g.crop_w);
         for (int64_t u = begin; u < end; ++u) {
@@ -517,7 +436,7 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   acc_t* gtp = gt.data_ptr<acc_t>();
   // images in a fixed order (the weight gradient sums them in that order)
   for (int64_t n = 0; n < a.batch; ++n) {
-    at::parallel_for(0, g.groups * rows, grain_for(nqw * p.m_cols()),
+    at::parallel_for(0, g.groups * rows, cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
                      [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t qy = u % rows, grp = u / rows;
@@ -556,7 +475,7 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t rows = a.batch * g.out_channels * g.crop_h;
   const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
-  at::parallel_for(0, rows, grain_for(g.crop_w * taps), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, cpu::grain_for(g.crop_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t y = r % g.crop_h, nc = r / g.crop_h, co = nc % g.out_channels,
                     n = nc / g.out_channels;
@@ -585,7 +504,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
   if (grad_x) {
     scalar_t* gx = grad_x->data_ptr<scalar_t>();
     const int64_t taps = (g.out_channels / g.groups) * g.kernel_h * g.kernel_w;
-    at::parallel_for(0, a.batch * g.in_channels * g.in_h, grain_for(g.in_w * taps), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, a.batch * g.in_channels * g.in_h, cpu::grain_for(g.in_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t iy = r % g.in_h, nc = r / g.in_h, ci = nc % g.in_channels,
                       n = nc / g.in_channels;
@@ -601,7 +520,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
     const int64_t cout_g = g.out_channels / g.groups;
     const int64_t khw = g.kernel_h * g.kernel_w;
     const int64_t per_elem = a.batch * g.in_h * g.in_w;
-    at::parallel_for(0, grad_weight->numel(), grain_for(per_elem), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, grad_weight->numel(), cpu::grain_for(per_elem, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t kx = i % g.kernel_w, ky = (i / g.kernel_w) % g.kernel_h;
         const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);
@@ -639,9 +558,8 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef output_padding,
                                 int64_t groups, at::IntArrayRef dilation, at::IntArrayRef crop) {
-  ConvTArgs a = check_conv_transpose2d(x, weight, stride, padding, output_padding, groups,
-                                       dilation, crop);
-  check_bias(bias, x, a.g.out_channels);
+  const ConvTArgs a = check_conv_transpose2d(x, weight, bias, stride, padding, output_padding,
+                                             groups, dilation, crop);
   const auto& g = a.g;
   // a reused block when one is free: no page faults (large_output.h)
   auto out = cpu::empty_large({a.batch, g.out_channels, g.crop_h, g.crop_w}, x.options());
@@ -666,16 +584,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
     at::IntArrayRef dilation, at::IntArrayRef crop, std::array<bool, 3> output_mask) {
-  check_defined(grad, "grad");
-  ConvTArgs a = check_conv_transpose2d(x, weight, stride, padding, output_padding, groups,
-                                       dilation, crop);
+  const ConvTArgs a = check_conv_transpose2d_backward(grad, x, weight, stride, padding,
+                                                      output_padding, groups, dilation, crop);
   const auto& g = a.g;
-  check_dim(grad, 4, "grad");
-  check_same(x, "x", grad, "grad");
-  TORCH_CHECK_VALUE(grad.size(0) == a.batch && grad.size(1) == g.out_channels &&
-                        grad.size(2) == g.crop_h && grad.size(3) == g.crop_w,
-                    "fcnfast: grad has shape ", shape_str(grad), ", expected [", a.batch, ", ",
-                    g.out_channels, ", ", g.crop_h, ", ", g.crop_w, "] (the cropped output)");
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), x.options()) : empty();

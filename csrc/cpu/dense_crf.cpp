@@ -11,7 +11,7 @@
 //              truncated at 4 std (relative tail error <= exp(-8) = 3.4e-4);
 //   bilateral: k_b = exp(-|p_i - p_j|^2 / (2 theta_a^2) - |I_i - I_j|^2 / (2 theta_b^2)), the
 //              permutohedral lattice operator L ~ c k_b (Adams et al. 2010) with its own diagonal
-//              L_ii removed exactly (csrc/common/permutohedral.h); c cancels in the normalisation.
+//              L_ii removed exactly (csrc/cpu/permutohedral.h); c cancels in the normalisation.
 // fcnfast.crf.dense_crf_reference computes the same with exact kernels in O(P^2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,9 +24,9 @@
 #include <utility>
 #include <vector>
 
-#include "../common/checks.h"
-#include "../common/permutohedral.h"
-#include "../common/vec8.h"
+#include "../host/checks.h"
+#include "permutohedral.h"
+#include "vec8.h"
 
 namespace fcnfast {
 namespace {

@@ -34,6 +34,7 @@
 #include "../common/conv_transpose2d.h"
 #include "isa.h"
 #include "large_output.h"
+#include "parallel.h"
 
 #if defined(FCNFAST_HAVE_AVX512_KERNELS)
 #include <immintrin.h>
@@ -227,7 +228,7 @@ inline void phase_rows_forward(const ConvTranspose2dGeom& g, const at::Tensor& x
   const int64_t rows_q = p.q_hi - p.q_lo + 1;
   const int64_t work = p.sh * cout * p.chunks_padded * kLanes * p.depth;
   // one unit = one block row qY of one image: its input vectors, then its S_h rows
-  at::parallel_for(0, N * rows_q, std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work)),
+  at::parallel_for(0, N * rows_q, grain_for(work, kConvMinWork),
                    [&](int64_t b, int64_t e) {
     std::vector<float> in_vec(p.depth * p.chunks_padded * kLanes);
     std::vector<float> rows(kChannelBlock * row_len);

@@ -22,52 +22,14 @@
 #include <tuple>
 #include <utility>
 
-#include "../common/checks.h"
+#include "../host/op_checks.h"
 #include "isa.h"
+#include "parallel.h"
 
 namespace fcnfast {
 namespace {
 
-struct Window {
-  int64_t batch, channels, classes;   // N, C (feature), K (weight.shape[0])
-  int64_t h, w;                       // coarse / window size
-  int64_t fh, fw;                     // feature size
-  int64_t oy, ox;                     // window offset in the feature map
-};
-
-// Checks shared by the forward and the backward; `lead` is coarse (forward)
-// or grad (backward): (N, K, H, W) with H x W the window size.
-Window check_window(const at::Tensor& lead, const char* lead_name, const at::Tensor& feature,
-                    const at::Tensor& weight, at::IntArrayRef offset) {
-  check_defined(lead, lead_name);
-  check_floating(lead, lead_name);
-  check_dim(lead, 4, lead_name);
-  const int64_t n = lead.size(0), k = lead.size(1), h = lead.size(2), w = lead.size(3);
-  check_defined(feature, "feature");
-  check_defined(weight, "weight");
-  check_floating(feature, "feature");
-  check_dim(feature, 4, "feature");
-  check_dim(weight, 4, "weight");
-  check_same(feature, "feature", weight, "weight");
-  TORCH_CHECK_VALUE(weight.size(2) == 1 && weight.size(3) == 1,
-                    "fcnfast: weight must be a 1x1 convolution weight (K, C, 1, 1), got ",
-                    shape_str(weight));
-  TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
-                    weight.size(1), ") must equal feature channels (", feature.size(1), ")");
-  TORCH_CHECK_VALUE(n == feature.size(0) && k == weight.size(0), "fcnfast: ", lead_name,
-                    " has batch ", n, " and ", k, " channels, expected batch ", feature.size(0),
-                    " and ", weight.size(0), " channels (weight.shape[0])");
-  auto off = pair_arg(offset, "offset");
-  const int64_t fh = feature.size(2), fw = feature.size(3);
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[1] >= 0 && off[0] + h <= fh && off[1] + w <= fw,
-                    "fcnfast: offset (", off[0], ", ", off[1], ") with window ", h, "x", w,
-                    " lies outside feature of size ", fh, "x", fw);
-  check_index32(feature.numel(), "feature");
-  check_index32(weight.numel(), "weight");
-  check_index32(n * k * h * w, lead_name);
-  check_same(lead, lead_name, feature, "feature");
-  return Window{n, feature.size(1), k, h, w, fh, fw, off[0], off[1]};
-}
+using Window = ScoreSkipWindow;  // csrc/host/op_checks.h
 
 // (K, C, 1, 1) weight in the compute dtype with the feature scale folded in.
 at::Tensor scaled_weight(const at::Tensor& weight, double scale, at::ScalarType acc_type) {
@@ -107,10 +69,6 @@ void scatter_window(const acc_t* dwin, const Window& win, int64_t c0, int64_t c1
 }
 
 
-int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = int64_t(1) << 16;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
-}
 
 // The windows of all images, (N, C, h, w) contiguous in the compute dtype.
 template <typename scalar_t, typename acc_t>
@@ -120,7 +78,7 @@ at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
   const scalar_t* fp = feature.data_ptr<scalar_t>();
   acc_t* op = out.data_ptr<acc_t>();
   const int64_t C = win.channels, plane = win.h * win.w;
-  at::parallel_for(0, win.batch * C, grain_for(plane), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, win.batch * C, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
     for (int64_t nc = b; nc < e; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, c, c + 1, op + n * C * plane);
@@ -213,10 +171,10 @@ at::Tensor window_conv_avx512(const at::Tensor& feature, const Window& win,
   const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* feat_n = fp + n * C * win.fh * win.fw;
-    at::parallel_for(0, C, grain_for(P), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, cpu::grain_for(P, cpu::kWindowMinWork), [&](int64_t c0, int64_t c1) {
       gather_window(feat_n, win, 0, win.h, c0, c1, xp);
     });
-    at::parallel_for(0, blocks, grain_for(kPixelBlock * C * K), [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, cpu::grain_for(kPixelBlock * C * K, cpu::kWindowMinWork), [&](int64_t b0, int64_t b1) {
       window_gemm_avx512(wp, K, xp, C, P, b0, b1, rp + n * K * P);
     });
   }
@@ -230,14 +188,8 @@ at::Tensor window_conv_avx512(const at::Tensor& feature, const Window& win,
 at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           double scale, at::IntArrayRef offset) {
-  const Window win = check_window(coarse, "coarse", feature, weight, offset);
+  const Window win = check_score_skip(coarse, feature, weight, bias, offset);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_dim(*bias, 1, "bias");
-    check_same(coarse, "coarse", *bias, "bias");
-    TORCH_CHECK_VALUE(bias->size(0) == win.classes, "fcnfast: bias has ", bias->size(0),
-                      " elements, expected ", win.classes);
-  }
   auto out = at::empty_like(coarse, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   auto cc = coarse.contiguous();
@@ -259,7 +211,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
                               {0, 0}, {1, 1}, false, {0, 0}, 1)
                   .contiguous();
     const acc_t* rp = res.data_ptr<acc_t>();
-    at::parallel_for(0, win.batch * K, grain_for(plane), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, win.batch * K, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
       for (int64_t nk = b; nk < e; ++nk) {
         const acc_t bk = bp ? static_cast<acc_t>(bp[nk % K]) : acc_t(0);
         const scalar_t* c = cp + nk * plane;
@@ -276,7 +228,7 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
     const at::Tensor& grad, const at::Tensor& feature, const at::Tensor& weight, double scale,
     at::IntArrayRef offset, std::array<bool, 3> output_mask) {
-  const Window win = check_window(grad, "grad", feature, weight, offset);
+  const Window win = check_score_skip_backward(grad, feature, weight, offset);
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, grad.options()); };
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -305,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
       const at::Tensor dwin = std::get<0>(grads).contiguous();
       const acc_t* dp = dwin.data_ptr<acc_t>();
       scalar_t* gfp = gf.data_ptr<scalar_t>();
-      at::parallel_for(0, win.batch * C, grain_for(win.fh * win.fw), [&](int64_t b, int64_t e) {
+      at::parallel_for(0, win.batch * C, cpu::grain_for(win.fh * win.fw, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
         for (int64_t nc = b; nc < e; ++nc) {
           const int64_t n = nc / C, c = nc % C;
           scatter_window(dp + n * C * plane, win, c, c + 1, gfp + n * C * win.fh * win.fw);

@@ -4,33 +4,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../common/checks.h"
+#include "../host/op_checks.h"
 
 namespace fcnfast {
 namespace {
 
-void check_offset_window(const at::Tensor& skip, int64_t oy, int64_t ox, int64_t h, int64_t w) {
-  TORCH_CHECK_VALUE(oy >= 0 && ox >= 0 && oy + h <= skip.size(2) && ox + w <= skip.size(3),
-                    "fcnfast: offset (", oy, ", ", ox, ") with window ", h, "x", w,
-                    " lies outside skip of shape ", shape_str(skip));
-}
-
 at::Tensor skip_add_crop_cpu(const at::Tensor& coarse, const at::Tensor& skip,
                              at::IntArrayRef offset) {
-  check_defined(coarse, "coarse");
-  check_defined(skip, "skip");
-  check_floating(coarse, "coarse");
-  check_dim(coarse, 4, "coarse");
-  check_dim(skip, 4, "skip");
-  check_same(coarse, "coarse", skip, "skip");
-  TORCH_CHECK_VALUE(coarse.size(0) == skip.size(0) && coarse.size(1) == skip.size(1),
-                    "fcnfast: coarse ", shape_str(coarse), " and skip ", shape_str(skip),
-                    " must agree in batch and channels");
-  auto off = pair_arg(offset, "offset");
-  const int64_t H = coarse.size(2), W = coarse.size(3);
-  check_offset_window(skip, off[0], off[1], H, W);
-  check_index32(coarse.numel(), "coarse");
-  check_index32(skip.numel(), "skip");
+  const auto win = check_skip_add_crop(coarse, skip, offset);
+  const int64_t H = win.h, W = win.w;
+  const std::array<int64_t, 2> off{win.oy, win.ox};
 
   auto c = coarse.contiguous();
   auto s = skip.contiguous();
@@ -58,17 +41,11 @@ at::Tensor skip_add_crop_cpu(const at::Tensor& coarse, const at::Tensor& skip,
 // grad_skip: zeros with grad written into the window (a gather, no atomics).
 at::Tensor skip_add_crop_backward_cpu(const at::Tensor& grad, int64_t skip_h, int64_t skip_w,
                                       at::IntArrayRef offset) {
-  check_defined(grad, "grad");
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad");
-  auto off = pair_arg(offset, "offset");
-  const int64_t H = grad.size(2), W = grad.size(3);
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[1] >= 0 && off[0] + H <= skip_h && off[1] + W <= skip_w,
-                    "fcnfast: offset (", off[0], ", ", off[1], ") with window ", H, "x", W,
-                    " lies outside skip of size ", skip_h, "x", skip_w);
+  const auto win = check_skip_add_crop_backward(grad, skip_h, skip_w, offset);
+  const int64_t H = win.h, W = win.w;
+  const std::array<int64_t, 2> off{win.oy, win.ox};
   auto g = grad.contiguous();
   auto out = at::zeros({g.size(0), g.size(1), skip_h, skip_w}, g.options());
-  check_index32(out.numel(), "grad_skip");
   if (g.numel() == 0) return out;
   const int64_t planes = g.size(0) * g.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "skip_add_crop_backward", [&] {

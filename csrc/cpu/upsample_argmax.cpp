@@ -44,13 +44,9 @@ void fold_argmax(const Acc* __restrict values, int64_t c, int64_t width, Acc* __
 }
 
 at::Tensor upsample_argmax_cpu(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
-  const auto geo = check_bilinear_input(x, "x", scale, crop);
+  const auto geo = check_upsample_argmax(x, scale, crop);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t h = geo.crop.height, w = geo.crop.width;
-  check_index32(N * h * w, "output");
-  check_index32(2 * C * w, "the row buffers");
-  TORCH_CHECK_VALUE(C > 0 || N * h * w == 0, "fcnfast: upsample_argmax needs at least one ",
-                    "channel, got x of shape ", shape_str(x));
   auto xc = x.contiguous();
   auto out = cpu::empty_large({N, h, w}, xc.options().dtype(at::kLong));  // large_output.h
   if (out.numel() == 0) return out;
@@ -59,7 +55,7 @@ at::Tensor upsample_argmax_cpu(const at::Tensor& x, int64_t scale, at::IntArrayR
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     int64_t* op = out.mutable_data_ptr<int64_t>();
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-    at::parallel_for(0, N * h, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       std::vector<acc_t> values(w), best(w);
       for (int64_t r = begin; r < end; ++r) {

@@ -103,7 +103,7 @@ int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_
   if (rows == 0 || width == 0) return 0;
   const int64_t* tp = target.const_data_ptr<int64_t>();
   std::vector<int64_t> count(rows), first_bad(rows, -1);  // first bad column per row
-  at::parallel_for(0, rows, rows_grain(width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, cpu::grain_for(width, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t* t = tp + r * width;
       int64_t n = 0;
@@ -117,38 +117,20 @@ int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_
   });
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK_VALUE(first_bad[r] < 0, "fcnfast: target value ", tp[r * width + first_bad[r]],
-                      " is out of bounds: classes are [0, ", C, ") (x has ", C,
-                      " channels) and ignore_index is ", ignore_index);
+    if (first_bad[r] >= 0) fail_target_value(tp[r * width + first_bad[r]], C, ignore_index);
     total += count[r];
   }
   return total;
 }
 
-// Shared by the forward and the backward: shapes, dtypes, reduction and the
-// target values (each in [0, C) or ignore_index) are checked before any work.
-CrossEntropyArgs check_cross_entropy(const at::Tensor& x, const at::Tensor& target, int64_t scale,
-                                     at::IntArrayRef crop, int64_t ignore_index,
-                                     c10::string_view reduction) {
+// Shared by the forward and the backward: the argument checks (op_checks.h),
+// then the target values (each in [0, C) or ignore_index) before any work.
+CrossEntropyArgs prepare_cross_entropy(const CrossEntropyGeometry& checked, const at::Tensor& x,
+                                       const at::Tensor& target, int64_t ignore_index) {
   CrossEntropyArgs args;
-  args.geo = check_bilinear_input(x, "x", scale, crop);
-  check_defined(target, "target");
-  check_dim(target, 3, "target");
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "fcnfast: target must be an int64 label map, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == x.device(), "fcnfast: x and target must be on the same ",
-                    "device, got ", x.device(), " and ", target.device());
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
-                    "fcnfast: reduction must be 'mean' or 'sum', got '", reduction, "'");
-  args.mean = reduction == "mean";
+  args.geo = checked.u;
+  args.mean = checked.mean;
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK_VALUE(target.size(0) == N && target.size(1) == args.geo.crop.height &&
-                        target.size(2) == args.geo.crop.width,
-                    "fcnfast: target shape ", shape_str(target), " must be (N, H, W) = [", N,
-                    ", ", args.geo.crop.height, ", ", args.geo.crop.width,
-                    "] of the upsampled crop");
-  check_index32(target.numel(), "target");
-  check_index32(2 * C * args.geo.full_w, "the row buffers");
   args.N = N;
   args.C = C;
   args.H = x.size(2);
@@ -194,7 +176,8 @@ void softmax_grad_row(Acc* __restrict d, const Acc* __restrict inv_sum,
 at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& target,
                                       int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
                                       c10::string_view reduction) {
-  const auto args = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
+  const auto args = prepare_cross_entropy(
+      check_upsample_cross_entropy(x, target, scale, crop, reduction), x, target, ignore_index);
   const auto& [geo, mean, N, C, H, W, h, w, xc, tc, valid] = args;
   const int64_t rows_total = N * h;
   std::vector<double> row_loss(rows_total, 0.0);
@@ -204,7 +187,7 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
       const int64_t* tp = tc.const_data_ptr<int64_t>();
       const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-      at::parallel_for(0, rows_total, rows_grain(C * w), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows_total, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
         cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
         std::vector<acc_t> logits(C * w), max(w), sum(w), picked(w);
         for (int64_t r = begin; r < end; ++r) {
@@ -238,10 +221,9 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
                                                const at::Tensor& target, int64_t scale,
                                                at::IntArrayRef crop, int64_t ignore_index,
                                                c10::string_view reduction) {
-  check_defined(grad_loss, "grad_loss");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "fcnfast: grad_loss must hold one value (the loss ",
-                    "is a scalar), got shape ", shape_str(grad_loss));
-  const auto args = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
+  const auto args = prepare_cross_entropy(
+      check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, reduction), x,
+      target, ignore_index);
   const auto& [geo, mean, N, C, H, W, h, w, xc, tc, valid] = args;
   if (x.numel() == 0 || tc.numel() == 0) return at::zeros({N, C, H, W}, xc.options());
   auto out = at::empty({N, C, H, W}, xc.options());  // BandGather writes every row
@@ -255,7 +237,7 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
     const acc_t coef = static_cast<acc_t>(pixel_weight);
-    at::parallel_for(0, N * H, rows_grain(C * w * scale), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
       cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
       cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
       std::vector<acc_t> dlogits(C * w), max(w), sum(w), weight(w), inv_sum(w);

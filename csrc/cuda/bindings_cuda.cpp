@@ -1,10 +1,11 @@
 // CUDA implementations of the fcnfast ops for the PyTorch dispatcher.
 //
-// Thin host wrappers: validate the arguments (the same checks as the CPU
-// kernels, plus "every tensor on the same CUDA device"), make the inputs
-// contiguous, allocate the outputs, then call the torch-free launchers of
-// csrc/cuda/<op>.cu on the current stream of the input's device and check the
-// returned error. Compiled only when the extension is built with CUDA.
+// Thin host wrappers: validate the arguments (csrc/host/op_checks.h, the very
+// checks the CPU kernels run, plus "the lead tensor is on a CUDA device"; the
+// others must share its device), make the inputs contiguous, allocate the
+// outputs, then call the torch-free launchers of csrc/cuda/<op>.cu on the
+// current stream of the input's device and check the returned error. Compiled
+// only when the extension is built with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,8 +15,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/checks.h"
-#include "common/geometry.h"
+#include "host/op_checks.h"
 #include "cuda/launchers.h"
 
 namespace fcnfast {
@@ -34,22 +34,10 @@ DType dtype_of(const at::Tensor& t) {
   TORCH_CHECK_VALUE(false, "fcnfast: unsupported dtype ", t.scalar_type());
 }
 
-// `t` is a defined 4-D floating CUDA tensor that fits 32-bit indexing.
-void check_input(const at::Tensor& t, const char* name, int64_t dim = 4) {
+// The tensor an op's other tensors must share a device with is on CUDA.
+void check_cuda(const at::Tensor& t, const char* name) {
   check_defined(t, name);
   check_device(t, at::kCUDA, name);
-  check_floating(t, name);
-  check_dim(t, dim, name);
-  check_index32(t.numel(), name);
-}
-
-// `t` is on the same CUDA device and has the same dtype as `ref`.
-void check_like(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
-                const char* name, int64_t dim) {
-  check_defined(t, name);
-  check_same(ref, ref_name, t, name);
-  check_dim(t, dim, name);
-  check_index32(t.numel(), name);
 }
 
 int to_int(int64_t v) { return static_cast<int>(v); }
@@ -58,34 +46,27 @@ cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// Sizes that feed int32 index arithmetic in the kernels (e.g. a full output
-// extent or a stride product) must fit as well.
-void check_int32(int64_t v, const char* what) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= std::numeric_limits<int32_t>::max() / 2, "fcnfast: ", what,
-                    " = ", v, " is too large for 32-bit indexing");
+// The outputs of a backward with an output_mask (grad of a, of the weight w and
+// of a bias of `bias_size`), uninitialised; one not asked for is a distinct
+// empty tensor (outputs must not alias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_grads(const at::Tensor& a,
+                                                            const at::Tensor& w,
+                                                            int64_t bias_size,
+                                                            std::array<bool, 3> mask) {
+  return {mask[0] ? at::empty_like(a) : empty_grad(a), mask[1] ? at::empty_like(w) : empty_grad(a),
+          mask[2] ? at::empty({bias_size}, a.options()) : empty_grad(a)};
 }
 
 // ---------------------------------------------------------------------------
 // skip_add_crop
 // ---------------------------------------------------------------------------
 
-void check_window(int64_t oy, int64_t ox, int64_t h, int64_t w, int64_t skip_h, int64_t skip_w,
-                  const char* name) {
-  TORCH_CHECK_VALUE(oy >= 0 && ox >= 0 && oy + h <= skip_h && ox + w <= skip_w, "fcnfast: offset (",
-                    oy, ", ", ox, ") with window ", h, "x", w, " lies outside ", name,
-                    " of size ", skip_h, "x", skip_w);
-}
-
 at::Tensor skip_add_crop_cuda(const at::Tensor& coarse, const at::Tensor& skip,
                               at::IntArrayRef offset) {
-  check_input(coarse, "coarse");
-  check_like(coarse, "coarse", skip, "skip", 4);
-  TORCH_CHECK_VALUE(coarse.size(0) == skip.size(0) && coarse.size(1) == skip.size(1),
-                    "fcnfast: coarse ", shape_str(coarse), " and skip ", shape_str(skip),
-                    " must agree in batch and channels");
-  const auto off = pair_arg(offset, "offset");
-  const int64_t H = coarse.size(2), W = coarse.size(3);
-  check_window(off[0], off[1], H, W, skip.size(2), skip.size(3), "skip");
+  check_cuda(coarse, "coarse");
+  const auto win = check_skip_add_crop(coarse, skip, offset);
+  const int64_t H = win.h, W = win.w;
+  const std::array<int64_t, 2> off{win.oy, win.ox};
   c10::cuda::CUDAGuard guard(coarse.device());
   const auto c = coarse.contiguous();
   const auto s = skip.contiguous();
@@ -100,11 +81,10 @@ at::Tensor skip_add_crop_cuda(const at::Tensor& coarse, const at::Tensor& skip,
 
 at::Tensor skip_add_crop_backward_cuda(const at::Tensor& grad, int64_t skip_h, int64_t skip_w,
                                        at::IntArrayRef offset) {
-  check_input(grad, "grad");
-  const auto off = pair_arg(offset, "offset");
-  const int64_t H = grad.size(2), W = grad.size(3);
-  check_window(off[0], off[1], H, W, skip_h, skip_w, "skip");
-  check_index32_sizes({grad.size(0), grad.size(1), skip_h, skip_w}, "grad_skip");
+  check_cuda(grad, "grad");
+  const auto win = check_skip_add_crop_backward(grad, skip_h, skip_w, offset);
+  const int64_t H = win.h, W = win.w;
+  const std::array<int64_t, 2> off{win.oy, win.ox};
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   auto out = at::empty({g.size(0), g.size(1), skip_h, skip_w}, g.options());
@@ -119,40 +99,17 @@ at::Tensor skip_add_crop_backward_cuda(const at::Tensor& grad, int64_t skip_h, i
 // score_skip
 // ---------------------------------------------------------------------------
 
-// Checks shared by the forward (ref = coarse) and the backward (ref = grad);
-// returns the launcher shape.
-cuda::ScoreSkipShape check_score_skip(const at::Tensor& ref, const char* ref_name,
-                                      const at::Tensor& feature, const at::Tensor& weight,
-                                      at::IntArrayRef offset) {
-  check_input(ref, ref_name);
-  check_like(ref, ref_name, feature, "feature", 4);
-  check_like(ref, ref_name, weight, "weight", 4);
-  TORCH_CHECK_VALUE(weight.size(2) == 1 && weight.size(3) == 1,
-                    "fcnfast: weight must be a 1x1 convolution weight (K, C, 1, 1), got ",
-                    shape_str(weight));
-  TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
-                    weight.size(1), ") must equal feature channels (", feature.size(1), ")");
-  TORCH_CHECK_VALUE(ref.size(0) == feature.size(0) && ref.size(1) == weight.size(0), "fcnfast: ",
-                    ref_name, " ", shape_str(ref), " must have batch ", feature.size(0), " and ",
-                    weight.size(0), " channels (weight.shape[0])");
-  const auto off = pair_arg(offset, "offset");
-  check_window(off[0], off[1], ref.size(2), ref.size(3), feature.size(2), feature.size(3),
-               "feature");
-  return {to_int(ref.size(0)), to_int(ref.size(1)), to_int(feature.size(1)), to_int(ref.size(2)),
-          to_int(ref.size(3)), to_int(feature.size(2)), to_int(feature.size(3)), to_int(off[0]),
-          to_int(off[1])};
+cuda::ScoreSkipShape score_skip_shape(const ScoreSkipWindow& w) {
+  return {to_int(w.batch), to_int(w.classes), to_int(w.channels), to_int(w.h), to_int(w.w),
+          to_int(w.fh), to_int(w.fw), to_int(w.oy), to_int(w.ox)};
 }
 
 at::Tensor score_skip_cuda(const at::Tensor& coarse, const at::Tensor& feature,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            double scale, at::IntArrayRef offset) {
-  const auto shape = check_score_skip(coarse, "coarse", feature, weight, offset);
+  check_cuda(coarse, "coarse");
+  const auto shape = score_skip_shape(check_score_skip(coarse, feature, weight, bias, offset));
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_like(coarse, "coarse", *bias, "bias", 1);
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "fcnfast: bias has ", bias->size(0),
-                      " elements, expected ", weight.size(0));
-  }
   c10::cuda::CUDAGuard guard(coarse.device());
   const auto c = coarse.contiguous();
   const auto f = feature.contiguous();
@@ -169,14 +126,13 @@ at::Tensor score_skip_cuda(const at::Tensor& coarse, const at::Tensor& feature,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
     const at::Tensor& grad, const at::Tensor& feature, const at::Tensor& weight, double scale,
     at::IntArrayRef offset, std::array<bool, 3> mask) {
-  const auto shape = check_score_skip(grad, "grad", feature, weight, offset);
+  check_cuda(grad, "grad");
+  const auto shape = score_skip_shape(check_score_skip_backward(grad, feature, weight, offset));
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   const auto f = feature.contiguous();
   const auto wt = weight.contiguous();
-  at::Tensor gf = mask[0] ? at::empty_like(f) : empty_grad(g);
-  at::Tensor gw = mask[1] ? at::empty_like(wt) : empty_grad(g);
-  at::Tensor gb = mask[2] ? at::empty({wt.size(0)}, g.options()) : empty_grad(g);
+  auto [gf, gw, gb] = masked_grads(f, wt, wt.size(0), mask);
   C10_CUDA_CHECK(cuda::score_skip_backward(
       dtype_of(g), g.const_data_ptr(), f.const_data_ptr(), wt.const_data_ptr(), scale,
       mask[0] ? gf.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,
@@ -189,67 +145,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
 // conv_transpose2d
 // ---------------------------------------------------------------------------
 
-// Validates x/weight and the geometry; returns the launcher shape with the crop.
-cuda::ConvTranspose2dShape conv_shape(const at::Tensor& x, const at::Tensor& weight,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef output_padding, int64_t groups,
-                                      at::IntArrayRef dilation, at::IntArrayRef crop) {
-  check_input(x, "x");
-  check_like(x, "x", weight, "weight", 4);
-  const auto st = pair_arg(stride, "stride");
-  const auto pad = pair_arg(padding, "padding");
-  const auto opad = pair_arg(output_padding, "output_padding");
-  const auto dil = pair_arg(dilation, "dilation");
-  TORCH_CHECK_VALUE(st[0] > 0 && st[1] > 0, "fcnfast: stride must be positive, got (", st[0],
-                    ", ", st[1], ")");
-  TORCH_CHECK_VALUE(dil[0] > 0 && dil[1] > 0, "fcnfast: dilation must be positive, got (",
-                    dil[0], ", ", dil[1], ")");
-  TORCH_CHECK_VALUE(pad[0] >= 0 && pad[1] >= 0 && opad[0] >= 0 && opad[1] >= 0,
-                    "fcnfast: padding and output_padding must be non-negative");
-  TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be positive, got ", groups);
-  TORCH_CHECK_VALUE(weight.size(0) == x.size(1), "fcnfast: weight.shape[0] (", weight.size(0),
-                    ") must equal the input channels x.shape[1] (", x.size(1), ")");
-  TORCH_CHECK_VALUE(x.size(1) % groups == 0, "fcnfast: groups (", groups,
-                    ") must divide the input channels (", x.size(1), ")");
-  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0,
-                    "fcnfast: weight kernel size must be positive, got ", shape_str(weight));
-  for (int a = 0; a < 2; ++a) {
-    TORCH_CHECK_VALUE(opad[a] < st[a] || opad[a] < dil[a], "fcnfast: output_padding (", opad[0],
-                      ", ", opad[1], ") must be smaller than stride or dilation");
-    check_int32(st[a], "stride");
-    check_int32(pad[a], "padding");
-    check_int32(dil[a], "dilation");
-  }
-  const int64_t full_h = conv_transpose_out_size(x.size(2), weight.size(2), st[0], pad[0],
-                                                 opad[0], dil[0]);
-  const int64_t full_w = conv_transpose_out_size(x.size(3), weight.size(3), st[1], pad[1],
-                                                 opad[1], dil[1]);
-  TORCH_CHECK_VALUE(full_h > 0 && full_w > 0, "fcnfast: conv_transpose2d output would be ",
-                    full_h, "x", full_w, " for input ", shape_str(x), ", weight ",
-                    shape_str(weight));
-  check_int32(full_h + pad[0] + dil[0] * weight.size(2), "full output height");
-  check_int32(full_w + pad[1] + dil[1] * weight.size(3), "full output width");
-  const Crop c = check_crop(crop, full_h, full_w);
-  const int64_t out_channels = weight.size(1) * groups;
-  check_index32_sizes({x.size(0), out_channels, c.height, c.width}, "output");
-  return {to_int(x.size(0)), to_int(x.size(1)), to_int(x.size(2)), to_int(x.size(3)),
-          to_int(out_channels), to_int(groups), to_int(weight.size(2)), to_int(weight.size(3)),
-          to_int(st[0]), to_int(st[1]), to_int(pad[0]), to_int(pad[1]), to_int(dil[0]),
-          to_int(dil[1]), to_int(c.top), to_int(c.left), to_int(c.height), to_int(c.width)};
+cuda::ConvTranspose2dShape conv_shape(const ConvTransposeArgs& a) {
+  const auto& g = a.g;
+  return {to_int(a.batch), to_int(g.in_channels), to_int(g.in_h), to_int(g.in_w),
+          to_int(g.out_channels), to_int(g.groups), to_int(g.kernel_h), to_int(g.kernel_w),
+          to_int(g.stride_h), to_int(g.stride_w), to_int(g.pad_h), to_int(g.pad_w),
+          to_int(g.dil_h), to_int(g.dil_w), to_int(g.crop_top), to_int(g.crop_left),
+          to_int(g.crop_h), to_int(g.crop_w)};
 }
 
 at::Tensor conv_transpose2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef output_padding,
                                  int64_t groups, at::IntArrayRef dilation, at::IntArrayRef crop) {
-  const auto s =
-      conv_shape(x, weight, stride, padding, output_padding, groups, dilation, crop);
+  check_cuda(x, "x");
+  const auto s = conv_shape(check_conv_transpose2d(x, weight, bias, stride, padding,
+                                                   output_padding, groups, dilation, crop));
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_like(x, "x", *bias, "bias", 1);
-    TORCH_CHECK_VALUE(bias->size(0) == s.out_channels, "fcnfast: bias has ", bias->size(0),
-                      " elements, expected the output channels ", s.out_channels);
-  }
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto wc = weight.contiguous();
@@ -266,20 +178,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
     at::IntArrayRef dilation, at::IntArrayRef crop, std::array<bool, 3> mask) {
-  const auto s =
-      conv_shape(x, weight, stride, padding, output_padding, groups, dilation, crop);
-  check_like(x, "x", grad, "grad", 4);
-  TORCH_CHECK_VALUE(grad.size(0) == x.size(0) && grad.size(1) == s.out_channels &&
-                        grad.size(2) == s.out_h && grad.size(3) == s.out_w,
-                    "fcnfast: grad ", shape_str(grad), " must have the output shape [", x.size(0),
-                    ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w, "]");
+  check_cuda(x, "x");
+  const auto s = conv_shape(check_conv_transpose2d_backward(grad, x, weight, stride, padding,
+                                                            output_padding, groups, dilation,
+                                                            crop));
   c10::cuda::CUDAGuard guard(x.device());
   const auto g = grad.contiguous();
   const auto xc = x.contiguous();
   const auto wc = weight.contiguous();
-  at::Tensor gx = mask[0] ? at::empty_like(xc) : empty_grad(xc);
-  at::Tensor gw = mask[1] ? at::empty_like(wc) : empty_grad(xc);
-  at::Tensor gb = mask[2] ? at::empty({s.out_channels}, xc.options()) : empty_grad(xc);
+  auto [gx, gw, gb] = masked_grads(xc, wc, s.out_channels, mask);
   C10_CUDA_CHECK(cuda::conv_transpose2d_backward(
       dtype_of(xc), g.const_data_ptr(), xc.const_data_ptr(), wc.const_data_ptr(),
       mask[0] ? gx.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,
@@ -291,29 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
 // bilinear_upsample2d, upsample_argmax, upsample_cross_entropy
 // ---------------------------------------------------------------------------
 
-cuda::UpsampleShape upsample_shape(int64_t n, int64_t channels, int64_t in_h, int64_t in_w,
-                                   int64_t scale, at::IntArrayRef crop) {
-  TORCH_CHECK_VALUE(scale > 0, "fcnfast: scale must be a positive int, got ", scale);
-  // bounded first, so (in_h + 1) * scale cannot overflow int64
-  check_int32(scale, "scale");
-  check_int32(in_h, "input height");
-  check_int32(in_w, "input width");
-  const int64_t full_h = (in_h + 1) * scale, full_w = (in_w + 1) * scale;
-  check_int32(full_h, "upsampled height");
-  check_int32(full_w, "upsampled width");
-  const Crop c = check_crop(crop, full_h, full_w);
-  return {to_int(n), to_int(channels), to_int(in_h), to_int(in_w), to_int(scale),
-          to_int(c.top), to_int(c.left), to_int(c.height), to_int(c.width)};
-}
-
-cuda::UpsampleShape upsample_shape(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
-  return upsample_shape(x.size(0), x.size(1), x.size(2), x.size(3), scale, crop);
+cuda::UpsampleShape upsample_shape(const UpsampleGeometry& u) {
+  return {to_int(u.batch), to_int(u.channels), to_int(u.in_h), to_int(u.in_w), to_int(u.scale),
+          to_int(u.crop.top), to_int(u.crop.left), to_int(u.crop.height), to_int(u.crop.width)};
 }
 
 at::Tensor bilinear_upsample2d_cuda(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
-  check_input(x, "x");
-  const auto s = upsample_shape(x, scale, crop);
-  check_index32_sizes({x.size(0), x.size(1), s.out_h, s.out_w}, "output");
+  check_cuda(x, "x");
+  const auto s = upsample_shape(check_bilinear_upsample2d(x, scale, crop));
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   auto out = at::empty({xc.size(0), xc.size(1), s.out_h, s.out_w}, xc.options());
@@ -325,13 +217,8 @@ at::Tensor bilinear_upsample2d_cuda(const at::Tensor& x, int64_t scale, at::IntA
 
 at::Tensor bilinear_upsample2d_backward_cuda(const at::Tensor& grad, int64_t in_h, int64_t in_w,
                                              int64_t scale, at::IntArrayRef crop) {
-  check_input(grad, "grad");
-  TORCH_CHECK_VALUE(in_h >= 0 && in_w >= 0, "fcnfast: input size must be non-negative, got ",
-                    in_h, "x", in_w);
-  const auto s = upsample_shape(grad.size(0), grad.size(1), in_h, in_w, scale, crop);
-  TORCH_CHECK_VALUE(grad.size(2) == s.out_h && grad.size(3) == s.out_w, "fcnfast: grad ",
-                    shape_str(grad), " must match the crop ", s.out_h, "x", s.out_w);
-  check_index32_sizes({grad.size(0), grad.size(1), in_h, in_w}, "grad_x");
+  check_cuda(grad, "grad");
+  const auto s = upsample_shape(check_bilinear_upsample2d_backward(grad, in_h, in_w, scale, crop));
   c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   auto out = at::empty({g.size(0), g.size(1), in_h, in_w}, g.options());
@@ -342,11 +229,8 @@ at::Tensor bilinear_upsample2d_backward_cuda(const at::Tensor& grad, int64_t in_
 }
 
 at::Tensor upsample_argmax_cuda(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
-  check_input(x, "x");
-  TORCH_CHECK_VALUE(x.size(1) > 0, "fcnfast: upsample_argmax needs at least one channel, got x ",
-                    shape_str(x));
-  const auto s = upsample_shape(x, scale, crop);
-  check_index32_sizes({x.size(0), s.out_h, s.out_w}, "labels");
+  check_cuda(x, "x");
+  const auto s = upsample_shape(check_upsample_argmax(x, scale, crop));
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   auto out = at::empty({xc.size(0), s.out_h, s.out_w}, xc.options().dtype(at::kLong));
@@ -361,38 +245,12 @@ struct CrossEntropyArgs {
   bool mean;
 };
 
-CrossEntropyArgs check_cross_entropy(const at::Tensor& x, const at::Tensor& target, int64_t scale,
-                                     at::IntArrayRef crop, int64_t ignore_index,
-                                     c10::string_view reduction) {
-  check_input(x, "x");
-  check_defined(target, "target");
-  check_dim(target, 3, "target");
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "fcnfast: target must be an int64 label map, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == x.device(), "fcnfast: x and target must be on the same "
-                    "device, got ", x.device(), " and ", target.device());
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
-                    "fcnfast: reduction must be 'mean' or 'sum', got '", std::string(reduction),
-                    "'");
-  TORCH_CHECK_VALUE(x.size(1) > 0, "fcnfast: upsample_cross_entropy needs at least one class, "
-                    "got x ", shape_str(x));
-  const auto s = upsample_shape(x, scale, crop);
-  TORCH_CHECK_VALUE(target.size(0) == x.size(0) && target.size(1) == s.out_h &&
-                        target.size(2) == s.out_w,
-                    "fcnfast: target shape ", shape_str(target), " must be (N, H, W) = [",
-                    x.size(0), ", ", s.out_h, ", ", s.out_w, "] of the upsampled crop");
-  check_index32(target.numel(), "target");
-  // Same contract as F.cross_entropy: every label is a class or ignore_index.
-  // (One small reduction and a host sync; an out-of-range label must not give
-  // a silently wrong loss.)
-  if (target.numel() > 0) {
-    const bool bad = ((target < 0) | (target >= x.size(1))).logical_and(target != ignore_index)
-                         .any()
-                         .item<bool>();
-    TORCH_CHECK_VALUE(!bad, "fcnfast: target has labels outside [0, ", x.size(1),
-                      ") that are not ignore_index (", ignore_index, ")");
-  }
-  return {s, reduction == "mean"};
+// The argument checks, then the label values (a reduction and a host sync: an
+// out-of-range label must not give a silently wrong loss).
+CrossEntropyArgs cross_entropy_args(const CrossEntropyGeometry& checked, const at::Tensor& x,
+                                    const at::Tensor& target, int64_t ignore_index) {
+  check_target_values(target, x.size(1), ignore_index);
+  return {upsample_shape(checked.u), checked.mean};
 }
 
 at::Tensor ce_workspace(const at::Tensor& x, const cuda::UpsampleShape& s) {
@@ -403,7 +261,9 @@ at::Tensor ce_workspace(const at::Tensor& x, const cuda::UpsampleShape& s) {
 at::Tensor upsample_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& target,
                                        int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
                                        c10::string_view reduction) {
-  const auto a = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
+  check_cuda(x, "x");
+  const auto a = cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction),
+                                    x, target, ignore_index);
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();
@@ -419,11 +279,10 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
                                                 const at::Tensor& target, int64_t scale,
                                                 at::IntArrayRef crop, int64_t ignore_index,
                                                 c10::string_view reduction) {
-  const auto a = check_cross_entropy(x, target, scale, crop, ignore_index, reduction);
-  check_defined(grad_loss, "grad_loss");
-  check_same(x, "x", grad_loss, "grad_loss");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "fcnfast: grad_loss must have one element, got ",
-                    shape_str(grad_loss));
+  check_cuda(x, "x");
+  const auto a = cross_entropy_args(
+      check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, reduction), x,
+      target, ignore_index);
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();

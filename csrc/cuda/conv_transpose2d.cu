@@ -172,17 +172,13 @@ cudaError_t conv_transpose2d_backward(DType dtype, const void* grad, const void*
                               s.kernel_h * s.kernel_w;
     if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
       const int group = reduction_group(static_cast<long long>(s.n) * s.in_h * s.in_w);
-      err = launch(conv_transpose2d_grad_weight_kernel<T>,
-          blocks_for((weights - 1) / (kBlock / group) + 1), stream, static_cast<const T*>(x), g,
+      err = launch(conv_transpose2d_grad_weight_kernel<T>, blocks_for_groups(weights, group),
+          stream, static_cast<const T*>(x), g,
           static_cast<T*>(grad_weight), s.n, group, s.in_channels, s.in_h, s.in_w,
           s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
           s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
     }
-    if (err == cudaSuccess && grad_bias != nullptr && s.out_channels > 0) {
-      err = launch(channel_sum_kernel<T>, blocks_for(s.out_channels), stream, g,
-                   static_cast<T*>(grad_bias), s.n, s.out_channels, s.out_h * s.out_w);
-    }
-    return err;
+    return launch_bias_grad(err, g, grad_bias, s.n, s.out_channels, s.out_h * s.out_w, stream);
   });
 }
 #endif  // __CUDACC_RTC__

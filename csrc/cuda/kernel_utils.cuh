@@ -178,6 +178,23 @@ inline int reduction_group(long long count) {
   return group;
 }
 
+// Blocks for `outputs` tiled reductions of `group` threads each (kBlock / group
+// outputs per block; outputs > 0): the grad_weight kernels.
+inline unsigned blocks_for_groups(long long outputs, int group) {
+  return blocks_for((outputs - 1) / (kBlock / group) + 1);
+}
+
+// grad_bias[c] = the sum of grad (outer, channels, size) over outer and size, when
+// asked for (grad_bias not null) and after no earlier error: the last step of the
+// backward launchers with a bias.
+template <typename T>
+cudaError_t launch_bias_grad(cudaError_t err, const T* grad, void* grad_bias, int outer,
+                             int channels, int size, cudaStream_t stream) {
+  if (err != cudaSuccess || grad_bias == nullptr || channels <= 0) return err;
+  return launch(channel_sum_kernel<T>, blocks_for(channels), stream, grad,
+                static_cast<T*>(grad_bias), outer, channels, size);
+}
+
 // Calls f(T{}) with T the kernel storage type of dtype.
 template <typename F>
 cudaError_t dispatch_dtype(int dtype, F&& f) {

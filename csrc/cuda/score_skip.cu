@@ -131,16 +131,11 @@ cudaError_t score_skip_backward(DType dtype, const void* grad, const void* featu
     const long long weights = static_cast<long long>(s.classes) * s.channels;
     if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
       const int group = reduction_group(static_cast<long long>(s.n) * s.h * s.w);
-      err = launch(score_skip_grad_weight_kernel<T>,
-          blocks_for((weights - 1) / (kBlock / group) + 1), stream,
+      err = launch(score_skip_grad_weight_kernel<T>, blocks_for_groups(weights, group), stream,
           g, static_cast<const T*>(feature), static_cast<Acc>(scale), static_cast<T*>(grad_weight),
           s.n, group, s.classes, s.channels, s.h, s.w, s.feature_h, s.feature_w, s.oy, s.ox);
     }
-    if (err == cudaSuccess && grad_bias != nullptr && s.classes > 0) {
-      err = launch(channel_sum_kernel<T>, blocks_for(s.classes), stream, g,
-                   static_cast<T*>(grad_bias), s.n, s.classes, s.h * s.w);
-    }
-    return err;
+    return launch_bias_grad(err, g, grad_bias, s.n, s.classes, s.h * s.w, stream);
   });
 }
 #endif  // __CUDACC_RTC__
