@@ -25,8 +25,10 @@ namespace cuda {
       int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, \
       int top, int left, int out_h, int out_w
 
-__device__ __forceinline__ ConvTranspose2dGeom make_geom(FCN_CONV_GEOM_PARAMS) {
-  ConvTranspose2dGeom g;
+// int geometry: the bindings refuse sizes past INT32_MAX / 2, so the index math
+// stays in 32 bits (no 64-bit division subroutine calls per element).
+__device__ __forceinline__ ConvTranspose2dGeomT<int> make_geom(FCN_CONV_GEOM_PARAMS) {
+  ConvTranspose2dGeomT<int> g;
   g.in_channels = in_channels;
   g.in_h = in_h;
   g.in_w = in_w;
@@ -57,7 +59,7 @@ __global__ void conv_transpose2d_kernel(const T* __restrict__ x, const T* __rest
                                         const T* __restrict__ bias, T* __restrict__ out,
                                         int total, FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
-  const ConvTranspose2dGeom g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
   const int in_image = in_channels * in_h * in_w;
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
@@ -78,7 +80,7 @@ __global__ void conv_transpose2d_grad_x_kernel(const T* __restrict__ grad,
                                                T* __restrict__ grad_x, int total,
                                                FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
-  const ConvTranspose2dGeom g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
   const int out_image = out_channels * out_h * out_w;
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
@@ -117,16 +119,16 @@ __global__ void conv_transpose2d_grad_weight_kernel(const T* __restrict__ x,
       r /= kernel_h;
       const int c_local = r % cout_g, ci = r / cout_g;
       const int co = (ci / cin_g) * cout_g + c_local;
-      int64_t iy0, iy1, ix0, ix1;
+      int iy0, iy1, ix0, ix1;
       conv_transpose_input_range(ky, stride_h, pad_h, dil_h, in_h, top, out_h, &iy0, &iy1);
       conv_transpose_input_range(kx, stride_w, pad_w, dil_w, in_w, left, out_w, &ix0, &ix1);
-      const int rows = static_cast<int>(iy1 - iy0), cols = static_cast<int>(ix1 - ix0);
+      const int rows = iy1 - iy0, cols = ix1 - ix0;
       const int per_image = rows * cols, count = n_images * per_image;
       // crop-relative output position of input (iy, ix) through this tap
       const int dy = ky * dil_h - pad_h - top, dx = kx * dil_w - pad_w - left;
       for (int j = lane; j < count; j += group) {
         const int n = j / per_image, p = j - n * per_image;
-        const int iy = static_cast<int>(iy0) + p / cols, ix = static_cast<int>(ix0) + p % cols;
+        const int iy = iy0 + p / cols, ix = ix0 + p % cols;
         acc += to_acc(x[(n * in_channels + ci) * in_plane + iy * in_w + ix]) *
                to_acc(grad[(n * out_channels + co) * out_plane + (iy * stride_h + dy) * out_w +
                            ix * stride_w + dx]);

@@ -121,15 +121,15 @@ __global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restr
     const int iy = r1 % in_h, r2 = r1 / in_h;
     const int c = r2 % channels, n = r2 / channels;
     const T* plane = x + (n * channels + c) * in_plane;
-    int64_t y0, y1, x0, x1;
+    int y0, y1, x0, x1;
     bilinear_band(iy, scale, top, out_h, &y0, &y1);
     bilinear_band(jx, scale, left, out_w, &x0, &x1);
     Acc acc = Acc(0);
     bool any = false;
-    for (int y = static_cast<int>(y0); y < y1; ++y) {
+    for (int y = y0; y < y1; ++y) {
       const int prow = (n * out_h + y) * out_w;
       Acc row = Acc(0);
-      for (int xo = static_cast<int>(x0); xo < x1; ++xo) {
+      for (int xo = x0; xo < x1; ++xo) {
         const int64_t t = target[prow + xo];
         if (t == ignore_index) continue;
         const Acc z = round_to<T>(
