@@ -25,9 +25,10 @@
 //
 // Torch-free; FCN_HD functions compile for host and device. Index math is in
 // the index type I of the caller (int64_t on the CPU, int on the GPU; see
-// floor_div in geometry.h).
+// fast_div.h).
 #pragma once
 
+#include "fast_div.h"
 #include "geometry.h"
 
 #if !defined(__CUDACC_RTC__) && !defined(__CUDA_ARCH__)
@@ -66,16 +67,21 @@ FCN_HD T bilinear_tap_weight(I t, I scale) {
 }
 
 // Taps of output position `y` of an axis whose input has `in_size` positions.
-template <typename T, typename I>
-FCN_HD BilinearTaps<T, I> bilinear_taps(I y, I scale, I in_size) {
-  const I q = y / scale, r = y % scale;
+// `scale` divides y: a PlainDiv / FastDiv (fast_div.h), or an integer.
+template <typename T, typename I, typename Div>
+FCN_HD BilinearTaps<T, I> bilinear_taps(I y, const Div& scale, I in_size) {
+  const I s = scale.d, q = scale.div(y), r = y - q * s;
   BilinearTaps<T, I> taps;
   taps.lo = q - 1;
-  taps.w_lo = bilinear_tap_weight<T>(r + scale, scale);
-  taps.w_hi = bilinear_tap_weight<T>(r, scale);
+  taps.w_lo = bilinear_tap_weight<T>(r + s, s);
+  taps.w_hi = bilinear_tap_weight<T>(r, s);
   taps.has_lo = q - 1 >= 0 && q - 1 < in_size;
   taps.has_hi = q < in_size;
   return taps;
+}
+template <typename T, typename I>
+FCN_HD BilinearTaps<T, I> bilinear_taps(I y, I scale, I in_size) {
+  return bilinear_taps<T>(y, PlainDiv<I>{scale}, in_size);
 }
 
 // Horizontal pass of one input row at output column X: the documented h(row).
@@ -90,8 +96,8 @@ FCN_HD Acc bilinear_row_value(const T* row, const BilinearTaps<Acc, I>& tx) {
 // Value of one output pixel (Y, X in full-output coordinates) of one channel
 // plane `x` (in_h x in_w, row-major), accumulated in Acc, in the documented
 // order (horizontal, then vertical).
-template <typename T, typename Acc, typename I>
-FCN_HD Acc bilinear_pixel(const T* x, I in_h, I in_w, I scale, I Y, I X) {
+template <typename T, typename Acc, typename I, typename Scale>
+FCN_HD Acc bilinear_pixel(const T* x, I in_h, I in_w, const Scale& scale, I Y, I X) {
   const BilinearTaps<Acc, I> ty = bilinear_taps<Acc>(Y, scale, in_h);
   const BilinearTaps<Acc, I> tx = bilinear_taps<Acc>(X, scale, in_w);
   const Acc h_lo = ty.has_lo ? bilinear_row_value<T, Acc>(x + ty.lo * in_w, tx) : Acc(0);

@@ -25,22 +25,6 @@ FCN_HD int64_t conv_transpose_out_size(int64_t in, int64_t kernel, int64_t strid
   return (in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1;
 }
 
-// Floor division and non-negative modulo for possibly negative numerators.
-// Templated on the index type I: the CPU kernels index with int64_t, the CUDA
-// kernels with int (their bindings refuse sizes past INT32_MAX / 2, so every
-// intermediate fits), which keeps 64-bit divisions -- a subroutine call on the
-// GPU -- out of the per-element index math.
-template <typename I>
-FCN_HD I floor_div(I a, I b) {
-  I q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-template <typename I>
-FCN_HD I pos_mod(I a, I b) {
-  I r = a % b;
-  return r < 0 ? r + b : r;
-}
-
 // Phase decomposition of a transposed convolution along one axis.
 //
 // Output position `y` (index into the full output) receives input position
