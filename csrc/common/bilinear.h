@@ -23,9 +23,12 @@
 // where a missing tap is a missing term (a CPU kernel may instead read a zero:
 // fma(0, w, p) == p and fma(v, w, 0 * w') == v * w, bitwise, for finite w).
 //
-// Torch-free; FCN_HD functions compile for host and device.
+// Torch-free; FCN_HD functions compile for host and device. Index math is in
+// the index type I of the caller (int64_t on the CPU, int on the GPU; see
+// fast_div.h).
 #pragma once
 
+#include "fast_div.h"
 #include "geometry.h"
 
 #if !defined(__CUDACC_RTC__) && !defined(__CUDA_ARCH__)
@@ -48,9 +51,9 @@ FCN_HD T bl_fma(T a, T b, T c) {
 }
 
 // The two input taps feeding output position `y` (full-output coordinate).
-template <typename T>
+template <typename T, typename I = int64_t>
 struct BilinearTaps {
-  int64_t lo;   // input index of the lower tap (= hi - 1); may be -1
+  I lo;         // input index of the lower tap (= hi - 1); may be -1
   T w_lo;       // weight of input `lo`
   T w_hi;       // weight of input `lo + 1`
   bool has_lo;  // 0 <= lo < in_size
@@ -58,27 +61,32 @@ struct BilinearTaps {
 };
 
 // Caffe weight of tap t (0 <= t < 2*scale) of the kernel-2*scale bilinear filter.
-template <typename T>
-FCN_HD T bilinear_tap_weight(int64_t t, int64_t scale) {
-  return caffe_bilinear_1d<T>(t, 2 * scale);
+template <typename T, typename I>
+FCN_HD T bilinear_tap_weight(I t, I scale) {
+  return caffe_bilinear_1d<T>(t, I(2) * scale);
 }
 
 // Taps of output position `y` of an axis whose input has `in_size` positions.
-template <typename T>
-FCN_HD BilinearTaps<T> bilinear_taps(int64_t y, int64_t scale, int64_t in_size) {
-  const int64_t q = y / scale, r = y % scale;
-  BilinearTaps<T> taps;
+// `scale` divides y: a PlainDiv / FastDiv (fast_div.h), or an integer.
+template <typename T, typename I, typename Div>
+FCN_HD BilinearTaps<T, I> bilinear_taps(I y, const Div& scale, I in_size) {
+  const I s = scale.d, q = scale.div(y), r = y - q * s;
+  BilinearTaps<T, I> taps;
   taps.lo = q - 1;
-  taps.w_lo = bilinear_tap_weight<T>(r + scale, scale);
-  taps.w_hi = bilinear_tap_weight<T>(r, scale);
+  taps.w_lo = bilinear_tap_weight<T>(r + s, s);
+  taps.w_hi = bilinear_tap_weight<T>(r, s);
   taps.has_lo = q - 1 >= 0 && q - 1 < in_size;
   taps.has_hi = q < in_size;
   return taps;
 }
+template <typename T, typename I>
+FCN_HD BilinearTaps<T, I> bilinear_taps(I y, I scale, I in_size) {
+  return bilinear_taps<T>(y, PlainDiv<I>{scale}, in_size);
+}
 
 // Horizontal pass of one input row at output column X: the documented h(row).
-template <typename T, typename Acc>
-FCN_HD Acc bilinear_row_value(const T* row, const BilinearTaps<Acc>& tx) {
+template <typename T, typename Acc, typename I>
+FCN_HD Acc bilinear_row_value(const T* row, const BilinearTaps<Acc, I>& tx) {
   if (tx.has_lo && tx.has_hi) return bl_fma(Acc(row[tx.lo]), tx.w_lo, Acc(row[tx.lo + 1]) * tx.w_hi);
   if (tx.has_lo) return Acc(row[tx.lo]) * tx.w_lo;
   if (tx.has_hi) return Acc(row[tx.lo + 1]) * tx.w_hi;
@@ -88,11 +96,10 @@ FCN_HD Acc bilinear_row_value(const T* row, const BilinearTaps<Acc>& tx) {
 // Value of one output pixel (Y, X in full-output coordinates) of one channel
 // plane `x` (in_h x in_w, row-major), accumulated in Acc, in the documented
 // order (horizontal, then vertical).
-template <typename T, typename Acc>
-FCN_HD Acc bilinear_pixel(const T* x, int64_t in_h, int64_t in_w, int64_t scale, int64_t Y,
-                          int64_t X) {
-  const BilinearTaps<Acc> ty = bilinear_taps<Acc>(Y, scale, in_h);
-  const BilinearTaps<Acc> tx = bilinear_taps<Acc>(X, scale, in_w);
+template <typename T, typename Acc, typename I, typename Scale>
+FCN_HD Acc bilinear_pixel(const T* x, I in_h, I in_w, const Scale& scale, I Y, I X) {
+  const BilinearTaps<Acc, I> ty = bilinear_taps<Acc>(Y, scale, in_h);
+  const BilinearTaps<Acc, I> tx = bilinear_taps<Acc>(X, scale, in_w);
   const Acc h_lo = ty.has_lo ? bilinear_row_value<T, Acc>(x + ty.lo * in_w, tx) : Acc(0);
   const Acc h_hi = ty.has_hi ? bilinear_row_value<T, Acc>(x + (ty.lo + 1) * in_w, tx) : Acc(0);
   if (ty.has_lo && ty.has_hi) return bl_fma(h_lo, ty.w_lo, h_hi * ty.w_hi);
@@ -105,9 +112,9 @@ FCN_HD Acc bilinear_pixel(const T* x, int64_t in_h, int64_t in_w, int64_t scale,
 // kept window [crop_start, crop_start + crop_len), as crop-relative indices
 // [*begin, *end) (empty when *begin >= *end). Input i feeds full positions
 // [i*s, i*s + 2s).
-FCN_HD void bilinear_band(int64_t i, int64_t scale, int64_t crop_start, int64_t crop_len,
-                          int64_t* begin, int64_t* end) {
-  int64_t b = i * scale - crop_start, e = b + 2 * scale;
+template <typename I>
+FCN_HD void bilinear_band(I i, I scale, I crop_start, I crop_len, I* begin, I* end) {
+  I b = i * scale - crop_start, e = b + I(2) * scale;
   *begin = b < 0 ? 0 : b;
   *end = e > crop_len ? crop_len : e;
 }
@@ -116,16 +123,16 @@ FCN_HD void bilinear_band(int64_t i, int64_t scale, int64_t crop_start, int64_t 
 // gradient plane `grad` (crop_h x crop_w, row-major) of the crop at
 // (top, left): a gather over its (2s)x(2s) window, in the documented order
 // (vertical over the band rows, then horizontal over the band columns).
-template <typename T, typename Acc>
-FCN_HD Acc bilinear_grad_pixel(const T* grad, int64_t crop_h, int64_t crop_w, int64_t top,
-                               int64_t left, int64_t scale, int64_t i, int64_t j) {
-  int64_t y0, y1, x0, x1;
+template <typename T, typename Acc, typename I>
+FCN_HD Acc bilinear_grad_pixel(const T* grad, I crop_h, I crop_w, I top, I left, I scale, I i,
+                               I j) {
+  I y0, y1, x0, x1;
   bilinear_band(i, scale, top, crop_h, &y0, &y1);
   bilinear_band(j, scale, left, crop_w, &x0, &x1);
   Acc out = Acc(0);
-  for (int64_t x = x0; x < x1; ++x) {
+  for (I x = x0; x < x1; ++x) {
     Acc g = Acc(0);
-    for (int64_t y = y0; y < y1; ++y) {
+    for (I y = y0; y < y1; ++y) {
       g = bl_fma(bilinear_tap_weight<Acc>(top + y - i * scale, scale), Acc(grad[y * crop_w + x]), g);
     }
     out = bl_fma(bilinear_tap_weight<Acc>(left + x - j * scale, scale), g, out);

@@ -23,61 +23,120 @@
 // accumulates in Acc (float for float/bfloat16/half inputs, double for double).
 #pragma once
 
+#include "fast_div.h"
 #include "geometry.h"
 
 namespace fcnfast {
 
 // Geometry of one conv_transpose2d call. out_channels is the total
 // (weight.size(1) * groups). crop_* is the kept window of the full output.
-struct ConvTranspose2dGeom {
-  int64_t in_channels, in_h, in_w;
-  int64_t out_channels, groups;
-  int64_t kernel_h, kernel_w;
-  int64_t stride_h, stride_w;
-  int64_t pad_h, pad_w;
-  int64_t dil_h, dil_w;
-  int64_t crop_top, crop_left, crop_h, crop_w;
+// I is the index type: int64_t on the CPU, int in the CUDA kernels (see
+// fast_div.h); every function below computes in I.
+template <typename I>
+struct ConvTranspose2dGeomT {
+  I in_channels, in_h, in_w;
+  I out_channels, groups;
+  I kernel_h, kernel_w;
+  I stride_h, stride_w;
+  I pad_h, pad_w;
+  I dil_h, dil_w;
+  I crop_top, crop_left, crop_h, crop_w;
 };
+using ConvTranspose2dGeom = ConvTranspose2dGeomT<int64_t>;
 
-FCN_HD int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }  // b > 0
-
-FCN_HD int64_t gcd64(int64_t a, int64_t b) {
+template <typename I>
+FCN_HD I gcd_of(I a, I b) {
   while (b != 0) {
-    int64_t t = a % b;
+    I t = a % b;
     a = b;
     b = t;
   }
   return a;
 }
 
+// One axis of the geometry with everything a pixel needs precomputed: the
+// per-call constants of the phase rule and the divisors (Div: PlainDiv on the
+// CPU, FastDiv on the GPU; fast_div.h). Built once per call (CPU) or per block
+// (GPU) by make_conv_plan, never per pixel.
+template <typename I, typename Div>
+struct TapAxis {
+  I kernel, padding, in;     // the geometry of this axis (stride, dilation: by_stride.d, ...)
+  I crop_start, crop_len;    // the kept window of the full output
+  I dil_mod;                 // dilation % stride
+  Div by_stride, by_dilation;
+  Div by_k_step, by_i_step;  // stride / g, dilation / g, g = gcd(stride, dilation)
+};
+
+// The per-call plan of the pixel functions: both axes and the channel groups.
+template <typename I, typename Div>
+struct ConvTranspose2dPlan {
+  TapAxis<I, Div> h, w;
+  I cin_g, cout_g;  // input and output channels per group
+  Div by_cin_g, by_cout_g;
+};
+
+template <typename I, typename MakeDiv>
+FCN_HD auto make_tap_axis(I kernel, I stride, I padding, I dilation, I in, I crop_start,
+                          I crop_len, MakeDiv make_div) -> TapAxis<I, decltype(make_div(I(1)))> {
+  const I g = gcd_of(stride, dilation);
+  return {kernel,           padding,
+          in,               crop_start,
+          crop_len,         dilation % stride,
+          make_div(stride), make_div(dilation),
+          make_div(stride / g), make_div(dilation / g)};
+}
+
+template <typename I, typename MakeDiv>
+FCN_HD auto make_conv_plan(const ConvTranspose2dGeomT<I>& g, MakeDiv make_div)
+    -> ConvTranspose2dPlan<I, decltype(make_div(I(1)))> {
+  const I cin_g = g.in_channels / g.groups, cout_g = g.out_channels / g.groups;
+  return {make_tap_axis(g.kernel_h, g.stride_h, g.pad_h, g.dil_h, g.in_h, g.crop_top, g.crop_h,
+                        make_div),
+          make_tap_axis(g.kernel_w, g.stride_w, g.pad_w, g.dil_w, g.in_w, g.crop_left, g.crop_w,
+                        make_div),
+          cin_g, cout_g, make_div(cin_g > 0 ? cin_g : I(1)), make_div(cout_g > 0 ? cout_g : I(1))};
+}
+
+// The CPU's plan: plain division in int64_t.
+FCN_HD ConvTranspose2dPlan<int64_t, PlainDiv<int64_t>> make_conv_plan(
+    const ConvTranspose2dGeom& g) {
+  return make_conv_plan(g, MakePlainDiv());
+}
+
 // The taps that reach one full-output position along one axis:
 //   k = k_first + j * k_step (kernel index), i = i_first - j * i_step (input
 //   index), for j in [0, count). count == 0: no tap lands there.
+template <typename I>
 struct TapRange {
-  int64_t k_first, k_step, i_first, i_step, count;
+  I k_first, k_step, i_first, i_step, count;
 };
 
-FCN_HD TapRange conv_transpose_tap_range(int64_t y, int64_t kernel, int64_t stride,
-                                         int64_t padding, int64_t dilation, int64_t in) {
-  const int64_t g = gcd64(stride, dilation);
-  TapRange r{0, stride / g, 0, dilation / g, 0};
-  const int64_t a = y + padding;
-  // The first tap is among k = 0 .. stride/g - 1 (the residues of k*dilation
-  // modulo stride repeat with period stride/g).
-  int64_t k0 = -1;
-  for (int64_t k = 0; k < r.k_step && k < kernel; ++k) {
-    if (pos_mod(a - k * dilation, stride) == 0) {
+template <typename I, typename Div>
+FCN_HD TapRange<I> conv_transpose_tap_range(const TapAxis<I, Div>& ax, I y) {
+  const I stride = ax.by_stride.d, k_step = ax.by_k_step.d;
+  TapRange<I> r{0, k_step, 0, ax.by_i_step.d, 0};
+  const I a = y + ax.padding;  // >= 0
+  const I qa = ax.by_stride.div(a), ra = a - qa * stride;
+  // The first tap k0: k0 * dilation == a (mod stride), among k = 0 .. stride/g - 1
+  // (the residues of k*dilation modulo stride repeat with period stride/g);
+  // kd = k * dilation % stride, stepped without dividing.
+  const I k_end = k_step < ax.kernel ? k_step : ax.kernel;
+  I k0 = -1;
+  for (I k = 0, kd = 0; k < k_end; ++k) {
+    if (kd == ra) {
       k0 = k;
       break;
     }
+    kd += ax.dil_mod;
+    if (kd >= stride) kd -= stride;
   }
   if (k0 < 0) return r;
-  const int64_t i0 = floor_div(a - k0 * dilation, stride);  // exact division
+  // a - k0*dilation is a multiple of stride; k0*dilation - ra >= 0 is one too
+  const I i0 = qa - ax.by_stride.div(k0 * ax.by_dilation.d - ra);
   // j must keep k < kernel and 0 <= i0 - j*i_step < in.
-  int64_t j_lo = ceil_div(i0 - in + 1, r.i_step);
-  if (j_lo < 0) j_lo = 0;
-  int64_t j_hi = ceil_div(kernel - k0, r.k_step);
-  const int64_t j_in = i0 >= 0 ? i0 / r.i_step + 1 : 0;
+  const I j_lo = i0 - ax.in + 1 > 0 ? ceil_div_by(i0 - ax.in + 1, ax.by_i_step) : I(0);
+  I j_hi = ceil_div_by(ax.kernel - k0, ax.by_k_step);
+  const I j_in = i0 >= 0 ? ax.by_i_step.div(i0) + 1 : I(0);
   if (j_in < j_hi) j_hi = j_in;
   if (j_hi <= j_lo) return r;
   r.k_first = k0 + j_lo * r.k_step;
@@ -89,28 +148,26 @@ FCN_HD TapRange conv_transpose_tap_range(int64_t y, int64_t kernel, int64_t stri
 // Input positions i (half-open [*lo, *hi)) whose tap k lands inside the kept
 // window [crop_start, crop_start + crop_len) of the full output along one axis:
 // y = i * stride - padding + k * dilation.
-FCN_HD void conv_transpose_input_range(int64_t k, int64_t stride, int64_t padding,
-                                       int64_t dilation, int64_t in, int64_t crop_start,
-                                       int64_t crop_len, int64_t* lo, int64_t* hi) {
-  const int64_t base = padding - k * dilation;
-  int64_t a = ceil_div(crop_start + base, stride);
-  int64_t b = floor_div(crop_start + crop_len - 1 + base, stride) + 1;
+template <typename I, typename Div>
+FCN_HD void conv_transpose_input_range(const TapAxis<I, Div>& ax, I k, I* lo, I* hi) {
+  const I base = ax.padding - k * ax.by_dilation.d;
+  I a = ceil_div_by(ax.crop_start + base, ax.by_stride);
+  I b = floor_div_by(ax.crop_start + ax.crop_len - 1 + base, ax.by_stride) + 1;
   if (a < 0) a = 0;
-  if (b > in) b = in;
+  if (b > ax.in) b = ax.in;
   *lo = a;
   *hi = b > a ? b : a;
 }
 
 // Kernel taps k (half-open [*lo, *hi)) through which input position i reaches
 // the kept window of the full output along one axis.
-FCN_HD void conv_transpose_kernel_range(int64_t i, int64_t kernel, int64_t stride,
-                                        int64_t padding, int64_t dilation, int64_t crop_start,
-                                        int64_t crop_len, int64_t* lo, int64_t* hi) {
-  const int64_t base = i * stride - padding;  // y = base + k * dilation
-  int64_t a = ceil_div(crop_start - base, dilation);
-  int64_t b = floor_div(crop_start + crop_len - 1 - base, dilation) + 1;
+template <typename I, typename Div>
+FCN_HD void conv_transpose_kernel_range(const TapAxis<I, Div>& ax, I i, I* lo, I* hi) {
+  const I base = i * ax.by_stride.d - ax.padding;  // y = base + k * dilation
+  I a = ceil_div_by(ax.crop_start - base, ax.by_dilation);
+  I b = floor_div_by(ax.crop_start + ax.crop_len - 1 - base, ax.by_dilation) + 1;
   if (a < 0) a = 0;
-  if (b > kernel) b = kernel;
+  if (b > ax.kernel) b = ax.kernel;
   *lo = a;
   *hi = b > a ? b : a;
 }
@@ -118,25 +175,24 @@ FCN_HD void conv_transpose_kernel_range(int64_t i, int64_t kernel, int64_t strid
 // Forward: out[n, co, y - crop_top, x - crop_left] without the bias, where
 // (y, x) is a full-output position. x_n = x[n] (in_channels, in_h, in_w),
 // w = weight. Sum order: input channel, then kernel row, then kernel column.
-template <typename T, typename Acc>
-FCN_HD Acc conv_transpose2d_output_pixel(const ConvTranspose2dGeom& g, const T* x_n, const T* w,
-                                         int64_t co, int64_t y, int64_t x) {
-  const TapRange ty =
-      conv_transpose_tap_range(y, g.kernel_h, g.stride_h, g.pad_h, g.dil_h, g.in_h);
-  const TapRange tx =
-      conv_transpose_tap_range(x, g.kernel_w, g.stride_w, g.pad_w, g.dil_w, g.in_w);
+template <typename T, typename Acc, typename I, typename Div>
+FCN_HD Acc conv_transpose2d_output_pixel(const ConvTranspose2dGeomT<I>& g,
+                                         const ConvTranspose2dPlan<I, Div>& plan, const T* x_n,
+                                         const T* w, I co, I y, I x) {
+  const TapRange<I> ty = conv_transpose_tap_range(plan.h, y);
+  const TapRange<I> tx = conv_transpose_tap_range(plan.w, x);
   Acc acc = Acc(0);
   if (ty.count == 0 || tx.count == 0) return acc;
-  const int64_t cout_g = g.out_channels / g.groups, cin_g = g.in_channels / g.groups;
-  const int64_t group = co / cout_g, c_local = co % cout_g;
-  const int64_t khw = g.kernel_h * g.kernel_w;
-  for (int64_t ci = group * cin_g; ci < (group + 1) * cin_g; ++ci) {
+  const I cout_g = plan.cout_g, cin_g = plan.cin_g;
+  const I group = plan.by_cout_g.div(co), c_local = co - group * cout_g;
+  const I khw = g.kernel_h * g.kernel_w;
+  for (I ci = group * cin_g; ci < (group + 1) * cin_g; ++ci) {
     const T* xc = x_n + ci * g.in_h * g.in_w;
     const T* wc = w + (ci * cout_g + c_local) * khw;
-    for (int64_t jy = 0; jy < ty.count; ++jy) {
-      const int64_t ky = ty.k_first + jy * ty.k_step, iy = ty.i_first - jy * ty.i_step;
-      for (int64_t jx = 0; jx < tx.count; ++jx) {
-        const int64_t kx = tx.k_first + jx * tx.k_step, ix = tx.i_first - jx * tx.i_step;
+    for (I jy = 0; jy < ty.count; ++jy) {
+      const I ky = ty.k_first + jy * ty.k_step, iy = ty.i_first - jy * ty.i_step;
+      for (I jx = 0; jx < tx.count; ++jx) {
+        const I kx = tx.k_first + jx * tx.k_step, ix = tx.i_first - jx * tx.i_step;
         acc += Acc(xc[iy * g.in_w + ix]) * Acc(wc[ky * g.kernel_w + kx]);
       }
     }
@@ -148,26 +204,25 @@ FCN_HD Acc conv_transpose2d_output_pixel(const ConvTranspose2dGeom& g, const T* 
 // crop_h, crop_w): the gradient of the cropped output (zero outside the crop).
 // A strided correlation of grad with the weight. Sum order: output channel,
 // kernel row, kernel column.
-template <typename T, typename Acc>
-FCN_HD Acc conv_transpose2d_grad_input_pixel(const ConvTranspose2dGeom& g, const T* grad_n,
-                                             const T* w, int64_t ci, int64_t iy, int64_t ix) {
-  int64_t ky0, ky1, kx0, kx1;
-  conv_transpose_kernel_range(iy, g.kernel_h, g.stride_h, g.pad_h, g.dil_h, g.crop_top, g.crop_h,
-                              &ky0, &ky1);
-  conv_transpose_kernel_range(ix, g.kernel_w, g.stride_w, g.pad_w, g.dil_w, g.crop_left,
-                              g.crop_w, &kx0, &kx1);
+template <typename T, typename Acc, typename I, typename Div>
+FCN_HD Acc conv_transpose2d_grad_input_pixel(const ConvTranspose2dGeomT<I>& g,
+                                             const ConvTranspose2dPlan<I, Div>& plan,
+                                             const T* grad_n, const T* w, I ci, I iy, I ix) {
+  I ky0, ky1, kx0, kx1;
+  conv_transpose_kernel_range(plan.h, iy, &ky0, &ky1);
+  conv_transpose_kernel_range(plan.w, ix, &kx0, &kx1);
   Acc acc = Acc(0);
-  const int64_t cout_g = g.out_channels / g.groups, cin_g = g.in_channels / g.groups;
-  const int64_t group = ci / cin_g;
-  const int64_t khw = g.kernel_h * g.kernel_w;
-  const int64_t y0 = iy * g.stride_h - g.pad_h - g.crop_top;
-  const int64_t x0 = ix * g.stride_w - g.pad_w - g.crop_left;
-  for (int64_t c = 0; c < cout_g; ++c) {
+  const I cout_g = plan.cout_g;
+  const I group = plan.by_cin_g.div(ci);
+  const I khw = g.kernel_h * g.kernel_w;
+  const I y0 = iy * g.stride_h - g.pad_h - g.crop_top;
+  const I x0 = ix * g.stride_w - g.pad_w - g.crop_left;
+  for (I c = 0; c < cout_g; ++c) {
     const T* gc = grad_n + (group * cout_g + c) * g.crop_h * g.crop_w;
     const T* wc = w + (ci * cout_g + c) * khw;
-    for (int64_t ky = ky0; ky < ky1; ++ky) {
+    for (I ky = ky0; ky < ky1; ++ky) {
       const T* grow = gc + (y0 + ky * g.dil_h) * g.crop_w + x0;
-      for (int64_t kx = kx0; kx < kx1; ++kx)
+      for (I kx = kx0; kx < kx1; ++kx)
         acc += Acc(grow[kx * g.dil_w]) * Acc(wc[ky * g.kernel_w + kx]);
     }
   }
@@ -178,26 +233,25 @@ FCN_HD Acc conv_transpose2d_grad_input_pixel(const ConvTranspose2dGeom& g, const
 // grad_weight[ci, c_local, ky, kx]: sum over the input positions whose tap
 // (ky, kx) lands in the crop of x_n[ci, iy, ix] * grad_n[co, y, x]. Callers
 // sum the images in a fixed order. Sum order: input row, input column.
-template <typename T, typename Acc>
-FCN_HD Acc conv_transpose2d_grad_weight_image(const ConvTranspose2dGeom& g, const T* x_n,
-                                              const T* grad_n, int64_t ci, int64_t c_local,
-                                              int64_t ky, int64_t kx) {
-  int64_t iy0, iy1, ix0, ix1;
-  conv_transpose_input_range(ky, g.stride_h, g.pad_h, g.dil_h, g.in_h, g.crop_top, g.crop_h, &iy0,
-                             &iy1);
-  conv_transpose_input_range(kx, g.stride_w, g.pad_w, g.dil_w, g.in_w, g.crop_left, g.crop_w,
-                             &ix0, &ix1);
-  const int64_t cout_g = g.out_channels / g.groups, cin_g = g.in_channels / g.groups;
-  const int64_t co = (ci / cin_g) * cout_g + c_local;
+template <typename T, typename Acc, typename I, typename Div>
+FCN_HD Acc conv_transpose2d_grad_weight_image(const ConvTranspose2dGeomT<I>& g,
+                                              const ConvTranspose2dPlan<I, Div>& plan,
+                                              const T* x_n, const T* grad_n, I ci, I c_local,
+                                              I ky, I kx) {
+  I iy0, iy1, ix0, ix1;
+  conv_transpose_input_range(plan.h, ky, &iy0, &iy1);
+  conv_transpose_input_range(plan.w, kx, &ix0, &ix1);
+  const I cout_g = plan.cout_g;
+  const I co = plan.by_cin_g.div(ci) * cout_g + c_local;
   const T* xc = x_n + ci * g.in_h * g.in_w;
   const T* gc = grad_n + co * g.crop_h * g.crop_w;
-  const int64_t dy = ky * g.dil_h - g.pad_h - g.crop_top;
-  const int64_t dx = kx * g.dil_w - g.pad_w - g.crop_left;
+  const I dy = ky * g.dil_h - g.pad_h - g.crop_top;
+  const I dx = kx * g.dil_w - g.pad_w - g.crop_left;
   Acc acc = Acc(0);
-  for (int64_t iy = iy0; iy < iy1; ++iy) {
+  for (I iy = iy0; iy < iy1; ++iy) {
     const T* xrow = xc + iy * g.in_w;
     const T* grow = gc + (iy * g.stride_h + dy) * g.crop_w + dx;
-    for (int64_t ix = ix0; ix < ix1; ++ix)
+    for (I ix = ix0; ix < ix1; ++ix)
       acc += Acc(xrow[ix]) * Acc(grow[ix * g.stride_w]);
   }
   return acc;

@@ -25,22 +25,12 @@ FCN_HD int64_t conv_transpose_out_size(int64_t in, int64_t kernel, int64_t strid
   return (in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1;
 }
 
-// Floor division and non-negative modulo for possibly negative numerators.
-FCN_HD int64_t floor_div(int64_t a, int64_t b) {
-  int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-FCN_HD int64_t pos_mod(int64_t a, int64_t b) {
-  int64_t r = a % b;
-  return r < 0 ? r + b : r;
-}
-
 // Caffe's bilinear upsampling filter (FCN "upscore" initialisation), 1-D factor.
 // f = ceil(k/2), c = f-1 (k odd) or f-0.5 (k even), w(i) = 1 - |i - c| / f.
 // The 2-D filter is the outer product w(i) * w(j).
-template <typename T>
-FCN_HD T caffe_bilinear_1d(int64_t i, int64_t kernel) {
-  int64_t f = (kernel + 1) / 2;
+template <typename T, typename I>
+FCN_HD T caffe_bilinear_1d(I i, I kernel) {
+  I f = (kernel + 1) / 2;
   T c = (kernel % 2 == 1) ? T(f - 1) : T(f) - T(0.5);
   T d = T(i) - c;
   if (d < T(0)) d = -d;

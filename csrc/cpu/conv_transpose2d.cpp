@@ -470,6 +470,7 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
                     const scalar_t* bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
+  const auto plan = make_conv_plan(g);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -484,7 +485,7 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
       scalar_t* orow = op + r * g.crop_w;
       for (int64_t xo = 0; xo < g.crop_w; ++xo)
         orow[xo] = static_cast<scalar_t>(
-            conv_transpose2d_output_pixel<scalar_t, acc_t>(g, x_n, wp, co, y + g.crop_top,
+            conv_transpose2d_output_pixel<scalar_t, acc_t>(g, plan, x_n, wp, co, y + g.crop_top,
                                                            xo + g.crop_left) +
             bv);
     }
@@ -496,6 +497,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
                      const at::Tensor& weight, at::Tensor* grad_x, at::Tensor* grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
+  const auto plan = make_conv_plan(g);
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
@@ -510,8 +512,8 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
                       n = nc / g.in_channels;
         for (int64_t ix = 0; ix < g.in_w; ++ix)
           gx[r * g.in_w + ix] = static_cast<scalar_t>(
-              conv_transpose2d_grad_input_pixel<scalar_t, acc_t>(g, gp + n * g_img, wp, ci, iy,
-                                                                 ix));
+              conv_transpose2d_grad_input_pixel<scalar_t, acc_t>(g, plan, gp + n * g_img, wp, ci,
+                                                                 iy, ix));
       }
     });
   }
@@ -526,7 +528,7 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
         const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);
         acc_t acc = acc_t(0);
         for (int64_t n = 0; n < a.batch; ++n)
-          acc += conv_transpose2d_grad_weight_image<scalar_t, acc_t>(g, xp + n * x_img,
+          acc += conv_transpose2d_grad_weight_image<scalar_t, acc_t>(g, plan, xp + n * x_img,
                                                                      gp + n * g_img, ci, cl, ky, kx);
         gw[i] = static_cast<scalar_t>(acc);
       }

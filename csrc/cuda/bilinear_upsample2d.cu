@@ -19,12 +19,13 @@ __global__ void bilinear_upsample2d_kernel(const T* __restrict__ x, T* __restric
                                            int in_h, int in_w, int scale, int top, int left,
                                            int out_h, int out_w) {
   typedef typename AccOf<T>::type Acc;
+  const FastDivs<3>& f = block_fast_divs({out_w, out_h, scale});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int ox = idx % out_w, r1 = idx / out_w;
-    const int oy = r1 % out_h, plane = r1 / out_h;
-    out[idx] = from_acc<T>(bilinear_pixel<T, Acc>(x + plane * in_h * in_w, in_h, in_w, scale,
-                                                  top + oy, left + ox));
+    int oxy[2];
+    const int plane = split_index(f, 2, idx, oxy);
+    out[idx] = from_acc<T>(bilinear_pixel<T, Acc>(x + plane * in_h * in_w, in_h, in_w, f.d[2],
+                                                  top + oxy[1], left + oxy[0]));
   }
 }
 
@@ -34,10 +35,12 @@ __global__ void bilinear_upsample2d_backward_kernel(const T* __restrict__ grad,
                                                     int in_w, int scale, int top, int left,
                                                     int out_h, int out_w) {
   typedef typename AccOf<T>::type Acc;
+  const FastDivs<2>& f = block_fast_divs({in_w, in_h});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int jx = idx % in_w, r1 = idx / in_w;
-    const int iy = r1 % in_h, plane = r1 / in_h;
+    int jxy[2];
+    const int plane = split_index(f, 2, idx, jxy);
+    const int jx = jxy[0], iy = jxy[1];
     grad_x[idx] = from_acc<T>(bilinear_grad_pixel<T, Acc>(grad + plane * out_h * out_w, out_h,
                                                           out_w, top, left, scale, iy, jx));
   }

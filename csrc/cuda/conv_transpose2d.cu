@@ -25,8 +25,10 @@ namespace cuda {
       int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, \
       int top, int left, int out_h, int out_w
 
-__device__ __forceinline__ ConvTranspose2dGeom make_geom(FCN_CONV_GEOM_PARAMS) {
-  ConvTranspose2dGeom g;
+// int geometry: the bindings refuse sizes past INT32_MAX / 2, so the index math
+// stays in 32 bits (no 64-bit division subroutine calls per element).
+__device__ __forceinline__ ConvTranspose2dGeomT<int> make_geom(FCN_CONV_GEOM_PARAMS) {
+  ConvTranspose2dGeomT<int> g;
   g.in_channels = in_channels;
   g.in_h = in_h;
   g.in_w = in_w;
@@ -51,21 +53,30 @@ __device__ __forceinline__ ConvTranspose2dGeom make_geom(FCN_CONV_GEOM_PARAMS) {
   in_channels, in_h, in_w, out_channels, groups, kernel_h, kernel_w, stride_h, stride_w,   \
       pad_h, pad_w, dil_h, dil_w, top, left, out_h, out_w
 
+// The pixel functions' plan with FastDivs (fast_div.h), built once per block.
+__device__ __forceinline__ const ConvTranspose2dPlan<int, FastDiv>& block_conv_plan(
+    const ConvTranspose2dGeomT<int>& g) {
+  return block_constant<ConvTranspose2dPlan<int, FastDiv>>(
+      [&] { return make_conv_plan(g, MakeFastDiv()); });
+}
+
 // One thread per kept output element (n, co, oy, ox).
 template <typename T>
 __global__ void conv_transpose2d_kernel(const T* __restrict__ x, const T* __restrict__ weight,
                                         const T* __restrict__ bias, T* __restrict__ out,
                                         int total, FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
-  const ConvTranspose2dGeom g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dPlan<int, FastDiv>& plan = block_conv_plan(g);
+  const FastDivs<3>& f = block_fast_divs({out_w, out_h, out_channels});
   const int in_image = in_channels * in_h * in_w;
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int ox = idx % out_w, r1 = idx / out_w;
-    const int oy = r1 % out_h, r2 = r1 / out_h;
-    const int co = r2 % out_channels, n = r2 / out_channels;
-    Acc acc = conv_transpose2d_output_pixel<T, Acc>(g, x + n * in_image, weight, co, top + oy,
-                                                    left + ox);
+    int xyc[3];
+    const int n = split_index(f, 3, idx, xyc);
+    const int co = xyc[2];
+    Acc acc = conv_transpose2d_output_pixel<T, Acc>(g, plan, x + n * in_image, weight, co,
+                                                    top + xyc[1], left + xyc[0]);
     if (bias != nullptr) acc += to_acc(bias[co]);
     out[idx] = from_acc<T>(acc);
   }
@@ -78,15 +89,16 @@ __global__ void conv_transpose2d_grad_x_kernel(const T* __restrict__ grad,
                                                T* __restrict__ grad_x, int total,
                                                FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
-  const ConvTranspose2dGeom g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dPlan<int, FastDiv>& plan = block_conv_plan(g);
+  const FastDivs<3>& f = block_fast_divs({in_w, in_h, in_channels});
   const int out_image = out_channels * out_h * out_w;
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int ix = idx % in_w, r1 = idx / in_w;
-    const int iy = r1 % in_h, r2 = r1 / in_h;
-    const int ci = r2 % in_channels, n = r2 / in_channels;
-    grad_x[idx] = from_acc<T>(
-        conv_transpose2d_grad_input_pixel<T, Acc>(g, grad + n * out_image, weight, ci, iy, ix));
+    int xyc[3];
+    const int n = split_index(f, 3, idx, xyc);
+    grad_x[idx] = from_acc<T>(conv_transpose2d_grad_input_pixel<T, Acc>(
+        g, plan, grad + n * out_image, weight, xyc[2], xyc[1], xyc[0]));
   }
 }
 
@@ -101,8 +113,11 @@ __global__ void conv_transpose2d_grad_weight_kernel(const T* __restrict__ x,
                                                     T* __restrict__ grad_weight, int n_images,
                                                     int group, FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
-  const int cout_g = out_channels / groups, cin_g = in_channels / groups;
+  const int cout_g = out_channels / groups;
   const int in_plane = in_h * in_w, out_plane = out_h * out_w;
+  const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
+  const ConvTranspose2dPlan<int, FastDiv>& plan = block_conv_plan(g);
+  const FastDivs<3>& f = block_fast_divs({kernel_w, kernel_h, cout_g});
   const unsigned weights = static_cast<unsigned>(in_channels * cout_g * kernel_h * kernel_w);
   const unsigned per_block = kBlock / group;
   const int lane = static_cast<int>(threadIdx.x) & (group - 1);
@@ -110,23 +125,20 @@ __global__ void conv_transpose2d_grad_weight_kernel(const T* __restrict__ x,
     const unsigned e = tile * per_block + threadIdx.x / group;
     Acc acc = Acc(0);
     if (e < weights) {
-      int r = static_cast<int>(e);
-      const int kx = r % kernel_w;
-      r /= kernel_w;
-      const int ky = r % kernel_h;
-      r /= kernel_h;
-      const int c_local = r % cout_g, ci = r / cout_g;
-      const int co = (ci / cin_g) * cout_g + c_local;
-      int64_t iy0, iy1, ix0, ix1;
-      conv_transpose_input_range(ky, stride_h, pad_h, dil_h, in_h, top, out_h, &iy0, &iy1);
-      conv_transpose_input_range(kx, stride_w, pad_w, dil_w, in_w, left, out_w, &ix0, &ix1);
-      const int rows = static_cast<int>(iy1 - iy0), cols = static_cast<int>(ix1 - ix0);
+      int xyc[3];
+      const int ci = split_index(f, 3, static_cast<int>(e), xyc);
+      const int kx = xyc[0], ky = xyc[1], c_local = xyc[2];
+      const int co = plan.by_cin_g.div(ci) * cout_g + c_local;
+      int iy0, iy1, ix0, ix1;
+      conv_transpose_input_range(plan.h, ky, &iy0, &iy1);
+      conv_transpose_input_range(plan.w, kx, &ix0, &ix1);
+      const int rows = iy1 - iy0, cols = ix1 - ix0;
       const int per_image = rows * cols, count = n_images * per_image;
       // crop-relative output position of input (iy, ix) through this tap
       const int dy = ky * dil_h - pad_h - top, dx = kx * dil_w - pad_w - left;
       for (int j = lane; j < count; j += group) {
         const int n = j / per_image, p = j - n * per_image;
-        const int iy = static_cast<int>(iy0) + p / cols, ix = static_cast<int>(ix0) + p % cols;
+        const int iy = iy0 + p / cols, ix = ix0 + p % cols;
         acc += to_acc(x[(n * in_channels + ci) * in_plane + iy * in_w + ix]) *
                to_acc(grad[(n * out_channels + co) * out_plane + (iy * stride_h + dy) * out_w +
                            ix * stride_w + dx]);

@@ -33,6 +33,7 @@ typedef int int32_t;
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/fast_div.h"
 #include "common/geometry.h"
 
 namespace fcnfast {
@@ -74,6 +75,46 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
 template <typename T>
 __device__ __forceinline__ typename AccOf<T>::type round_to(typename AccOf<T>::type v) {
   return to_acc(from_acc<T>(v));
+}
+
+// A per-launch constant that is costly to compute (FastDivs: fast_div.h),
+// computed by thread 0 once per block and read by every thread from shared
+// memory. Every thread of the block must call it (it has a barrier). One
+// shared slot per (V, Make) type: two calls in one kernel need two Make types.
+template <typename V, typename Make>
+__device__ __forceinline__ const V& block_constant(const Make& make) {
+  __shared__ V value;
+  if (threadIdx.x == 0) value = make();
+  __syncthreads();
+  return value;
+}
+
+// FastDivs of a launch's fixed divisors (tensor extents, a scale), built once per
+// block: block_fast_divs({out_w, out_h, scale}).d[k]. One call per kernel.
+template <int N>
+struct FastDivs {
+  FastDiv d[N];
+};
+
+template <int N>
+__device__ __forceinline__ const FastDivs<N>& block_fast_divs(const int (&divisors)[N]) {
+  return block_constant<FastDivs<N>>([&] {
+    FastDivs<N> f;
+    for (int k = 0; k < N; ++k) f.d[k] = MakeFastDiv()(divisors[k]);
+    return f;
+  });
+}
+
+// A flat index over the extents f.d[0] (innermost) .. f.d[n - 1]: coord[k] for
+// k < n; returns what is left (the outer index).
+template <int N>
+__device__ __forceinline__ int split_index(const FastDivs<N>& f, int n, int idx, int* coord) {
+  for (int k = 0; k < n; ++k) {
+    const int q = f.d[k].div(idx);
+    coord[k] = idx - q * f.d[k].d;
+    idx = q;
+  }
+  return idx;
 }
 
 // Deterministic sums over groups of `group` consecutive threads (group a power

@@ -23,11 +23,12 @@ __global__ void score_skip_kernel(const T* __restrict__ coarse, const T* __restr
                                   int feature_w, int oy, int ox) {
   typedef typename AccOf<T>::type Acc;
   const int fplane = feature_h * feature_w;
+  const FastDivs<3>& f = block_fast_divs({w, h, classes});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int x = idx % w, r1 = idx / w;
-    const int y = r1 % h, r2 = r1 / h;
-    const int k = r2 % classes, n = r2 / classes;
+    int xyk[3];
+    const int n = split_index(f, 3, idx, xyk);
+    const int x = xyk[0], y = xyk[1], k = xyk[2];
     const T* f = feature + n * channels * fplane + (y + oy) * feature_w + x + ox;
     const T* wk = weight + k * channels;
     Acc acc = Acc(0);
@@ -47,11 +48,12 @@ __global__ void score_skip_grad_feature_kernel(const T* __restrict__ grad,
                                                int classes, int channels, int h, int w,
                                                int feature_h, int feature_w, int oy, int ox) {
   typedef typename AccOf<T>::type Acc;
+  const FastDivs<3>& f = block_fast_divs({feature_w, feature_h, channels});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int fx = idx % feature_w, r1 = idx / feature_w;
-    const int fy = r1 % feature_h, r2 = r1 / feature_h;
-    const int c = r2 % channels, n = r2 / channels;
+    int xyc[3];
+    const int n = split_index(f, 3, idx, xyc);
+    const int fx = xyc[0], fy = xyc[1], c = xyc[2];
     const int y = fy - oy, x = fx - ox;
     Acc acc = Acc(0);
     if (y >= 0 && y < h && x >= 0 && x < w) {

@@ -13,10 +13,12 @@ template <typename T>
 __global__ void skip_add_crop_kernel(const T* __restrict__ coarse, const T* __restrict__ skip,
                                      T* __restrict__ out, int total, int h, int w, int skip_h,
                                      int skip_w, int oy, int ox) {
+  const FastDivs<2>& f = block_fast_divs({w, h});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int x = idx % w, row = idx / w;
-    const int y = row % h, plane = row / h;
+    int xy[2];
+    const int plane = split_index(f, 2, idx, xy);
+    const int x = xy[0], y = xy[1];
     const T s = skip[(plane * skip_h + y + oy) * skip_w + x + ox];
     out[idx] = from_acc<T>(to_acc(coarse[idx]) + to_acc(s));
   }
@@ -26,10 +28,12 @@ template <typename T>
 __global__ void skip_add_crop_backward_kernel(const T* __restrict__ grad, T* __restrict__ grad_skip,
                                               int total, int h, int w, int skip_h, int skip_w,
                                               int oy, int ox) {
+  const FastDivs<2>& f = block_fast_divs({skip_w, skip_h});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int sx = idx % skip_w, row = idx / skip_w;
-    const int sy = row % skip_h, plane = row / skip_h;
+    int sxy[2];
+    const int plane = split_index(f, 2, idx, sxy);
+    const int sx = sxy[0], sy = sxy[1];
     const int y = sy - oy, x = sx - ox;
     grad_skip[idx] = (y >= 0 && y < h && x >= 0 && x < w) ? grad[(plane * h + y) * w + x] : from_acc<T>(typename AccOf<T>::type(0));
   }

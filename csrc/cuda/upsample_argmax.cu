@@ -19,16 +19,18 @@ __global__ void upsample_argmax_kernel(const T* __restrict__ x, int64_t* __restr
                                        int top, int left, int out_h, int out_w) {
   typedef typename AccOf<T>::type Acc;
   const int in_plane = in_h * in_w;
+  const FastDivs<3>& f = block_fast_divs({out_w, out_h, scale});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int ox = idx % out_w, r1 = idx / out_w;
-    const int oy = r1 % out_h, n = r1 / out_h;
+    int oxy[2];
+    const int n = split_index(f, 2, idx, oxy);
+    const int ox = oxy[0], oy = oxy[1];
     const T* xn = x + n * channels * in_plane;
     int best = 0;
     Acc best_v = Acc(0);
     for (int c = 0; c < channels; ++c) {
       const Acc v = round_to<T>(
-          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
+          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, f.d[2], top + oy, left + ox));
       if (c == 0 || (v > best_v && best_v == best_v) || (v != v && best_v == best_v)) {
         best = c;
         best_v = v;

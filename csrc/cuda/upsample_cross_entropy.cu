@@ -40,10 +40,12 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
   const int in_plane = in_h * in_w;
   Acc loss_sum = Acc(0);
   int count = 0;
+  const FastDivs<3>& f = block_fast_divs({out_w, out_h, scale});
   FCN_GRID_STRIDE(i, pixels) {
     const int idx = static_cast<int>(i);
-    const int ox = idx % out_w, r1 = idx / out_w;
-    const int oy = r1 % out_h, n = r1 / out_h;
+    int oxy[2];
+    const int n = split_index(f, 2, idx, oxy);
+    const int ox = oxy[0], oy = oxy[1];
     const int64_t t = target[idx];
     if (t == ignore_index) {
       if (lse_out != nullptr) lse_out[idx] = Acc(0);
@@ -54,7 +56,7 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
     Acc m = Acc(0), sum = Acc(0), z_target = Acc(0) / Acc(0);  // NaN unless t is a class
     for (int c = 0; c < channels; ++c) {
       const Acc z = round_to<T>(
-          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, scale, top + oy, left + ox));
+          bilinear_pixel<T, Acc>(xn + c * in_plane, in_h, in_w, f.d[2], top + oy, left + ox));
       if (c == 0) {
         m = z;
         sum = Acc(1);
@@ -115,25 +117,26 @@ __global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restr
   typedef typename AccOf<T>::type Acc;
   const int in_plane = in_h * in_w;
   const Acc k = coef[0];
+  const FastDivs<4>& f = block_fast_divs({in_w, in_h, channels, scale});
   FCN_GRID_STRIDE(i, total) {
     const int idx = static_cast<int>(i);
-    const int jx = idx % in_w, r1 = idx / in_w;
-    const int iy = r1 % in_h, r2 = r1 / in_h;
-    const int c = r2 % channels, n = r2 / channels;
+    int jyc[3];
+    const int n = split_index(f, 3, idx, jyc);
+    const int jx = jyc[0], iy = jyc[1], c = jyc[2];
     const T* plane = x + (n * channels + c) * in_plane;
-    int64_t y0, y1, x0, x1;
+    int y0, y1, x0, x1;
     bilinear_band(iy, scale, top, out_h, &y0, &y1);
     bilinear_band(jx, scale, left, out_w, &x0, &x1);
     Acc acc = Acc(0);
     bool any = false;
-    for (int y = static_cast<int>(y0); y < y1; ++y) {
+    for (int y = y0; y < y1; ++y) {
       const int prow = (n * out_h + y) * out_w;
       Acc row = Acc(0);
-      for (int xo = static_cast<int>(x0); xo < x1; ++xo) {
+      for (int xo = x0; xo < x1; ++xo) {
         const int64_t t = target[prow + xo];
         if (t == ignore_index) continue;
         const Acc z = round_to<T>(
-            bilinear_pixel<T, Acc>(plane, in_h, in_w, scale, top + y, left + xo));
+            bilinear_pixel<T, Acc>(plane, in_h, in_w, f.d[3], top + y, left + xo));
         const Acc d = exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
         row += bilinear_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
         any = true;
