@@ -394,9 +394,8 @@ def upsample_argmax(x, scale, crop):
                          extra=(c,), out_dtype=torch.int64)
 
 
-def _ce_dims(x, target, ignore_index, scale, crop):
-    """After the argument checks: the label values (as the bindings' check_target_values)."""
-    geo.check_target_values(target, x.shape[1], ignore_index)
+def _ce_dims(x, scale, crop):
+    """After the argument checks: the pixel count and the kernels' geometry arguments."""
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(h, w, scale, crop)
     return n * oh * ow, dims
@@ -415,7 +414,9 @@ def _ce_workspace(x, pixels):
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
     _check_cuda(x, "x")
     crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-    pixels, dims = _ce_dims(x, target, ignore_index, scale, crop)
+    # the label values (one host sync, as the bindings): an out-of-range label is a ValueError
+    geo.check_target_values(target, x.shape[1], ignore_index)
+    pixels, dims = _ce_dims(x, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
     with _device(x):
         x, target = x.contiguous(), target.contiguous()
@@ -436,7 +437,8 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
     _check_cuda(x, "x")
     crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
                                                      ignore_index, reduction)
-    pixels, dims = _ce_dims(x, target, ignore_index, scale, crop)
+    # no label-value check here (a second sync per step): bad labels give NaN gradients
+    pixels, dims = _ce_dims(x, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
     with _device(x):
         x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()

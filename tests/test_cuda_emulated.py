@@ -222,10 +222,10 @@ class Launchers:
     def _ce(self, x, target, scale, crop, ignore_index, reduction, grad_loss=None):
         if grad_loss is None:
             crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
+            geo.check_target_values(target, x.shape[1], ignore_index)  # the forward only
         else:
             crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
                                                              ignore_index, reduction)
-        geo.check_target_values(target, x.shape[1], ignore_index)
         n, c, h, w = x.shape
         _, _, s = self._up_shape(n, c, h, w, scale, crop)
         ws = torch.empty((self.lib.fcn_emu_ce_workspace_bytes(s) + 7) // 8, dtype=torch.float64)
@@ -410,6 +410,28 @@ def _planted_race_sum(lib, values):
     rc = lib.fcn_emu_planted_tail_sum(_p(values), _p(out), ctypes.c_uint(values.shape[0]))
     assert rc == 0
     return out
+
+
+@pytest.mark.parametrize("path", ["launchers", "cupy"])
+def test_cross_entropy_backward_marks_bad_labels_nan(emulator, cpu_cupy, monkeypatch, path):
+    """The CUDA backward skips the host check of the label values (a device sync; the forward
+    of the same step did it): a label that is neither a class nor ignore_index gives NaN
+    gradients to exactly the inputs that pixel reads, never a finite wrong value."""
+    impls = Launchers(emulator) if path == "launchers" else cupy_path(emulator, monkeypatch)
+    x = torch.randn(1, 3, 4, 4)
+    target = torch.zeros(1, 20, 20, dtype=torch.int64)
+    target[0, 5, 7] = 3  # 3 classes: out of range
+    with pytest.raises(ValueError, match="target value 3 is out of bounds"):
+        impls["upsample_cross_entropy"](x, target, 4, [0, 0, 20, 20], 255, "mean")
+    grad = impls["upsample_cross_entropy_backward"](torch.tensor(1.0), x, target, 4,
+                                                     [0, 0, 20, 20], 255, "mean")
+    near = torch.zeros_like(grad, dtype=torch.bool)
+    near[..., 0:2, 0:2] = True  # full-output pixel (5, 7) at scale 4 reads inputs 0..1 x 0..1
+    assert grad[near].isnan().all()
+    assert grad[~near].isfinite().all()
+    target[0, 5, 7] = 1  # a valid label: finite everywhere
+    assert impls["upsample_cross_entropy_backward"](torch.tensor(1.0), x, target, 4,
+                                                    [0, 0, 20, 20], 255, "mean").isfinite().all()
 
 
 def test_planted_race_is_caught_by_every_order_but_ascending(emulator):

@@ -245,11 +245,7 @@ struct CrossEntropyArgs {
   bool mean;
 };
 
-// The argument checks, then the label values (a reduction and a host sync: an
-// out-of-range label must not give a silently wrong loss).
-CrossEntropyArgs cross_entropy_args(const CrossEntropyGeometry& checked, const at::Tensor& x,
-                                    const at::Tensor& target, int64_t ignore_index) {
-  check_target_values(target, x.size(1), ignore_index);
+CrossEntropyArgs cross_entropy_args(const CrossEntropyGeometry& checked) {
   return {upsample_shape(checked.u), checked.mean};
 }
 
@@ -262,8 +258,10 @@ at::Tensor upsample_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& ta
                                        int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
                                        c10::string_view reduction) {
   check_cuda(x, "x");
-  const auto a = cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction),
-                                    x, target, ignore_index);
+  const auto a = cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction));
+  // the label values: a reduction and one host sync per training step, so that an
+  // out-of-range label is the same ValueError as on every backend, not a NaN loss
+  check_target_values(target, x.size(1), ignore_index);
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();
@@ -280,9 +278,10 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
                                                 at::IntArrayRef crop, int64_t ignore_index,
                                                 c10::string_view reduction) {
   check_cuda(x, "x");
+  // no label-value check (a second host sync per step): the forward checked these labels,
+  // and a bad one gives NaN gradients here (upsample_cross_entropy.cu), never wrong ones
   const auto a = cross_entropy_args(
-      check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, reduction), x,
-      target, ignore_index);
+      check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, reduction));
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();

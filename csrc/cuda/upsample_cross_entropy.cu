@@ -137,7 +137,11 @@ __global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restr
         if (t == ignore_index) continue;
         const Acc z = round_to<T>(
             bilinear_pixel<T, Acc>(plane, in_h, in_w, f.d[3], top + y, left + xo));
-        const Acc d = exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
+        // a label that is neither a class nor ignore_index makes its terms NaN: the
+        // backward does not check the labels on the host (the forward did; a host
+        // check is a device sync), so a direct call cannot give a silently wrong gradient
+        const Acc d = (t < 0 || t >= channels) ? Acc(0) / Acc(0)
+                                                : exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
         row += bilinear_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
         any = true;
       }
