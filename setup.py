@@ -13,6 +13,7 @@ Environment switches (printed at build time):
 Build against the installed torch with ``pip install --no-build-isolation .``: an isolated build
 could compile against a different torch than the one that loads the extension.
 """
+
 import glob
 import os
 import platform
@@ -48,7 +49,8 @@ def want_cuda(torch, cuda_home):
         if not available:
             raise RuntimeError(
                 "FCNFAST_CUDA=1 but no CUDA toolchain (CUDA_HOME=%r) or the installed torch is a "
-                "CPU build (torch.version.cuda=%r)" % (cuda_home, torch.version.cuda))
+                "CPU build (torch.version.cuda=%r)" % (cuda_home, torch.version.cuda)
+            )
         return True
     return available
 
@@ -83,8 +85,10 @@ def sanitize_flags():
         return [], [], ""
     unknown = sorted(set(sanitize.split(",")) - set(SANITIZERS))
     if unknown:
-        raise RuntimeError("FCNFAST_SANITIZE=%s: unknown sanitizer(s) %s (choose from %s)"
-                           % (sanitize, ", ".join(unknown), ", ".join(SANITIZERS)))
+        raise RuntimeError(
+            "FCNFAST_SANITIZE=%s: unknown sanitizer(s) %s (choose from %s)"
+            % (sanitize, ", ".join(unknown), ", ".join(SANITIZERS))
+        )
     # -O1: the optimisation level ASan documents for readable reports (the later -O wins).
     # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which defines signed overflow and so
     # silently disables UBSan's signed-integer-overflow check -- exactly the 32-bit index
@@ -109,16 +113,20 @@ def make_extensions():
     ]
     if sanitize:
         define.append(("FCNFAST_SANITIZE", '"%s"' % sanitize))
-    sources = rel([os.path.join(HERE, "csrc", "bindings.cpp")]
-                  + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    sources = rel(
+        [os.path.join(HERE, "csrc", "bindings.cpp")]
+        + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))
+    )
     cxx = cpu_flags() + san_cflags
     extra_compile_args = {"cxx": cxx}
     extra_link_args = ["-fopenmp"] + san_ldflags
     ext_cls = CppExtension
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
-                       + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        sources += rel(
+            glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+            + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))
+        )
         define.append(("FCNFAST_WITH_CUDA", None))
         # The .cu files are torch-free C++17 (the same standard NVRTC compiles them with for
         # the CuPy backend, and what .ci/cuda_compile_check uses); bindings_cuda.cpp is host
@@ -127,18 +135,28 @@ def make_extensions():
         nvcc += ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]
         extra_compile_args["nvcc"] = nvcc
         ext_cls = CUDAExtension
-    print("fcnfast build: version=%s torch=%s cuda=%s arch_list=%s cxx=%s sanitize=%s max_jobs=%s"
-          % (version, torch.__version__, with_cuda,
-             os.environ.get("TORCH_CUDA_ARCH_LIST", "-") if with_cuda else "-",
-             " ".join(cxx), sanitize or "-", os.environ.get("MAX_JOBS", "auto")))
-    return [ext_cls(
-        name="fcnfast._C",
-        sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        define_macros=define,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=extra_link_args,
-    )]
+    print(
+        "fcnfast build: version=%s torch=%s cuda=%s arch_list=%s cxx=%s sanitize=%s max_jobs=%s"
+        % (
+            version,
+            torch.__version__,
+            with_cuda,
+            os.environ.get("TORCH_CUDA_ARCH_LIST", "-") if with_cuda else "-",
+            " ".join(cxx),
+            sanitize or "-",
+            os.environ.get("MAX_JOBS", "auto"),
+        )
+    )
+    return [
+        ext_cls(
+            name="fcnfast._C",
+            sources=sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=define,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    ]
 
 
 # The CuPy backend (fcnfast/_cupy.py) compiles csrc/cuda/*.cu at run time, so wheels ship those
@@ -153,14 +171,19 @@ class BuildPyWithCudaSources(build_py):
             return
         for pattern in CUDA_SOURCE_GLOBS:
             for src in glob.glob(os.path.join(HERE, "csrc", pattern)):
-                dst = os.path.join(self.build_lib, "fcnfast", "_csrc",
-                                   os.path.relpath(src, os.path.join(HERE, "csrc")))
+                dst = os.path.join(
+                    self.build_lib,
+                    "fcnfast",
+                    "_csrc",
+                    os.path.relpath(src, os.path.join(HERE, "csrc")),
+                )
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copyfile(src, dst)
 
 
 def build_ext_cls():
     from torch.utils.cpp_extension import BuildExtension
+
     return BuildExtension.with_options(use_ninja=True)
 
 

@@ -8,6 +8,7 @@ spills registers or uses local memory (a stack frame or lmem): on the GPU that i
 traffic in the inner loops; or when a kernel's PTX divides 64-bit integers (div/rem .s64/.u64:
 a ~70-instruction subroutine call each on the GPU; the kernels index in 32 bits).
 """
+
 import os
 import re
 import subprocess
@@ -25,8 +26,9 @@ DTYPES = {"float": "f32", "double": "f64", "__half": "f16", "__nv_bfloat16": "bf
 
 def demangle(names):
     try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                             check=True).stdout.splitlines()
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         return dict(zip(names, out))
     except (OSError, subprocess.CalledProcessError):
         return {n: n for n in names}
@@ -38,15 +40,20 @@ def parse(path):
         for line in f:
             m = ENTRY.search(line)
             if m:
-                cur = {"file": os.path.basename(path).removesuffix(".log"), "mangled": m.group(1),
-                       "arch": m.group(2), "smem": 0, "lmem": 0}
+                cur = {
+                    "file": os.path.basename(path).removesuffix(".log"),
+                    "mangled": m.group(1),
+                    "arch": m.group(2),
+                    "smem": 0,
+                    "lmem": 0,
+                }
                 rows.append(cur)
                 continue
             if cur is None:
                 continue
-            if (m := FRAME.search(line)):
+            if m := FRAME.search(line):
                 cur["stack"], cur["spill_st"], cur["spill_ld"] = map(int, m.groups())
-            if (m := USED.search(line)):
+            if m := USED.search(line):
                 cur["regs"] = int(m.group(1))
                 cur["smem"] = int(SMEM.search(line).group(1)) if SMEM.search(line) else 0
                 cur["lmem"] = int(LMEM.search(line).group(1)) if LMEM.search(line) else 0
@@ -79,10 +86,17 @@ def main(out, logs, ptx=()):
     for r in rows:
         full = names[r["mangled"]]  # void fcnfast::cuda::k<float>(...)
         m = re.search(r"fcnfast::cuda::(\w+)<([\w ]+)>", full)
-        r["kernel"], r["dtype"] = (m.group(1), DTYPES.get(m.group(2), m.group(2))) if m else (full, "")
+        r["kernel"], r["dtype"] = (
+            (m.group(1), DTYPES.get(m.group(2), m.group(2))) if m else (full, "")
+        )
         r["div64"] = div64.get(r["mangled"], 0) if div64 else None
-        if (r.get("spill_st", 0) or r.get("spill_ld", 0) or r["lmem"] or r.get("stack", 0)
-                or r["div64"]):
+        if (
+            r.get("spill_st", 0)
+            or r.get("spill_ld", 0)
+            or r["lmem"]
+            or r.get("stack", 0)
+            or r["div64"]
+        ):
             bad.append(r)
     rows.sort(key=lambda r: (r["file"], r["kernel"], r["dtype"], r["arch"]))
     lines = [
@@ -98,24 +112,55 @@ def main(out, logs, ptx=()):
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| %s | %s | %s | %s | %d | %d | %d | %d/%d | %d | %s |" % (
-            r["file"], r["kernel"], r["dtype"], r["arch"], r.get("regs", 0), r["smem"],
-            r.get("stack", 0), r.get("spill_st", 0), r.get("spill_ld", 0), r["lmem"],
-            "-" if r["div64"] is None else r["div64"]))
-    lines += ["", "%d kernel instantiations; max registers %d; spills, local memory or 64-bit "
-              "divisions: %s" % (
-        len(rows), max(r.get("regs", 0) for r in rows),
-        "none" if not bad else ", ".join("%s<%s> %s" % (r["kernel"], r["dtype"], r["arch"])
-                                         for r in bad)), ""]
+        lines.append(
+            "| %s | %s | %s | %s | %d | %d | %d | %d/%d | %d | %s |"
+            % (
+                r["file"],
+                r["kernel"],
+                r["dtype"],
+                r["arch"],
+                r.get("regs", 0),
+                r["smem"],
+                r.get("stack", 0),
+                r.get("spill_st", 0),
+                r.get("spill_ld", 0),
+                r["lmem"],
+                "-" if r["div64"] is None else r["div64"],
+            )
+        )
+    lines += [
+        "",
+        "%d kernel instantiations; max registers %d; spills, local memory or 64-bit "
+        "divisions: %s"
+        % (
+            len(rows),
+            max(r.get("regs", 0) for r in rows),
+            "none"
+            if not bad
+            else ", ".join("%s<%s> %s" % (r["kernel"], r["dtype"], r["arch"]) for r in bad),
+        ),
+        "",
+    ]
     with open(out, "w") as f:
         f.write("\n".join(lines))
     print("cuda resources: %d kernels, report %s" % (len(rows), out))
     if bad:
         for r in bad:
-            print("cuda resources: %s<%s> %s spills, uses local memory or divides 64-bit "
-                  "integers: stack %d, spill stores %d, loads %d, lmem %d, div64 %s"
-                  % (r["kernel"], r["dtype"], r["arch"], r.get("stack", 0), r.get("spill_st", 0),
-                     r.get("spill_ld", 0), r["lmem"], r["div64"]), file=sys.stderr)
+            print(
+                "cuda resources: %s<%s> %s spills, uses local memory or divides 64-bit "
+                "integers: stack %d, spill stores %d, loads %d, lmem %d, div64 %s"
+                % (
+                    r["kernel"],
+                    r["dtype"],
+                    r["arch"],
+                    r.get("stack", 0),
+                    r.get("spill_st", 0),
+                    r.get("spill_ld", 0),
+                    r["lmem"],
+                    r["div64"],
+                ),
+                file=sys.stderr,
+            )
         return 1
     return 0
 
@@ -123,4 +168,4 @@ def main(out, logs, ptx=()):
 if __name__ == "__main__":
     args = sys.argv[2:]
     split = args.index("--ptx") if "--ptx" in args else len(args)
-    sys.exit(main(sys.argv[1], args[:split], args[split + 1:]))
+    sys.exit(main(sys.argv[1], args[:split], args[split + 1 :]))

@@ -8,6 +8,7 @@ Used by .ci/sanitize (under ASan/UBSan: no invalid read or write on the real FCN
 Exits non-zero when an op differs from the reference or, unless --allow-reference, has no
 native CPU kernel.
 """
+
 import argparse
 import os
 import sys
@@ -18,22 +19,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import torch  # noqa: E402
+from op_cases import OPS, check_case, fcn_cases, native_ops  # noqa: E402
 
 import fcnfast  # noqa: E402
-from op_cases import OPS, check_case, fcn_cases, native_ops  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="64x64,37x53,1x1",
-                        help="comma-separated HxW input image sizes (default %(default)s)")
-    parser.add_argument("--allow-reference", action="store_true",
-                        help="do not fail when an op has no native kernel")
+    parser.add_argument(
+        "--sizes",
+        default="64x64,37x53,1x1",
+        help="comma-separated HxW input image sizes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-reference", action="store_true", help="do not fail when an op has no native kernel"
+    )
     args = parser.parse_args(argv)
     info = fcnfast.build_info()
-    print("fcnfast %s from %s: backend=%s sanitize=%s torch=%s"
-          % (info["version"], os.path.dirname(fcnfast.__file__), info["backend"],
-             info.get("sanitize"), info["torch"]))
+    print(
+        "fcnfast %s from %s: backend=%s sanitize=%s torch=%s"
+        % (
+            info["version"],
+            os.path.dirname(fcnfast.__file__),
+            info["backend"],
+            info.get("sanitize"),
+            info["torch"],
+        )
+    )
     missing = [op for op in OPS if op not in native_ops()]
     if missing:
         print("no native CPU kernel for: %s" % ", ".join(missing))
@@ -47,7 +59,10 @@ def main(argv=None):
                 path = check_case(case)
                 count += 1
                 print("ok %-9s %s" % (path, case.describe()))
-    print("fcn shapes check: %d cases (%s) passed in %.1f s" % (count, args.sizes, time.time() - start))
+    print(
+        "fcn shapes check: %d cases (%s) passed in %.1f s"
+        % (count, args.sizes, time.time() - start)
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ Sdist: every file git tracks under csrc/ and fcnfast/, plus setup.py, pyproject.
 MANIFEST.in, README.md, and nothing built (.so, .o).
 Prints a summary; exits non-zero listing every problem.
 """
+
 import argparse
 import os
 import subprocess
@@ -42,17 +43,21 @@ def check_wheel(path, source_root, strict_so_paths):
                 problems.append("test file in wheel: %s" % name)
             if name.endswith((".cpp", ".cc", ".cxx")):
                 problems.append("C++ host source in wheel: %s" % name)
-            if (name.endswith((".h", ".cuh", ".cu")) and not name.startswith("fcnfast/_csrc/")):
+            if name.endswith((".h", ".cuh", ".cu")) and not name.startswith("fcnfast/_csrc/"):
                 problems.append("source file outside fcnfast/_csrc: %s" % name)
         for extra in sorted(top - allowed_top):
             problems.append("unexpected top-level entry: %s" % extra)
         sos = [n for n in names if n.startswith("fcnfast/_C") and n.endswith(".so")]
         if len(sos) != 1:
             problems.append("expected exactly one fcnfast/_C*.so, found %s" % sos)
-        for required in ("fcnfast/__init__.py", "fcnfast/ops.py", "fcnfast/reference.py",
-                         # the shipped CamVid model and its model card (package data)
-                         "fcnfast/weights/fcn8s_lite0_camvid.pt",
-                         "fcnfast/weights/fcn8s_lite0_camvid.md"):
+        for required in (
+            "fcnfast/__init__.py",
+            "fcnfast/ops.py",
+            "fcnfast/reference.py",
+            # the shipped CamVid model and its model card (package data)
+            "fcnfast/weights/fcn8s_lite0_camvid.pt",
+            "fcnfast/weights/fcn8s_lite0_camvid.md",
+        ):
             if required not in names:
                 problems.append("missing %s" % required)
         record = [n for n in names if n.endswith(".dist-info/RECORD")]
@@ -65,26 +70,40 @@ def check_wheel(path, source_root, strict_so_paths):
         else:
             problems.append("no RECORD")
         entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        if not entry_points or "fcnfast = fcnfast.cli:main" not in zf.read(entry_points[0]).decode():
+        if (
+            not entry_points
+            or "fcnfast = fcnfast.cli:main" not in zf.read(entry_points[0]).decode()
+        ):
             problems.append("console script `fcnfast` missing from entry_points.txt")
         for so in sos:
             data = zf.read(so)
             hits = data.count(source_root.encode()) if source_root else 0
             line = "%s: %.1f MB, source-tree path %r appears %d times" % (
-                so, len(data) / 2**20, source_root, hits)
+                so,
+                len(data) / 2**20,
+                source_root,
+                hits,
+            )
             if hits:
-                line += (" (debug info / __FILE__; build with -ffile-prefix-map=%s/= "
-                         "or -g0 to drop it)" % source_root)
+                line += (
+                    " (debug info / __FILE__; build with -ffile-prefix-map=%s/= "
+                    "or -g0 to drop it)" % source_root
+                )
                 if strict_so_paths:
                     problems.append(line)
             notes.append(line)
         size = sum(i.file_size for i in infos)
         by_dir = {}
         for i in infos:
-            key = "/".join(i.filename.split("/")[:2]) if i.filename.count("/") > 1 else \
-                i.filename.split("/")[0]
+            key = (
+                "/".join(i.filename.split("/")[:2])
+                if i.filename.count("/") > 1
+                else i.filename.split("/")[0]
+            )
             by_dir[key] = by_dir.get(key, 0) + 1
-    print("wheel %s: %d files, %.1f MB unpacked" % (os.path.basename(path), len(names), size / 2**20))
+    print(
+        "wheel %s: %d files, %.1f MB unpacked" % (os.path.basename(path), len(names), size / 2**20)
+    )
     for key in sorted(by_dir):
         print("  %-40s %d files" % (key, by_dir[key]))
     for note in notes:
@@ -94,8 +113,12 @@ def check_wheel(path, source_root, strict_so_paths):
 
 def tracked_files(source_root, *dirs):
     try:
-        out = subprocess.run(["git", "-C", source_root, "ls-files", *dirs], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["git", "-C", source_root, "ls-files", *dirs],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return [line for line in out.splitlines() if line]
@@ -106,9 +129,15 @@ def check_sdist(path, source_root):
     with tarfile.open(path) as tf:
         members = [m.name for m in tf.getmembers() if m.isfile()]
     prefix = members[0].split("/")[0]
-    rel = {m[len(prefix) + 1:] for m in members}
-    for required in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md",
-                     "fcnfast/__init__.py", "csrc/bindings.cpp"):
+    rel = {m[len(prefix) + 1 :] for m in members}
+    for required in (
+        "setup.py",
+        "pyproject.toml",
+        "MANIFEST.in",
+        "README.md",
+        "fcnfast/__init__.py",
+        "csrc/bindings.cpp",
+    ):
         if required not in rel:
             problems.append("sdist lacks %s" % required)
     tracked = tracked_files(source_root, "csrc", "fcnfast") if source_root else None
@@ -133,8 +162,11 @@ def main(argv=None):
     parser.add_argument("kind", choices=("wheel", "sdist"))
     parser.add_argument("path")
     parser.add_argument("--source-root", default="")
-    parser.add_argument("--strict-so-paths", action="store_true",
-                        help="fail when the .so contains the source-tree path")
+    parser.add_argument(
+        "--strict-so-paths",
+        action="store_true",
+        help="fail when the .so contains the source-tree path",
+    )
     args = parser.parse_args(argv)
     root = os.path.realpath(args.source_root) if args.source_root else ""
     if args.kind == "wheel":

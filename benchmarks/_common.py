@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+
 import os
 import platform
 
@@ -10,8 +11,9 @@ def cpu_model() -> str:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh
-                       if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     return cpu

@@ -7,13 +7,13 @@ different, cheaper upsampling: the fastest thing PyTorch offers for this shape).
     python -m pytest benchmarks/bench_bilinear_upsample2d.py --benchmark-group-by=group
     (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from _fcn_head import CASES, CROP, IDS, SCALE, run, scores, scratch_mb
 
 from fcnfast import ops, reference
-
-from _fcn_head import CASES, CROP, IDS, SCALE, run, scores, scratch_mb
 
 FORWARD = {
     "torch_deconv": lambda x: reference.bilinear_upsample2d(x, SCALE, CROP),
@@ -26,7 +26,7 @@ FORWARD = {
 @pytest.mark.parametrize("classes,batch", CASES, ids=IDS)
 def test_forward(benchmark, impl, classes, batch):
     x = scores(classes, batch)
-    if impl == "fcnfast":   # two interpolated input rows per thread
+    if impl == "fcnfast":  # two interpolated input rows per thread
         benchmark.extra_info["scratch_mb"] = scratch_mb(2 * classes * CROP[3])
     run(benchmark, "bilinear_upsample2d forward C=%d N=%d" % (classes, batch), FORWARD[impl], x)
 
@@ -36,7 +36,7 @@ def test_forward(benchmark, impl, classes, batch):
 def test_backward(benchmark, impl, classes, batch):
     x = scores(classes, batch).requires_grad_()
     grad = torch.randn(batch, classes, *CROP[2:])
-    if impl == "fcnfast":   # the backward op alone, as autograd calls it
+    if impl == "fcnfast":  # the backward op alone, as autograd calls it
         args = (grad, x.shape[2], x.shape[3], SCALE, list(CROP))
         fn = torch.ops.fcnfast.bilinear_upsample2d_backward
         benchmark.extra_info["scratch_mb"] = scratch_mb(2 * classes * (x.shape[3] + 1) * SCALE)

@@ -16,6 +16,7 @@
             --calls steps each.
 --figure    input / ground truth / prediction / prediction + CRF for 3 val images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import _common  # benchmarks/_common.py: the machine line
+import torch
 
 
 def load(checkpoint=None):
@@ -53,8 +53,12 @@ def accuracy(args) -> dict:
     val = CamVid(args.data, "val")
     t0 = time.time()
     result = evaluate_lite(model, val, 11, crf=args.crf, progress=True)
-    out = {"images": len(val), "seconds": round(time.time() - t0, 1),
-           "fcn": result["scores"], "table": iou_table(result["confusion"], val.class_names)}
+    out = {
+        "images": len(val),
+        "seconds": round(time.time() - t0, 1),
+        "fcn": result["scores"],
+        "table": iou_table(result["confusion"], val.class_names),
+    }
     if args.crf:
         out["fcn+crf"] = result["scores_crf"]
         out["table_crf"] = iou_table(result["confusion_crf"], val.class_names)
@@ -87,10 +91,19 @@ def speed_child(args) -> None:
             times.append(time.perf_counter() - t)
     steady = sorted(times[1:])
     p99 = steady[min(len(steady) - 1, int(round(0.99 * (len(steady) - 1))))]
-    print(json.dumps({"backend": args.backend, "bf16": args.bf16, "first_ms": times[0] * 1e3,
-                      "median_ms": statistics.median(steady) * 1e3, "p99_ms": p99 * 1e3,
-                      "images_per_s": 1.0 / statistics.median(steady),
-                      "peak_rss_mb": _peak_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "bf16": args.bf16,
+                "first_ms": times[0] * 1e3,
+                "median_ms": statistics.median(steady) * 1e3,
+                "p99_ms": p99 * 1e3,
+                "images_per_s": 1.0 / statistics.median(steady),
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+        )
+    )
 
 
 class _null:
@@ -105,8 +118,19 @@ def speed(args) -> list:
     rows = []
     for backend in ("native", "reference"):
         for bf16 in (False, True):
-            cmd = [sys.executable, __file__, "--child", "--backend", backend, "--data", args.data,
-                   "--threads", str(args.threads), "--calls", str(args.calls)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--backend",
+                backend,
+                "--data",
+                args.data,
+                "--threads",
+                str(args.threads),
+                "--calls",
+                str(args.calls),
+            ]
             if bf16:
                 cmd.append("--bf16")
             if args.checkpoint:
@@ -139,13 +163,16 @@ def train_step(args) -> dict:
             optimizer.step()
             times[bf16].append(time.perf_counter() - t)
     out = {("bf16" if k else "fp32"): statistics.median(v[1:]) for k, v in times.items()}
-    print("training step (batch 8, 288x384): fp32 %.2f s, bf16 autocast %.2f s" % (out["fp32"],
-                                                                                  out["bf16"]))
+    print(
+        "training step (batch 8, 288x384): fp32 %.2f s, bf16 autocast %.2f s"
+        % (out["fp32"], out["bf16"])
+    )
     return out
 
 
 def figure(args, path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -165,16 +192,25 @@ def figure(args, path) -> None:
             logits = model(model.preprocess(image[None]))
         pred = logits.argmax(1)[0].numpy()
         refined = dense_crf(logits[0], image).argmax(0).numpy()
-        panels = [image.permute(1, 2, 0).numpy(), colorize(label.numpy(), CAMVID_PALETTE),
-                  colorize(pred, CAMVID_PALETTE), colorize(refined, CAMVID_PALETTE)]
-        titles = ["val image %d" % index, "ground truth (black: void)", "FCN-8s Lite0",
-                  "FCN-8s Lite0 + dense CRF"]
+        panels = [
+            image.permute(1, 2, 0).numpy(),
+            colorize(label.numpy(), CAMVID_PALETTE),
+            colorize(pred, CAMVID_PALETTE),
+            colorize(refined, CAMVID_PALETTE),
+        ]
+        titles = [
+            "val image %d" % index,
+            "ground truth (black: void)",
+            "FCN-8s Lite0",
+            "FCN-8s Lite0 + dense CRF",
+        ]
         for col, (panel, title) in enumerate(zip(panels, titles)):
             axes[row, col].imshow(panel)
             axes[row, col].set_title(title)
             axes[row, col].axis("off")
-    handles = [Patch(color=np.array(c) / 255, label=n) for c, n in zip(CAMVID_PALETTE,
-                                                                       val.class_names)]
+    handles = [
+        Patch(color=np.array(c) / 255, label=n) for c, n in zip(CAMVID_PALETTE, val.class_names)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=11, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=70)
@@ -186,8 +222,9 @@ def machine() -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
-                                          / "camvid"))
+    p.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid")
+    )
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--crf", action="store_true", help="with --accuracy: also score the CRF")

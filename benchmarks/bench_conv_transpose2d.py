@@ -7,6 +7,7 @@ upscore8 k16 s8 on 70x70 -> 568x568 cropped at 31 to 500x500 (FCN-8s),
 upscore16 k32 s16 on 34x34 -> 560 cropped at 27 (FCN-16s), upscore k64 s32 on 16x16 -> 544
 cropped at 19 (FCN-32s). Weights are random (learned deconvolution), with bias.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,13 @@ def _inputs(size, k, s, c, n, requires_grad=False):
 def _functions(off, out, s):
     def torch_fn(x, w, b):
         y = F.conv_transpose2d(x, w, b, stride=s)
-        return y if off is None else y[..., off:off + out, off:off + out]
+        return y if off is None else y[..., off : off + out, off : off + out]
 
     def fcnfast_fn(x, w, b):
-        return ops.conv_transpose2d(x, w, b, stride=s,
-                                    crop=None if off is None else (off, off, out, out))
+        return ops.conv_transpose2d(
+            x, w, b, stride=s, crop=None if off is None else (off, off, out, out)
+        )
+
     return {"torch": torch_fn, "fcnfast": fcnfast_fn}
 
 

@@ -15,6 +15,7 @@ fcnfast first call in the process separately (fresh buffers: page faults), the t
 (linear scaling shows as a flat column), the label agreement with pydensecrf and the load average.
 The O(P^2) pure-PyTorch reference runs at small sizes for a correctness-scale comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,15 +57,33 @@ def best_times(fns, repeat: int):
 
 def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes):
     load = lambda: " ".join("%.1f" % v for v in os.getloadavg())  # noqa: E731
-    print("dense_crf: %d labels, %d iterations, fcnfast threads %s, cpus %d, loadavg %s"
-          % (num_classes, iterations, threads, len(os.sched_getaffinity(0)), load()))
+    print(
+        "dense_crf: %d labels, %d iterations, fcnfast threads %s, cpus %d, loadavg %s"
+        % (num_classes, iterations, threads, len(os.sched_getaffinity(0)), load())
+    )
     for size in reference_sizes:
         logits, image = scene(size, num_classes)
-        (ref, ours), _ = best_times([(lambda logits=logits, image=image: crf.dense_crf_reference(
-            logits, image, iterations=iterations), 1), (lambda logits=logits, image=image: crf.dense_crf(
-                logits, image, iterations=iterations), 1)], repeat)
-        print("  %dx%d O(P^2) reference %.4f s, native %.4f s: %.1fx" % (size, size, ref, ours,
-                                                                       ref / ours))
+        (ref, ours), _ = best_times(
+            [
+                (
+                    lambda logits=logits, image=image: crf.dense_crf_reference(
+                        logits, image, iterations=iterations
+                    ),
+                    1,
+                ),
+                (
+                    lambda logits=logits, image=image: crf.dense_crf(
+                        logits, image, iterations=iterations
+                    ),
+                    1,
+                ),
+            ],
+            repeat,
+        )
+        print(
+            "  %dx%d O(P^2) reference %.4f s, native %.4f s: %.1fx"
+            % (size, size, ref, ours, ref / ours)
+        )
     header = ["size", "scene", "pydensecrf s (cpu)"]
     header += ["fcnfast %dT s (cpu)" % t for t in threads]
     header += ["x vs pydensecrf %dT" % t for t in threads]
@@ -76,7 +95,8 @@ def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes)
         for seed in seeds:
             logits, image = crf_scene(h, w, num_classes, seed)
             ours = lambda logits=logits, image=image: crf.dense_crf(  # noqa: E731
-                logits, image, iterations=iterations)
+                logits, image, iterations=iterations
+            )
             torch.set_num_threads(threads[0])
             start = time.perf_counter()
             q = ours()
@@ -90,10 +110,15 @@ def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes)
             else:
                 agree, cells = float("nan"), ["not installed"]
             cells += ["%.3f (%.3f)" % (walls[k], cpus[k]) for k in range(len(threads))]
-            cells += ["%.2fx" % (walls[-1] / walls[k]) if theirs else "-"
-                      for k in range(len(threads))]
-            cells += ["%.3f" % first, "%.0f" % (1e9 * walls[0] / (h * w)),
-                      "%.4f%%" % (100 * float(agree)), load()]
+            cells += [
+                "%.2fx" % (walls[-1] / walls[k]) if theirs else "-" for k in range(len(threads))
+            ]
+            cells += [
+                "%.3f" % first,
+                "%.0f" % (1e9 * walls[0] / (h * w)),
+                "%.4f%%" % (100 * float(agree)),
+                load(),
+            ]
             print("| %dx%d | %d | %s |" % (w, h, seed, " | ".join(cells)), flush=True)
             rows.append((h, w, seed, walls, cpus, float(agree)))
     return rows
@@ -101,19 +126,33 @@ def run(sizes, num_classes, iterations, repeat, seeds, threads, reference_sizes)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["320x240", "250", "500", "1000"],
-                        help="N (square) or WxH")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="scenes (seed 0 is the 500x500 scene of earlier results)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["320x240", "250", "500", "1000"], help="N (square) or WxH"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="scenes (seed 0 is the 500x500 scene of earlier results)",
+    )
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="fcnfast thread counts to time")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="fcnfast thread counts to time"
+    )
     parser.add_argument("--reference-sizes", type=int, nargs="*", default=[])
     args = parser.parse_args(argv)
-    run([parse_size(s) for s in args.sizes], args.classes, args.iterations, args.repeat,
-        args.seeds, args.threads, args.reference_sizes)
+    run(
+        [parse_size(s) for s in args.sizes],
+        args.classes,
+        args.iterations,
+        args.repeat,
+        args.seeds,
+        args.threads,
+        args.reference_sizes,
+    )
 
 
 def test_dense_crf_500(benchmark):

@@ -12,6 +12,7 @@ Memory-bound ops are also reported as a share of the device-to-device copy
 bandwidth measured in the same run (bytes read + bytes written, each tensor
 counted once). The table is printed and written to ``<out>/<gpu-name>.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,12 @@ def peak_mib(fn):
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def copy_bandwidth_gbs():
     """Device-to-device copy of 1 GiB: (read + written) bytes / time."""
-    n = 2 ** 28  # float32 elements = 1 GiB
+    n = 2**28  # float32 elements = 1 GiB
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(lambda dst=dst, src=src: dst.copy_(src), warmup=3, repeat=20)
@@ -75,8 +76,9 @@ def cases(batch, dtype, dev="cuda"):
     g = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, device=dev, dtype=torch.float32).mul_(scale) \
-            .to(dtype)
+        return (
+            torch.randn(*shape, generator=g, device=dev, dtype=torch.float32).mul_(scale).to(dtype)
+        )
 
     n, c = batch, 21
     # FCN-8s on 500x500: score_fr 16x16 -> upscore2 34x34 (+ score_pool4 crop 5 of 44x44)
@@ -99,8 +101,12 @@ def cases(batch, dtype, dev="cuda"):
     def torch_up8(x):
         return F.conv_transpose2d(x, bw8, stride=8, groups=c)[..., 31:531, 31:531]
 
-    yield ("bilinear upscore8 fwd (frozen)", lambda: torch_up8(s70),
-           lambda: ops.bilinear_upsample2d(s70, 8, crop8), nbytes(s70, out500))
+    yield (
+        "bilinear upscore8 fwd (frozen)",
+        lambda: torch_up8(s70),
+        lambda: ops.bilinear_upsample2d(s70, 8, crop8),
+        nbytes(s70, out500),
+    )
 
     x_req = s70.detach().requires_grad_()
 
@@ -109,20 +115,33 @@ def cases(batch, dtype, dev="cuda"):
 
     def fcn_up8_bwd():
         torch.autograd.grad(ops.bilinear_upsample2d(x_req, 8, crop8), x_req, grad500)
-    yield ("bilinear upscore8 fwd+bwd (frozen)", torch_up8_bwd, fcn_up8_bwd,
-           nbytes(s70, out500) + nbytes(grad500, s70))
+
+    yield (
+        "bilinear upscore8 fwd+bwd (frozen)",
+        torch_up8_bwd,
+        fcn_up8_bwd,
+        nbytes(s70, out500) + nbytes(grad500, s70),
+    )
 
     # PyTorch's own bilinear resize: its backward scatters with atomics (nondeterministic);
     # fcnfast's backward is a deterministic gather (different op, same output size)
     def torch_interp_bwd():
         y = F.interpolate(x_req, size=(500, 500), mode="bilinear", align_corners=False)
         torch.autograd.grad(y, x_req, grad500)
-    yield ("bilinear bwd: F.interpolate (atomics) vs fcnfast (gather)", torch_interp_bwd,
-           fcn_up8_bwd, None)
 
-    yield ("upsample_argmax 500x500", lambda: torch_up8(s70).argmax(1),
-           lambda: ops.upsample_argmax(s70, 8, crop8),
-           nbytes(s70) + n * 500 * 500 * 8)
+    yield (
+        "bilinear bwd: F.interpolate (atomics) vs fcnfast (gather)",
+        torch_interp_bwd,
+        fcn_up8_bwd,
+        None,
+    )
+
+    yield (
+        "upsample_argmax 500x500",
+        lambda: torch_up8(s70).argmax(1),
+        lambda: ops.upsample_argmax(s70, 8, crop8),
+        nbytes(s70) + n * 500 * 500 * 8,
+    )
 
     def torch_ce():
         loss = F.cross_entropy(torch_up8(x_req), target, ignore_index=255)
@@ -131,6 +150,7 @@ def cases(batch, dtype, dev="cuda"):
     def fcn_ce():
         loss = ops.upsample_cross_entropy(x_req, target, 8, crop8)
         torch.autograd.grad(loss, x_req)
+
     yield ("upsample_cross_entropy fwd+bwd", torch_ce, fcn_ce, None)
 
     # learned deconvolutions (FCN "upscore" layers trained, as in the paper's runs)
@@ -138,8 +158,13 @@ def cases(batch, dtype, dev="cuda"):
 
     def torch_deconv8():
         return F.conv_transpose2d(s70, w_up8, stride=8)[..., 31:531, 31:531]
-    yield ("learned deconv 21->21 k16 s8 fwd (crop 31)", torch_deconv8,
-           lambda: ops.conv_transpose2d(s70, w_up8, stride=8, crop=crop8), None)
+
+    yield (
+        "learned deconv 21->21 k16 s8 fwd (crop 31)",
+        torch_deconv8,
+        lambda: ops.conv_transpose2d(s70, w_up8, stride=8, crop=crop8),
+        None,
+    )
 
     def torch_deconv8_bwd():
         y = F.conv_transpose2d(x_req, w8, stride=8)[..., 31:531, 31:531]
@@ -148,20 +173,29 @@ def cases(batch, dtype, dev="cuda"):
     def fcn_deconv8_bwd():
         y = ops.conv_transpose2d(x_req, w8, stride=8, crop=crop8)
         torch.autograd.grad(y, (x_req, w8), grad500)
+
     yield ("learned deconv k16 s8 fwd+bwd", torch_deconv8_bwd, fcn_deconv8_bwd, None)
 
-    yield ("learned deconv 21->21 k4 s2 fwd (upscore2)",
-           lambda: F.conv_transpose2d(s16, w_up2, stride=2),
-           lambda: ops.conv_transpose2d(s16, w_up2, stride=2), None)
+    yield (
+        "learned deconv 21->21 k4 s2 fwd (upscore2)",
+        lambda: F.conv_transpose2d(s16, w_up2, stride=2),
+        lambda: ops.conv_transpose2d(s16, w_up2, stride=2),
+        None,
+    )
 
     # skip steps at 1/8 resolution
-    yield ("skip_add_crop (score_pool3 crop 9)",
-           lambda: s70 + score_pool3[..., 9:79, 9:79],
-           lambda: ops.skip_add_crop(s70, score_pool3, (9, 9)), 3 * nbytes(s70))
-    yield ("score_skip (pool3 256->21, crop 9)",
-           lambda: s70 + F.conv2d(pool3, w_pool3, b_pool3)[..., 9:79, 9:79],
-           lambda: ops.score_skip(s70, pool3, w_pool3, b_pool3, 1.0, (9, 9)),
-           nbytes(s70) * 2 + n * 256 * 70 * 70 * pool3.element_size())
+    yield (
+        "skip_add_crop (score_pool3 crop 9)",
+        lambda: s70 + score_pool3[..., 9:79, 9:79],
+        lambda: ops.skip_add_crop(s70, score_pool3, (9, 9)),
+        3 * nbytes(s70),
+    )
+    yield (
+        "score_skip (pool3 256->21, crop 9)",
+        lambda: s70 + F.conv2d(pool3, w_pool3, b_pool3)[..., 9:79, 9:79],
+        lambda: ops.score_skip(s70, pool3, w_pool3, b_pool3, 1.0, (9, 9)),
+        nbytes(s70) * 2 + n * 256 * 70 * 70 * pool3.element_size(),
+    )
 
 
 def main(argv=None):
@@ -184,9 +218,16 @@ def main(argv=None):
         "",
         "torch %s, CUDA %s, fcnfast %s, CUDA backend `%s`, dtype %s, cudnn.benchmark=True. "
         "Median of %d CUDA-event timings after warm-up. Device-to-device copy bandwidth "
-        "(read + write) measured in this run: **%.0f GB/s**." % (
-            torch.__version__, torch.version.cuda, info["version"], fcnfast.backend("cuda"),
-            args.dtype, args.repeat, copy_gbs),
+        "(read + write) measured in this run: **%.0f GB/s**."
+        % (
+            torch.__version__,
+            torch.version.cuda,
+            info["version"],
+            fcnfast.backend("cuda"),
+            args.dtype,
+            args.repeat,
+            copy_gbs,
+        ),
         "",
         "| batch | op (FCN-8s, 500x500 input) | PyTorch ms | fcnfast ms | speed-up | "
         "fcnfast GB/s | % of copy BW | PyTorch peak MiB | fcnfast peak MiB |",
@@ -202,7 +243,10 @@ def main(argv=None):
             except Exception as exc:  # one failing case must not lose the others' numbers
                 failed += 1
                 row = "| %d | %s | error: %s |  |  |  |  |  |  |" % (
-                    batch, label, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+                    batch,
+                    label,
+                    str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__,
+                )
                 lines.append(row)
                 print(row, flush=True)
                 continue
@@ -213,11 +257,23 @@ def main(argv=None):
             else:
                 bw = pct = "-"
             row = "| %d | %s | %.3f | %.3f | %.2fx | %s | %s | %.1f | %.1f |" % (
-                batch, label, t_ms, f_ms, t_ms / f_ms, bw, pct, t_mem, f_mem)
+                batch,
+                label,
+                t_ms,
+                f_ms,
+                t_ms / f_ms,
+                bw,
+                pct,
+                t_mem,
+                f_mem,
+            )
             lines.append(row)
             print(row, flush=True)
-    lines += ["", "Speed-up = PyTorch ms / fcnfast ms (> 1: fcnfast faster). The PyTorch "
-              "expressions are the reference ones (`fcnfast.reference`), the crop a view."]
+    lines += [
+        "",
+        "Speed-up = PyTorch ms / fcnfast ms (> 1: fcnfast faster). The PyTorch "
+        "expressions are the reference ones (`fcnfast.reference`), the crop a view.",
+    ]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") + ".md")
     with open(path, "w") as f:

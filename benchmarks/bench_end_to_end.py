@@ -30,6 +30,7 @@ memory is the growth of the process's peak RSS (VmHWM) over its RSS after setup.
 three implementations of a row run back to back; the machine's load average is recorded
 per row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,10 @@ import subprocess
 import sys
 import time
 
+import _common  # benchmarks/_common.py: the machine line
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import _common  # benchmarks/_common.py: the machine line
 
 IMPLS = ("native", "reference", "plain")
 
@@ -52,6 +52,7 @@ IMPLS = ("native", "reference", "plain")
 # ---------------------------------------------------------------------------------------
 # the plain-PyTorch FCNs (what a user writes), sharing the backbone with the fcnfast model
 # ---------------------------------------------------------------------------------------
+
 
 def _frozen_bilinear(channels, kernel, stride):
     from fcnfast.nn import bilinear_kernel
@@ -70,8 +71,13 @@ def _conv_copy(src):
 
 
 def _deconv_copy(src):
-    layer = nn.ConvTranspose2d(src.in_channels, src.out_channels, src.kernel_size,
-                               stride=src.stride, bias=src.bias is not None)
+    layer = nn.ConvTranspose2d(
+        src.in_channels,
+        src.out_channels,
+        src.kernel_size,
+        stride=src.stride,
+        bias=src.bias is not None,
+    )
     layer.load_state_dict(src.state_dict())
     return layer
 
@@ -83,21 +89,27 @@ class PlainLiteFCN8s(nn.Module):
         super().__init__()
         self.backbone, self.drop = src.backbone, src.drop
         self.score_fr = _conv_copy(src.score_fr)
-        self.upscore2, self.upscore_pool4 = _deconv_copy(src.upscore2), _deconv_copy(
-            src.upscore_pool4)
-        self.score_pool4, self.score_pool3 = _conv_copy(src.score_pool4), _conv_copy(
-            src.score_pool3)
+        self.upscore2, self.upscore_pool4 = (
+            _deconv_copy(src.upscore2),
+            _deconv_copy(src.upscore_pool4),
+        )
+        self.score_pool4, self.score_pool3 = (
+            _conv_copy(src.score_pool4),
+            _conv_copy(src.score_pool3),
+        )
         self.upscore = _deconv_copy(src.upscore)
 
     def forward(self, x):
         feats, _ = self.backbone.forward_features(x)
         s = self.score_fr(self.drop(feats["stride32"]))
-        for up, score, tap in ((self.upscore2, self.score_pool4, "stride16"),
-                               (self.upscore_pool4, self.score_pool3, "stride8")):
+        for up, score, tap in (
+            (self.upscore2, self.score_pool4, "stride16"),
+            (self.upscore_pool4, self.score_pool3, "stride8"),
+        ):
             skip = feats[tap]
             h, w = skip.shape[2:]
-            s = up(s)[:, :, 1:1 + h, 1:1 + w] + score(skip)
-        return self.upscore(s)[:, :, :x.shape[2], :x.shape[3]]
+            s = up(s)[:, :, 1 : 1 + h, 1 : 1 + w] + score(skip)
+        return self.upscore(s)[:, :, : x.shape[2], : x.shape[3]]
 
 
 class PlainFCN8s(nn.Module):
@@ -105,11 +117,13 @@ class PlainFCN8s(nn.Module):
 
     def __init__(self, src):
         super().__init__()
-        self.src = src   # features, fc6/7 and dropout shared (not copied)
+        self.src = src  # features, fc6/7 and dropout shared (not copied)
         c = src.num_classes
         self.score_fr = _conv_copy(src.score_fr)
-        self.score_pool4, self.score_pool3 = _conv_copy(src.score_pool4), _conv_copy(
-            src.score_pool3)
+        self.score_pool4, self.score_pool3 = (
+            _conv_copy(src.score_pool4),
+            _conv_copy(src.score_pool3),
+        )
         self.upscore2 = _frozen_bilinear(c, 4, 2)
         self.upscore_pool4 = _frozen_bilinear(c, 4, 2)
         self.upscore8 = _frozen_bilinear(c, 16, 8)
@@ -125,12 +139,22 @@ class PlainFCN8s(nn.Module):
         h = m.drop6(F.relu(m.fc6(pool5), inplace=True))
         h = m.drop7(F.relu(m.fc7(h), inplace=True))
         s = self.upscore2(self.score_fr(h))
-        s = s + self.score_pool4(pool4)[:, :, self.o4:self.o4 + s.shape[2],
-                                        self.o4:self.o4 + s.shape[3]]
+        s = (
+            s
+            + self.score_pool4(pool4)[
+                :, :, self.o4 : self.o4 + s.shape[2], self.o4 : self.o4 + s.shape[3]
+            ]
+        )
         s = self.upscore_pool4(s)
-        s = s + self.score_pool3(pool3)[:, :, self.o3:self.o3 + s.shape[2],
-                                        self.o3:self.o3 + s.shape[3]]
-        return self.upscore8(s)[:, :, self.o8:self.o8 + x.shape[2], self.o8:self.o8 + x.shape[3]]
+        s = (
+            s
+            + self.score_pool3(pool3)[
+                :, :, self.o3 : self.o3 + s.shape[2], self.o3 : self.o3 + s.shape[3]
+            ]
+        )
+        return self.upscore8(s)[
+            :, :, self.o8 : self.o8 + x.shape[2], self.o8 : self.o8 + x.shape[3]
+        ]
 
 
 def build(model_name):
@@ -145,7 +169,7 @@ def build(model_name):
         from fcnfast.models import fcn8s
 
         model = fcn8s(21, backbone="vgg16", fixed_upsampling=True, fixed_skip_upsampling=True)
-        with torch.no_grad():   # score layers start at zero in FCN: give them some weight
+        with torch.no_grad():  # score layers start at zero in FCN: give them some weight
             for name in ("score_fr", "score_pool4", "score_pool3"):
                 nn.init.normal_(getattr(model, name).weight, std=1e-3)
         plain = PlainFCN8s(model)
@@ -171,6 +195,7 @@ def _to_float(model_name, model, images):
 # ---------------------------------------------------------------------------------------
 # one configuration in this process
 # ---------------------------------------------------------------------------------------
+
 
 def _rss(field):
     with open("/proc/self/status") as fh:
@@ -219,14 +244,14 @@ def child(args):
         def call(imgs, tgt):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 if fast and args.model == "lite0":
-                    return model.predict(imgs)      # uint8 in, preprocessing inside
+                    return model.predict(imgs)  # uint8 in, preprocessing inside
                 x = _to_float(args.model, model, imgs).contiguous(memory_format=fmt)
                 if fast:
                     return model.predict(x)
                 return net(x).argmax(1)
 
     with backend:
-        call(small_images, small_target)            # warm-up: library init, optimizer state
+        call(small_images, small_target)  # warm-up: library init, optimizer state
         base = _rss("VmRSS")
         times = []
         for _ in range(args.reps):
@@ -234,8 +259,16 @@ def child(args):
             out = call(images, target)
             times.append(time.perf_counter() - t)
             del out
-    print(json.dumps({"ms": statistics.median(times) * 1e3, "all_ms": [t * 1e3 for t in times],
-                      "peak_mb": _rss("VmHWM") - base, "load": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "ms": statistics.median(times) * 1e3,
+                "all_ms": [t * 1e3 for t in times],
+                "peak_mb": _rss("VmHWM") - base,
+                "load": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 def heads(args):
@@ -247,7 +280,8 @@ def heads(args):
     x = model.preprocess(images)
     with torch.no_grad():
         feats, pad = model.eval().backbone.forward_features(x)
-    class Fixed(nn.Module):   # a backbone that returns the precomputed features
+
+    class Fixed(nn.Module):  # a backbone that returns the precomputed features
         def forward_features(self, _x):
             return feats, pad
 
@@ -256,14 +290,17 @@ def heads(args):
     for precision in args.precisions.split(","):
         bf16 = precision == "bf16"
         for phase in args.phases.split(","):
+
             def run_fast(bf16=bf16, phase=phase):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     scores, crop = model.coarse_scores(x, fake)
                     if phase == "predict":
                         from fcnfast.models.fcn import chunked_argmax
+
                         return chunked_argmax(model.upscore, scores, crop)
-                    loss = F.cross_entropy(model.upscore(scores, crop=crop), target,
-                                           ignore_index=255)
+                    loss = F.cross_entropy(
+                        model.upscore(scores, crop=crop), target, ignore_index=255
+                    )
                 loss.backward()
 
             def run_plain(bf16=bf16, phase=phase):
@@ -286,14 +323,25 @@ def heads(args):
                         if r:
                             times[name].append(time.perf_counter() - t)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            print("lite0 heads %s %s b%d: native %.1f ms, plain %.1f ms (%.2fx), load %.1f" % (
-                precision, phase, args.lite0_batch, ms["native"], ms["plain"],
-                ms["plain"] / ms["native"], os.getloadavg()[0]), flush=True)
+            print(
+                "lite0 heads %s %s b%d: native %.1f ms, plain %.1f ms (%.2fx), load %.1f"
+                % (
+                    precision,
+                    phase,
+                    args.lite0_batch,
+                    ms["native"],
+                    ms["plain"],
+                    ms["plain"] / ms["native"],
+                    os.getloadavg()[0],
+                ),
+                flush=True,
+            )
 
 
 # ---------------------------------------------------------------------------------------
 # parent: sanity check, the runs, the table
 # ---------------------------------------------------------------------------------------
+
 
 def sanity(model_name):
     """The plain model computes what the fcnfast model computes (fp32, eval, small input)."""
@@ -309,8 +357,9 @@ def sanity(model_name):
 
 
 def machine(threads):
-    return _common.machine(" (%s), %d thread(s) per run" % (
-        torch.backends.cpu.get_cpu_capability(), threads))
+    return _common.machine(
+        " (%s), %d thread(s) per run" % (torch.backends.cpu.get_cpu_capability(), threads)
+    )
 
 
 def main():
@@ -322,11 +371,19 @@ def main():
     p.add_argument("--lite0-batch", type=int, default=4)
     p.add_argument("--vgg-size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
     p.add_argument("--vgg-batch", type=int, default=4)
-    p.add_argument("--bf16-batch", type=int, default=None,
-                   help="batch of the bf16 rows (default: the model's batch)")
-    p.add_argument("--bf16-scale", type=float, default=1.0,
-                   help="scale the image sides of the bf16 rows (bf16 convolutions are 5-10x "
-                        "slower than fp32 on CPUs without AVX512-BF16)")
+    p.add_argument(
+        "--bf16-batch",
+        type=int,
+        default=None,
+        help="batch of the bf16 rows (default: the model's batch)",
+    )
+    p.add_argument(
+        "--bf16-scale",
+        type=float,
+        default=1.0,
+        help="scale the image sides of the bf16 rows (bf16 convolutions are 5-10x "
+        "slower than fp32 on CPUs without AVX512-BF16)",
+    )
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--channels-last", action="store_true")
@@ -339,8 +396,11 @@ def main():
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--heads", action="store_true",
-                   help="Lite0 heads only on precomputed features (one process, interleaved)")
+    p.add_argument(
+        "--heads",
+        action="store_true",
+        help="Lite0 heads only on precomputed features (one process, interleaved)",
+    )
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -348,10 +408,16 @@ def main():
         return heads(args)
 
     rows = []
-    lines = ["machine: " + machine(args.threads), "command: " + " ".join([os.path.basename(sys.executable)]
-                                                             + sys.argv),
-             "start: %s, load average %s" % (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                              " ".join("%.2f" % v for v in os.getloadavg())), ""]
+    lines = [
+        "machine: " + machine(args.threads),
+        "command: " + " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "start: %s, load average %s"
+        % (
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            " ".join("%.2f" % v for v in os.getloadavg()),
+        ),
+        "",
+    ]
     print("\n".join(lines), flush=True)
     for model_name in args.models.split(","):
         sanity(model_name)
@@ -362,13 +428,36 @@ def main():
                 size = tuple(int(round(s * args.bf16_scale)) for s in size)
                 batch = args.bf16_batch or batch
             for phase in args.phases.split(","):
-                row = {"model": model_name, "precision": precision, "phase": phase,
-                       "batch": batch, "size": "%dx%d" % (size[1], size[0])}
+                row = {
+                    "model": model_name,
+                    "precision": precision,
+                    "phase": phase,
+                    "batch": batch,
+                    "size": "%dx%d" % (size[1], size[0]),
+                }
                 for impl in IMPLS:
-                    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model",
-                           model_name, "--impl", impl, "--precision", precision, "--phase", phase,
-                           "--size", str(size[0]), str(size[1]), "--batch", str(batch),
-                           "--reps", str(args.reps), "--threads", str(args.threads)]
+                    cmd = [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--child",
+                        "--model",
+                        model_name,
+                        "--impl",
+                        impl,
+                        "--precision",
+                        precision,
+                        "--phase",
+                        phase,
+                        "--size",
+                        str(size[0]),
+                        str(size[1]),
+                        "--batch",
+                        str(batch),
+                        "--reps",
+                        str(args.reps),
+                        "--threads",
+                        str(args.threads),
+                    ]
                     if args.channels_last:
                         cmd.append("--channels-last")
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -384,26 +473,56 @@ def main():
 
 def _row_line(row):
     r = row
-    return ("%s %s %s b%d %s: native %.0f ms (%.0f MB), reference %.0f ms (%.0f MB), plain %.0f ms "
-            "(%.0f MB); plain/native %.2fx, load %.1f" % (
-                r["model"], r["precision"], r["phase"], r["batch"], r["size"], r["native"]["ms"],
-                r["native"]["peak_mb"], r["reference"]["ms"], r["reference"]["peak_mb"],
-                r["plain"]["ms"], r["plain"]["peak_mb"], r["plain"]["ms"] / r["native"]["ms"],
-                r["plain"]["load"]))
+    return (
+        "%s %s %s b%d %s: native %.0f ms (%.0f MB), reference %.0f ms (%.0f MB), plain %.0f ms "
+        "(%.0f MB); plain/native %.2fx, load %.1f"
+        % (
+            r["model"],
+            r["precision"],
+            r["phase"],
+            r["batch"],
+            r["size"],
+            r["native"]["ms"],
+            r["native"]["peak_mb"],
+            r["reference"]["ms"],
+            r["reference"]["peak_mb"],
+            r["plain"]["ms"],
+            r["plain"]["peak_mb"],
+            r["plain"]["ms"] / r["native"]["ms"],
+            r["plain"]["load"],
+        )
+    )
 
 
 def _table(rows):
-    out = ["| model | precision | phase | batch, size | (a) native ms | (b) reference ms | "
-           "(c) plain ms | (c)/(a) | (b)/(a) | peak MB (a) / (b) / (c) | load |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    out = [
+        "| model | precision | phase | batch, size | (a) native ms | (b) reference ms | "
+        "(c) plain ms | (c)/(a) | (b)/(a) | peak MB (a) / (b) / (c) | load |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for r in rows:
         a, b, c = r["native"], r["reference"], r["plain"]
-        out.append("| %s | %s | %s | %d, %s | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.0f / %.0f / "
-                   "%.0f | %.1f-%.1f |" % (
-                       r["model"], r["precision"], r["phase"], r["batch"], r["size"], a["ms"],
-                       b["ms"], c["ms"], c["ms"] / a["ms"], b["ms"] / a["ms"], a["peak_mb"],
-                       b["peak_mb"], c["peak_mb"], min(a["load"], b["load"], c["load"]),
-                       max(a["load"], b["load"], c["load"])))
+        out.append(
+            "| %s | %s | %s | %d, %s | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.0f / %.0f / "
+            "%.0f | %.1f-%.1f |"
+            % (
+                r["model"],
+                r["precision"],
+                r["phase"],
+                r["batch"],
+                r["size"],
+                a["ms"],
+                b["ms"],
+                c["ms"],
+                c["ms"] / a["ms"],
+                b["ms"] / a["ms"],
+                a["peak_mb"],
+                b["peak_mb"],
+                c["peak_mb"],
+                min(a["load"], b["load"], c["load"]),
+                max(a["load"], b["load"], c["load"]),
+            )
+        )
     return "\n".join(out)
 
 

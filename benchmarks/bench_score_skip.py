@@ -4,6 +4,7 @@ FCN-8s 500x500 shapes (Caffe geometry, DESIGN.md): score_pool4 on pool4 512x44x4
 at offset 5; score_pool3 on pool3 256x88x88, window 70x70 at offset 9. Groups are named
 ``score_skip-<pool4|pool3>-C<classes>[-N<batch>]-<fwd|fwdbwd>``.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ def _inputs(case, requires_grad=False):
 def _fn(impl, case):
     off, win = case[4], case[3]
     if impl == "torch":
-        return lambda c, f, w, b: c + F.conv2d(f * 1.0, w, b)[..., off:off + win, off:off + win]
+        return lambda c, f, w, b: c + F.conv2d(f * 1.0, w, b)[..., off : off + win, off : off + win]
     return lambda c, f, w, b: ops.score_skip(c, f, w, b, 1.0, (off, off))
 
 

@@ -8,11 +8,11 @@ PyTorch-allocator peak (torch_peak_mb) and the kernel's own scratch (scratch_mb)
     python -m pytest benchmarks/bench_upsample_argmax.py --benchmark-group-by=group
     (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
+
 import pytest
+from _fcn_head import CASES, CROP, IDS, SCALE, run, scores, scratch_mb
 
 from fcnfast import ops, reference
-
-from _fcn_head import CASES, CROP, IDS, SCALE, run, scores, scratch_mb
 
 IMPLS = {
     "torch": lambda x: reference.upsample_argmax(x, SCALE, CROP),
@@ -25,6 +25,6 @@ IMPLS = {
 @pytest.mark.parametrize("classes,batch", CASES, ids=IDS)
 def test_upsample_argmax(benchmark, impl, classes, batch):
     x = scores(classes, batch)
-    if impl == "fcnfast":   # two interpolated input rows + value/best rows per thread
+    if impl == "fcnfast":  # two interpolated input rows + value/best rows per thread
         benchmark.extra_info["scratch_mb"] = scratch_mb((2 * classes + 2) * CROP[3])
     run(benchmark, "upsample_argmax C=%d N=%d" % (classes, batch), IMPLS[impl], x)

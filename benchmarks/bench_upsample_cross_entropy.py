@@ -9,17 +9,18 @@ step's share); "forward" = the loss alone. extra_info: PyTorch-allocator peak
     python -m pytest benchmarks/bench_upsample_cross_entropy.py --benchmark-group-by=group
     (add --benchmark-timer=time.process_time for CPU time on a busy machine)
 """
+
 import pytest
 import torch.nn.functional as F
+from _fcn_head import CASES, CROP, IDS, SCALE, labels, run, scores, scratch_mb
 
 from fcnfast import ops, reference
 
-from _fcn_head import CASES, CROP, IDS, SCALE, labels, run, scores, scratch_mb
-
 LOSSES = {
     "torch": lambda x, t: reference.upsample_cross_entropy(x, t, SCALE, CROP),
-    "unfused": lambda x, t: F.cross_entropy(ops.bilinear_upsample2d(x, SCALE, CROP), t,
-                                            ignore_index=255),
+    "unfused": lambda x, t: F.cross_entropy(
+        ops.bilinear_upsample2d(x, SCALE, CROP), t, ignore_index=255
+    ),
     "fcnfast": lambda x, t: ops.upsample_cross_entropy(x, t, SCALE, CROP),
 }
 
@@ -29,6 +30,7 @@ def _step(loss_fn):
         x = x.detach().requires_grad_()
         loss_fn(x, t).backward()
         return x.grad
+
     return step
 
 
@@ -43,13 +45,20 @@ def test_step(benchmark, impl, classes, batch):
     x, t = scores(classes, batch), labels(classes, batch)
     if impl == "fcnfast":
         benchmark.extra_info["scratch_mb"] = _scratch(classes, x.shape[3])
-    run(benchmark, "upsample_cross_entropy step C=%d N=%d" % (classes, batch),
-        _step(LOSSES[impl]), x, t, rounds=8)
+    run(
+        benchmark,
+        "upsample_cross_entropy step C=%d N=%d" % (classes, batch),
+        _step(LOSSES[impl]),
+        x,
+        t,
+        rounds=8,
+    )
 
 
 @pytest.mark.parametrize("impl", list(LOSSES))
 @pytest.mark.parametrize("classes,batch", CASES[:1], ids=IDS[:1])
 def test_forward(benchmark, impl, classes, batch):
     x, t = scores(classes, batch), labels(classes, batch)
-    run(benchmark, "upsample_cross_entropy forward C=%d N=%d" % (classes, batch),
-        LOSSES[impl], x, t)
+    run(
+        benchmark, "upsample_cross_entropy forward C=%d N=%d" % (classes, batch), LOSSES[impl], x, t
+    )

@@ -11,6 +11,7 @@ FCNFAST_BENCH_THREADS sets torch's intra-op threads (default: torch's choice);
 the thread count, backend and CPU capability are stored in each result's
 extra_info.
 """
+
 import os
 
 import pytest
@@ -22,8 +23,11 @@ import fcnfast
 def pytest_collect_file(file_path, parent):
     # benchmark files are named bench_*.py so the test run never collects them;
     # a file named on the command line is collected by pytest itself
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -37,10 +41,15 @@ def pytest_configure(config):
 @pytest.fixture
 def bench(benchmark):
     """``benchmark`` with the run's settings recorded; call ``bench(group, fn)``."""
+
     def run(group, fn):
         benchmark.group = group
-        benchmark.extra_info.update(threads=torch.get_num_threads(), backend=fcnfast.backend(),
-                                    cpu_capability=torch.backends.cpu.get_cpu_capability())
+        benchmark.extra_info.update(
+            threads=torch.get_num_threads(),
+            backend=fcnfast.backend(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        )
         fn()  # warm-up: allocations, lazy initialisation
         return benchmark(fn)
+
     return run

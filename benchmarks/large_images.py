@@ -11,6 +11,7 @@ re-runs itself with ``--child``). The image is a synthetic JPEG (random blocks a
 the model a tiny-backbone FCN-8s checkpoint trained for one step (the weights do not change
 the cost), or with ``--model`` a shipped model (the CamVid EfficientNet-Lite0 FCN-8s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,32 @@ def make_inputs(out: Path, size: int, need_checkpoint: bool = True) -> tuple:
     if need_checkpoint and not ckpt.exists():
         from fcnfast import cli
 
-        assert cli.main(["train", "--epochs", "1", "--max-steps", "1", "--train-images", "1",
-                         "--val-images", "0", "--image-size", "64", "--num-classes", "21",
-                         "--batch-size", "1", "--quiet", "--overwrite",
-                         "--out", str(out / "run")]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--epochs",
+                    "1",
+                    "--max-steps",
+                    "1",
+                    "--train-images",
+                    "1",
+                    "--val-images",
+                    "0",
+                    "--image-size",
+                    "64",
+                    "--num-classes",
+                    "21",
+                    "--batch-size",
+                    "1",
+                    "--quiet",
+                    "--overwrite",
+                    "--out",
+                    str(out / "run"),
+                ]
+            )
+            == 0
+        )
     return image, ckpt
 
 
@@ -49,8 +72,12 @@ def measure(args: list, threads: int) -> dict:
     """Run ``python -m fcnfast ARGS`` in a child that reports its own peak RSS."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit("failed (%d): %s\n%s" % (proc.returncode, " ".join(args), proc.stderr))
@@ -74,8 +101,12 @@ def main() -> None:
     p.add_argument("--crf", action="store_true", help="also measure predict --crf")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--extra", nargs="*", default=[], help="more predict arguments")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="a shipped model (e.g. fcn8s_lite0_camvid) instead of the tiny FCN-8s")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="a shipped model (e.g. fcn8s_lite0_camvid) instead of the tiny FCN-8s",
+    )
     p.add_argument("--out", default="large_images_out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -77,15 +77,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_openmp") = false;
 #endif
   // the cache of large CPU output blocks (csrc/cpu/large_output.h)
-  m.def("cpu_output_cache_stats", [] {
-    const auto s = fcnfast::cpu::large_output_cache_stats();
-    pybind11::dict d;
-    d["cached_bytes"] = s.cached_bytes;
-    d["cached_blocks"] = s.cached_blocks;
-    d["hits"] = s.hits;
-    d["misses"] = s.misses;
-    return d;
-  }, "bytes and blocks held by fcnfast's cache of large CPU outputs, and its hit/miss counts");
+  m.def(
+      "cpu_output_cache_stats",
+      [] {
+        const auto s = fcnfast::cpu::large_output_cache_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = s.cached_bytes;
+        d["cached_blocks"] = s.cached_blocks;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "bytes and blocks held by fcnfast's cache of large CPU outputs, and its hit/miss counts");
   m.def("cpu_output_cache_clear", &fcnfast::cpu::large_output_cache_clear,
         "return every cached large CPU output block to the operating system");
 #ifdef FCNFAST_SANITIZE

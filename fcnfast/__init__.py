@@ -6,10 +6,11 @@ frozen bilinear upsampling, and the skip score+crop+add -- run as native C++
 defines every op in plain PyTorch and is the fallback when the extension is
 missing.
 """
+
 __version__ = "0.1.0"
 
-from ._backend import backend, build_info, use_backend  # noqa: E402
 from . import ops, reference  # noqa: E402
+from ._backend import backend, build_info, use_backend  # noqa: E402
 from .ops import (  # noqa: E402, F401 (re-exported: __all__)
     bilinear_upsample2d,
     conv_transpose2d,
@@ -18,7 +19,6 @@ from .ops import (  # noqa: E402, F401 (re-exported: __all__)
     upsample_argmax,
     upsample_cross_entropy,
 )
-
 
 
 def load_model(checkpoint, device="cpu", variant=None):

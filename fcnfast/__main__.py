@@ -1,4 +1,5 @@
 """``python -m fcnfast`` runs the ``fcnfast`` command line."""
+
 import sys
 
 from .cli import main

@@ -27,6 +27,7 @@ float64 tensors are never cast down (as autocast leaves float64 alone); integer 
 what the reference backend computes) and as the ``AutocastCPU`` / ``AutocastCUDA`` kernels
 of the ``torch.ops.fcnfast`` dispatcher ops, so both backends give the same dtypes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 _WIDEST = "widest"
 _LOWER = "lower"
 _FP32 = "fp32"
-_COARSE = "coarse"   # score_skip: wider of the first tensor's dtype and the autocast dtype
+_COARSE = "coarse"  # score_skip: wider of the first tensor's dtype and the autocast dtype
 
 RULES: Dict[str, str] = {
     "conv_transpose2d": _LOWER,
@@ -95,9 +96,17 @@ def cast(op: str, device_type: str, args: Sequence) -> tuple:
     dtype = target_dtype(op, args, amp)
     if dtype is None:
         return tuple(args)
-    return tuple(a.to(dtype) if (isinstance(a, torch.Tensor) and a.is_floating_point()
-                                and a.dtype != dtype and a.dtype != torch.float64) else a
-                 for a in args)
+    return tuple(
+        a.to(dtype)
+        if (
+            isinstance(a, torch.Tensor)
+            and a.is_floating_point()
+            and a.dtype != dtype
+            and a.dtype != torch.float64
+        )
+        else a
+        for a in args
+    )
 
 
 def disabled(device_type: str):
@@ -131,10 +140,12 @@ def _kernel(op, name: str, device_type: str, key) -> Callable:
         args = cast(name, device_type, args)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*args)
+
     return impl
 
 
 def _with_keyset(impl: Callable) -> Callable:
     def kernel(_keyset, *args):
         return impl(*args)
+
     return kernel

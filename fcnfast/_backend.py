@@ -12,6 +12,7 @@ else the reference (one warning). ``FCNFAST_CUDA_BACKEND=auto|native|cupy``
 forces the choice (``cupy`` also replaces compiled CUDA kernels; it raises when
 CuPy is missing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,14 @@ import torch
 
 _VALID = ("auto", "native", "reference")
 _lock = threading.Lock()
-_state = {"ext": None, "error": None, "loaded": False, "override": None,
-          "cuda": None, "cuda_warned": False}
+_state = {
+    "ext": None,
+    "error": None,
+    "loaded": False,
+    "override": None,
+    "cuda": None,
+    "cuda_warned": False,
+}
 _on_load = []  # callbacks run once the extension has loaded (op registrations)
 
 
@@ -76,8 +83,9 @@ def _setup_cuda(ext) -> None:
         return
     if not _cupy.available():
         if choice == "cupy":
-            raise RuntimeError("%s=cupy but CuPy is not installed (pip install fcnfast[cupy])"
-                               % _cupy.ENV)
+            raise RuntimeError(
+                "%s=cupy but CuPy is not installed (pip install fcnfast[cupy])" % _cupy.ENV
+            )
         return
     if choice == "cupy" or torch.cuda.is_available():
         _cupy.register()
@@ -137,6 +145,7 @@ def backend(device=None) -> str:
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
         from . import _cupy
+
         _cupy.requested()  # a bad FCNFAST_CUDA_BACKEND is an error even without the extension
     if _requested() == "reference" or extension() is None:
         return "reference"
@@ -161,8 +170,9 @@ def use_backend(name: str):
     if name not in _VALID:
         raise ValueError("backend must be one of %s, got %r" % (_VALID, name))
     if name == "native" and _load_extension() is None:
-        raise RuntimeError("native backend requested but fcnfast._C failed to load: %s"
-                           % _state["error"])
+        raise RuntimeError(
+            "native backend requested but fcnfast._C failed to load: %s" % _state["error"]
+        )
     previous = _state["override"]
     _state["override"] = name
     try:
@@ -196,6 +206,9 @@ def build_info() -> dict:
             sanitize=ext.sanitize or None,
         )
     else:
-        info.update(compiled_cpu=False, compiled_cuda=False,
-                    load_error=repr(_state["error"]) if _state["error"] else None)
+        info.update(
+            compiled_cpu=False,
+            compiled_cuda=False,
+            load_error=repr(_state["error"]) if _state["error"] else None,
+        )
     return info

@@ -16,6 +16,7 @@ Tensors are exchanged zero-copy (raw ``data_ptr``); kernels run on
 ``fcnfast/_csrc`` (copied there by ``setup.py build_py`` for wheels) and then in
 the source tree's ``csrc``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,12 +40,19 @@ _CE_MAX_BLOCKS = 1024  # upsample_cross_entropy.cu kCeMaxBlocks
 # kernels (templates in namespace fcnfast::cuda) defined in or included by each source
 KERNELS = {
     "skip_add_crop.cu": ("skip_add_crop_kernel", "skip_add_crop_backward_kernel"),
-    "score_skip.cu": ("score_skip_kernel", "score_skip_grad_feature_kernel",
-                      "score_skip_grad_weight_kernel", "channel_sum_kernel"),
-    "conv_transpose2d.cu": ("conv_transpose2d_kernel", "conv_transpose2d_grad_x_kernel",
-                            "conv_transpose2d_grad_weight_kernel", "channel_sum_kernel"),
-    "bilinear_upsample2d.cu": ("bilinear_upsample2d_kernel",
-                               "bilinear_upsample2d_backward_kernel"),
+    "score_skip.cu": (
+        "score_skip_kernel",
+        "score_skip_grad_feature_kernel",
+        "score_skip_grad_weight_kernel",
+        "channel_sum_kernel",
+    ),
+    "conv_transpose2d.cu": (
+        "conv_transpose2d_kernel",
+        "conv_transpose2d_grad_x_kernel",
+        "conv_transpose2d_grad_weight_kernel",
+        "channel_sum_kernel",
+    ),
+    "bilinear_upsample2d.cu": ("bilinear_upsample2d_kernel", "bilinear_upsample2d_backward_kernel"),
     "upsample_argmax.cu": ("upsample_argmax_kernel",),
     "upsample_cross_entropy.cu": ("ce_pixel_kernel", "ce_finalize_kernel", "ce_grad_x_kernel"),
 }
@@ -91,9 +99,16 @@ def compile_options(include_dir: str):
 def cuda_include_dir(cuda_path=None):
     """A directory with cuda_fp16.h / cuda_bf16.h for NVRTC: the CUDA toolkit's include
     (``cuda_path``, CUDA_PATH, CUDA_HOME, /usr/local/cuda) or the one of the NVIDIA pip wheels."""
-    candidates = [os.path.join(p, "include") for p in
-                  (cuda_path, os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
-                   "/usr/local/cuda") if p]
+    candidates = [
+        os.path.join(p, "include")
+        for p in (
+            cuda_path,
+            os.environ.get("CUDA_PATH"),
+            os.environ.get("CUDA_HOME"),
+            "/usr/local/cuda",
+        )
+        if p
+    ]
     for entry in sys.path:
         nvidia = os.path.join(entry, "nvidia")
         if os.path.isdir(nvidia):
@@ -108,8 +123,10 @@ def cuda_include_dir(cuda_path=None):
 def read_source(filename: str, root=None) -> str:
     root = root or source_dir()
     if root is None:
-        raise RuntimeError("fcnfast: the CUDA sources (fcnfast/_csrc or csrc) were not found; "
-                           "reinstall fcnfast to use the CuPy backend")
+        raise RuntimeError(
+            "fcnfast: the CUDA sources (fcnfast/_csrc or csrc) were not found; "
+            "reinstall fcnfast to use the CuPy backend"
+        )
     with open(os.path.join(root, "cuda", filename)) as f:
         return f.read()
 
@@ -124,6 +141,7 @@ _modules = {}
 
 def _cupy():
     import cupy  # noqa: PLC0415  (optional dependency, imported on first use)
+
     return cupy
 
 
@@ -140,8 +158,10 @@ def _function(filename: str, kernel: str, dtype: torch.dtype, device: torch.devi
                 options += ("-I" + cuda_include,)  # cuda_fp16.h / cuda_bf16.h
             with cupy.cuda.Device(device.index):
                 module = cupy.RawModule(
-                    code=read_source(filename, root), options=options,
-                    name_expressions=[name_expression(k, dtype) for k in KERNELS[filename]])
+                    code=read_source(filename, root),
+                    options=options,
+                    name_expressions=[name_expression(k, dtype) for k in KERNELS[filename]],
+                )
                 module.compile()
             _modules[key] = module
     return module.get_function(name_expression(kernel, dtype))
@@ -151,8 +171,9 @@ def _launch(filename, kernel, dtype, device, grid, args):
     cupy = _cupy()
     fn = _function(filename, kernel, dtype, device)
     with cupy.cuda.Device(device.index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream,
-                                          device.index)
+        stream = cupy.cuda.ExternalStream(
+            torch.cuda.current_stream(device).cuda_stream, device.index
+        )
         with stream:
             fn((int(grid),), (BLOCK,), tuple(args))
 
@@ -193,6 +214,7 @@ def _acc(dtype, value):
 
 def _np():
     import numpy
+
     return numpy
 
 
@@ -225,6 +247,7 @@ def _empty(t):
 # op implementations (schemas in csrc/bindings.cpp)
 # ---------------------------------------------------------------------------
 
+
 def skip_add_crop(coarse, skip, offset):
     _check_cuda(coarse, "coarse")
     oy, ox = geo.check_skip_add_crop(coarse, skip, offset)
@@ -233,10 +256,15 @@ def skip_add_crop(coarse, skip, offset):
         coarse, skip = coarse.contiguous(), skip.contiguous()
         out = torch.empty_like(coarse)
         if out.numel():
-            _launch("skip_add_crop.cu", "skip_add_crop_kernel", coarse.dtype, coarse.device,
-                    _grid_for(out.numel()),
-                    (_ptr(coarse), _ptr(skip), _ptr(out))
-                    + _i32(out.numel(), h, w, skip.shape[2], skip.shape[3], oy, ox))
+            _launch(
+                "skip_add_crop.cu",
+                "skip_add_crop_kernel",
+                coarse.dtype,
+                coarse.device,
+                _grid_for(out.numel()),
+                (_ptr(coarse), _ptr(skip), _ptr(out))
+                + _i32(out.numel(), h, w, skip.shape[2], skip.shape[3], oy, ox),
+            )
     return out
 
 
@@ -248,10 +276,14 @@ def skip_add_crop_backward(grad, skip_height, skip_width, offset):
         grad = grad.contiguous()
         out = grad.new_empty((n, c, skip_height, skip_width))
         if out.numel():
-            _launch("skip_add_crop.cu", "skip_add_crop_backward_kernel", grad.dtype, grad.device,
-                    _grid_for(out.numel()),
-                    (_ptr(grad), _ptr(out))
-                    + _i32(out.numel(), h, w, skip_height, skip_width, oy, ox))
+            _launch(
+                "skip_add_crop.cu",
+                "skip_add_crop_backward_kernel",
+                grad.dtype,
+                grad.device,
+                _grid_for(out.numel()),
+                (_ptr(grad), _ptr(out)) + _i32(out.numel(), h, w, skip_height, skip_width, oy, ox),
+            )
     return out
 
 
@@ -264,12 +296,32 @@ def score_skip(coarse, feature, weight, bias, scale, offset):
         bias = bias.contiguous() if bias is not None else None
         out = torch.empty_like(coarse)
         if out.numel():
-            _launch("score_skip.cu", "score_skip_kernel", coarse.dtype, coarse.device,
-                    _grid_for(out.numel()),
-                    (_ptr(coarse), _ptr(feature), _ptr(weight), _ptr(bias),
-                     _acc(coarse.dtype, scale), _ptr(out))
-                    + _i32(out.numel(), k, feature.shape[1], h, w, feature.shape[2],
-                           feature.shape[3], oy, ox))
+            _launch(
+                "score_skip.cu",
+                "score_skip_kernel",
+                coarse.dtype,
+                coarse.device,
+                _grid_for(out.numel()),
+                (
+                    _ptr(coarse),
+                    _ptr(feature),
+                    _ptr(weight),
+                    _ptr(bias),
+                    _acc(coarse.dtype, scale),
+                    _ptr(out),
+                )
+                + _i32(
+                    out.numel(),
+                    k,
+                    feature.shape[1],
+                    h,
+                    w,
+                    feature.shape[2],
+                    feature.shape[3],
+                    oy,
+                    ox,
+                ),
+            )
     return out
 
 
@@ -286,50 +338,90 @@ def score_skip_backward(grad, feature, weight, scale, offset, output_mask):
         gw = torch.empty_like(weight) if output_mask[1] else _empty(grad)
         gb = grad.new_empty((k,)) if output_mask[2] else _empty(grad)
         if output_mask[0] and gf.numel():
-            _launch(f, "score_skip_grad_feature_kernel", dt, dev, _grid_for(gf.numel()),
-                    (_ptr(grad), _ptr(weight), _acc(dt, scale), _ptr(gf)) + _i32(gf.numel())
-                    + dims)
+            _launch(
+                f,
+                "score_skip_grad_feature_kernel",
+                dt,
+                dev,
+                _grid_for(gf.numel()),
+                (_ptr(grad), _ptr(weight), _acc(dt, scale), _ptr(gf)) + _i32(gf.numel()) + dims,
+            )
         if output_mask[1] and gw.numel():
             group = _reduction_group(n * h * w)
-            _launch(f, "score_skip_grad_weight_kernel", dt, dev, _tiles(gw.numel(), group),
-                    (_ptr(grad), _ptr(feature), _acc(dt, scale), _ptr(gw)) + _i32(n, group)
-                    + dims)
+            _launch(
+                f,
+                "score_skip_grad_weight_kernel",
+                dt,
+                dev,
+                _tiles(gw.numel(), group),
+                (_ptr(grad), _ptr(feature), _acc(dt, scale), _ptr(gw)) + _i32(n, group) + dims,
+            )
         if output_mask[2] and k:
-            _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(k),
-                    (_ptr(grad), _ptr(gb)) + _i32(n, k, h * w))
+            _launch(
+                f,
+                "channel_sum_kernel",
+                dt,
+                dev,
+                _blocks_for(k),
+                (_ptr(grad), _ptr(gb)) + _i32(n, k, h * w),
+            )
     return gf, gw, gb
 
 
 def _conv_dims(x, weight, stride, padding, groups, dilation, crop):
     top, left, oh, ow = crop
     cout = weight.shape[1] * groups
-    dims = _i32(x.shape[1], x.shape[2], x.shape[3], cout, groups, weight.shape[2], weight.shape[3],
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], top, left,
-                oh, ow)
+    dims = _i32(
+        x.shape[1],
+        x.shape[2],
+        x.shape[3],
+        cout,
+        groups,
+        weight.shape[2],
+        weight.shape[3],
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        top,
+        left,
+        oh,
+        ow,
+    )
     return cout, oh, ow, dims
 
 
 def conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
     _check_cuda(x, "x")
     stride, padding, _, dilation, crop = geo.check_conv_transpose2d(
-        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop
+    )
     cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, groups, dilation, crop)
     with _device(x):
         x, weight = x.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         out = x.new_empty((x.shape[0], cout, oh, ow))
         if out.numel():
-            _launch("conv_transpose2d.cu", "conv_transpose2d_kernel", x.dtype, x.device,
-                    _grid_for(out.numel()),
-                    (_ptr(x), _ptr(weight), _ptr(bias), _ptr(out)) + _i32(out.numel()) + dims)
+            _launch(
+                "conv_transpose2d.cu",
+                "conv_transpose2d_kernel",
+                x.dtype,
+                x.device,
+                _grid_for(out.numel()),
+                (_ptr(x), _ptr(weight), _ptr(bias), _ptr(out)) + _i32(out.numel()) + dims,
+            )
     return out
 
 
-def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, groups, dilation,
-                              crop, output_mask):
+def conv_transpose2d_backward(
+    grad, x, weight, stride, padding, output_padding, groups, dilation, crop, output_mask
+):
     _check_cuda(x, "x")
     stride, padding, _, dilation, crop = geo.check_conv_transpose2d_backward(
-        grad, x, weight, stride, padding, output_padding, groups, dilation, crop)
+        grad, x, weight, stride, padding, output_padding, groups, dilation, crop
+    )
     cout, oh, ow, dims = _conv_dims(x, weight, stride, padding, groups, dilation, crop)
     f = "conv_transpose2d.cu"
     with _device(x):
@@ -339,15 +431,33 @@ def conv_transpose2d_backward(grad, x, weight, stride, padding, output_padding, 
         gw = torch.empty_like(weight) if output_mask[1] else _empty(x)
         gb = x.new_empty((cout,)) if output_mask[2] else _empty(x)
         if output_mask[0] and gx.numel():
-            _launch(f, "conv_transpose2d_grad_x_kernel", dt, dev, _grid_for(gx.numel()),
-                    (_ptr(grad), _ptr(weight), _ptr(gx)) + _i32(gx.numel()) + dims)
+            _launch(
+                f,
+                "conv_transpose2d_grad_x_kernel",
+                dt,
+                dev,
+                _grid_for(gx.numel()),
+                (_ptr(grad), _ptr(weight), _ptr(gx)) + _i32(gx.numel()) + dims,
+            )
         if output_mask[1] and gw.numel():
             group = _reduction_group(x.shape[0] * x.shape[2] * x.shape[3])
-            _launch(f, "conv_transpose2d_grad_weight_kernel", dt, dev, _tiles(gw.numel(), group),
-                    (_ptr(x), _ptr(grad), _ptr(gw)) + _i32(x.shape[0], group) + dims)
+            _launch(
+                f,
+                "conv_transpose2d_grad_weight_kernel",
+                dt,
+                dev,
+                _tiles(gw.numel(), group),
+                (_ptr(x), _ptr(grad), _ptr(gw)) + _i32(x.shape[0], group) + dims,
+            )
         if output_mask[2] and cout:
-            _launch(f, "channel_sum_kernel", dt, dev, _blocks_for(cout),
-                    (_ptr(grad), _ptr(gb)) + _i32(x.shape[0], cout, oh * ow))
+            _launch(
+                f,
+                "channel_sum_kernel",
+                dt,
+                dev,
+                _blocks_for(cout),
+                (_ptr(grad), _ptr(gb)) + _i32(x.shape[0], cout, oh * ow),
+            )
     return gx, gw, gb
 
 
@@ -362,8 +472,14 @@ def _run_upsample(filename, kernel, src, out_shape, dims, extra=(), out_dtype=No
         src = src.contiguous()
         out = src.new_empty(out_shape, dtype=out_dtype or src.dtype)
         if out.numel():
-            _launch(filename, kernel, src.dtype, src.device, _grid_for(out.numel()),
-                    (_ptr(src), _ptr(out)) + _i32(out.numel(), *extra) + dims)
+            _launch(
+                filename,
+                kernel,
+                src.dtype,
+                src.device,
+                _grid_for(out.numel()),
+                (_ptr(src), _ptr(out)) + _i32(out.numel(), *extra) + dims,
+            )
     return out
 
 
@@ -372,8 +488,9 @@ def bilinear_upsample2d(x, scale, crop):
     crop = geo.check_bilinear_upsample2d(x, scale, crop)
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(h, w, scale, crop)
-    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x, (n, c, oh, ow),
-                         dims)
+    return _run_upsample(
+        "bilinear_upsample2d.cu", "bilinear_upsample2d_kernel", x, (n, c, oh, ow), dims
+    )
 
 
 def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
@@ -381,8 +498,13 @@ def bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop):
     crop = geo.check_bilinear_upsample2d_backward(grad, in_height, in_width, scale, crop)
     n, c = grad.shape[:2]
     _, _, dims = _upsample_dims(in_height, in_width, scale, crop)
-    return _run_upsample("bilinear_upsample2d.cu", "bilinear_upsample2d_backward_kernel", grad,
-                         (n, c, in_height, in_width), dims)
+    return _run_upsample(
+        "bilinear_upsample2d.cu",
+        "bilinear_upsample2d_backward_kernel",
+        grad,
+        (n, c, in_height, in_width),
+        dims,
+    )
 
 
 def upsample_argmax(x, scale, crop):
@@ -390,8 +512,15 @@ def upsample_argmax(x, scale, crop):
     crop = geo.check_upsample_argmax(x, scale, crop)
     n, c, h, w = x.shape
     oh, ow, dims = _upsample_dims(h, w, scale, crop)
-    return _run_upsample("upsample_argmax.cu", "upsample_argmax_kernel", x, (n, oh, ow), dims,
-                         extra=(c,), out_dtype=torch.int64)
+    return _run_upsample(
+        "upsample_argmax.cu",
+        "upsample_argmax_kernel",
+        x,
+        (n, oh, ow),
+        dims,
+        extra=(c,),
+        out_dtype=torch.int64,
+    )
 
 
 def _ce_dims(x, scale, crop):
@@ -407,8 +536,14 @@ def _ce_workspace(x, pixels):
     base = ws.data_ptr()
     np = _np()
     # loss partials, int pixel counts, coefficient, lse (upsample_cross_entropy.cu CeWorkspace)
-    return ws, blocks, np.uint64(base), np.uint64(base + 8 * blocks), np.uint64(
-        base + 16 * blocks), np.uint64(base + 8 * (2 * blocks + 1))
+    return (
+        ws,
+        blocks,
+        np.uint64(base),
+        np.uint64(base + 8 * blocks),
+        np.uint64(base + 16 * blocks),
+        np.uint64(base + 8 * (2 * blocks + 1)),
+    )
 
 
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
@@ -422,12 +557,26 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
         ws, blocks, partials, counts, _, _ = _ce_workspace(x, pixels)
-        _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
-                (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials, counts)
-                + _i32(pixels, x.shape[1]) + dims)
-        _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
-                (partials, counts) + _i32(blocks, reduction == "mean")
-                + (np.uint64(0), _ptr(loss), np.uint64(0)))
+        _launch(
+            f,
+            "ce_pixel_kernel",
+            x.dtype,
+            x.device,
+            blocks,
+            (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials, counts)
+            + _i32(pixels, x.shape[1])
+            + dims,
+        )
+        _launch(
+            f,
+            "ce_finalize_kernel",
+            x.dtype,
+            x.device,
+            1,
+            (partials, counts)
+            + _i32(blocks, reduction == "mean")
+            + (np.uint64(0), _ptr(loss), np.uint64(0)),
+        )
         # ws may be freed now: the caching allocator reuses it only in the same stream order
         del ws
     return loss
@@ -435,8 +584,9 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
 
 def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_index, reduction):
     _check_cuda(x, "x")
-    crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
-                                                     ignore_index, reduction)
+    crop = geo.check_upsample_cross_entropy_backward(
+        grad_loss, x, target, scale, crop, ignore_index, reduction
+    )
     # no label-value check here (a second sync per step): bad labels give NaN gradients
     pixels, dims = _ce_dims(x, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
@@ -446,15 +596,36 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
         if gx.numel() == 0:
             return gx
         ws, blocks, partials, counts, coef, lse = _ce_workspace(x, pixels)
-        _launch(f, "ce_pixel_kernel", x.dtype, x.device, blocks,
-                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials, counts)
-                + _i32(pixels, x.shape[1]) + dims)
-        _launch(f, "ce_finalize_kernel", x.dtype, x.device, 1,
-                (partials, counts) + _i32(blocks, reduction == "mean")
-                + (_ptr(grad_loss), np.uint64(0), coef))
-        _launch(f, "ce_grad_x_kernel", x.dtype, x.device, _grid_for(gx.numel()),
-                (_ptr(x), _ptr(target), np.int64(ignore_index), lse, coef, _ptr(gx))
-                + _i32(gx.numel(), x.shape[1]) + dims)
+        _launch(
+            f,
+            "ce_pixel_kernel",
+            x.dtype,
+            x.device,
+            blocks,
+            (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials, counts)
+            + _i32(pixels, x.shape[1])
+            + dims,
+        )
+        _launch(
+            f,
+            "ce_finalize_kernel",
+            x.dtype,
+            x.device,
+            1,
+            (partials, counts)
+            + _i32(blocks, reduction == "mean")
+            + (_ptr(grad_loss), np.uint64(0), coef),
+        )
+        _launch(
+            f,
+            "ce_grad_x_kernel",
+            x.dtype,
+            x.device,
+            _grid_for(gx.numel()),
+            (_ptr(x), _ptr(target), np.int64(ignore_index), lse, coef, _ptr(gx))
+            + _i32(gx.numel(), x.shape[1])
+            + dims,
+        )
         del ws
     return gx
 

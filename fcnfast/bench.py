@@ -11,6 +11,7 @@ Shapes are the FCN-8s head of a 500x500 input (Caffe geometry, DESIGN.md):
 score_fr 16x16, pool4 44x44 (crop 5), pool3 88x88 (crop 9), upscore2 k4 s2,
 upscore_pool4 k4 s2, upscore8 k16 s8 to 568x568 cropped at 31 to 500x500.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ class Case:
     batch: int
     torch_fn: Callable[[], object]
     fcnfast_fn: Callable[[], object]
-    floor: str = ""            # "bandwidth" or "flops"
-    work: float = 0.0          # bytes that must move, or useful FLOPs
+    floor: str = ""  # "bandwidth" or "flops"
+    work: float = 0.0  # bytes that must move, or useful FLOPs
     baseline: str = "PyTorch"  # what the torch side computes
     result: dict = field(default_factory=dict)
 
@@ -51,6 +52,7 @@ class Case:
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
+
 
 def _median_time(fn: Callable[[], object], min_time: float, min_reps: int) -> List[float]:
     times = []
@@ -91,9 +93,11 @@ def busy_warning(spreads: List[float], threshold: float = BUSY_SPREAD) -> Option
     noisy = [x for x in spreads if x > threshold]
     if not noisy:
         return None
-    return ("fcnfast: warning: the machine looks busy: in %d of %d cases the baseline's repeated "
-            "timings differ by up to %.1fx (threshold %.1fx); timings and ratios are unreliable, "
-            "rerun on an idle machine" % (len(noisy), len(spreads), max(noisy), threshold))
+    return (
+        "fcnfast: warning: the machine looks busy: in %d of %d cases the baseline's repeated "
+        "timings differ by up to %.1fx (threshold %.1fx); timings and ratios are unreliable, "
+        "rerun on an idle machine" % (len(noisy), len(spreads), max(noisy), threshold)
+    )
 
 
 class _StderrToFile:
@@ -124,10 +128,10 @@ class _StderrToFile:
 
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by PyTorch's CPU allocator while ``fn`` runs (profiler allocation events)."""
+    import warnings
+
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-
-    import warnings
 
     with _StderrToFile(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,7 +180,7 @@ def _gemm_rates(quick: bool = False) -> dict:
     xp = torch.randn(1, 21, 65, 65).contiguous(memory_format=torch.channels_last)
     wp = torch.randn(21 * 64, 21, 2, 2)  # the FCN-8s upscore8 phase convolution
     work = {
-        "mm %dx%d" % (m, m): (lambda: torch.mm(a, b), 2 * m ** 3),
+        "mm %dx%d" % (m, m): (lambda: torch.mm(a, b), 2 * m**3),
         "conv3x3 256ch 64x64": (lambda: F.conv2d(x3, w3), 2 * 256 * 256 * 9 * 62 * 62),
         "conv2x2 21->1344 65x65": (lambda: F.conv2d(xp, wp), 2 * 1344 * 21 * 4 * 64 * 64),
     }
@@ -187,6 +191,7 @@ def _gemm_rates(quick: bool = False) -> dict:
 # ---------------------------------------------------------------------------
 # cases
 # ---------------------------------------------------------------------------
+
 
 def _bilinear_weight(c: int, k: int) -> torch.Tensor:
     return reference.bilinear_weight(c, k).contiguous()
@@ -209,6 +214,7 @@ def _grad_step(fn, inputs):
         if key not in grads:
             grads[key] = torch.ones_like(out)
         out.backward(grads[key])
+
     return step
 
 
@@ -223,11 +229,27 @@ def bilinear_cases(c: int, n: int) -> List[Case]:
     xg = x.clone().requires_grad_()
     return [
         Case("bilinear_upsample2d x8 fwd", c, n, deconv, ours, "bandwidth", out_bytes),
-        Case("bilinear_upsample2d x8 fwd", c, n, interp, ours, "bandwidth", out_bytes,
-             baseline="F.interpolate"),
-        Case("bilinear_upsample2d x8 fwd+bwd", c, n,
-             _grad_step(lambda: F.conv_transpose2d(xg, w, stride=8, groups=c)[..., 31:531, 31:531], [xg]),
-             _grad_step(lambda: ops.bilinear_upsample2d(xg, 8, crop), [xg]), "bandwidth", 2 * out_bytes),
+        Case(
+            "bilinear_upsample2d x8 fwd",
+            c,
+            n,
+            interp,
+            ours,
+            "bandwidth",
+            out_bytes,
+            baseline="F.interpolate",
+        ),
+        Case(
+            "bilinear_upsample2d x8 fwd+bwd",
+            c,
+            n,
+            _grad_step(
+                lambda: F.conv_transpose2d(xg, w, stride=8, groups=c)[..., 31:531, 31:531], [xg]
+            ),
+            _grad_step(lambda: ops.bilinear_upsample2d(xg, 8, crop), [xg]),
+            "bandwidth",
+            2 * out_bytes,
+        ),
     ]
 
 
@@ -235,46 +257,89 @@ def deconv_cases(c: int, n: int) -> List[Case]:
     x = torch.randn(n, c, FUSE3, FUSE3, requires_grad=True)
     w = torch.randn(c, c, 16, 16, requires_grad=True)
     crop = (FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
-    flops = 2.0 * n * c * c * SIZE * SIZE * 4  # each output pixel gathers 2x2 taps per input channel
+    flops = (
+        2.0 * n * c * c * SIZE * SIZE * 4
+    )  # each output pixel gathers 2x2 taps per input channel
     fwd_t = lambda: F.conv_transpose2d(x, w, stride=8)[..., 31:531, 31:531]  # noqa: E731
     fwd_f = lambda: ops.conv_transpose2d(x, w, stride=8, crop=crop)  # noqa: E731
     xd, wd = x.detach(), w.detach()
     x2 = torch.randn(n, c, SCORE_FR, SCORE_FR)
     w2 = torch.randn(c, c, 4, 4)
     cases = [
-        Case("conv_transpose2d k16s8+crop fwd", c, n,
-             lambda: F.conv_transpose2d(xd, wd, stride=8)[..., 31:531, 31:531],
-             lambda: ops.conv_transpose2d(xd, wd, stride=8, crop=crop), "flops", flops),
+        Case(
+            "conv_transpose2d k16s8+crop fwd",
+            c,
+            n,
+            lambda: F.conv_transpose2d(xd, wd, stride=8)[..., 31:531, 31:531],
+            lambda: ops.conv_transpose2d(xd, wd, stride=8, crop=crop),
+            "flops",
+            flops,
+        ),
     ]
-    cases.append(Case("conv_transpose2d k16s8+crop fwd+bwd", c, n, _grad_step(fwd_t, [x, w]),
-                      _grad_step(fwd_f, [x, w]), "flops", 3 * flops))
-    cases.append(Case("conv_transpose2d k4s2 fwd", c, n, lambda: F.conv_transpose2d(x2, w2, stride=2),
-                      lambda: ops.conv_transpose2d(x2, w2, stride=2), "flops",
-                      2.0 * n * c * c * (2 * SCORE_FR + 2) ** 2 * 4))
+    cases.append(
+        Case(
+            "conv_transpose2d k16s8+crop fwd+bwd",
+            c,
+            n,
+            _grad_step(fwd_t, [x, w]),
+            _grad_step(fwd_f, [x, w]),
+            "flops",
+            3 * flops,
+        )
+    )
+    cases.append(
+        Case(
+            "conv_transpose2d k4s2 fwd",
+            c,
+            n,
+            lambda: F.conv_transpose2d(x2, w2, stride=2),
+            lambda: ops.conv_transpose2d(x2, w2, stride=2),
+            "flops",
+            2.0 * n * c * c * (2 * SCORE_FR + 2) ** 2 * 4,
+        )
+    )
     return cases
 
 
 def skip_cases(c: int, n: int) -> List[Case]:
     cases = []
-    for name, channels, size, offset, out in (("pool4", 512, POOL4, POOL4_OFFSET, FUSE4),
-                                              ("pool3", 256, POOL3, POOL3_OFFSET, FUSE3)):
+    for name, channels, size, offset, out in (
+        ("pool4", 512, POOL4, POOL4_OFFSET, FUSE4),
+        ("pool3", 256, POOL3, POOL3_OFFSET, FUSE3),
+    ):
         coarse = torch.randn(n, c, out, out)
         feat = torch.randn(n, channels, size, size)
         w = torch.randn(c, channels, 1, 1)
         b = torch.randn(c)
         sl = slice(offset, offset + out)
-        cases.append(Case("score_skip %s fwd" % name, c, n,
-                          lambda coarse=coarse, feat=feat, w=w, b=b, sl=sl:
-                          coarse + F.conv2d(feat, w, b)[..., sl, sl],
-                          lambda coarse=coarse, feat=feat, w=w, b=b, offset=offset:
-                          ops.score_skip(coarse, feat, w, b, 1.0, (offset, offset)),
-                          "flops", 2.0 * n * c * channels * out * out))
+        cases.append(
+            Case(
+                "score_skip %s fwd" % name,
+                c,
+                n,
+                lambda coarse=coarse, feat=feat, w=w, b=b, sl=sl: (
+                    coarse + F.conv2d(feat, w, b)[..., sl, sl]
+                ),
+                lambda coarse=coarse, feat=feat, w=w, b=b, offset=offset: ops.score_skip(
+                    coarse, feat, w, b, 1.0, (offset, offset)
+                ),
+                "flops",
+                2.0 * n * c * channels * out * out,
+            )
+        )
     coarse = torch.randn(n, c, FUSE3, FUSE3)
     skip = torch.randn(n, c, POOL3, POOL3)
-    cases.append(Case("skip_add_crop pool3 fwd", c, n,
-                      lambda: coarse + skip[..., 9:79, 9:79],
-                      lambda: ops.skip_add_crop(coarse, skip, (9, 9)),
-                      "bandwidth", 3 * coarse.numel() * 4))
+    cases.append(
+        Case(
+            "skip_add_crop pool3 fwd",
+            c,
+            n,
+            lambda: coarse + skip[..., 9:79, 9:79],
+            lambda: ops.skip_add_crop(coarse, skip, (9, 9)),
+            "bandwidth",
+            3 * coarse.numel() * 4,
+        )
+    )
     return cases
 
 
@@ -296,12 +361,24 @@ def fused_cases(c: int, n: int) -> List[Case]:
         ops.upsample_cross_entropy(xg, target, 8, crop).backward()
 
     return [
-        Case("upsample_argmax x8", c, n,
-             lambda: F.conv_transpose2d(x, w, stride=8, groups=c)[..., 31:531, 31:531].argmax(1),
-             lambda: ops.upsample_argmax(x, 8, crop), "bandwidth",
-             x.numel() * 4 + n * SIZE * SIZE * 8),
-        Case("upsample_cross_entropy x8 fwd+bwd", c, n, unfused_ce, fused_ce, "bandwidth",
-             2 * x.numel() * 4 + target.numel() * 8),
+        Case(
+            "upsample_argmax x8",
+            c,
+            n,
+            lambda: F.conv_transpose2d(x, w, stride=8, groups=c)[..., 31:531, 31:531].argmax(1),
+            lambda: ops.upsample_argmax(x, 8, crop),
+            "bandwidth",
+            x.numel() * 4 + n * SIZE * SIZE * 8,
+        ),
+        Case(
+            "upsample_cross_entropy x8 fwd+bwd",
+            c,
+            n,
+            unfused_ce,
+            fused_ce,
+            "bandwidth",
+            2 * x.numel() * 4 + target.numel() * 8,
+        ),
     ]
 
 
@@ -311,7 +388,8 @@ class _Head(torch.nn.Module):
     def __init__(self, c: int):
         super().__init__()
         bil = lambda k: torch.nn.Parameter(  # noqa: E731
-            torch.eye(c)[:, :, None, None] * reference.bilinear_filter(k))
+            torch.eye(c)[:, :, None, None] * reference.bilinear_filter(k)
+        )
         self.up2, self.up4, self.up8 = bil(4), bil(4), bil(16)
         self.w4 = torch.nn.Parameter(torch.randn(c, 512, 1, 1) * 0.01)
         self.b4 = torch.nn.Parameter(torch.zeros(c))
@@ -320,9 +398,9 @@ class _Head(torch.nn.Module):
 
     def torch_forward(self, score, pool4, pool3):
         up2 = F.conv_transpose2d(score, self.up2, stride=2)
-        fuse4 = up2 + F.conv2d(pool4, self.w4, self.b4)[..., 5:5 + FUSE4, 5:5 + FUSE4]
+        fuse4 = up2 + F.conv2d(pool4, self.w4, self.b4)[..., 5 : 5 + FUSE4, 5 : 5 + FUSE4]
         up4 = F.conv_transpose2d(fuse4, self.up4, stride=2)
-        fuse3 = up4 + F.conv2d(pool3, self.w3, self.b3)[..., 9:9 + FUSE3, 9:9 + FUSE3]
+        fuse3 = up4 + F.conv2d(pool3, self.w3, self.b3)[..., 9 : 9 + FUSE3, 9 : 9 + FUSE3]
         return F.conv_transpose2d(fuse3, self.up8, stride=8)[..., 31:531, 31:531]
 
     def fcnfast_forward(self, score, pool4, pool3):
@@ -330,8 +408,9 @@ class _Head(torch.nn.Module):
         fuse4 = ops.score_skip(up2, pool4, self.w4, self.b4, 1.0, (5, 5))
         up4 = ops.conv_transpose2d(fuse4, self.up4, stride=2)
         fuse3 = ops.score_skip(up4, pool3, self.w3, self.b3, 1.0, (9, 9))
-        return ops.conv_transpose2d(fuse3, self.up8, stride=8,
-                                    crop=(FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE))
+        return ops.conv_transpose2d(
+            fuse3, self.up8, stride=8, crop=(FINAL_OFFSET, FINAL_OFFSET, SIZE, SIZE)
+        )
 
 
 def head_cases(c: int, n: int) -> List[Case]:
@@ -347,13 +426,28 @@ def head_cases(c: int, n: int) -> List[Case]:
         def run():
             with torch.no_grad():
                 return fn(*args)
+
         return run
 
     return [
-        Case("FCN-8s head fwd", c, n, nograd(head.torch_forward), nograd(head.fcnfast_forward),
-             "flops", flops),
-        Case("FCN-8s head fwd+bwd", c, n, _grad_step(lambda: head.torch_forward(*args), params),
-             _grad_step(lambda: head.fcnfast_forward(*args), params), "flops", 3 * flops),
+        Case(
+            "FCN-8s head fwd",
+            c,
+            n,
+            nograd(head.torch_forward),
+            nograd(head.fcnfast_forward),
+            "flops",
+            flops,
+        ),
+        Case(
+            "FCN-8s head fwd+bwd",
+            c,
+            n,
+            _grad_step(lambda: head.torch_forward(*args), params),
+            _grad_step(lambda: head.fcnfast_forward(*args), params),
+            "flops",
+            3 * flops,
+        ),
     ]
 
 
@@ -361,6 +455,7 @@ def model_cases(c: int, n: int, size: int = 256) -> List[Case]:
     """A whole FCN-8s (tiny backbone) run with the native ops vs the reference ops."""
     try:
         from .models import fcn8s
+
         model = fcn8s(num_classes=c, backbone="tiny")
     except Exception:  # models not available in this build
         return []
@@ -376,13 +471,30 @@ def model_cases(c: int, n: int, size: int = 256) -> List[Case]:
                 else:
                     with torch.no_grad():
                         return model(x)
+
         return go
 
     return [
-        Case("FCN-8s tiny %dx%d fwd" % (size, size), c, n, run("reference", False),
-             run("auto", False), "", 0.0, baseline="reference ops"),
-        Case("FCN-8s tiny %dx%d fwd+bwd" % (size, size), c, n, run("reference", True),
-             run("auto", True), "", 0.0, baseline="reference ops"),
+        Case(
+            "FCN-8s tiny %dx%d fwd" % (size, size),
+            c,
+            n,
+            run("reference", False),
+            run("auto", False),
+            "",
+            0.0,
+            baseline="reference ops",
+        ),
+        Case(
+            "FCN-8s tiny %dx%d fwd+bwd" % (size, size),
+            c,
+            n,
+            run("reference", True),
+            run("auto", True),
+            "",
+            0.0,
+            baseline="reference ops",
+        ),
     ]
 
 
@@ -446,11 +558,22 @@ def crf_cases(c: int, n: int) -> List[Case]:
     if theirs is None:
         import sys
 
-        print("fcnfast bench: crf case C=%d skipped: pydensecrf is not installed "
-              "(pip install pydensecrf2)" % c, file=sys.stderr)
+        print(
+            "fcnfast bench: crf case C=%d skipped: pydensecrf is not installed "
+            "(pip install pydensecrf2)" % c,
+            file=sys.stderr,
+        )
         return []
-    return [Case("dense_crf %dx%d 5 it" % (CRF_SIZE[1], CRF_SIZE[0]), c, n, theirs,
-                 lambda: crf.dense_crf(logits, image), baseline="pydensecrf")]
+    return [
+        Case(
+            "dense_crf %dx%d 5 it" % (CRF_SIZE[1], CRF_SIZE[0]),
+            c,
+            n,
+            theirs,
+            lambda: crf.dense_crf(logits, image),
+            baseline="pydensecrf",
+        )
+    ]
 
 
 CASE_GROUPS = {
@@ -468,18 +591,25 @@ CASE_GROUPS = {
 # running and reporting
 # ---------------------------------------------------------------------------
 
+
 def run_case(case: Case, floors: dict, min_time: float, memory: bool) -> dict:
     spread = []
-    t_torch, t_ours = compare_times(case.torch_fn, case.fcnfast_fn, min_time=min_time,
-                                    spread=spread)
+    t_torch, t_ours = compare_times(
+        case.torch_fn, case.fcnfast_fn, min_time=min_time, spread=spread
+    )
     row = {
-        "case": case.name, "C": case.classes, "N": case.batch, "baseline": case.baseline,
-        "torch_ms": t_torch * 1e3, "fcnfast_ms": t_ours * 1e3, "ratio": t_torch / t_ours,
+        "case": case.name,
+        "C": case.classes,
+        "N": case.batch,
+        "baseline": case.baseline,
+        "torch_ms": t_torch * 1e3,
+        "fcnfast_ms": t_ours * 1e3,
+        "ratio": t_torch / t_ours,
         "baseline_spread": spread[0],
     }
     if memory:
-        row["torch_peak_mb"] = peak_memory(case.torch_fn) / 2 ** 20
-        row["fcnfast_peak_mb"] = peak_memory(case.fcnfast_fn) / 2 ** 20
+        row["torch_peak_mb"] = peak_memory(case.torch_fn) / 2**20
+        row["fcnfast_peak_mb"] = peak_memory(case.fcnfast_fn) / 2**20
     if case.floor:
         floor_s = case.work / floors[case.floor]
         row["floor"] = case.floor
@@ -488,16 +618,30 @@ def run_case(case: Case, floors: dict, min_time: float, memory: bool) -> dict:
 
 
 def format_table(rows: List[dict]) -> str:
-    lines = ["| case | C | N | baseline | baseline ms | fcnfast ms | ratio | baseline peak MB "
-             "| fcnfast peak MB | % of floor |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | C | N | baseline | baseline ms | fcnfast ms | ratio | baseline peak MB "
+        "| fcnfast peak MB | % of floor |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mem_t = "%.1f" % r["torch_peak_mb"] if "torch_peak_mb" in r else "-"
         mem_f = "%.1f" % r["fcnfast_peak_mb"] if "fcnfast_peak_mb" in r else "-"
         floor = "%.0f%% (%s)" % (r["pct_of_floor"], r["floor"]) if "pct_of_floor" in r else "-"
-        lines.append("| %s | %d | %d | %s | %.2f | %.2f | %.2fx | %s | %s | %s |" % (
-            r["case"], r["C"], r["N"], r["baseline"], r["torch_ms"], r["fcnfast_ms"], r["ratio"],
-            mem_t, mem_f, floor))
+        lines.append(
+            "| %s | %d | %d | %s | %.2f | %.2f | %.2fx | %s | %s | %s |"
+            % (
+                r["case"],
+                r["C"],
+                r["N"],
+                r["baseline"],
+                r["torch_ms"],
+                r["fcnfast_ms"],
+                r["ratio"],
+                mem_t,
+                mem_f,
+                floor,
+            )
+        )
     return "\n".join(lines)
 
 
@@ -511,18 +655,31 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    return ("CPU: %s; torch %s, %d threads, capability %s; fcnfast backend %s"
-            % (model, torch.__version__, torch.get_num_threads(),
-               torch.backends.cpu.get_cpu_capability(), _backend.backend()))
+    return "CPU: %s; torch %s, %d threads, capability %s; fcnfast backend %s" % (
+        model,
+        torch.__version__,
+        torch.get_num_threads(),
+        torch.backends.cpu.get_cpu_capability(),
+        _backend.backend(),
+    )
 
 
-def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8),
-        min_time: float = 0.5, memory: bool = True, quick: bool = False, echo=print) -> dict:
+def run(
+    groups: Optional[List[str]] = None,
+    classes=(21, 59, 150),
+    batches=(1, 8),
+    min_time: float = 0.5,
+    memory: bool = True,
+    quick: bool = False,
+    echo=print,
+) -> dict:
     groups = groups or list(CASE_GROUPS)
     floors = measure_floors(quick)
     echo(machine_description())
-    echo("floors: copy bandwidth %.1f GB/s, fp32 GEMM %.1f GFLOP/s"
-         % (floors["bandwidth"] / 1e9, floors["flops"] / 1e9))
+    echo(
+        "floors: copy bandwidth %.1f GB/s, fp32 GEMM %.1f GFLOP/s"
+        % (floors["bandwidth"] / 1e9, floors["flops"] / 1e9)
+    )
     rows = []
     for group in groups:
         for c in classes:
@@ -530,15 +687,21 @@ def run(groups: Optional[List[str]] = None, classes=(21, 59, 150), batches=(1, 8
                 for case in CASE_GROUPS[group](c, n):
                     row = run_case(case, floors, min_time, memory)
                     rows.append(row)
-                    echo("  %-40s C=%-3d N=%d  %8.2f ms -> %8.2f ms  %.2fx"
-                         % (row["case"], c, n, row["torch_ms"], row["fcnfast_ms"], row["ratio"]))
+                    echo(
+                        "  %-40s C=%-3d N=%d  %8.2f ms -> %8.2f ms  %.2fx"
+                        % (row["case"], c, n, row["torch_ms"], row["fcnfast_ms"], row["ratio"])
+                    )
     warning = busy_warning([r["baseline_spread"] for r in rows])
     if warning:
         import sys
 
         print(warning, file=sys.stderr)
-    return {"machine": machine_description(), "floors": floors, "rows": rows,
-            "busy_warning": warning}
+    return {
+        "machine": machine_description(),
+        "floors": floors,
+        "rows": rows,
+        "busy_warning": warning,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -578,8 +741,11 @@ def _cold_child(spec_json: str) -> None:
     # Start the thread pool on unrelated work first: the first call should time the op
     # (its allocation and page faults included), not OpenMP's start-up.
     torch.ones(1 << 20).add_(1)
-    case = next(c for c in CASE_GROUPS[spec["group"]](spec["C"], spec["N"])
-                if c.name == spec["case"] and c.baseline == spec["baseline"])
+    case = next(
+        c
+        for c in CASE_GROUPS[spec["group"]](spec["C"], spec["N"])
+        if c.name == spec["case"] and c.baseline == spec["baseline"]
+    )
     fn = case.fcnfast_fn if spec["side"] == "fcnfast" else case.torch_fn
     times = []
     result = None
@@ -599,8 +765,9 @@ def _run_cold_child(spec: dict) -> List[float]:
     import sys
 
     code = "import sys; from fcnfast.bench import _cold_child; _cold_child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError("fcnfast bench --cold: the child process failed:\n%s" % proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -617,15 +784,24 @@ def cold_stats(runs: List[List[float]]) -> dict:
     """Milliseconds over fresh processes' call series: the first call (median and worst
     over processes), the median and p99 of the later calls, the slowest call of all."""
     later = [t for run in runs for t in run[1:]] or [run[0] for run in runs]
-    return {"first_ms": 1e3 * statistics.median(run[0] for run in runs),
-            "first_max_ms": 1e3 * max(run[0] for run in runs),
-            "median_ms": 1e3 * statistics.median(later),
-            "p99_ms": 1e3 * percentile(later, 99),
-            "max_ms": 1e3 * max(t for run in runs for t in run)}
+    return {
+        "first_ms": 1e3 * statistics.median(run[0] for run in runs),
+        "first_max_ms": 1e3 * max(run[0] for run in runs),
+        "median_ms": 1e3 * statistics.median(later),
+        "p99_ms": 1e3 * percentile(later, 99),
+        "max_ms": 1e3 * max(t for run in runs for t in run),
+    }
 
 
-def run_cold(classes=(21, 59, 150), batches=(1,), procs: int = 5, calls: int = 10,
-             threads: Optional[int] = None, cases=COLD_CASES, echo=print) -> dict:
+def run_cold(
+    classes=(21, 59, 150),
+    batches=(1,),
+    procs: int = 5,
+    calls: int = 10,
+    threads: Optional[int] = None,
+    cases=COLD_CASES,
+    echo=print,
+) -> dict:
     """Cold-call latency: each side of each case in ``procs`` fresh processes of ``calls``
     calls each (processes of the two sides alternate, so that noise hits both)."""
     echo(machine_description())
@@ -635,8 +811,15 @@ def run_cold(classes=(21, 59, 150), batches=(1,), procs: int = 5, calls: int = 1
         for n in batches:
             ours_runs = {}  # one fcnfast series per (group, case name)
             for group, name, baseline in cases:
-                base = dict(group=group, case=name, baseline=baseline, C=c, N=n, calls=calls,
-                            threads=threads)
+                base = dict(
+                    group=group,
+                    case=name,
+                    baseline=baseline,
+                    C=c,
+                    N=n,
+                    calls=calls,
+                    threads=threads,
+                )
                 theirs = []
                 need_ours = (group, name) not in ours_runs
                 ours = []
@@ -647,30 +830,61 @@ def run_cold(classes=(21, 59, 150), batches=(1,), procs: int = 5, calls: int = 1
                 if need_ours:
                     ours_runs[(group, name)] = ours
                 t, f = cold_stats(theirs), cold_stats(ours_runs[(group, name)])
-                row = {"case": name, "C": c, "N": n, "baseline": baseline, "procs": procs,
-                       "calls": calls}
+                row = {
+                    "case": name,
+                    "C": c,
+                    "N": n,
+                    "baseline": baseline,
+                    "procs": procs,
+                    "calls": calls,
+                }
                 row.update({"torch_" + k: v for k, v in t.items()})
                 row.update({"fcnfast_" + k: v for k, v in f.items()})
                 rows.append(row)
-                echo("  %-34s C=%-3d N=%d %-13s first %7.2f / %7.2f ms, median %7.2f / %7.2f, "
-                     "p99 %7.2f / %7.2f" % (name, c, n, baseline, t["first_ms"], f["first_ms"],
-                                           t["median_ms"], f["median_ms"], t["p99_ms"],
-                                           f["p99_ms"]))
+                echo(
+                    "  %-34s C=%-3d N=%d %-13s first %7.2f / %7.2f ms, median %7.2f / %7.2f, "
+                    "p99 %7.2f / %7.2f"
+                    % (
+                        name,
+                        c,
+                        n,
+                        baseline,
+                        t["first_ms"],
+                        f["first_ms"],
+                        t["median_ms"],
+                        f["median_ms"],
+                        t["p99_ms"],
+                        f["p99_ms"],
+                    )
+                )
     return {"machine": machine_description(), "thp": thp_settings(), "rows": rows}
 
 
 def format_cold_table(rows: List[dict]) -> str:
-    lines = ["| case | C | N | baseline | baseline first ms | baseline median ms | baseline p99 ms "
-             "| fcnfast first ms | fcnfast median ms | fcnfast p99 ms | fcnfast first / median "
-             "| fcnfast p99 / median |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | C | N | baseline | baseline first ms | baseline median ms | baseline p99 ms "
+        "| fcnfast first ms | fcnfast median ms | fcnfast p99 ms | fcnfast first / median "
+        "| fcnfast p99 / median |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append("| %s | %d | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2fx | %.2fx |"
-                     % (r["case"], r["C"], r["N"], r["baseline"], r["torch_first_ms"],
-                        r["torch_median_ms"], r["torch_p99_ms"], r["fcnfast_first_ms"],
-                        r["fcnfast_median_ms"], r["fcnfast_p99_ms"],
-                        r["fcnfast_first_ms"] / r["fcnfast_median_ms"],
-                        r["fcnfast_p99_ms"] / r["fcnfast_median_ms"]))
+        lines.append(
+            "| %s | %d | %d | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2fx | %.2fx |"
+            % (
+                r["case"],
+                r["C"],
+                r["N"],
+                r["baseline"],
+                r["torch_first_ms"],
+                r["torch_median_ms"],
+                r["torch_p99_ms"],
+                r["fcnfast_first_ms"],
+                r["fcnfast_median_ms"],
+                r["fcnfast_p99_ms"],
+                r["fcnfast_first_ms"] / r["fcnfast_median_ms"],
+                r["fcnfast_p99_ms"] / r["fcnfast_median_ms"],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -680,11 +894,15 @@ def _cold_main(args: argparse.Namespace, classes, batches) -> int:
         raise ValueError("--cold-procs and --cold-calls must be >= 1")
     result = run_cold(classes, batches, args.cold_procs, args.cold_calls, args.threads)
     table = format_cold_table(result["rows"])
-    _emit(args, result, table,
-          "# fcnfast CPU cold calls\n\n%s; transparent huge pages %s. Each side in %d fresh "
-          "processes of %d calls (each keeping the previous result, as a loop does); first = "
-          "median over processes of the first call; median and p99 over the later calls."
-          % (result["machine"], result["thp"], args.cold_procs, args.cold_calls))
+    _emit(
+        args,
+        result,
+        table,
+        "# fcnfast CPU cold calls\n\n%s; transparent huge pages %s. Each side in %d fresh "
+        "processes of %d calls (each keeping the previous result, as a loop does); first = "
+        "median over processes of the first call; median and p99 over the later calls."
+        % (result["machine"], result["thp"], args.cold_procs, args.cold_calls),
+    )
     return 0
 
 
@@ -703,21 +921,36 @@ def _emit(args: argparse.Namespace, result: dict, table: str, markdown_header: s
 def register_cli(subparsers) -> None:
     from .cli import HelpFormatter
 
-    p = subparsers.add_parser("bench", help="benchmark fcnfast's ops against PyTorch (markdown table)",
-                              formatter_class=HelpFormatter)
-    p.add_argument("--groups", nargs="+", choices=sorted(CASE_GROUPS), default=None,
-                   help="case groups to run (default: all)")
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark fcnfast's ops against PyTorch (markdown table)",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--groups",
+        nargs="+",
+        choices=sorted(CASE_GROUPS),
+        default=None,
+        help="case groups to run (default: all)",
+    )
     p.add_argument("--classes", nargs="+", type=int, default=[21, 59, 150])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per case and side")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    p.add_argument(
+        "--min-time", type=float, default=0.5, help="seconds of timing per case and side"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: as is)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--quick", action="store_true", help="C=21, N=1, short timings")
     p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also save the table as a markdown file")
-    p.add_argument("--cold", action="store_true",
-                   help="time the first calls of fresh processes instead (first-call, median, p99 "
-                        "latency of the ops that allocate a large output)")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="time the first calls of fresh processes instead (first-call, median, p99 "
+        "latency of the ops that allocate a large output)",
+    )
     p.add_argument("--cold-procs", type=int, default=5, help="--cold: fresh processes per side")
     p.add_argument("--cold-calls", type=int, default=10, help="--cold: calls per process")
     p.set_defaults(func=main)
@@ -736,17 +969,22 @@ def main(args: argparse.Namespace) -> int:
     for path, name in ((args.json, "--json"), (args.markdown, "--markdown")):
         # checked before minutes of timing, not after
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise FileNotFoundError("%s %s: directory %s does not exist"
-                                    % (name, path, os.path.dirname(os.path.abspath(path))))
+            raise FileNotFoundError(
+                "%s %s: directory %s does not exist"
+                % (name, path, os.path.dirname(os.path.abspath(path)))
+            )
     classes, batches, min_time = args.classes, args.batch, args.min_time
     if args.quick:
         classes, batches, min_time = [21], [1], min(min_time, 0.1)
     if getattr(args, "cold", False):
         return _cold_main(args, classes, batches)
     result = run(args.groups, classes, batches, min_time, not args.no_memory, args.quick)
-    _emit(args, result, format_table(result["rows"]),
-          "# fcnfast CPU benchmark\n\n%s\n\nFloors measured in the same run: copy bandwidth "
-          "%.1f GB/s, fp32 GEMM %.1f GFLOP/s." % (result["machine"],
-                                                 result["floors"]["bandwidth"] / 1e9,
-                                                 result["floors"]["flops"] / 1e9))
+    _emit(
+        args,
+        result,
+        format_table(result["rows"]),
+        "# fcnfast CPU benchmark\n\n%s\n\nFloors measured in the same run: copy bandwidth "
+        "%.1f GB/s, fp32 GEMM %.1f GFLOP/s."
+        % (result["machine"], result["floors"]["bandwidth"] / 1e9, result["floors"]["flops"] / 1e9),
+    )
     return 0

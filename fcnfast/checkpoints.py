@@ -16,6 +16,7 @@
   ``FCN8s`` and ``FCN8sAtOnce`` have the same keys (they differ only in the pool4/pool3
   scaling of ``forward``), so an FCN-8s file needs ``variant="fcn8s"`` or ``"fcn8s_atonce"``.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,19 @@ from torch import nn
 
 from .nn import bilinear_kernel
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "pytorch_fcn_key_map", "load_pytorch_fcn", "from_pytorch_fcn",
-           "is_pytorch_fcn_state_dict"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "pytorch_fcn_key_map",
+    "load_pytorch_fcn",
+    "from_pytorch_fcn",
+    "is_pytorch_fcn_state_dict",
+]
 
 CHECKPOINT_FORMAT = "fcnfast-checkpoint-1"
+
 
 def save_checkpoint(state: dict, path) -> Path:
     """Write ``state`` with ``torch.save`` atomically: a temporary file in the same
@@ -93,8 +103,9 @@ def _read(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, wrong format ...
-        raise ValueError("cannot read checkpoint %s (corrupt or not a torch checkpoint): %s"
-                         % (path, exc)) from exc
+        raise ValueError(
+            "cannot read checkpoint %s (corrupt or not a torch checkpoint): %s" % (path, exc)
+        ) from exc
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -114,14 +125,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     state = _read(path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("%s is not an fcnfast checkpoint (missing format %r)"
-                         % (path, CHECKPOINT_FORMAT))
+        raise ValueError(
+            "%s is not an fcnfast checkpoint (missing format %r)" % (path, CHECKPOINT_FORMAT)
+        )
     return state
 
 
 _VGG_CONVS = [(b, i) for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)]
-_FINAL = {"fcn32s": "upscore", "fcn16s": "upscore16", "fcn8s": "upscore8",
-          "fcn8s_atonce": "upscore8"}
+_FINAL = {
+    "fcn32s": "upscore",
+    "fcn16s": "upscore16",
+    "fcn8s": "upscore8",
+    "fcn8s_atonce": "upscore8",
+}
 
 
 def pytorch_fcn_key_map(model) -> Dict[str, str]:
@@ -129,11 +145,14 @@ def pytorch_fcn_key_map(model) -> Dict[str, str]:
     from .models.fcn import FCN
 
     if not isinstance(model, FCN):
-        raise ValueError("model must be an fcnfast FCN (fcn32s/16s/8s/8s_atonce), got %s"
-                         % type(model).__name__)
+        raise ValueError(
+            "model must be an fcnfast FCN (fcn32s/16s/8s/8s_atonce), got %s" % type(model).__name__
+        )
     if model.spec.batch_norm:
-        raise ValueError("pytorch-fcn checkpoints have no batch norm; backbone %r has it (use "
-                         "backbone='vgg16', or 'small' for the width-reduced net)" % model.spec.name)
+        raise ValueError(
+            "pytorch-fcn checkpoints have no batch norm; backbone %r has it (use "
+            "backbone='vgg16', or 'small' for the width-reduced net)" % model.spec.name
+        )
     convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
     mapping = {}
     for (block, idx), index in zip(_VGG_CONVS, convs):
@@ -155,8 +174,9 @@ def _unwrap(state):
     if isinstance(state, Mapping) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not is_pytorch_fcn_state_dict(state):
-        raise ValueError("not a wkentaro/pytorch-fcn state_dict (no conv1_1.weight / "
-                         "score_fr.weight keys)")
+        raise ValueError(
+            "not a wkentaro/pytorch-fcn state_dict (no conv1_1.weight / score_fr.weight keys)"
+        )
     return state
 
 
@@ -176,28 +196,36 @@ def load_pytorch_fcn(model, state_dict: Mapping) -> None:
         if key not in mapping:
             if key == final + ".weight" and model.fixed_upsampling:
                 expected = bilinear_kernel(model.num_classes, 2 * model.upscale, value.dtype)
-                if tuple(value.shape) != tuple(expected.shape) or \
-                        not torch.allclose(value, expected, atol=1e-6):
-                    raise ValueError("%s is not the bilinear kernel, but the model has "
-                                     "fixed_upsampling=True: build it with "
-                                     "fixed_upsampling=False to load learned weights" % key)
+                if tuple(value.shape) != tuple(expected.shape) or not torch.allclose(
+                    value, expected, atol=1e-6
+                ):
+                    raise ValueError(
+                        "%s is not the bilinear kernel, but the model has "
+                        "fixed_upsampling=True: build it with "
+                        "fixed_upsampling=False to load learned weights" % key
+                    )
                 continue
             unexpected.append(key)
             continue
         converted[mapping[key]] = value
     missing = sorted(set(own) - set(converted))
-    mismatched = sorted("%s: %s in the file, %s in the model" % (k, tuple(v.shape),
-                                                                   tuple(own[k].shape))
-                        for k, v in converted.items() if k in own and v.shape != own[k].shape)
+    mismatched = sorted(
+        "%s: %s in the file, %s in the model" % (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in converted.items()
+        if k in own and v.shape != own[k].shape
+    )
     if unexpected or missing or mismatched:
-        raise ValueError("pytorch-fcn state_dict does not fit %s (%s backbone): unexpected %s, "
-                         "missing %s, shape mismatch %s" % (model.variant, model.spec.name,
-                                                            sorted(unexpected), missing, mismatched))
+        raise ValueError(
+            "pytorch-fcn state_dict does not fit %s (%s backbone): unexpected %s, "
+            "missing %s, shape mismatch %s"
+            % (model.variant, model.spec.name, sorted(unexpected), missing, mismatched)
+        )
     model.load_state_dict(converted)
 
 
-def from_pytorch_fcn(state_dict: Mapping, variant: Optional[str] = None,
-                     fixed_upsampling: bool = False):
+def from_pytorch_fcn(
+    state_dict: Mapping, variant: Optional[str] = None, fixed_upsampling: bool = False
+):
     """Build the fcnfast ``FCN`` of a wkentaro/pytorch-fcn state_dict and load it.
 
     The variant comes from the keys (``upscore`` -> fcn32s, ``upscore16`` -> fcn16s); an
@@ -210,8 +238,10 @@ def from_pytorch_fcn(state_dict: Mapping, variant: Optional[str] = None,
     state = _unwrap(state_dict)
     if "upscore8.weight" in state:
         if variant not in ("fcn8s", "fcn8s_atonce"):
-            raise ValueError("an FCN-8s state_dict needs variant='fcn8s' or 'fcn8s_atonce' (the "
-                             "two have the same keys), got variant=%r" % (variant,))
+            raise ValueError(
+                "an FCN-8s state_dict needs variant='fcn8s' or 'fcn8s_atonce' (the "
+                "two have the same keys), got variant=%r" % (variant,)
+            )
     else:
         found = "fcn16s" if "upscore16.weight" in state else "fcn32s"
         if variant is not None and variant != found:
@@ -219,12 +249,21 @@ def from_pytorch_fcn(state_dict: Mapping, variant: Optional[str] = None,
         variant = found
     widths = tuple(int(state["conv%d_1.weight" % b].shape[0]) for b in range(1, 6))
     fc = int(state["fc6.weight"].shape[0])
-    backbone = next((name for name, spec in BACKBONES.items()
-                     if not spec.batch_norm and spec.widths == widths and spec.fc_width == fc),
-                    None) or BackboneSpec("custom", widths, fc)
-    model = FCN(variant, num_classes=int(state["score_fr.weight"].shape[0]),
-                in_channels=int(state["conv1_1.weight"].shape[1]), backbone=backbone,
-                fixed_upsampling=fixed_upsampling)
+    backbone = next(
+        (
+            name
+            for name, spec in BACKBONES.items()
+            if not spec.batch_norm and spec.widths == widths and spec.fc_width == fc
+        ),
+        None,
+    ) or BackboneSpec("custom", widths, fc)
+    model = FCN(
+        variant,
+        num_classes=int(state["score_fr.weight"].shape[0]),
+        in_channels=int(state["conv1_1.weight"].shape[1]),
+        backbone=backbone,
+        fixed_upsampling=fixed_upsampling,
+    )
     load_pytorch_fcn(model, state)
     return model.eval()
 

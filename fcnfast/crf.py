@@ -52,6 +52,7 @@ float64 with ``torch.linalg.eigh``), all multiplied by one factor so that the fi
 spans a range of 255 -- one common scale keeps the components' relative variance, so
 ``bilateral_color_std`` keeps its "RGB units" meaning.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,18 +62,31 @@ import torch
 
 from . import _backend
 
-__all__ = ["dense_crf", "dense_crf_reference", "refine_labels", "appearance_features",
-           "REFERENCE_MAX_PIXELS"]
+__all__ = [
+    "dense_crf",
+    "dense_crf_reference",
+    "refine_labels",
+    "appearance_features",
+    "REFERENCE_MAX_PIXELS",
+]
 
 REFERENCE_MAX_PIXELS = 64 * 64
 MAX_APPEARANCE_CHANNELS = 14  # the lattice has 2 + channels dimensions (csrc kMaxDim = 16)
 _ISOLATED = 1e-4  # row sums below this get no message (same constant as the native kernel)
 
 
-def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0,
-              spatial_weight: float = 3.0, bilateral_spatial_std: float = 80.0,
-              bilateral_color_std: float = 13.0, bilateral_weight: float = 10.0,
-              pca_components: int | None = None, backend: str = "auto"):
+def dense_crf(
+    unary_logits,
+    image,
+    iterations: int = 5,
+    spatial_std: float = 3.0,
+    spatial_weight: float = 3.0,
+    bilateral_spatial_std: float = 80.0,
+    bilateral_color_std: float = 13.0,
+    bilateral_weight: float = 10.0,
+    pca_components: int | None = None,
+    backend: str = "auto",
+):
     """Mean-field inference of the fully connected CRF; returns Q, shaped like ``unary_logits``.
 
     Equals ``dense_crf_reference(...)`` up to the lattice approximation of the appearance kernel.
@@ -103,14 +117,22 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
         Tensor: Q, the per-pixel class probabilities, shaped and typed like ``unary_logits``.
     """
     logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
-    params = _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
-                           bilateral_color_std, bilateral_weight)
+    params = _check_params(
+        iterations,
+        spatial_std,
+        spatial_weight,
+        bilateral_spatial_std,
+        bilateral_color_std,
+        bilateral_weight,
+    )
     impl = _choose_backend(backend, logits)
     if impl == "native":
         # inference only (no autograd); tensors on another device run on the CPU kernel
-        q = torch.ops.fcnfast.dense_crf(logits.detach().to("cpu", torch.float32).contiguous(),
-                                         appearance.detach().to("cpu", torch.float32).contiguous(),
-                                         *params)
+        q = torch.ops.fcnfast.dense_crf(
+            logits.detach().to("cpu", torch.float32).contiguous(),
+            appearance.detach().to("cpu", torch.float32).contiguous(),
+            *params,
+        )
         q = q.to(logits.device)
     else:
         q = _mean_field_reference(logits, appearance, *params)
@@ -118,10 +140,17 @@ def dense_crf(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0
     return q.squeeze(0) if squeeze else q
 
 
-def dense_crf_reference(unary_logits, image, iterations: int = 5, spatial_std: float = 3.0,
-                        spatial_weight: float = 3.0, bilateral_spatial_std: float = 80.0,
-                        bilateral_color_std: float = 13.0, bilateral_weight: float = 10.0,
-                        pca_components: int | None = None):
+def dense_crf_reference(
+    unary_logits,
+    image,
+    iterations: int = 5,
+    spatial_std: float = 3.0,
+    spatial_weight: float = 3.0,
+    bilateral_spatial_std: float = 80.0,
+    bilateral_color_std: float = 13.0,
+    bilateral_weight: float = 10.0,
+    pca_components: int | None = None,
+):
     """Brute-force O(P^2) mean field with exact Gaussian kernels (i != j), pure PyTorch.
 
     Per image with logits ``z`` (C, P)::
@@ -135,8 +164,14 @@ def dense_crf_reference(unary_logits, image, iterations: int = 5, spatial_std: f
     logits, else float32.
     """
     logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
-    params = _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
-                           bilateral_color_std, bilateral_weight)
+    params = _check_params(
+        iterations,
+        spatial_std,
+        spatial_weight,
+        bilateral_spatial_std,
+        bilateral_color_std,
+        bilateral_weight,
+    )
     q = _mean_field_reference(logits, appearance, *params).to(unary_logits.dtype)
     return q.squeeze(0) if squeeze else q
 
@@ -159,36 +194,52 @@ def refine_labels(logits, image, **kwargs):
 # validation and appearance features
 # ---------------------------------------------------------------------------
 
+
 def _prepare(unary_logits, image, pca_components):
     """Validate shapes/dtypes, add a batch dim; returns (logits, appearance, squeeze)."""
     if not isinstance(unary_logits, torch.Tensor):
-        raise ValueError("unary_logits must be a torch.Tensor, got %s" % type(unary_logits).__name__)
+        raise ValueError(
+            "unary_logits must be a torch.Tensor, got %s" % type(unary_logits).__name__
+        )
     if not isinstance(image, torch.Tensor):
         raise ValueError("image must be a torch.Tensor, got %s" % type(image).__name__)
     if unary_logits.dim() not in (3, 4):
-        raise ValueError("unary_logits must be (C, H, W) or (N, C, H, W), got shape %s"
-                         % (tuple(unary_logits.shape),))
+        raise ValueError(
+            "unary_logits must be (C, H, W) or (N, C, H, W), got shape %s"
+            % (tuple(unary_logits.shape),)
+        )
     if not unary_logits.is_floating_point():
         raise ValueError("unary_logits must be a floating tensor, got %s" % unary_logits.dtype)
     if image.dim() != unary_logits.dim():
-        raise ValueError("image must be %s like unary_logits %s, got shape %s"
-                         % ("(F, H, W)" if unary_logits.dim() == 3 else "(N, F, H, W)",
-                            tuple(unary_logits.shape), tuple(image.shape)))
+        raise ValueError(
+            "image must be %s like unary_logits %s, got shape %s"
+            % (
+                "(F, H, W)" if unary_logits.dim() == 3 else "(N, F, H, W)",
+                tuple(unary_logits.shape),
+                tuple(image.shape),
+            )
+        )
     if image.dtype == torch.bool or image.is_complex():
-        raise ValueError("image must be uint8/integer or floating (0..255 units), got %s"
-                         % image.dtype)
+        raise ValueError(
+            "image must be uint8/integer or floating (0..255 units), got %s" % image.dtype
+        )
     if image.device != unary_logits.device:
-        raise ValueError("image and unary_logits must be on the same device, got %s and %s"
-                         % (image.device, unary_logits.device))
+        raise ValueError(
+            "image and unary_logits must be on the same device, got %s and %s"
+            % (image.device, unary_logits.device)
+        )
     squeeze = unary_logits.dim() == 3
     logits = unary_logits.unsqueeze(0) if squeeze else unary_logits
     image = image.unsqueeze(0) if squeeze else image
     if logits.shape[0] != image.shape[0] or logits.shape[2:] != image.shape[2:]:
-        raise ValueError("unary_logits %s and image %s must agree in batch, height and width"
-                         % (tuple(unary_logits.shape), tuple(image.shape)))
+        raise ValueError(
+            "unary_logits %s and image %s must agree in batch, height and width"
+            % (tuple(unary_logits.shape), tuple(image.shape))
+        )
     if logits.shape[1] < 1:
-        raise ValueError("unary_logits needs at least one class, got shape %s"
-                         % (tuple(unary_logits.shape),))
+        raise ValueError(
+            "unary_logits needs at least one class, got shape %s" % (tuple(unary_logits.shape),)
+        )
     if image.is_floating_point() and not bool(torch.isfinite(image).all()):
         raise ValueError("image must be finite (found NaN or Inf)")
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -204,18 +255,24 @@ def appearance_features(image, pca_components: int | None = None):
     one factor so that the first component spans 255 (0 for a constant image).
     """
     if image.dim() != 4 or image.shape[1] < 1:
-        raise ValueError("image must be (N, F, H, W) with F >= 1, got shape %s"
-                         % (tuple(image.shape),))
+        raise ValueError(
+            "image must be (N, F, H, W) with F >= 1, got shape %s" % (tuple(image.shape),)
+        )
     bands = image.shape[1]
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
     if pca_components is None:
         if bands <= 3:
             return image.to(dtype)
         pca_components = 3
-    if (isinstance(pca_components, bool) or not isinstance(pca_components, numbers.Integral)
-            or not 1 <= pca_components <= min(bands, MAX_APPEARANCE_CHANNELS)):
-        raise ValueError("pca_components must be an int in 1..%d (image has %d bands), got %r"
-                         % (min(bands, MAX_APPEARANCE_CHANNELS), bands, pca_components))
+    if (
+        isinstance(pca_components, bool)
+        or not isinstance(pca_components, numbers.Integral)
+        or not 1 <= pca_components <= min(bands, MAX_APPEARANCE_CHANNELS)
+    ):
+        raise ValueError(
+            "pca_components must be an int in 1..%d (image has %d bands), got %r"
+            % (min(bands, MAX_APPEARANCE_CHANNELS), bands, pca_components)
+        )
     n, _, h, w = image.shape
     x = image.reshape(n, bands, h * w).double()
     x = x - x.mean(dim=2, keepdim=True)
@@ -230,21 +287,38 @@ def appearance_features(image, pca_components: int | None = None):
     return scores.reshape(n, pca_components, h, w).to(dtype)
 
 
-def _check_params(iterations, spatial_std, spatial_weight, bilateral_spatial_std,
-                  bilateral_color_std, bilateral_weight):
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \
-            or iterations < 0:
+def _check_params(
+    iterations,
+    spatial_std,
+    spatial_weight,
+    bilateral_spatial_std,
+    bilateral_color_std,
+    bilateral_weight,
+):
+    if (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, numbers.Integral)
+        or iterations < 0
+    ):
         raise ValueError("iterations must be an int >= 0, got %r" % (iterations,))
-    for name, value in (("spatial_std", spatial_std),
-                        ("bilateral_spatial_std", bilateral_spatial_std),
-                        ("bilateral_color_std", bilateral_color_std)):
+    for name, value in (
+        ("spatial_std", spatial_std),
+        ("bilateral_spatial_std", bilateral_spatial_std),
+        ("bilateral_color_std", bilateral_color_std),
+    ):
         if not _is_real(value) or not (math.isfinite(value) and value > 0):
             raise ValueError("%s must be a positive finite number, got %r" % (name, value))
     for name, value in (("spatial_weight", spatial_weight), ("bilateral_weight", bilateral_weight)):
         if not _is_real(value) or not (math.isfinite(value) and value >= 0):
             raise ValueError("%s must be a finite number >= 0, got %r" % (name, value))
-    return (int(iterations), float(spatial_std), float(spatial_weight),
-            float(bilateral_spatial_std), float(bilateral_color_std), float(bilateral_weight))
+    return (
+        int(iterations),
+        float(spatial_std),
+        float(spatial_weight),
+        float(bilateral_spatial_std),
+        float(bilateral_color_std),
+        float(bilateral_weight),
+    )
 
 
 def _is_real(value) -> bool:
@@ -258,8 +332,10 @@ def _choose_backend(backend, logits):
         return "reference"
     native = _has_native("cpu")  # the CPU kernel also serves tensors on other devices
     if backend == "native" and not native:
-        raise RuntimeError("dense_crf: backend='native' but the native CPU kernel fcnfast::dense_crf "
-                           "is not available (fcnfast backend: %s)" % _backend.backend())
+        raise RuntimeError(
+            "dense_crf: backend='native' but the native CPU kernel fcnfast::dense_crf "
+            "is not available (fcnfast backend: %s)" % _backend.backend()
+        )
     if native:
         return "native"
     pixels = logits.shape[2] * logits.shape[3]
@@ -268,8 +344,15 @@ def _choose_backend(backend, logits):
             "dense_crf: the native kernel fcnfast::dense_crf is not available (fcnfast backend: "
             "%s, device: %s) and the O(P^2) reference is limited to %d pixels, got %dx%d; build "
             "the extension (pip install --no-build-isolation .) or call dense_crf_reference "
-            "explicitly" % (_backend.backend(), logits.device.type, REFERENCE_MAX_PIXELS,
-                            logits.shape[2], logits.shape[3]))
+            "explicitly"
+            % (
+                _backend.backend(),
+                logits.device.type,
+                REFERENCE_MAX_PIXELS,
+                logits.shape[2],
+                logits.shape[3],
+            )
+        )
     return "reference"
 
 
@@ -284,10 +367,14 @@ def _has_native(device_type: str) -> bool:
 # the brute-force reference
 # ---------------------------------------------------------------------------
 
+
 def pixel_positions(h: int, w: int, dtype=torch.float64, device=None):
     """(P, 2) pixel coordinates (x, y) in row-major pixel order."""
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
-                            torch.arange(w, dtype=dtype, device=device), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=dtype, device=device),
+        torch.arange(w, dtype=dtype, device=device),
+        indexing="ij",
+    )
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
 
 
@@ -308,20 +395,30 @@ def crf_kernels(appearance, spatial_std, bilateral_spatial_std, bilateral_color_
     pos = pixel_positions(h, w, dtype, appearance.device)
     app = appearance.reshape(k, h * w).T.to(dtype)
     smooth = normalised_kernel(pos / spatial_std)
-    bilateral = normalised_kernel(torch.cat([pos / bilateral_spatial_std,
-                                             app / bilateral_color_std], dim=1))
+    bilateral = normalised_kernel(
+        torch.cat([pos / bilateral_spatial_std, app / bilateral_color_std], dim=1)
+    )
     return smooth, bilateral
 
 
-def _mean_field_reference(logits, appearance, iterations, spatial_std, spatial_weight,
-                          bilateral_spatial_std, bilateral_color_std, bilateral_weight):
+def _mean_field_reference(
+    logits,
+    appearance,
+    iterations,
+    spatial_std,
+    spatial_weight,
+    bilateral_spatial_std,
+    bilateral_color_std,
+    bilateral_weight,
+):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n, c, h, w = logits.shape
     out = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     for b in range(n):
         z = logits[b].reshape(c, h * w).to(dtype)
-        smooth, bilateral = crf_kernels(appearance[b], spatial_std, bilateral_spatial_std,
-                                        bilateral_color_std, dtype)
+        smooth, bilateral = crf_kernels(
+            appearance[b], spatial_std, bilateral_spatial_std, bilateral_color_std, dtype
+        )
         pairwise = spatial_weight * smooth + bilateral_weight * bilateral  # symmetric
         q = torch.softmax(z, dim=0)
         for _ in range(iterations):
@@ -335,8 +432,16 @@ def _register_fake():
         return
 
     @torch.library.register_fake("fcnfast::dense_crf")
-    def _(unary_logits, appearance, iterations, spatial_std, spatial_weight,
-          bilateral_spatial_std, bilateral_color_std, bilateral_weight):
+    def _(
+        unary_logits,
+        appearance,
+        iterations,
+        spatial_std,
+        spatial_weight,
+        bilateral_spatial_std,
+        bilateral_color_std,
+        bilateral_weight,
+    ):
         return torch.empty_like(unary_logits, memory_format=torch.contiguous_format)
 
 

@@ -4,6 +4,7 @@ and time fcnfast's kernels against the pure-PyTorch reference ops.
 Everything is generated (``SyntheticScenes``) and seeded, so two runs with the same
 arguments print the same metrics (timings aside).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,18 @@ from PIL import Image
 
 from . import _backend
 from .metrics import format_scores, plot_confusion, segmentation_scores
-from .train import (TrainConfig, build_model_from_config, build_optimizer, crf_labels,
-                    evaluate, make_dataset, make_datasets, pad_collate, segmentation_loss, train)
+from .train import (
+    TrainConfig,
+    build_model_from_config,
+    build_optimizer,
+    crf_labels,
+    evaluate,
+    make_dataset,
+    make_datasets,
+    pad_collate,
+    segmentation_loss,
+    train,
+)
 
 __all__ = ["DEMO_DEFAULTS", "demo_config", "run_demo", "time_backends"]
 
@@ -28,7 +39,7 @@ __all__ = ["DEMO_DEFAULTS", "demo_config", "run_demo", "time_backends"]
 # class boundary are ignored, as VOC's outlines are.
 DEMO_DEFAULTS = dict(
     epochs=8,
-    minutes=4.0,           # training stops early after this long
+    minutes=4.0,  # training stops early after this long
     seed=0,
     train_images=160,
     val_images=24,
@@ -40,30 +51,55 @@ DEMO_DEFAULTS = dict(
 )
 
 
-def demo_config(out, epochs: int = DEMO_DEFAULTS["epochs"], seed: int = DEMO_DEFAULTS["seed"],
-                train_images: int = DEMO_DEFAULTS["train_images"],
-                val_images: int = DEMO_DEFAULTS["val_images"],
-                image_size: int = DEMO_DEFAULTS["image_size"], minutes: Optional[float] = None,
-                quiet: bool = False) -> TrainConfig:
+def demo_config(
+    out,
+    epochs: int = DEMO_DEFAULTS["epochs"],
+    seed: int = DEMO_DEFAULTS["seed"],
+    train_images: int = DEMO_DEFAULTS["train_images"],
+    val_images: int = DEMO_DEFAULTS["val_images"],
+    image_size: int = DEMO_DEFAULTS["image_size"],
+    minutes: Optional[float] = None,
+    quiet: bool = False,
+) -> TrainConfig:
     d = DEMO_DEFAULTS
     return TrainConfig(
-        data="synthetic", model="fcn8s", backbone="tiny", num_classes=d["num_classes"],
+        data="synthetic",
+        model="fcn8s",
+        backbone="tiny",
+        num_classes=d["num_classes"],
         # the paper's setting: final upsampling frozen to bilinear, so training runs the
         # fused upsample + cross-entropy kernel and validation the fused upsample + argmax
-        fixed_upsampling=True, dropout=0.0, epochs=epochs, optimizer="adam", lr=d["lr"],
-        batch_size=d["batch_size"], seed=seed, train_images=train_images,
-        val_images=val_images, image_size=image_size, ignore_border=d["ignore_border"],
+        fixed_upsampling=True,
+        dropout=0.0,
+        epochs=epochs,
+        optimizer="adam",
+        lr=d["lr"],
+        batch_size=d["batch_size"],
+        seed=seed,
+        train_images=train_images,
+        val_images=val_images,
+        image_size=image_size,
+        ignore_border=d["ignore_border"],
         out=str(out),
-        time_limit=minutes * 60.0 if minutes else None, quiet=quiet)
+        time_limit=minutes * 60.0 if minutes else None,
+        quiet=quiet,
+    )
 
 
-def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
-             minutes: Optional[float] = DEMO_DEFAULTS["minutes"], seed: int = DEMO_DEFAULTS["seed"],
-             train_images: int = DEMO_DEFAULTS["train_images"],
-             val_images: int = DEMO_DEFAULTS["val_images"],
-             image_size: int = DEMO_DEFAULTS["image_size"], threads: Optional[int] = None,
-             timing: bool = True, quiet: bool = False,
-             log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def run_demo(
+    out="demo_out",
+    epochs: int = DEMO_DEFAULTS["epochs"],
+    minutes: Optional[float] = DEMO_DEFAULTS["minutes"],
+    seed: int = DEMO_DEFAULTS["seed"],
+    train_images: int = DEMO_DEFAULTS["train_images"],
+    val_images: int = DEMO_DEFAULTS["val_images"],
+    image_size: int = DEMO_DEFAULTS["image_size"],
+    threads: Optional[int] = None,
+    timing: bool = True,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    overwrite: bool = False,
+) -> dict:
     """Run the demo; returns the scores, the wall time and the timing comparison.
 
     ``out`` may hold an earlier demo's output (replaced: a demo is made again in a minute),
@@ -71,25 +107,62 @@ def run_demo(out="demo_out", epochs: int = DEMO_DEFAULTS["epochs"],
     FileExistsError unless ``overwrite``."""
     previous_threads = torch.get_num_threads()
     try:
-        return _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size,
-                         threads, timing, quiet, log, overwrite)
+        return _run_demo(
+            out,
+            epochs,
+            minutes,
+            seed,
+            train_images,
+            val_images,
+            image_size,
+            threads,
+            timing,
+            quiet,
+            log,
+            overwrite,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size, threads,
-              timing, quiet, log, overwrite) -> dict:
+def _run_demo(
+    out,
+    epochs,
+    minutes,
+    seed,
+    train_images,
+    val_images,
+    image_size,
+    threads,
+    timing,
+    quiet,
+    log,
+    overwrite,
+) -> dict:
     start = time.perf_counter()
     threads_note = _set_threads(threads)
     out = Path(out)
     claim_demo_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(out, epochs, seed, train_images, val_images, image_size, minutes, quiet)
-    log("fcnfast demo: FCN-8s (tiny backbone, %d classes) on %d synthetic %dx%d scenes, "
+    log(
+        "fcnfast demo: FCN-8s (tiny backbone, %d classes) on %d synthetic %dx%d scenes, "
         "%d epochs max (%s), Adam lr %g, batch %d, seed %d, backend %s, threads %d"
-        % (cfg.num_classes, cfg.train_images, cfg.image_size, cfg.image_size, cfg.epochs,
-           "%.3g min limit" % minutes if minutes else "no time limit", cfg.lr, cfg.batch_size,
-           seed, _backend.backend(), torch.get_num_threads()) + threads_note)
+        % (
+            cfg.num_classes,
+            cfg.train_images,
+            cfg.image_size,
+            cfg.image_size,
+            cfg.epochs,
+            "%.3g min limit" % minutes if minutes else "no time limit",
+            cfg.lr,
+            cfg.batch_size,
+            seed,
+            _backend.backend(),
+            torch.get_num_threads(),
+        )
+        + threads_note
+    )
 
     result = train(cfg, log=log)
     model = result.model.eval()
@@ -115,14 +188,24 @@ def _run_demo(out, epochs, minutes, seed, train_images, val_images, image_size, 
         timings = time_backends(cfg)
         log(timings["summary"])
     seconds = time.perf_counter() - start
-    log("checkpoint: %s   (try: fcnfast predict %s -o labels.png --checkpoint %s)"
-        % (result.checkpoint, files[0], result.checkpoint))
-    log("demo finished in %.1f s (training %.1f s, %d steps)"
-        % (seconds, result.seconds, len(result.losses)))
+    log(
+        "checkpoint: %s   (try: fcnfast predict %s -o labels.png --checkpoint %s)"
+        % (result.checkpoint, files[0], result.checkpoint)
+    )
+    log(
+        "demo finished in %.1f s (training %.1f s, %d steps)"
+        % (seconds, result.seconds, len(result.losses))
+    )
     _write_marker(out, scores, scores_crf, seconds)
-    return {"scores": scores, "scores_crf": scores_crf, "seconds": seconds,
-            "train_seconds": result.seconds, "steps": len(result.losses), "timing": timings,
-            "files": files}
+    return {
+        "scores": scores,
+        "scores_crf": scores_crf,
+        "seconds": seconds,
+        "train_seconds": result.seconds,
+        "steps": len(result.losses),
+        "timing": timings,
+        "files": files,
+    }
 
 
 # the demo's own record in its --out: a directory holding it may be replaced by a new demo
@@ -139,8 +222,10 @@ def claim_demo_dir(out: Path, overwrite: bool = False) -> None:
         raise NotADirectoryError("--out %s exists and is not a directory" % out)
     held = [name for name in _RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if held and not (out / DEMO_MARKER).exists() and not overwrite:
-        raise FileExistsError("--out %s holds a run that the demo did not write (%s); choose "
-                              "another --out or pass --overwrite" % (out, ", ".join(held)))
+        raise FileExistsError(
+            "--out %s holds a run that the demo did not write (%s); choose "
+            "another --out or pass --overwrite" % (out, ", ".join(held))
+        )
     for name in held:
         (out / name).unlink()
 
@@ -168,8 +253,10 @@ def _set_threads(threads: Optional[int]) -> str:
     cores = os.cpu_count() or 1
     if torch.get_num_threads() > 1 and load >= cores:
         torch.set_num_threads(1)
-        return " (the machine is busy, load %.1f on %d cores; --threads N overrides)" \
-            % (load, cores)
+        return " (the machine is busy, load %.1f on %d cores; --threads N overrides)" % (
+            load,
+            cores,
+        )
     return ""
 
 
@@ -183,8 +270,10 @@ def _crf_or_none():
 
 def _batches(dataset, indices, batch_size: int):
     indices = list(indices)
-    return [pad_collate([dataset[i] for i in indices[k:k + batch_size]])
-            for k in range(0, len(indices), batch_size)]
+    return [
+        pad_collate([dataset[i] for i in indices[k : k + batch_size]])
+        for k in range(0, len(indices), batch_size)
+    ]
 
 
 def _write_pictures(model, val_set, conf, out: Path, crf) -> list:
@@ -216,11 +305,14 @@ def time_backends(cfg: TrainConfig, steps: int = 6, repeats: int = 2) -> dict:
     ``repeats``, interleaved so machine load hits both alike)."""
     cfg = cfg.resolved()
     if _backend.extension() is None:
-        return {"summary": "speed: the native extension is not loaded (%s); nothing to compare"
-                           % _backend.build_info().get("load_error")}
+        return {
+            "summary": "speed: the native extension is not loaded (%s); nothing to compare"
+            % _backend.build_info().get("load_error")
+        }
     train_set, val_set = make_datasets(cfg)
-    batches = _batches(train_set, range(min(len(train_set), (steps + 1) * cfg.batch_size)),
-                       cfg.batch_size)
+    batches = _batches(
+        train_set, range(min(len(train_set), (steps + 1) * cfg.batch_size)), cfg.batch_size
+    )
     val_batches = _batches(val_set, range(len(val_set)), cfg.batch_size)
     best = {}
     losses = {}
@@ -231,16 +323,41 @@ def time_backends(cfg: TrainConfig, steps: int = 6, repeats: int = 2) -> dict:
             best[name] = (min(old[0], train_s), min(old[1], val_s))
     native, reference = sum(best["native"]), sum(best["reference"])
     diff = float(np.max(np.abs(np.array(losses["native"]) - np.array(losses["reference"]))))
-    what = ("%d training steps (batch %d, %dx%d, forward+backward+Adam) + a validation pass over "
-            "%d scenes, %s, same seed and batches, best of %d"
-            % (len(batches) - 1, cfg.batch_size, cfg.image_size, cfg.image_size, len(val_set),
-               cfg.model, repeats))
-    summary = ("speed: fcnfast kernels %.2f s vs reference ops %.2f s -> %.2fx faster "
-               "(training %.2fx, validation %.2fx)\n  timed: %s; max loss difference %.2g"
-               % (native, reference, reference / native, best["reference"][0] / best["native"][0],
-                  best["reference"][1] / best["native"][1], what, diff))
-    return {"native_s": native, "reference_s": reference, "speedup": reference / native,
-            "train": best, "loss_difference": diff, "what": what, "summary": summary}
+    what = (
+        "%d training steps (batch %d, %dx%d, forward+backward+Adam) + a validation pass over "
+        "%d scenes, %s, same seed and batches, best of %d"
+        % (
+            len(batches) - 1,
+            cfg.batch_size,
+            cfg.image_size,
+            cfg.image_size,
+            len(val_set),
+            cfg.model,
+            repeats,
+        )
+    )
+    summary = (
+        "speed: fcnfast kernels %.2f s vs reference ops %.2f s -> %.2fx faster "
+        "(training %.2fx, validation %.2fx)\n  timed: %s; max loss difference %.2g"
+        % (
+            native,
+            reference,
+            reference / native,
+            best["reference"][0] / best["native"][0],
+            best["reference"][1] / best["native"][1],
+            what,
+            diff,
+        )
+    )
+    return {
+        "native_s": native,
+        "reference_s": reference,
+        "speedup": reference / native,
+        "train": best,
+        "loss_difference": diff,
+        "what": what,
+        "summary": summary,
+    }
 
 
 def _time_one(cfg: TrainConfig, backend: str, batches, val_batches):

@@ -27,6 +27,7 @@
 TorchScript is refused with one clear error (``fcnfast.ops.TRACE_REFUSAL``,
 ``fcnfast.nn.SCRIPT_REFUSAL``): a trace would freeze the crop geometry of the traced size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,15 @@ from torch import nn
 from . import ops
 from .reference import bilinear_filter
 
-__all__ = ["Predictor", "dynamic_shapes", "example_input", "export_program", "export_onnx",
-           "onnx_translation_table", "register_cli"]
+__all__ = [
+    "Predictor",
+    "dynamic_shapes",
+    "example_input",
+    "export_program",
+    "export_onnx",
+    "onnx_translation_table",
+    "register_cli",
+]
 
 # default ranges of the dynamic dims (torch.export needs an upper bound only to reason about
 # sizes; these are far above what fits in memory for the VGG16 FCNs)
@@ -68,8 +76,9 @@ class Predictor(nn.Module):
         return model(x).argmax(1)
 
 
-def example_input(model: nn.Module, batch: int = 2, height: int = 67, width: int = 75,
-                  dtype=torch.float32) -> torch.Tensor:
+def example_input(
+    model: nn.Module, batch: int = 2, height: int = 67, width: int = 75, dtype=torch.float32
+) -> torch.Tensor:
     """A random (batch, in_channels, height, width) input for tracing (sizes not 0 or 1, odd)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -80,8 +89,13 @@ def example_input(model: nn.Module, batch: int = 2, height: int = 67, width: int
 def dynamic_shapes(max_batch: int = MAX_BATCH, max_side: int = MAX_SIDE):
     """``dynamic_shapes`` for a model taking one (N, C, H, W) tensor: N, H and W dynamic."""
     Dim = torch.export.Dim
-    return ({0: Dim("batch", min=1, max=max_batch), 2: Dim("height", min=1, max=max_side),
-             3: Dim("width", min=1, max=max_side)},)
+    return (
+        {
+            0: Dim("batch", min=1, max=max_batch),
+            2: Dim("height", min=1, max=max_side),
+            3: Dim("width", min=1, max=max_side),
+        },
+    )
 
 
 def _size_oblivious():
@@ -111,14 +125,21 @@ def _prepare(model: nn.Module, example: Optional[torch.Tensor], predict: bool):
         raise ValueError("example must be a (N, C, H, W) tensor, got %s" % (got,))
     if min(example.shape[0], example.shape[2], example.shape[3]) < 2:
         # torch.export specialises sizes 0 and 1; the example must not fix a dynamic dim
-        raise ValueError("example must have batch, height and width >= 2 (sizes 0 and 1 are "
-                         "specialised by torch.export), got %s" % (tuple(example.shape),))
+        raise ValueError(
+            "example must have batch, height and width >= 2 (sizes 0 and 1 are "
+            "specialised by torch.export), got %s" % (tuple(example.shape),)
+        )
     return module, example
 
 
-def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
-                   predict: bool = False, max_batch: int = MAX_BATCH,
-                   max_side: int = MAX_SIDE) -> "torch.export.ExportedProgram":
+def export_program(
+    model: nn.Module,
+    example: Optional[torch.Tensor] = None,
+    *,
+    predict: bool = False,
+    max_batch: int = MAX_BATCH,
+    max_side: int = MAX_SIDE,
+) -> "torch.export.ExportedProgram":
     """``torch.export.export`` of ``model`` (or its ``predict`` path) with dynamic N, H, W.
 
     The model is put in eval mode. Save with ``torch.export.save(program, "model.pt2")``,
@@ -127,13 +148,15 @@ def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
     """
     module, example = _prepare(model, example, predict)
     with torch.no_grad(), _size_oblivious():
-        return torch.export.export(module, (example,),
-                                   dynamic_shapes=dynamic_shapes(max_batch, max_side))
+        return torch.export.export(
+            module, (example,), dynamic_shapes=dynamic_shapes(max_batch, max_side)
+        )
 
 
 # ---------------------------------------------------------------------------
 # ONNX translations of the fcnfast ops (onnxscript, traced by the dynamo exporter)
 # ---------------------------------------------------------------------------
+
 
 def onnx_translation_table():
     """``{torch.ops.fcnfast.<op>.default: onnxscript function}`` for ``torch.onnx.export``'s
@@ -171,15 +194,28 @@ def onnx_translation_table():
         flat = op.Reshape(x, op.Concat(ints([-1, 1]), op.Shape(x, start=2, end=4), axis=0))
         up = op.ConvTranspose(flat, weight, strides=[scale, scale])
         up = crop_hw(up, crop)
-        return op.Reshape(up, op.Concat(op.Shape(x, start=0, end=2),
-                                        op.Shape(up, start=2, end=4), axis=0))
+        return op.Reshape(
+            up, op.Concat(op.Shape(x, start=0, end=2), op.Shape(up, start=2, end=4), axis=0)
+        )
 
-    def conv_transpose2d(x: TFloat, weight: TFloat, bias: Opt[TFloat], stride: Sequence[int],
-                         padding: Sequence[int], output_padding: Sequence[int], groups: int,
-                         dilation: Sequence[int], crop: INT64) -> TFloat:
-        attrs = dict(strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
-                     output_padding=list(output_padding), group=groups,
-                     dilations=list(dilation))
+    def conv_transpose2d(
+        x: TFloat,
+        weight: TFloat,
+        bias: Opt[TFloat],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        output_padding: Sequence[int],
+        groups: int,
+        dilation: Sequence[int],
+        crop: INT64,
+    ) -> TFloat:
+        attrs = dict(
+            strides=list(stride),
+            pads=[padding[0], padding[1], padding[0], padding[1]],
+            output_padding=list(output_padding),
+            group=groups,
+            dilations=list(dilation),
+        )
         if bias is None:
             y = op.ConvTranspose(x, weight, **attrs)
         else:
@@ -192,8 +228,14 @@ def onnx_translation_table():
     def skip_add_crop(coarse: TFloat, skip: TFloat, offset: Sequence[int]) -> TFloat:
         return op.Add(coarse, window(skip, offset, coarse))
 
-    def score_skip(coarse: TFloat, feature: TFloat, weight: TFloat, bias: Opt[TFloat],
-                   scale: float, offset: Sequence[int]) -> TFloat:
+    def score_skip(
+        coarse: TFloat,
+        feature: TFloat,
+        weight: TFloat,
+        bias: Opt[TFloat],
+        scale: float,
+        offset: Sequence[int],
+    ) -> TFloat:
         # the 1x1 conv commutes with the crop: score only the kept window, as the kernel does
         f = window(feature, offset, coarse)
         if scale != 1.0:
@@ -204,26 +246,37 @@ def onnx_translation_table():
     def upsample_argmax(x: TFloat, scale: int, crop: INT64) -> INT64:
         return op.ArgMax(bilinear(x, scale, crop), axis=1, keepdims=0)
 
-    def upsample_cross_entropy(x: TFloat, target: INT64, scale: int, crop: INT64,
-                               ignore_index: int, reduction: str) -> TFloat:
+    def upsample_cross_entropy(
+        x: TFloat, target: INT64, scale: int, crop: INT64, ignore_index: int, reduction: str
+    ) -> TFloat:
         logits = bilinear(x, scale, crop)
-        loss, _ = op.SoftmaxCrossEntropyLoss(logits, target, ignore_index=ignore_index,
-                                             reduction=reduction)
+        loss, _ = op.SoftmaxCrossEntropyLoss(
+            logits, target, ignore_index=ignore_index, reduction=reduction
+        )
         return loss
 
     T = torch.ops.fcnfast
-    return {T.conv_transpose2d.default: conv_transpose2d,
-            T.bilinear_upsample2d.default: bilinear_upsample2d,
-            T.skip_add_crop.default: skip_add_crop,
-            T.score_skip.default: score_skip,
-            T.upsample_argmax.default: upsample_argmax,
-            T.upsample_cross_entropy.default: upsample_cross_entropy}
+    return {
+        T.conv_transpose2d.default: conv_transpose2d,
+        T.bilinear_upsample2d.default: bilinear_upsample2d,
+        T.skip_add_crop.default: skip_add_crop,
+        T.score_skip.default: score_skip,
+        T.upsample_argmax.default: upsample_argmax,
+        T.upsample_cross_entropy.default: upsample_cross_entropy,
+    }
 
 
-def export_onnx(model: nn.Module, path, example: Optional[torch.Tensor] = None, *,
-                predict: bool = False, opset_version: Optional[int] = None,
-                max_batch: int = MAX_BATCH, max_side: int = MAX_SIDE,
-                output_names: Optional[Sequence[str]] = None):
+def export_onnx(
+    model: nn.Module,
+    path,
+    example: Optional[torch.Tensor] = None,
+    *,
+    predict: bool = False,
+    opset_version: Optional[int] = None,
+    max_batch: int = MAX_BATCH,
+    max_side: int = MAX_SIDE,
+    output_names: Optional[Sequence[str]] = None,
+):
     """``torch.onnx.export`` (dynamo exporter) of ``model`` to ``path`` with dynamic N, H, W.
 
     Input ``"input"`` (N, C, H, W) float; output ``"scores"`` (N, num_classes, H, W) or, with
@@ -235,16 +288,22 @@ def export_onnx(model: nn.Module, path, example: Optional[torch.Tensor] = None, 
     try:
         import onnxscript  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("ONNX export needs the onnx and onnxscript packages: "
-                           "pip install 'fcnfast[onnx]'") from exc
+        raise RuntimeError(
+            "ONNX export needs the onnx and onnxscript packages: pip install 'fcnfast[onnx]'"
+        ) from exc
     module, example = _prepare(model, example, predict)
     with torch.no_grad(), _size_oblivious():
         program = torch.onnx.export(
-            module, (example,), dynamo=True, opset_version=opset_version,
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=opset_version,
             input_names=["input"],
             output_names=list(output_names or ["labels" if predict else "scores"]),
             dynamic_shapes=dynamic_shapes(max_batch, max_side),
-            custom_translation_table=onnx_translation_table(), verbose=False)
+            custom_translation_table=onnx_translation_table(),
+            verbose=False,
+        )
     program.save(str(path))
     return program
 
@@ -253,21 +312,40 @@ def export_onnx(model: nn.Module, path, example: Optional[torch.Tensor] = None, 
 # `fcnfast export`
 # ---------------------------------------------------------------------------
 
+
 def register_cli(sub) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX or a torch.export program (.pt2) "
-                                      "with dynamic batch, height and width")
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX or a torch.export program (.pt2) "
+        "with dynamic batch, height and width",
+    )
     p.add_argument("--format", choices=("onnx", "pt2"), required=True)
-    p.add_argument("--model", required=True,
-                   help="a training checkpoint (.pt from `fcnfast train`/`finetune`) or a model "
-                        "name (fcn32s, fcn16s, fcn8s, fcn8s_atonce) built with fresh weights")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a training checkpoint (.pt from `fcnfast train`/`finetune`) or a model "
+        "name (fcn32s, fcn16s, fcn8s, fcn8s_atonce) built with fresh weights",
+    )
     p.add_argument("--backbone", default="vgg16", help="backbone for a model name")
     p.add_argument("--num-classes", type=int, default=21, help="classes for a model name")
-    p.add_argument("--fixed-upsampling", action="store_true",
-                   help="frozen bilinear final upsampling (for a model name)")
-    p.add_argument("--predict", action="store_true",
-                   help="export the label-map path (int64 (N, H, W)) instead of the scores")
-    p.add_argument("--example-size", type=int, nargs=2, default=(67, 75), metavar=("H", "W"),
-                   help="input size traced (any; the export is dynamic in N, H, W)")
+    p.add_argument(
+        "--fixed-upsampling",
+        action="store_true",
+        help="frozen bilinear final upsampling (for a model name)",
+    )
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="export the label-map path (int64 (N, H, W)) instead of the scores",
+    )
+    p.add_argument(
+        "--example-size",
+        type=int,
+        nargs=2,
+        default=(67, 75),
+        metavar=("H", "W"),
+        help="input size traced (any; the export is dynamic in N, H, W)",
+    )
     p.add_argument("-o", "--output", required=True, help="output file (.onnx or .pt2)")
     p.set_defaults(func=_cmd_export)
 
@@ -281,11 +359,17 @@ def _model_from_arg(args) -> nn.Module:
 
         return load_model(path)
     try:
-        return build_model(args.model, num_classes=args.num_classes, backbone=args.backbone,
-                           fixed_upsampling=args.fixed_upsampling)
+        return build_model(
+            args.model,
+            num_classes=args.num_classes,
+            backbone=args.backbone,
+            fixed_upsampling=args.fixed_upsampling,
+        )
     except ValueError as exc:
-        raise ValueError("--model %r is neither an existing checkpoint file nor "
-                         "a model name (%s)" % (args.model, exc)) from None
+        raise ValueError(
+            "--model %r is neither an existing checkpoint file nor "
+            "a model name (%s)" % (args.model, exc)
+        ) from None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -298,6 +382,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export_onnx(model, out, example, predict=args.predict)
     else:
         torch.export.save(export_program(model, example, predict=args.predict), str(out))
-    print("wrote %s (%s, dynamic batch/height/width, %s)"
-          % (out, args.format, "labels" if args.predict else "scores"))
+    print(
+        "wrote %s (%s, dynamic batch/height/width, %s)"
+        % (out, args.format, "labels" if args.predict else "scores")
+    )
     return 0

@@ -21,6 +21,7 @@ segmentation dataset in any layout ``fcnfast.data.open_segmentation`` reads:
   epoch and on ``--minutes`` expiry; ``--resume`` continues exactly (model,
   optimiser, step, RNG states, history).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,16 @@ from .metrics import confusion_matrix, segmentation_scores
 from .models.lite_fcn import LiteFCN
 from .training.checkpointing import rng_state, set_rng_state
 
-__all__ = ["FinetuneConfig", "Augment", "median_frequency_weights", "finetune", "evaluate_lite",
-           "iou_table", "load_finetuned", "is_finetune_checkpoint"]
+__all__ = [
+    "FinetuneConfig",
+    "Augment",
+    "median_frequency_weights",
+    "finetune",
+    "evaluate_lite",
+    "iou_table",
+    "load_finetuned",
+    "is_finetune_checkpoint",
+]
 
 
 @dataclass
@@ -99,8 +108,13 @@ class Augment:
         scale = random.uniform(self.scale_min, self.scale_max)
         h, w = image.shape[-2:]
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        img = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear",
-                            align_corners=False, antialias=scale < 1)[0]
+        img = F.interpolate(
+            image[None].float(),
+            size=(nh, nw),
+            mode="bilinear",
+            align_corners=False,
+            antialias=scale < 1,
+        )[0]
         lab = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
         ch, cw = self.crop
         pad_h, pad_w = max(0, ch - nh), max(0, cw - nw)
@@ -109,8 +123,8 @@ class Augment:
             lab = F.pad(lab, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         top = random.randint(0, img.shape[1] - ch)
         left = random.randint(0, img.shape[2] - cw)
-        img = img[:, top:top + ch, left:left + cw]
-        lab = lab[top:top + ch, left:left + cw]
+        img = img[:, top : top + ch, left : left + cw]
+        lab = lab[top : top + ch, left : left + cw]
         if random.random() < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         if self.jitter > 0:
@@ -188,9 +202,15 @@ def iou_table(confusion: torch.Tensor, class_names: Optional[Sequence[str]]) -> 
 
 
 @torch.no_grad()
-def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
-                  progress: bool = False, bf16: bool = False, tile: Optional[int] = 0
-                  ) -> Dict[str, object]:
+def evaluate_lite(
+    model: LiteFCN,
+    dataset,
+    num_classes: int,
+    crf: bool = False,
+    progress: bool = False,
+    bf16: bool = False,
+    tile: Optional[int] = 0,
+) -> Dict[str, object]:
     """Confusion matrix and the FCN paper's metrics over ``dataset`` (uint8 items), one image at a time.
 
     ``tile``: run each image tile by tile (``fcnfast.tiling``: labels equal to the whole-image
@@ -199,6 +219,7 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
     from tqdm import tqdm
 
     from . import tiling
+
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     conf_crf = torch.zeros_like(conf) if crf else None
@@ -215,6 +236,7 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
         conf += confusion_matrix(label[None], logits.argmax(1), num_classes)
         if crf:
             from .crf import dense_crf
+
             refined = dense_crf(logits[0].float(), image)
             conf_crf += confusion_matrix(label[None], refined.argmax(0)[None], num_classes)
     result = {"confusion": conf, "scores": segmentation_scores(conf)}
@@ -224,10 +246,12 @@ def evaluate_lite(model: LiteFCN, dataset, num_classes: int, crf: bool = False,
     return result
 
 
-def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, conf, conf_crf
-                          ) -> None:
+def _tiled_lite_confusion(
+    model: LiteFCN, image, label, tile: int, crf: bool, conf, conf_crf
+) -> None:
     """Add one uint8 image's tiled labels (and per-tile CRF labels) to the confusion matrices."""
     from . import tiling
+
     height, width = image.shape[-2:]
 
     def window(y0, y1, x0, x1):
@@ -242,8 +266,9 @@ def _tiled_lite_confusion(model: LiteFCN, image, label, tile: int, crf: bool, co
             return dense_crf(logits[0].float(), image[:, y0:y1, x0:x1]).argmax(0)
 
         refined = tiling.tiled_labels(model, height, width, window, tile=tile, crf=refine)
-        conf_crf += confusion_matrix(label[None], torch.from_numpy(refined).long()[None],
-                                     conf.shape[0])
+        conf_crf += confusion_matrix(
+            label[None], torch.from_numpy(refined).long()[None], conf.shape[0]
+        )
 
 
 def _lr_factor(step: int, total: int, cfg: FinetuneConfig, time_progress: float = 0.0) -> float:
@@ -278,9 +303,14 @@ def load_finetuned(path, device="cpu") -> LiteFCN:
 
 
 def build_optimizer(model: LiteFCN, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    groups = [{"params": list(model.backbone_parameters()), "lr": cfg.lr * cfg.backbone_lr_scale,
-               "base_lr": cfg.lr * cfg.backbone_lr_scale},
-              {"params": model.head_parameters(), "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [
+        {
+            "params": list(model.backbone_parameters()),
+            "lr": cfg.lr * cfg.backbone_lr_scale,
+            "base_lr": cfg.lr * cfg.backbone_lr_scale,
+        },
+        {"params": model.head_parameters(), "lr": cfg.lr, "base_lr": cfg.lr},
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -288,10 +318,15 @@ def build_optimizer(model: LiteFCN, cfg: FinetuneConfig) -> torch.optim.Optimize
     raise ValueError("optimizer must be 'adamw' or 'sgd', got %r" % (cfg.optimizer,))
 
 
-def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict:
+def finetune(
+    cfg: FinetuneConfig,
+    resume: Optional[str] = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
     """Train per ``cfg``; returns the history (one dict per epoch) and the best val scores."""
     from tqdm import tqdm
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -306,9 +341,14 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = LiteFCN(cfg.variant, num_classes, pretrained=cfg.pretrained and resume is None,
-                    class_names=class_names, drop_connect_rate=cfg.drop_connect_rate,
-                    dropout=cfg.dropout)
+    model = LiteFCN(
+        cfg.variant,
+        num_classes,
+        pretrained=cfg.pretrained and resume is None,
+        class_names=class_names,
+        drop_connect_rate=cfg.drop_connect_rate,
+        dropout=cfg.dropout,
+    )
     optimizer = build_optimizer(model, cfg)
     if cfg.class_weights in ("median", "median-sqrt"):
         weights = median_frequency_weights(train_base, num_classes)
@@ -317,8 +357,9 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
     elif cfg.class_weights == "none":
         weights = None
     else:
-        raise ValueError("class_weights must be 'median', 'median-sqrt' or 'none', got %r"
-                         % (cfg.class_weights,))
+        raise ValueError(
+            "class_weights must be 'median', 'median-sqrt' or 'none', got %r" % (cfg.class_weights,)
+        )
     start_epoch, step, best, trained_seconds = 0, 0, {"miou": -1.0, "epoch": None}, 0.0
     history: List[dict] = []
     if resume is not None:
@@ -332,42 +373,82 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         set_rng_state(state["rng"])
         log("resumed from %s at epoch %d (step %d)" % (resume, start_epoch, step))
     if weights is not None:
-        log("class weights (%s): " % cfg.class_weights
-            + ", ".join("%s %.2f" % (n, w) for n, w in zip(class_names or range(num_classes),
-                                                           weights.tolist())))
+        log(
+            "class weights (%s): " % cfg.class_weights
+            + ", ".join(
+                "%s %.2f" % (n, w)
+                for n, w in zip(class_names or range(num_classes), weights.tolist())
+            )
+        )
 
     augment = Augment(cfg.crop, cfg.scale_min, cfg.scale_max, cfg.jitter)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(train_base) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     started = time.time()
-    log("finetune: %s lite0 %s, %d classes, %d train / %d val images, crop %s, batch %d, %s lr %g "
+    log(
+        "finetune: %s lite0 %s, %d classes, %d train / %d val images, crop %s, batch %d, %s lr %g "
         "(backbone x%g), %s schedule, %d epochs (%d steps), bf16 %s, threads %d"
-        % (cfg.variant, "ImageNet" if cfg.pretrained else "scratch", num_classes, len(train_base),
-           len(val_set), tuple(cfg.crop), cfg.batch_size, cfg.optimizer, cfg.lr,
-           cfg.backbone_lr_scale, cfg.schedule, cfg.epochs, total_steps, cfg.bf16,
-           torch.get_num_threads()))
+        % (
+            cfg.variant,
+            "ImageNet" if cfg.pretrained else "scratch",
+            num_classes,
+            len(train_base),
+            len(val_set),
+            tuple(cfg.crop),
+            cfg.batch_size,
+            cfg.optimizer,
+            cfg.lr,
+            cfg.backbone_lr_scale,
+            cfg.schedule,
+            cfg.epochs,
+            total_steps,
+            cfg.bf16,
+            torch.get_num_threads(),
+        )
+    )
 
     def save(path: Path, epoch: int):
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "kind": "finetune",
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "step": step, "best": best, "history": history,
-                         "class_weights": weights, "rng": rng_state(),
-                         "trained_seconds": trained_seconds,
-                         "config": cfg.to_dict(), "model_config": model.config()}, path)
+        save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "kind": "finetune",
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "best": best,
+                "history": history,
+                "class_weights": weights,
+                "rng": rng_state(),
+                "trained_seconds": trained_seconds,
+                "config": cfg.to_dict(),
+                "model_config": model.config(),
+            },
+            path,
+        )
 
     stopped = False
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         # one permutation per epoch from a generator seeded by (seed, epoch): resumable exactly
-        order = torch.randperm(len(train_base), generator=loader_gen.manual_seed(cfg.seed * 1000 + epoch))
-        loader = DataLoader(_Transformed(train_base, augment), batch_size=cfg.batch_size,
-                            sampler=order.tolist(), drop_last=True, num_workers=cfg.num_workers,
-                            worker_init_fn=_seed_worker, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        order = torch.randperm(
+            len(train_base), generator=loader_gen.manual_seed(cfg.seed * 1000 + epoch)
+        )
+        loader = DataLoader(
+            _Transformed(train_base, augment),
+            batch_size=cfg.batch_size,
+            sampler=order.tolist(),
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            worker_init_fn=_seed_worker,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+        )
         epoch_loss, seen, t0 = 0.0, 0, time.time()
-        bar = tqdm(loader, desc="epoch %d/%d" % (epoch + 1, cfg.epochs), disable=not progress,
-                   leave=False)
+        bar = tqdm(
+            loader, desc="epoch %d/%d" % (epoch + 1, cfg.epochs), disable=not progress, leave=False
+        )
         for images, labels in bar:
             t_step = time.time()
             time_progress = trained_seconds / (60 * cfg.minutes) if cfg.minutes else 0.0
@@ -379,7 +460,9 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
                 group["lr"] = group["base_lr"] * factor
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = model(model.preprocess(images))
-            loss = F.cross_entropy(logits.float(), labels, weight=weights, ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.float(), labels, weight=weights, ignore_index=IGNORE_INDEX
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -388,9 +471,13 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
             seen += images.shape[0]
             bar.set_postfix(loss="%.3f" % loss.item())
             trained_seconds += time.time() - t_step
-        record = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(seen, 1),
-                  "train_seconds": round(time.time() - t0, 1),
-                  "lr": optimizer.param_groups[1]["lr"]}
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": epoch_loss / max(seen, 1),
+            "train_seconds": round(time.time() - t0, 1),
+            "lr": optimizer.param_groups[1]["lr"],
+        }
         last_epoch = stopped or epoch + 1 == cfg.epochs
         if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
             t1 = time.time()
@@ -409,16 +496,20 @@ def finetune(cfg: FinetuneConfig, resume: Optional[str] = None,
         with open(out / "history.json", "w") as fh:
             json.dump({"config": cfg.to_dict(), "history": history, "best": best}, fh, indent=1)
         if stopped:
-            log("training time budget of %g minutes used up in epoch %d (the learning rate "
-                "schedule ended with it)" % (cfg.minutes, epoch + 1))
+            log(
+                "training time budget of %g minutes used up in epoch %d (the learning rate "
+                "schedule ended with it)" % (cfg.minutes, epoch + 1)
+            )
             break
-    log("done: best val mean IoU %.4f at epoch %s, %.1f min" % (best["miou"], best["epoch"],
-                                                               (time.time() - started) / 60))
+    log(
+        "done: best val mean IoU %.4f at epoch %s, %.1f min"
+        % (best["miou"], best["epoch"], (time.time() - started) / 60)
+    )
     return {"history": history, "best": best}
 
 
 def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2 ** 32
+    seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
 
@@ -427,56 +518,90 @@ def _seed_worker(worker_id: int) -> None:
 # command line: fcnfast finetune
 # ---------------------------------------------------------------------------
 
+
 def register_cli(sub) -> None:
     """Add ``fcnfast finetune`` to the ``fcnfast`` command line."""
     from .cli import HelpFormatter, nonneg_float, nonneg_int, pos_float, pos_int
 
     d = FinetuneConfig(data="")
     p = sub.add_parser(
-        "finetune", help="fine-tune an ImageNet-pretrained Lite0 FCN on real images",
+        "finetune",
+        help="fine-tune an ImageNet-pretrained Lite0 FCN on real images",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
-        formatter_class=HelpFormatter)
-    p.add_argument("--data", required=True,
-                   help="dataset folder: list-file (<split>.txt, e.g. CamVid), images/+labels/ or VOC")
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder: list-file (<split>.txt, e.g. CamVid), images/+labels/ or VOC",
+    )
     p.add_argument("--out", default=d.out, help="run directory (last.pt, best.pt, history.json)")
-    p.add_argument("--model", dest="variant", choices=("fcn32s", "fcn16s", "fcn8s"),
-                   default=d.variant)
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="start from random weights instead of ImageNet")
+    p.add_argument(
+        "--model", dest="variant", choices=("fcn32s", "fcn16s", "fcn8s"), default=d.variant
+    )
+    p.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="start from random weights instead of ImageNet",
+    )
     p.add_argument("--epochs", type=pos_int, default=d.epochs)
     p.add_argument("--batch-size", type=pos_int, default=d.batch_size)
     p.add_argument("--crop", type=pos_int, nargs=2, default=list(d.crop), metavar=("H", "W"))
     p.add_argument("--scale-min", type=pos_float, default=d.scale_min)
     p.add_argument("--scale-max", type=pos_float, default=d.scale_max)
-    p.add_argument("--jitter", type=nonneg_float, default=d.jitter,
-                   help="colour jitter strength (brightness/contrast/saturation)")
+    p.add_argument(
+        "--jitter",
+        type=nonneg_float,
+        default=d.jitter,
+        help="colour jitter strength (brightness/contrast/saturation)",
+    )
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
     p.add_argument("--lr", type=pos_float, default=d.lr, help="heads' learning rate")
     p.add_argument("--backbone-lr-scale", type=nonneg_float, default=d.backbone_lr_scale)
     p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay)
     p.add_argument("--schedule", choices=("poly", "cosine"), default=d.schedule)
     p.add_argument("--warmup-steps", type=nonneg_int, default=d.warmup_steps)
-    p.add_argument("--class-weights", choices=("median", "median-sqrt", "none"),
-                   default=d.class_weights,
-                   help="median-frequency balancing (SegNet), its square root (milder), or none")
-    p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (backbone and FCN heads; loss in fp32)")
+    p.add_argument(
+        "--class-weights",
+        choices=("median", "median-sqrt", "none"),
+        default=d.class_weights,
+        help="median-frequency balancing (SegNet), its square root (milder), or none",
+    )
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (backbone and FCN heads; loss in fp32)"
+    )
     p.add_argument("--threads", type=pos_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=pos_float, default=None,
-                   help="training-time budget (validation excluded): the learning-rate schedule "
-                        "decays over max(steps done / all steps, minutes used / budget) and "
-                        "training stops when the budget is used up")
-    p.add_argument("--val-every", type=nonneg_int, default=d.val_every,
-                   help="validate every N epochs (0: never)")
+    p.add_argument(
+        "--minutes",
+        type=pos_float,
+        default=None,
+        help="training-time budget (validation excluded): the learning-rate schedule "
+        "decays over max(steps done / all steps, minutes used / budget) and "
+        "training stops when the budget is used up",
+    )
+    p.add_argument(
+        "--val-every",
+        type=nonneg_int,
+        default=d.val_every,
+        help="validate every N epochs (0: never)",
+    )
     p.add_argument("--num-workers", type=nonneg_int, default=d.num_workers)
     p.add_argument("--max-train-images", type=pos_int, default=None)
     p.add_argument("--max-val-images", type=pos_int, default=None)
-    p.add_argument("--resume", metavar="CKPT", default=None,
-                   help="continue a run from its last.pt (its settings; only %s may be given "
-                        "anew)" % ", ".join("--" + f.replace("_", "-") for f in RESUME_SAFE_FIELDS))
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (last.pt, best.pt, history.json)")
+    p.add_argument(
+        "--resume",
+        metavar="CKPT",
+        default=None,
+        help="continue a run from its last.pt (its settings; only %s may be given "
+        "anew)" % ", ".join("--" + f.replace("_", "-") for f in RESUME_SAFE_FIELDS),
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (last.pt, best.pt, history.json)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)
 
@@ -485,8 +610,16 @@ def register_cli(sub) -> None:
 # --resume continues that run, or --overwrite)
 RUN_FILES = ("last.pt", "best.pt", "history.json")
 # settings that may change when a run is resumed; any other one given explicitly must match
-RESUME_SAFE_FIELDS = ("epochs", "lr", "minutes", "val_every", "num_workers", "threads", "out",
-                      "max_val_images")
+RESUME_SAFE_FIELDS = (
+    "epochs",
+    "lr",
+    "minutes",
+    "val_every",
+    "num_workers",
+    "threads",
+    "out",
+    "max_val_images",
+)
 
 
 def _cmd_finetune(args) -> int:
@@ -520,14 +653,25 @@ def _resumed_config(resume: str, requested: dict) -> FinetuneConfig:
         if key in RESUME_SAFE_FIELDS:
             continue
         have = saved.get(key)
-        same = (list(have) == list(value) if key == "crop" else
-                Path(have).resolve() == Path(value).resolve() if key == "data" else have == value)
+        same = (
+            list(have) == list(value)
+            if key == "crop"
+            else Path(have).resolve() == Path(value).resolve()
+            if key == "data"
+            else have == value
+        )
         if not same:
             conflicts.append("%s: checkpoint %r, given %r" % (key.replace("_", "-"), have, value))
     if conflicts:
-        raise UsageError("--resume %s: settings differ from the checkpoint (only %s may change): "
-                         "%s" % (resume, ", ".join(f.replace("_", "-") for f in RESUME_SAFE_FIELDS),
-                                 "; ".join(conflicts)))
+        raise UsageError(
+            "--resume %s: settings differ from the checkpoint (only %s may change): "
+            "%s"
+            % (
+                resume,
+                ", ".join(f.replace("_", "-") for f in RESUME_SAFE_FIELDS),
+                "; ".join(conflicts),
+            )
+        )
     saved.update(requested)
     if "out" not in requested:
         saved["out"] = str(Path(resume).parent)  # continue the run where it lives
@@ -545,11 +689,15 @@ def _claim_out_dir(out: Path, resume: Optional[str], overwrite: bool, error) -> 
     if resume is not None and out.resolve() == Path(resume).resolve().parent:
         return  # continuing this very run
     if not overwrite:
-        hint = ("resume into its own directory (--out %s)" % Path(resume).parent if resume
-                else "pass --resume %s to continue it" % (out / "last.pt"))
-        raise error("--out %s already holds a finetune run (%s); %s, choose another --out, or "
-                    "pass --overwrite" % (out, ", ".join(held), hint))
+        hint = (
+            "resume into its own directory (--out %s)" % Path(resume).parent
+            if resume
+            else "pass --resume %s to continue it" % (out / "last.pt")
+        )
+        raise error(
+            "--out %s already holds a finetune run (%s); %s, choose another --out, or "
+            "pass --overwrite" % (out, ", ".join(held), hint)
+        )
     for name in held:
         (out / name).unlink()
     print("fcnfast: --overwrite: removed %s from %s" % (", ".join(held), out), file=sys.stderr)
-

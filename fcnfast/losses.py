@@ -13,6 +13,7 @@
 This module imports only ``fcnfast.ops``: the models, the data and the training loop can all
 import it without an import cycle.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,13 @@ __all__ = ["IGNORE_INDEX", "segmentation_loss"]
 IGNORE_INDEX = 255
 
 
-def segmentation_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                      reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def segmentation_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Per-pixel softmax cross-entropy of ``model`` on ``images`` against ``targets``.
 
     Args:
@@ -48,6 +54,7 @@ def segmentation_loss(model: nn.Module, images: torch.Tensor, targets: torch.Ten
     frozen = getattr(model, "frozen_bilinear_upsampling", None)
     if frozen is not None and frozen():
         scores, crop = model.coarse_scores(images)
-        return ops.upsample_cross_entropy(scores, targets, model.upscale, crop,
-                                          ignore_index=ignore_index, reduction=reduction)
+        return ops.upsample_cross_entropy(
+            scores, targets, model.upscale, crop, ignore_index=ignore_index, reduction=reduction
+        )
     return F.cross_entropy(model(images), targets, ignore_index=ignore_index, reduction=reduction)

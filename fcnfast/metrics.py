@@ -12,6 +12,7 @@ where ``n_ij`` counts pixels of class ``i`` predicted as ``j`` and ``t_i = sum_j
 A class whose denominator is zero (absent from both prediction and ground truth, or for
 the accuracy absent from the ground truth) is NaN and left out of the means (``nanmean``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -24,8 +25,13 @@ from .losses import IGNORE_INDEX
 __all__ = ["confusion_matrix", "segmentation_scores", "format_scores", "plot_confusion"]
 
 
-def confusion_matrix(target, pred, num_classes: int, ignore_index: Optional[int] = IGNORE_INDEX,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def confusion_matrix(
+    target,
+    pred,
+    num_classes: int,
+    ignore_index: Optional[int] = IGNORE_INDEX,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Counts ``conf[t, p]`` of pixels with true label ``t`` predicted as ``p``.
 
     The argument order is scikit-learn's ``confusion_matrix(y_true, y_pred)``: ground truth
@@ -53,11 +59,13 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: Optional[int]
     if num_classes <= 0:
         raise ValueError("num_classes must be positive, got %d" % num_classes)
     if pred.shape != target.shape:
-        raise ValueError("pred shape %s and target shape %s differ"
-                         % (tuple(pred.shape), tuple(target.shape)))
+        raise ValueError(
+            "pred shape %s and target shape %s differ" % (tuple(pred.shape), tuple(target.shape))
+        )
     if pred.is_floating_point() or target.is_floating_point():
-        raise ValueError("pred and target must be integer label maps, got %s and %s"
-                         % (pred.dtype, target.dtype))
+        raise ValueError(
+            "pred and target must be integer label maps, got %s and %s" % (pred.dtype, target.dtype)
+        )
     target = target.reshape(-1).to(pred.device, torch.int64)
     pred = pred.reshape(-1).to(torch.int64)
     if ignore_index is not None:
@@ -65,10 +73,16 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: Optional[int]
         target, pred = target[keep], pred[keep]
     for name, labels in (("target", target), ("pred", pred)):
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError("%s labels must lie in [0, %d)%s, found %d..%d"
-                             % (name, num_classes, "" if ignore_index is None else
-                                " or equal ignore_index=%d" % ignore_index,
-                                labels.min(), labels.max()))
+            raise ValueError(
+                "%s labels must lie in [0, %d)%s, found %d..%d"
+                % (
+                    name,
+                    num_classes,
+                    "" if ignore_index is None else " or equal ignore_index=%d" % ignore_index,
+                    labels.min(),
+                    labels.max(),
+                )
+            )
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     conf = counts.reshape(num_classes, num_classes)
     if out is None:
@@ -127,13 +141,23 @@ def format_scores(scores: dict, prefix: str = "") -> str:
     Returns:
         str: the line.
     """
-    return prefix + "  ".join("%s %.4f" % (label, scores[key]) for key, label in (
-        ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"), ("mean_iu", "mean IU"),
-        ("fw_iu", "f.w. IU")))
+    return prefix + "  ".join(
+        "%s %.4f" % (label, scores[key])
+        for key, label in (
+            ("pixel_acc", "pixel acc"),
+            ("mean_acc", "mean acc"),
+            ("mean_iu", "mean IU"),
+            ("fw_iu", "f.w. IU"),
+        )
+    )
 
 
-def plot_confusion(conf, path, class_names: Optional[Sequence[str]] = None,
-                   title: str = "confusion matrix (rows: ground truth, normalised)") -> None:
+def plot_confusion(
+    conf,
+    path,
+    class_names: Optional[Sequence[str]] = None,
+    title: str = "confusion matrix (rows: ground truth, normalised)",
+) -> None:
     """Save a row-normalised confusion matrix image (PNG or any matplotlib format) to ``path``.
 
     Uses matplotlib's Agg canvas directly, so it never touches the global pyplot backend.
@@ -150,8 +174,9 @@ def plot_confusion(conf, path, class_names: Optional[Sequence[str]] = None,
     hist = torch.as_tensor(conf).detach().cpu().double().numpy()
     n = hist.shape[0]
     if class_names is not None and len(class_names) != n:
-        raise ValueError("class_names has %d entries, the matrix has %d classes"
-                         % (len(class_names), n))
+        raise ValueError(
+            "class_names has %d entries, the matrix has %d classes" % (len(class_names), n)
+        )
     rows = hist.sum(1, keepdims=True)
     normalised = np.divide(hist, rows, out=np.zeros_like(hist), where=rows > 0)
     size = min(12.0, 3.0 + 0.35 * n)

@@ -7,6 +7,7 @@
 * ``SkipFuse`` -- the 1x1 score conv of a pooled feature (a ``torch.nn.Conv2d``)
   fused with its crop and the add onto the coarse score map.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -14,20 +15,28 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops
 from . import _geometry as geo
+from . import ops
 from .reference import bilinear_filter, bilinear_weight
 
-__all__ = ["bilinear_kernel", "ConvTranspose2d", "BilinearUpsample2d", "SkipFuse", "convert",
-           "FrozenBilinearConvTranspose2d", "BilinearInterpolate2d",
-           "SCRIPT_REFUSAL"]
+__all__ = [
+    "bilinear_kernel",
+    "ConvTranspose2d",
+    "BilinearUpsample2d",
+    "SkipFuse",
+    "convert",
+    "FrozenBilinearConvTranspose2d",
+    "BilinearInterpolate2d",
+    "SCRIPT_REFUSAL",
+]
 
 SCRIPT_REFUSAL = (
     "%s cannot be compiled by torch.jit.script: fcnfast's layers call native ops whose crop "
     "geometry is computed in Python from the input size. Export the model with torch.export.export "
     "and dynamic Dims (fcnfast.export.export_program, `fcnfast export --format pt2`) or with "
     "torch.onnx.export(..., dynamo=True) (fcnfast.export.export_onnx, `fcnfast export --format "
-    "onnx`): both are correct at every batch size, height and width.")
+    "onnx`): both are correct at every batch size, height and width."
+)
 
 
 class NoScript:
@@ -65,17 +74,33 @@ class ConvTranspose2d(nn.ConvTranspose2d, NoScript):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.padding_mode != "zeros":
-            raise ValueError("fcnfast.nn.ConvTranspose2d supports padding_mode='zeros' only, got %r"
-                             % self.padding_mode)
+            raise ValueError(
+                "fcnfast.nn.ConvTranspose2d supports padding_mode='zeros' only, got %r"
+                % self.padding_mode
+            )
 
-    def forward(self, input: torch.Tensor, output_size: Optional[Sequence[int]] = None,
-                crop: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        output_size: Optional[Sequence[int]] = None,
+        crop: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
         if output_size is not None and crop is None and geo.is_symbolic(*output_size):
             return self._symbolic_output_size(input, output_size)
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
-                                              self.kernel_size, 2, self.dilation)
-        return ops.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
-                                    output_padding, self.groups, self.dilation, crop)
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return ops.conv_transpose2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+            crop,
+        )
 
     def _symbolic_output_size(self, input, output_size):
         """``output_size`` with symbolic sizes (torch.export / ONNX with dynamic height/width).
@@ -87,12 +112,21 @@ class ConvTranspose2d(nn.ConvTranspose2d, NoScript):
         """
         size = list(output_size)[-2:]
         if len(size) != 2:
-            raise ValueError("output_size must end with (height, width), got %r"
-                             % (list(output_size),))
+            raise ValueError(
+                "output_size must end with (height, width), got %r" % (list(output_size),)
+            )
         largest = tuple(max(s, d) - 1 for s, d in zip(self.stride, self.dilation))
-        return ops.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
-                                    largest, self.groups, self.dilation,
-                                    (0, 0, size[0], size[1]))
+        return ops.conv_transpose2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            largest,
+            self.groups,
+            self.dilation,
+            (0, 0, size[0], size[1]),
+        )
 
 
 class BilinearUpsample2d(nn.Module, NoScript):
@@ -118,8 +152,9 @@ class BilinearUpsample2d(nn.Module, NoScript):
 
     def forward(self, x: torch.Tensor, crop: Optional[Sequence[int]] = None) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() in (3, 4) and x.shape[-3] != self.channels:
-            raise ValueError("x has %d channels, BilinearUpsample2d expects %d"
-                             % (x.shape[-3], self.channels))
+            raise ValueError(
+                "x has %d channels, BilinearUpsample2d expects %d" % (x.shape[-3], self.channels)
+            )
         if self.learnable:
             return ops.conv_transpose2d(x, self.weight, None, stride=self.scale, crop=crop)
         return ops.bilinear_upsample2d(x, self.scale, crop)
@@ -138,8 +173,14 @@ class SkipFuse(nn.Conv2d, NoScript):
     ``coarse`` and ``feature`` are both batched (N, ., ., .) or both unbatched.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, scale: float = 1.0, offset=(0, 0),
-                 bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        scale: float = 1.0,
+        offset=(0, 0),
+        bias: bool = True,
+    ):
         super().__init__(in_channels, num_classes, kernel_size=1, bias=bias)
         self.scale = float(scale)
         self.offset = geo.pair(offset, "offset")
@@ -155,14 +196,22 @@ class SkipFuse(nn.Conv2d, NoScript):
 # convert(): swap PyTorch layers of an existing model for fcnfast's
 # ---------------------------------------------------------------------------
 
+
 def _bilinear_scale(m: nn.ConvTranspose2d) -> Optional[int]:
     """``s`` when ``m`` is an FCN bilinear upsampling by ``s`` (kernel 2s, stride s, no padding,
     no bias, the Caffe bilinear weights, per channel: diagonal (C, C, k, k) or depthwise
     (C, 1, k, k) with groups=C); else None."""
     k, s = m.kernel_size, m.stride
-    if (k[0] != k[1] or s[0] != s[1] or k[0] != 2 * s[0] or tuple(m.padding) != (0, 0)
-            or tuple(m.dilation) != (1, 1) or m.bias is not None
-            or m.in_channels != m.out_channels or m.padding_mode != "zeros"):
+    if (
+        k[0] != k[1]
+        or s[0] != s[1]
+        or k[0] != 2 * s[0]
+        or tuple(m.padding) != (0, 0)
+        or tuple(m.dilation) != (1, 1)
+        or m.bias is not None
+        or m.in_channels != m.out_channels
+        or m.padding_mode != "zeros"
+    ):
         return None
     channels, scale = m.in_channels, s[0]
     w = m.weight.detach()
@@ -201,11 +250,16 @@ class FrozenBilinearConvTranspose2d(ConvTranspose2d):
         super()._load_from_state_dict(*args, **kwargs)
         self.refresh()
 
-    def forward(self, input: torch.Tensor, output_size: Optional[Sequence[int]] = None,
-                crop: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        output_size: Optional[Sequence[int]] = None,
+        crop: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
         if self.fixed_scale is not None and not self.weight.requires_grad:
-            output_padding = self._output_padding(input, output_size, self.stride, self.padding,
-                                                  self.kernel_size, 2, self.dilation)
+            output_padding = self._output_padding(
+                input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+            )
             if tuple(output_padding) == (0, 0):
                 return ops.bilinear_upsample2d(input, self.fixed_scale, crop)
         return super().forward(input, output_size, crop)
@@ -254,11 +308,20 @@ def _convert_one(m: nn.Module) -> Optional[nn.Module]:
     if type(m) is nn.ConvTranspose2d and m.padding_mode == "zeros":
         scale = _bilinear_scale(m)
         cls = FrozenBilinearConvTranspose2d if scale is not None else ConvTranspose2d
-        new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                  padding=m.padding, output_padding=m.output_padding, groups=m.groups,
-                  bias=m.bias is not None, dilation=m.dilation,
-                  device=m.weight.device, dtype=m.weight.dtype)
-        new.weight = m.weight      # the same Parameter objects: optimisers and ties keep working
+        new = cls(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            output_padding=m.output_padding,
+            groups=m.groups,
+            bias=m.bias is not None,
+            dilation=m.dilation,
+            device=m.weight.device,
+            dtype=m.weight.dtype,
+        )
+        new.weight = m.weight  # the same Parameter objects: optimisers and ties keep working
         if m.bias is not None:
             new.bias = m.bias
         new.train(m.training)

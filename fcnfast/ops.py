@@ -26,6 +26,7 @@ rule (``fcnfast._autocast.RULES``, stated in each docstring) on both backends; t
 ``torch.ops.fcnfast`` dispatcher ops have ``AutocastCPU`` / ``AutocastCUDA`` kernels with
 the same rules.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,10 +35,8 @@ import torch
 from torch._functorch import utils as _functorch_utils
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
-from . import _autocast
-from . import _backend
+from . import _autocast, _backend, reference
 from . import _geometry as geo
-from . import reference
 
 __all__ = list(reference.OPS)
 
@@ -48,7 +47,8 @@ TRACE_REFUSAL = (
     "trace would freeze it as constants, silently giving wrong output sizes for other inputs. "
     "Use torch.export.export with dynamic Dims (fcnfast.export.export_program) or "
     "torch.onnx.export(..., dynamo=True) (fcnfast.export.export_onnx, `fcnfast export`) "
-    "instead: both keep batch, height and width dynamic.")
+    "instead: both keep batch, height and width dynamic."
+)
 
 
 def _refuse_trace(name: str) -> None:
@@ -76,13 +76,14 @@ def _upsample_op(name: str, check, x, scale, crop):
     _refuse_trace(name)
     if geo.is_unbatched(x, "x"):
         return _upsample_op(name, check, x.unsqueeze(0), scale, crop).squeeze(0)
-    x, = _autocast.cast(name, x.device.type, (x,))
+    (x,) = _autocast.cast(name, x.device.type, (x,))
     crop = check(x, scale, crop)
     return _native_or_reference(name, x.device.type, (x, scale, crop))
 
 
-def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                     dilation=1, crop=None):
+def conv_transpose2d(
+    x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, crop=None
+):
     """Transposed convolution with a fused output crop.
 
     ``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``
@@ -115,13 +116,18 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     """
     _refuse_trace("conv_transpose2d")
     if geo.is_unbatched(x, "x"):
-        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
-                                groups, dilation, crop).squeeze(0)
+        return conv_transpose2d(
+            x.unsqueeze(0), weight, bias, stride, padding, output_padding, groups, dilation, crop
+        ).squeeze(0)
     x, weight, bias = _autocast.cast("conv_transpose2d", x.device.type, (x, weight, bias))
     stride, padding, output_padding, dilation, crop = geo.check_conv_transpose2d(
-        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
-    return _native_or_reference("conv_transpose2d", x.device.type, (
-        x, weight, bias, stride, padding, output_padding, groups, dilation, crop))
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop
+    )
+    return _native_or_reference(
+        "conv_transpose2d",
+        x.device.type,
+        (x, weight, bias, stride, padding, output_padding, groups, dilation, crop),
+    )
 
 
 def bilinear_upsample2d(x, scale: int, crop=None):
@@ -211,14 +217,19 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     """
     _refuse_trace("score_skip")
     if geo.same_batching(coarse, "coarse", feature, "feature"):
-        return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
-                          offset).squeeze(0)
-    coarse, feature, weight, bias = _autocast.cast("score_skip", coarse.device.type,
-                                                   (coarse, feature, weight, bias))
+        return score_skip(
+            coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale, offset
+        ).squeeze(0)
+    coarse, feature, weight, bias = _autocast.cast(
+        "score_skip", coarse.device.type, (coarse, feature, weight, bias)
+    )
     offset = geo.check_score_skip(coarse, feature, weight, bias, offset)
-    return _native_or_reference("score_skip", coarse.device.type,
-                                (coarse, feature, weight, bias, float(scale), offset),
-                                (coarse, feature, weight, bias, scale, offset))
+    return _native_or_reference(
+        "score_skip",
+        coarse.device.type,
+        (coarse, feature, weight, bias, float(scale), offset),
+        (coarse, feature, weight, bias, scale, offset),
+    )
 
 
 def upsample_argmax(x, scale: int, crop=None):
@@ -245,8 +256,9 @@ def upsample_argmax(x, scale: int, crop=None):
     return _upsample_op("upsample_argmax", geo.check_upsample_argmax, x, scale, crop)
 
 
-def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
-                           reduction: str = "mean"):
+def upsample_cross_entropy(
+    x, target, scale: int, crop=None, ignore_index: int = 255, reduction: str = "mean"
+):
     """Fused final upsampling + softmax cross-entropy.
 
     ``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``,
@@ -280,13 +292,17 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     """
     _refuse_trace("upsample_cross_entropy")
     if geo.same_batching(x, "x", target, "target", "H, W"):
-        return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
-                                      ignore_index, reduction)
-    x, = _autocast.cast("upsample_cross_entropy", x.device.type, (x,))
+        return upsample_cross_entropy(
+            x.unsqueeze(0), target.unsqueeze(0), scale, crop, ignore_index, reduction
+        )
+    (x,) = _autocast.cast("upsample_cross_entropy", x.device.type, (x,))
     crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-    return _native_or_reference("upsample_cross_entropy", x.device.type,
-                                (x, target, scale, crop, int(ignore_index), reduction),
-                                (x, target, scale, crop, ignore_index, reduction))
+    return _native_or_reference(
+        "upsample_cross_entropy",
+        x.device.type,
+        (x, target, scale, crop, int(ignore_index), reduction),
+        (x, target, scale, crop, ignore_index, reduction),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +325,7 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
 # The formulas only call dispatcher ops, so they are device-agnostic: CPU, compiled CUDA
 # and CuPy kernels all register under the same op names and get the same autograd.
 
-_LIB = None          # torch.library.Library holding the Autograd / vmap kernels
+_LIB = None  # torch.library.Library holding the Autograd / vmap kernels
 _NOT_DIFFERENTIABLE = ("dense_crf", "permutohedral_filter")  # inference-only CRF ops
 
 
@@ -330,13 +346,21 @@ def _wants_autograd(args) -> bool:
 
 def _vmap_loop(op):
     """vmap rule: the op once per batch entry (the kernels have no batch-of-batches mode)."""
+
     def rule(info, in_dims, *args):
-        outs = [op(*[a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
-                     for a, d in zip(args, in_dims)])
-                for b in range(info.batch_size)]
+        outs = [
+            op(
+                *[
+                    a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                    for a, d in zip(args, in_dims)
+                ]
+            )
+            for b in range(info.batch_size)
+        ]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
         return torch.stack(outs), 0
+
     return rule
 
 
@@ -356,8 +380,11 @@ def _autograd(name, setup_context, backward, jvp):
         if torch._C._are_functorch_transforms_active():
             # Function.apply turned grad modes off for this level; the levels below (reached
             # through the redispatch) keep theirs, as in functorch's own single-level Functions
-            with torch.enable_grad(), _set_fwd_grad_enabled(True), \
-                    torch._C._AutoDispatchBelowAutograd():
+            with (
+                torch.enable_grad(),
+                _set_fwd_grad_enabled(True),
+                torch._C._AutoDispatchBelowAutograd(),
+            ):
                 return op.redispatch(keyset, *args[:-1])
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset, *args[:-1])
@@ -376,10 +403,17 @@ def _autograd(name, setup_context, backward, jvp):
     def fwd_jvp(ctx, *tangents):
         return jvp(ctx, *tangents[:-1])
 
-    fn = type("fcnfast_%s" % name, (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), setup_context=staticmethod(setup),
-        backward=staticmethod(bwd), jvp=staticmethod(fwd_jvp)))
-    apply_here = super(torch.autograd.Function, fn).apply   # _C._FunctionBase.apply
+    fn = type(
+        "fcnfast_%s" % name,
+        (torch.autograd.Function,),
+        dict(
+            forward=staticmethod(forward),
+            setup_context=staticmethod(setup),
+            backward=staticmethod(bwd),
+            jvp=staticmethod(fwd_jvp),
+        ),
+    )
+    apply_here = super(torch.autograd.Function, fn).apply  # _C._FunctionBase.apply
 
     def kernel(keyset, *args):
         if not _wants_autograd(args):
@@ -402,7 +436,8 @@ def _not_differentiable(name):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             raise RuntimeError(
                 "fcnfast::%s is inference-only and not differentiable: detach its inputs or call "
-                "it under torch.no_grad()" % name)
+                "it under torch.no_grad()" % name
+            )
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -441,12 +476,13 @@ def _autograd_backward_op(name, backward_op, tangent):
     linear in grad and in w and bilinear in (grad, a): conv_transpose2d_backward (a = x) and
     score_skip_backward (a = feature). ``tangent(a, w, ta, tw, tbias, args, shape)`` is the
     forward op's tangent (None without tangents)."""
+
     def setup(ctx, inputs, output):
         grad, a, w = inputs[:3]
         _save(ctx, (grad, a, w), inputs[3:-1])
         ctx.mask = list(inputs[-1])
         ctx.shapes = [o.shape for o in output]
-        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: no work
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work
 
     def backward(ctx, gga, ggw, ggb):
         grad, a, w = ctx.saved_tensors
@@ -455,9 +491,9 @@ def _autograd_backward_op(name, backward_op, tangent):
         dg = da = dw = None
         if need_g:
             dg = tangent(a, w, gga, ggw, ggb, ctx.args, grad.shape)
-        if need_a and ggw is not None:   # <ggw, grad_w(a, grad)> = <grad, op(a, ggw)>
+        if need_a and ggw is not None:  # <ggw, grad_w(a, grad)> = <grad, op(a, ggw)>
             da = backward_op(grad, a, ggw, *ctx.args, [True, False, False])[0]
-        if need_w and gga is not None:   # <gga, grad_a(w, grad)> = <grad, op(gga, w)>
+        if need_w and gga is not None:  # <gga, grad_a(w, grad)> = <grad, op(gga, w)>
             dw = backward_op(grad, gga, w, *ctx.args, [False, True, False])[1]
         return (dg, da, dw) + (None,) * (len(ctx.args) + 1)
 
@@ -466,8 +502,7 @@ def _autograd_backward_op(name, backward_op, tangent):
         mask = ctx.mask
         outs = [None] * 3
         if tg is not None:
-            outs = [o if m else None
-                    for o, m in zip(backward_op(tg, a, w, *ctx.args, mask), mask)]
+            outs = [o if m else None for o, m in zip(backward_op(tg, a, w, *ctx.args, mask), mask)]
         if tw is not None and mask[0]:
             outs[0] = _add(outs[0], backward_op(grad, a, tw, *ctx.args, [True, False, False])[0])
         if ta is not None and mask[1]:
@@ -490,11 +525,15 @@ def _register():
 
     @lib.register_fake("fcnfast::conv_transpose2d_backward")
     def _(grad, x, weight, stride, padding, output_padding, groups, dilation, crop, output_mask):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format)
-                if output_mask[0] else _empty(x),
-                torch.empty_like(weight, memory_format=torch.contiguous_format)
-                if output_mask[1] else _empty(x),
-                x.new_empty((weight.shape[1] * groups,)) if output_mask[2] else _empty(x))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format)
+            if output_mask[0]
+            else _empty(x),
+            torch.empty_like(weight, memory_format=torch.contiguous_format)
+            if output_mask[1]
+            else _empty(x),
+            x.new_empty((weight.shape[1] * groups,)) if output_mask[2] else _empty(x),
+        )
 
     def ct_tangent(x, weight, tx, tw, tb, args, shape):
         """d ct = ct(tx, w, tb) + ct(x, tw); None when no tangent is given."""
@@ -518,8 +557,17 @@ def _register():
         if not any(mask):
             return (None,) * 9
         gx, gw, gb = T.conv_transpose2d_backward(grad, x, weight, *ctx.args, mask)
-        return (_or_none(gx, mask[0]), _or_none(gw, mask[1]), _or_none(gb, mask[2]),
-                None, None, None, None, None, None)
+        return (
+            _or_none(gx, mask[0]),
+            _or_none(gw, mask[1]),
+            _or_none(gb, mask[2]),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     def ct_jvp(ctx, tx, tw, tb, *_):
         x, weight = ctx.saved_tensors
@@ -554,7 +602,7 @@ def _register():
     _autograd("bilinear_upsample2d", bu_setup, bu_backward, bu_jvp)
 
     def bub_setup(ctx, inputs, output):
-        ctx.args = tuple(inputs[1:])   # (in_height, in_width, scale, crop)
+        ctx.args = tuple(inputs[1:])  # (in_height, in_width, scale, crop)
 
     def bub_backward(ctx, gg):
         return (T.bilinear_upsample2d(gg, *ctx.args[2:]),) + (None,) * 4
@@ -575,7 +623,7 @@ def _register():
 
     def window(t, offset, hw):
         (oy, ox), (h, w) = offset, hw
-        return t[..., oy:oy + h, ox:ox + w]
+        return t[..., oy : oy + h, ox : ox + w]
 
     def sa_setup(ctx, inputs, output):
         coarse, skip, offset = inputs
@@ -600,7 +648,7 @@ def _register():
 
     def sab_setup(ctx, inputs, output):
         grad = inputs[0]
-        ctx.args = tuple(inputs[1:])   # (skip_height, skip_width, offset)
+        ctx.args = tuple(inputs[1:])  # (skip_height, skip_width, offset)
         ctx.hw = tuple(grad.shape[2:])
 
     def sab_backward(ctx, gg):
@@ -618,11 +666,15 @@ def _register():
 
     @lib.register_fake("fcnfast::score_skip_backward")
     def _(grad, feature, weight, scale, offset, output_mask):
-        return (torch.empty_like(feature, memory_format=torch.contiguous_format)
-                if output_mask[0] else _empty(grad),
-                torch.empty_like(weight, memory_format=torch.contiguous_format)
-                if output_mask[1] else _empty(grad),
-                grad.new_empty((weight.shape[0],)) if output_mask[2] else _empty(grad))
+        return (
+            torch.empty_like(feature, memory_format=torch.contiguous_format)
+            if output_mask[0]
+            else _empty(grad),
+            torch.empty_like(weight, memory_format=torch.contiguous_format)
+            if output_mask[1]
+            else _empty(grad),
+            grad.new_empty((weight.shape[0],)) if output_mask[2] else _empty(grad),
+        )
 
     def ss_tangent(feature, weight, tc, tf, tw, tb, args, shape):
         """d score_skip = tc + ss(0, tf, w, tb) + ss(0, feature, tw); None without tangents."""
@@ -647,8 +699,14 @@ def _register():
         gf = gw = gb = None
         if any(mask):
             gf, gw, gb = T.score_skip_backward(grad, feature, weight, *ctx.args, mask)
-        return ((grad if ctx.needs_input_grad[0] else None), _or_none(gf, mask[0]),
-                _or_none(gw, mask[1]), _or_none(gb, mask[2]), None, None)
+        return (
+            (grad if ctx.needs_input_grad[0] else None),
+            _or_none(gf, mask[0]),
+            _or_none(gw, mask[1]),
+            _or_none(gb, mask[2]),
+            None,
+            None,
+        )
 
     def ss_jvp(ctx, tc, tf, tw, tb, *_):
         feature, weight = ctx.saved_tensors
@@ -662,8 +720,10 @@ def _register():
     # score_skip_backward: grad_feature = scale * S^T w^T grad (linear in grad and w),
     # grad_weight (bilinear in grad and feature), grad_bias = sum(grad)
     _autograd_backward_op(
-        "score_skip_backward", T.score_skip_backward,
-        lambda f, w, tf, tw, tb, args, shape: ss_tangent(f, w, None, tf, tw, tb, args, shape))
+        "score_skip_backward",
+        T.score_skip_backward,
+        lambda f, w, tf, tw, tb, args, shape: ss_tangent(f, w, None, tf, tw, tb, args, shape),
+    )
 
     # ---- upsample_argmax: int64 labels, no gradient (the autograd fallback gives none) -------
     @lib.register_fake("fcnfast::upsample_argmax")

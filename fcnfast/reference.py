@@ -7,6 +7,7 @@ argument checks); gradients (of any order) come from PyTorch autograd. Unbatched
 (C, H, W) input is computed as the batched call on ``x.unsqueeze(0)`` with the batch
 dimension removed again, as ``torch.nn.functional`` does.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,9 @@ def bilinear_filter(kernel_size: int, dtype=torch.float32, device=None) -> torch
     return torch.outer(w1, w1).to(dtype)
 
 
-def bilinear_weight(channels: int, kernel_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
+def bilinear_weight(
+    channels: int, kernel_size: int, dtype=torch.float32, device=None
+) -> torch.Tensor:
     """The depthwise weight of the frozen FCN upsampling: ``bilinear_filter(kernel_size)`` for each
     of ``channels`` channels, shape ``(channels, 1, k, k)`` (an expanded view, no copy).
 
@@ -57,17 +60,20 @@ def bilinear_weight(channels: int, kernel_size: int, dtype=torch.float32, device
 
 def _crop(out: torch.Tensor, crop) -> torch.Tensor:
     top, left, h, w = crop
-    return out[..., top:top + h, left:left + w]
+    return out[..., top : top + h, left : left + w]
 
 
-def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                     dilation=1, crop=None):
+def conv_transpose2d(
+    x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, crop=None
+):
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)[..., top:top+h, left:left+w]``"""
     if geo.is_unbatched(x, "x"):
-        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
-                                groups, dilation, crop).squeeze(0)
+        return conv_transpose2d(
+            x.unsqueeze(0), weight, bias, stride, padding, output_padding, groups, dilation, crop
+        ).squeeze(0)
     stride, padding, output_padding, dilation, crop = geo.check_conv_transpose2d(
-        x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+        x, weight, bias, stride, padding, output_padding, groups, dilation, crop
+    )
     out = F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
     return _crop(out, crop)
 
@@ -83,8 +89,11 @@ def bilinear_upsample2d(x, scale: int, crop=None):
     crop = geo.check_bilinear_upsample2d(x, scale, crop)
     channels = x.shape[1]
     weight = bilinear_weight(channels, 2 * scale, x.dtype, x.device)
-    out = F.conv_transpose2d(x, weight, stride=scale, groups=max(channels, 1)) if channels else \
-        x.new_zeros(x.shape[0], 0, *geo.bilinear_full_size(x, scale))
+    out = (
+        F.conv_transpose2d(x, weight, stride=scale, groups=max(channels, 1))
+        if channels
+        else x.new_zeros(x.shape[0], 0, *geo.bilinear_full_size(x, scale))
+    )
     return _crop(out, crop)
 
 
@@ -94,7 +103,7 @@ def skip_add_crop(coarse, skip, offset):
         return skip_add_crop(coarse.unsqueeze(0), skip.unsqueeze(0), offset).squeeze(0)
     oy, ox = geo.check_skip_add_crop(coarse, skip, offset)
     h, w = coarse.shape[2:]
-    return coarse + skip[..., oy:oy + h, ox:ox + w]
+    return coarse + skip[..., oy : oy + h, ox : ox + w]
 
 
 def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0, 0)):
@@ -105,11 +114,12 @@ def score_skip(coarse, feature, weight, bias=None, scale: float = 1.0, offset=(0
     map's window and add.
     """
     if geo.same_batching(coarse, "coarse", feature, "feature"):
-        return score_skip(coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale,
-                          offset).squeeze(0)
+        return score_skip(
+            coarse.unsqueeze(0), feature.unsqueeze(0), weight, bias, scale, offset
+        ).squeeze(0)
     oy, ox = geo.check_score_skip(coarse, feature, weight, bias, offset)
     h, w = coarse.shape[2:]
-    return coarse + F.conv2d(feature * scale, weight, bias)[..., oy:oy + h, ox:ox + w]
+    return coarse + F.conv2d(feature * scale, weight, bias)[..., oy : oy + h, ox : ox + w]
 
 
 def upsample_argmax(x, scale: int, crop=None):
@@ -120,8 +130,9 @@ def upsample_argmax(x, scale: int, crop=None):
     return bilinear_upsample2d(x, scale, crop).argmax(1)
 
 
-def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int = 255,
-                           reduction: str = "mean"):
+def upsample_cross_entropy(
+    x, target, scale: int, crop=None, ignore_index: int = 255, reduction: str = "mean"
+):
     """``F.cross_entropy(bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction)``
 
     ``reduction`` is ``"mean"`` (over non-ignored pixels) or ``"sum"`` (Caffe's
@@ -129,8 +140,10 @@ def upsample_cross_entropy(x, target, scale: int, crop=None, ignore_index: int =
     (N = 1), not ``F.cross_entropy``'s reading of a 3-D input as (N, C, d).
     """
     if geo.same_batching(x, "x", target, "target", "H, W"):
-        return upsample_cross_entropy(x.unsqueeze(0), target.unsqueeze(0), scale, crop,
-                                      ignore_index, reduction)
+        return upsample_cross_entropy(
+            x.unsqueeze(0), target.unsqueeze(0), scale, crop, ignore_index, reduction
+        )
     crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-    return F.cross_entropy(bilinear_upsample2d(x, scale, crop), target,
-                           ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(
+        bilinear_upsample2d(x, scale, crop), target, ignore_index=ignore_index, reduction=reduction
+    )

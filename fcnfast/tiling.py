@@ -18,6 +18,7 @@ The dense CRF (``crf=...``) runs per tile as well, on the tile plus ``CRF_HALO``
 context (logits from the tile's full CNN window, core kept). This bounds its memory but is an approximation of the whole-image CRF: pixels of
 different windows exchange no messages. The CNN labels are exact; the CRF ones are not.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AUTO_TILE_PIXELS", "DEFAULT_TILE", "receptive_halo", "output_stride", "tiles",
-           "tiled_labels", "conv_receptive_field", "default_tile", "tile_for"]
+__all__ = [
+    "AUTO_TILE_PIXELS",
+    "DEFAULT_TILE",
+    "receptive_halo",
+    "output_stride",
+    "tiles",
+    "tiled_labels",
+    "conv_receptive_field",
+    "default_tile",
+    "tile_for",
+]
 
 # images with more pixels than this are tiled automatically by predict/eval (--tile 0: never)
 AUTO_TILE_PIXELS = 2048 * 2048
@@ -50,8 +60,10 @@ def _walk(model: nn.Module) -> Tuple[int, int]:
     features = getattr(model, "features", None)
     fc6 = getattr(model, "fc6", None)
     if features is None or fc6 is None:
-        raise ValueError("tiling needs an fcnfast FCN (a VGG-style FCN with features + fc6, or "
-                         "a model with receptive_field()), got %s" % type(model).__name__)
+        raise ValueError(
+            "tiling needs an fcnfast FCN (a VGG-style FCN with features + fc6, or "
+            "a model with receptive_field()), got %s" % type(model).__name__
+        )
     return conv_receptive_field(list(features) + [fc6])
 
 
@@ -100,8 +112,9 @@ def receptive_halo(model: nn.Module) -> int:
     return int(math.ceil(reach / jump) * jump)
 
 
-def tiles(height: int, width: int, tile: int, halo: int, stride: int
-          ) -> Iterator[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
+def tiles(
+    height: int, width: int, tile: int, halo: int, stride: int
+) -> Iterator[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
     """((y0, y1, x0, x1) window, (cy0, cy1, cx0, cx1) core in window coordinates) for each tile.
 
     Core origins are multiples of ``tile`` (itself rounded up to a multiple of ``stride``);
@@ -112,8 +125,10 @@ def tiles(height: int, width: int, tile: int, halo: int, stride: int
         for x in range(0, width, tile):
             y0, x0 = max(0, y - halo), max(0, x - halo)
             y1, x1 = min(height, y + tile + halo), min(width, x + tile + halo)
-            yield (y0, y1, x0, x1), (y - y0, min(y + tile, height) - y0,
-                                     x - x0, min(x + tile, width) - x0)
+            yield (
+                (y0, y1, x0, x1),
+                (y - y0, min(y + tile, height) - y0, x - x0, min(x + tile, width) - x0),
+            )
 
 
 # context (pixels each side of a tile) the per-tile CRF sees: the default bilateral spatial
@@ -121,11 +136,18 @@ def tiles(height: int, width: int, tile: int, halo: int, stride: int
 CRF_HALO = 128
 
 
-def tiled_labels(model: nn.Module, height: int, width: int,
-                 window: Callable[[int, int, int, int], torch.Tensor], tile: int = DEFAULT_TILE,
-                 halo: Optional[int] = None, crf: Optional[Callable] = None,
-                 progress: bool = False, desc: str = "tiles", crf_halo: int = CRF_HALO
-                 ) -> np.ndarray:
+def tiled_labels(
+    model: nn.Module,
+    height: int,
+    width: int,
+    window: Callable[[int, int, int, int], torch.Tensor],
+    tile: int = DEFAULT_TILE,
+    halo: Optional[int] = None,
+    crf: Optional[Callable] = None,
+    progress: bool = False,
+    desc: str = "tiles",
+    crf_halo: int = CRF_HALO,
+) -> np.ndarray:
     """(H, W) uint8 labels of ``model`` computed tile by tile.
 
     ``window(y0, y1, x0, x1)`` returns the model input of that window, (1, C, y1-y0, x1-x0),
@@ -146,7 +168,8 @@ def tiled_labels(model: nn.Module, height: int, width: int,
     plan = list(tiles(height, width, tile, halo, stride))
     with torch.no_grad():
         for (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) in tqdm(
-                plan, desc=desc, leave=False, disable=None if progress else True):
+            plan, desc=desc, leave=False, disable=None if progress else True
+        ):
             x = window(y0, y1, x0, x1)
             if crf is None:
                 labels = model.predict(x)[0]
@@ -161,8 +184,9 @@ def tiled_labels(model: nn.Module, height: int, width: int,
                 del logits
                 labels = torch.zeros((h, w), dtype=refined.dtype, device=refined.device)
                 labels[oy0:oy1, ox0:ox1] = refined
-            out[y0 + cy0:y0 + cy1, x0 + cx0:x0 + cx1] = \
+            out[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1] = (
                 labels[cy0:cy1, cx0:cx1].to(torch.uint8).cpu().numpy()
+            )
             del x, labels
             _release_free_memory()
     return out

@@ -20,13 +20,25 @@ This module is the public entry point; the code lives in ``fcnfast.training`` (o
 per concern: config, data, distributed, checkpointing, evaluation, loop) and
 ``fcnfast.losses`` / ``fcnfast.checkpoints``.
 """
+
 from __future__ import annotations
 
 from .losses import IGNORE_INDEX, segmentation_loss
-from .training.checkpointing import (CHECKPOINT_FORMAT, RUN_FILES, existing_run, load_checkpoint,
-                                     load_model, save_checkpoint)
-from .training.config import (OPTIMIZER_PRESETS, TrainConfig, build_model_from_config,
-                              build_optimizer, resume_conflicts)
+from .training.checkpointing import (
+    CHECKPOINT_FORMAT,
+    RUN_FILES,
+    existing_run,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from .training.config import (
+    OPTIMIZER_PRESETS,
+    TrainConfig,
+    build_model_from_config,
+    build_optimizer,
+    resume_conflicts,
+)
 from .training.data import check_labels, make_dataset, make_datasets, pad_collate
 from .training.evaluation import crf_labels, evaluate
 from .training.loop import TrainResult, train

@@ -1,4 +1,5 @@
 """Pictures of label maps: a colour overlay on the image with a class legend."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -15,7 +16,7 @@ def _palette(palette: Optional[Sequence[Sequence[int]]]) -> np.ndarray:
     colours = voc_palette()
     if palette is not None:
         given = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
-        colours[:len(given)] = given
+        colours[: len(given)] = given
     return colours
 
 
@@ -35,9 +36,14 @@ def colorize(labels: np.ndarray, palette=None) -> np.ndarray:
     return colours[np.asarray(labels, dtype=np.int64).clip(0, 255)]
 
 
-def overlay_with_legend(image: np.ndarray, labels: np.ndarray, palette=None,
-                        class_names: Optional[Sequence[str]] = None, alpha: float = 0.55,
-                        only_present: bool = False) -> Image.Image:
+def overlay_with_legend(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette=None,
+    class_names: Optional[Sequence[str]] = None,
+    alpha: float = 0.55,
+    only_present: bool = False,
+) -> Image.Image:
     """``image`` blended with the label colours, and a legend column at the right.
 
     Args:
@@ -54,8 +60,10 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, palette=None,
     image = np.asarray(image, dtype=np.uint8)
     labels = np.asarray(labels)
     if image.shape[:2] != labels.shape:
-        raise ValueError("image is %dx%d but labels are %dx%d" % (image.shape[0], image.shape[1],
-                                                                  labels.shape[0], labels.shape[1]))
+        raise ValueError(
+            "image is %dx%d but labels are %dx%d"
+            % (image.shape[0], image.shape[1], labels.shape[0], labels.shape[1])
+        )
     colours = _palette(palette)
     blend = image.astype(np.float32) * (1 - alpha) + colorize(labels, palette) * alpha
     valid = labels != IGNORE_INDEX
@@ -68,14 +76,18 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, palette=None,
     font = ImageFont.load_default()
     row = 16
     width = 24 + max([len(names[i]) for i in shown] + [4]) * 7
-    canvas = Image.new("RGB", (out.shape[1] + width, max(out.shape[0], row * len(shown) + 8)),
-                       (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (out.shape[1] + width, max(out.shape[0], row * len(shown) + 8)), (255, 255, 255)
+    )
     canvas.paste(Image.fromarray(out), (0, 0))
     draw = ImageDraw.Draw(canvas)
     x0 = out.shape[1] + 6
     for k, index in enumerate(shown):
         y = 4 + k * row
-        draw.rectangle([x0, y + 2, x0 + 11, y + 13], fill=tuple(int(c) for c in colours[index]),
-                       outline=(0, 0, 0))
+        draw.rectangle(
+            [x0, y + 2, x0 + 11, y + 13],
+            fill=tuple(int(c) for c in colours[index]),
+            outline=(0, 0, 0),
+        )
         draw.text((x0 + 16, y + 2), names[index], fill=(0, 0, 0), font=font)
     return canvas

@@ -1,4 +1,5 @@
 """Shared test helpers: native-vs-reference comparison with per-dtype tolerances."""
+
 import os
 
 import pytest
@@ -44,9 +45,23 @@ REFERENCE_ONLY = os.environ.get("FCNFAST_BACKEND", "").lower() == "reference"
 # The smallest end-to-end CLI training run (``train``): one epoch on 2 + 1 synthetic
 # 36-pixel images, 4 classes, batch 2, no progress output. test_cli_errors.py and
 # test_cli_runs.py each held this list as TINY.
-TINY_TRAIN_ARGS = ("--epochs", "1", "--train-images", "2", "--val-images", "1",
-                   "--image-size", "36", "--num-classes", "4", "--optimizer", "adam",
-                   "--batch-size", "2", "--quiet")
+TINY_TRAIN_ARGS = (
+    "--epochs",
+    "1",
+    "--train-images",
+    "2",
+    "--val-images",
+    "1",
+    "--image-size",
+    "36",
+    "--num-classes",
+    "4",
+    "--optimizer",
+    "adam",
+    "--batch-size",
+    "2",
+    "--quiet",
+)
 
 # ---------------------------------------------------------------------------
 # devices: every op test takes the ``device`` fixture ("cpu" always, "cuda" where
@@ -66,9 +81,14 @@ def _cuda_skip_reason():
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
 # the ``cuda`` marker (pyproject.toml) selects these: pytest -m cuda / -m "not cuda"
-CUDA = pytest.param("cuda", id="cuda", marks=[
-    pytest.mark.cuda,
-    pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))])
+CUDA = pytest.param(
+    "cuda",
+    id="cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON)),
+    ],
+)
 DEVICES = [pytest.param("cpu", id="cpu"), CUDA]
 ACCELERATORS = [CUDA]  # comparisons of a device with the CPU backend
 
@@ -90,8 +110,10 @@ def variant_device(variant: str) -> str:
 
 def leaves_on(device, *tensors):
     """Leaf copies on ``device`` (None stays None), requiring grad as the originals do."""
-    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
-            for t in tensors]
+    return [
+        None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
+        for t in tensors
+    ]
 
 
 def expected_cuda_backend() -> str:
@@ -111,7 +133,8 @@ def require_native(op: str, device: str = "cpu") -> None:
     device = torch.device(device).type
     assert _backend.has_kernel(op, device), (
         "native kernel fcnfast::%s for %s is not available (backend=%s, build_info=%s)"
-        % (op, device, fcnfast.backend(device), fcnfast.build_info()))
+        % (op, device, fcnfast.backend(device), fcnfast.build_info())
+    )
     if device == "cuda":
         assert fcnfast.backend("cuda") == expected_cuda_backend(), fcnfast.build_info()
 
@@ -119,8 +142,16 @@ def require_native(op: str, device: str = "cpu") -> None:
 def assert_close_scaled(actual, expected, dtype=None, what="output"):
     """max|actual - expected| <= tol * max(1, max|expected|)."""
     dtype = dtype or expected.dtype
-    assert actual.shape == expected.shape, "%s shape %s != %s" % (what, actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, "%s dtype %s != %s" % (what, actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, "%s shape %s != %s" % (
+        what,
+        actual.shape,
+        expected.shape,
+    )
+    assert actual.dtype == expected.dtype, "%s dtype %s != %s" % (
+        what,
+        actual.dtype,
+        expected.dtype,
+    )
     if expected.numel() == 0:
         return
     a, e = actual.double(), expected.double()
@@ -133,7 +164,8 @@ def assert_close_scaled(actual, expected, dtype=None, what="output"):
         err = (a[finite] - e[finite]).abs().max().item()
         assert err <= TOLERANCE[dtype] * scale, (
             "%s max abs error %.3g > %.3g (scale %.3g, dtype %s)"
-            % (what, err, TOLERANCE[dtype] * scale, scale, dtype))
+            % (what, err, TOLERANCE[dtype] * scale, scale, dtype)
+        )
 
 
 def assert_output_mask(mask, got, expected):
@@ -163,6 +195,7 @@ def compare_forward_backward(native_fn, reference_fn, inputs, grad_seed=0, devic
     requiring grad get a gradient), compare outputs and every input gradient.
     ``native_fn`` runs on ``device``, ``reference_fn`` (the oracle) on the CPU; the
     results are compared on the CPU."""
+
     def run(fn, dev):
         args = [copy_leaf(t, dev) if isinstance(t, torch.Tensor) else t for t in inputs]
         out = fn(*args)

@@ -4,6 +4,7 @@ Usage: ``torchrun ... tests/ddp_worker.py DUMP_DIR train ARGS...``. After traini
 process writes ``DUMP_DIR/rank<RANK>.pt`` (its model's state_dict), so test_ddp.py can check
 that the replicas stayed in sync. This hook belongs to the test, not to fcnfast.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ from fcnfast.cli import main
 def _dumping(train, dump_dir: Path):
     def train_and_dump(*args, **kwargs):
         result = train(*args, **kwargs)
-        torch.save(result.model.state_dict(), dump_dir / ("rank%s.pt" % os.environ.get("RANK", "0")))
+        torch.save(
+            result.model.state_dict(), dump_dir / ("rank%s.pt" % os.environ.get("RANK", "0"))
+        )
         return result
 
     return train_and_dump

@@ -10,6 +10,7 @@ copy, strided slice, transpose, stride-0 expand), so an op sees exotic memory
 layouts while the gradients are still taken with respect to plain leaves and can
 be compared.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from conftest import TOLERANCE, assert_close_scaled, tolerance
 
 from fcnfast import _backend, ops, reference
-
-from conftest import TOLERANCE, assert_close_scaled, tolerance
 
 OPS = tuple(ops.__all__)  # conv_transpose2d, bilinear_upsample2d, skip_add_crop, score_skip, ...
 
@@ -95,6 +95,7 @@ class Case:
     argument the op sees. Floating leaves get gradients unless the op is not
     differentiable.
     """
+
     op: str
     leaves: Tuple[Optional[torch.Tensor], ...]
     params: dict
@@ -112,20 +113,29 @@ class Case:
         return self.leaves[0].dtype
 
     def astype(self, dtype: torch.dtype) -> "Case":
-        leaves = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
-                       for t in self.leaves)
+        leaves = tuple(
+            t.to(dtype) if t is not None and t.is_floating_point() else t for t in self.leaves
+        )
         return replace(self, leaves=leaves)
 
     def describe(self) -> str:
         def one(t, v):
             if t is None:
                 return "None"
-            return "%s%s%s" % (tuple(t.shape), str(t.dtype).replace("torch.", " "),
-                               "" if v is None else " %r" % (v,))
+            return "%s%s%s" % (
+                tuple(t.shape),
+                str(t.dtype).replace("torch.", " "),
+                "" if v is None else " %r" % (v,),
+            )
+
         return "%s(%s, %s, seed=%d%s)%s" % (
-            self.op, ", ".join(one(t, v) for t, v in zip(self.leaves, self.views)), self.params,
-            self.seed, ", exact_labels" if self.exact_labels else "",
-            " [%s]" % self.label if self.label else "")
+            self.op,
+            ", ".join(one(t, v) for t, v in zip(self.leaves, self.views)),
+            self.params,
+            self.seed,
+            ", exact_labels" if self.exact_labels else "",
+            " [%s]" % self.label if self.label else "",
+        )
 
     __repr__ = describe
 
@@ -142,9 +152,12 @@ def forward_backward(impl, case: Case, grad_dtype: Optional[torch.dtype] = None)
     see the same values.
     """
     differentiable = case.op not in NOT_DIFFERENTIABLE
-    leaves = [None if t is None else
-              t.detach().clone().requires_grad_(differentiable and t.is_floating_point())
-              for t in case.leaves]
+    leaves = [
+        None
+        if t is None
+        else t.detach().clone().requires_grad_(differentiable and t.is_floating_point())
+        for t in case.leaves
+    ]
     args = [t if (t is None or v is None) else v(t) for t, v in zip(leaves, case.views)]
     out = getattr(impl, case.op)(*args, **case.params)
     # gradients with respect to the arguments the op saw (views included): comparing the
@@ -209,7 +222,9 @@ def check_reduced(native, ref, truth, dtype, what):
     r = truth if ref is None else ref.double()  # no reference: its error counts as 0
     assert torch.equal(torch.isnan(n), torch.isnan(truth)), "%s NaN pattern differs" % what
     finite = torch.isfinite(truth)
-    assert torch.equal(n[~finite].nan_to_num(0), truth[~finite].nan_to_num(0)), "%s Inf differs" % what
+    assert torch.equal(n[~finite].nan_to_num(0), truth[~finite].nan_to_num(0)), (
+        "%s Inf differs" % what
+    )
     if not finite.any():
         return
     scale = max(1.0, truth[finite].abs().max().item())
@@ -217,8 +232,10 @@ def check_reduced(native, ref, truth, dtype, what):
     err_n = (n[finite] - truth[finite]).abs().max().item()
     err_r = (r[finite] - truth[finite]).abs().max().item()
     bound = max(tol, 2 * err_r) if err_r <= 10 * tol else tol
-    assert err_n <= bound, ("%s (%s) max error vs fp64 %.3g > %.3g (reference error %.3g, scale %.3g)"
-                            % (what, dtype, err_n, bound, err_r, scale))
+    assert err_n <= bound, (
+        "%s (%s) max error vs fp64 %.3g > %.3g (reference error %.3g, scale %.3g)"
+        % (what, dtype, err_n, bound, err_r, scale)
+    )
 
 
 def check_labels(case: Case, labels_n, labels_r):
@@ -226,8 +243,10 @@ def check_labels(case: Case, labels_n, labels_r):
     (fp64) upsampled scores up to the dtype tolerance; NaN pixels and, for exact
     cases, all pixels must equal the reference labels."""
     assert labels_n.dtype == torch.int64, "labels dtype %s" % labels_n.dtype
-    assert labels_n.shape == labels_r.shape, "labels shape %s != %s" % (labels_n.shape,
-                                                                       labels_r.shape)
+    assert labels_n.shape == labels_r.shape, "labels shape %s != %s" % (
+        labels_n.shape,
+        labels_r.shape,
+    )
     if labels_n.numel() == 0:
         return
     if case.exact_labels:
@@ -248,34 +267,39 @@ def check_labels(case: Case, labels_n, labels_r):
         gap = (top - picked)[finite].max().item()
         assert gap <= TOLERANCE[case.dtype] * scale, (
             "a native label scores %.3g below the maximum (tolerance %.3g)"
-            % (gap, TOLERANCE[case.dtype] * scale))
+            % (gap, TOLERANCE[case.dtype] * scale)
+        )
 
 
 # ---------------------------------------------------------------------------
 # FCN geometry (Caffe voc-fcn8s, ceil-mode pooling) for shape-realistic cases
 # ---------------------------------------------------------------------------
 
+
 def fcn8s_sizes(height: int, width: int):
     """Spatial sizes along the FCN-8s graph for an input of ``height`` x ``width``."""
+
     def pool(s):
         return math.ceil(s / 2)
 
     def chain(s):
-        s = s + 2 * 100 - 2          # conv1_1 pad 100 (3x3), conv1_2 pad 1
+        s = s + 2 * 100 - 2  # conv1_1 pad 100 (3x3), conv1_2 pad 1
         p1 = pool(s)
         p2 = pool(p1)
         p3 = pool(p2)
         p4 = pool(p3)
         p5 = pool(p4)
-        fc = p5 - 6                  # fc6 7x7 valid
-        up2 = (fc - 1) * 2 + 4       # upscore2 k4 s2
-        up4 = (up2 - 1) * 2 + 4      # upscore_pool4 k4 s2
+        fc = p5 - 6  # fc6 7x7 valid
+        up2 = (fc - 1) * 2 + 4  # upscore2 k4 s2
+        up4 = (up2 - 1) * 2 + 4  # upscore_pool4 k4 s2
         return dict(pool3=p3, pool4=p4, score=fc, up2=up2, up4=up4, up32=(fc - 1) * 32 + 64)
+
     return chain(height), chain(width)
 
 
-def fcn_cases(height: int = 64, width: int = 64, num_classes: int = 21, seed: int = 0,
-              dtype=torch.float32) -> List[Case]:
+def fcn_cases(
+    height: int = 64, width: int = 64, num_classes: int = 21, seed: int = 0, dtype=torch.float32
+) -> List[Case]:
     """Every op on the FCN-8s / FCN-32s shapes of a ``height`` x ``width`` image
     (512/256-channel pool4/pool3 features, 21 classes, the paper's crops)."""
     gh, gw = fcn8s_sizes(height, width)
@@ -296,27 +320,77 @@ def fcn_cases(height: int = 64, width: int = 64, num_classes: int = 21, seed: in
     crop8 = (31, 31, height, width)
     crop32 = (19, 19, height, width)
     return [
-        Case("conv_transpose2d", (score, randn(C, C, 4, 4), None), dict(stride=2), seed=seed,
-             label="upscore2"),
-        Case("conv_transpose2d", (up2, bilinear4, None), dict(stride=2, groups=C), seed=seed,
-             label="upscore_pool4 depthwise"),
-        Case("conv_transpose2d", (up4, randn(C, C, 16, 16), randn(C)), dict(stride=8, crop=crop8),
-             seed=seed, label="upscore8 + crop 31"),
-        Case("bilinear_upsample2d", (up4,), dict(scale=8, crop=crop8), seed=seed,
-             label="upscore8 crop 31"),
-        Case("bilinear_upsample2d", (score,), dict(scale=32, crop=crop32), seed=seed,
-             label="FCN-32s upscore crop 19"),
-        Case("skip_add_crop", (up2, randn(1, C, gh["pool4"], gw["pool4"])), dict(offset=(5, 5)),
-             seed=seed, label="score_pool4c"),
-        Case("score_skip", (up2, pool4, randn(C, 512, 1, 1), randn(C)),
-             dict(scale=0.01, offset=(5, 5)), seed=seed, label="at-once pool4"),
-        Case("score_skip", (up4, pool3, randn(C, 256, 1, 1), None),
-             dict(scale=1e-4, offset=(9, 9)), seed=seed, label="at-once pool3"),
+        Case(
+            "conv_transpose2d",
+            (score, randn(C, C, 4, 4), None),
+            dict(stride=2),
+            seed=seed,
+            label="upscore2",
+        ),
+        Case(
+            "conv_transpose2d",
+            (up2, bilinear4, None),
+            dict(stride=2, groups=C),
+            seed=seed,
+            label="upscore_pool4 depthwise",
+        ),
+        Case(
+            "conv_transpose2d",
+            (up4, randn(C, C, 16, 16), randn(C)),
+            dict(stride=8, crop=crop8),
+            seed=seed,
+            label="upscore8 + crop 31",
+        ),
+        Case(
+            "bilinear_upsample2d",
+            (up4,),
+            dict(scale=8, crop=crop8),
+            seed=seed,
+            label="upscore8 crop 31",
+        ),
+        Case(
+            "bilinear_upsample2d",
+            (score,),
+            dict(scale=32, crop=crop32),
+            seed=seed,
+            label="FCN-32s upscore crop 19",
+        ),
+        Case(
+            "skip_add_crop",
+            (up2, randn(1, C, gh["pool4"], gw["pool4"])),
+            dict(offset=(5, 5)),
+            seed=seed,
+            label="score_pool4c",
+        ),
+        Case(
+            "score_skip",
+            (up2, pool4, randn(C, 512, 1, 1), randn(C)),
+            dict(scale=0.01, offset=(5, 5)),
+            seed=seed,
+            label="at-once pool4",
+        ),
+        Case(
+            "score_skip",
+            (up4, pool3, randn(C, 256, 1, 1), None),
+            dict(scale=1e-4, offset=(9, 9)),
+            seed=seed,
+            label="at-once pool3",
+        ),
         Case("upsample_argmax", (up4,), dict(scale=8, crop=crop8), seed=seed, label="predict"),
-        Case("upsample_cross_entropy", (up4, target), dict(scale=8, crop=crop8, reduction="sum"),
-             seed=seed, label="Caffe loss"),
-        Case("upsample_cross_entropy", (up4, target), dict(scale=8, crop=crop8), seed=seed,
-             label="mean loss"),
+        Case(
+            "upsample_cross_entropy",
+            (up4, target),
+            dict(scale=8, crop=crop8, reduction="sum"),
+            seed=seed,
+            label="Caffe loss",
+        ),
+        Case(
+            "upsample_cross_entropy",
+            (up4, target),
+            dict(scale=8, crop=crop8),
+            seed=seed,
+            label="mean loss",
+        ),
     ]
 
 
@@ -343,54 +417,94 @@ def oracle_target(n, h, w, classes, ignore=255, frac=0.1):
 # name: (op, make() -> fp64 CPU inputs by argument name, other arguments); FCN geometry first
 ORACLE_CASES = {
     # learned FCN-8s upscore2 (k4 s2, no crop) and upscore8 (k16 s8, crop 31)
-    "deconv-upscore2": ("conv_transpose2d",
-                        lambda: dict(x=_randn(2, 21, 8, 9), weight=_randn(21, 21, 4, 4) * 0.1,
-                                     bias=None), dict(stride=2)),
-    "deconv-upscore8": ("conv_transpose2d",
-                        lambda: dict(x=_randn(1, 21, 12, 11), weight=_randn(21, 21, 16, 16) * 0.1,
-                                     bias=_randn(21)), dict(stride=8, crop=(31, 31, 64, 60))),
-    "deconv-upscore32": ("conv_transpose2d",
-                         lambda: dict(x=_randn(1, 5, 4, 5), weight=_randn(5, 5, 64, 64) * 0.1,
-                                      bias=None), dict(stride=32, crop=(19, 19, 100, 120))),
+    "deconv-upscore2": (
+        "conv_transpose2d",
+        lambda: dict(x=_randn(2, 21, 8, 9), weight=_randn(21, 21, 4, 4) * 0.1, bias=None),
+        dict(stride=2),
+    ),
+    "deconv-upscore8": (
+        "conv_transpose2d",
+        lambda: dict(x=_randn(1, 21, 12, 11), weight=_randn(21, 21, 16, 16) * 0.1, bias=_randn(21)),
+        dict(stride=8, crop=(31, 31, 64, 60)),
+    ),
+    "deconv-upscore32": (
+        "conv_transpose2d",
+        lambda: dict(x=_randn(1, 5, 4, 5), weight=_randn(5, 5, 64, 64) * 0.1, bias=None),
+        dict(stride=32, crop=(19, 19, 100, 120)),
+    ),
     # everything else the geometry allows: groups, dilation, padding, output_padding, rect kernel
-    "deconv-general": ("conv_transpose2d",
-                       lambda: dict(x=_randn(2, 6, 5, 7), weight=_randn(6, 2, 3, 4),
-                                    bias=_randn(6)),
-                       dict(stride=(3, 2), padding=(1, 2), output_padding=(1, 0), groups=3,
-                            dilation=(2, 1), crop=(1, 2, 11, 9))),
-    "deconv-stride1": ("conv_transpose2d",
-                       lambda: dict(x=_randn(2, 4, 6, 6), weight=_randn(4, 3, 3, 3), bias=None),
-                       dict(stride=1, padding=1)),
+    "deconv-general": (
+        "conv_transpose2d",
+        lambda: dict(x=_randn(2, 6, 5, 7), weight=_randn(6, 2, 3, 4), bias=_randn(6)),
+        dict(
+            stride=(3, 2),
+            padding=(1, 2),
+            output_padding=(1, 0),
+            groups=3,
+            dilation=(2, 1),
+            crop=(1, 2, 11, 9),
+        ),
+    ),
+    "deconv-stride1": (
+        "conv_transpose2d",
+        lambda: dict(x=_randn(2, 4, 6, 6), weight=_randn(4, 3, 3, 3), bias=None),
+        dict(stride=1, padding=1),
+    ),
     "bilinear-s2": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 7, 9)), dict(scale=2)),
-    "bilinear-s8-crop31": ("bilinear_upsample2d", lambda: dict(x=_randn(2, 21, 9, 10)),
-                           dict(scale=8, crop=(31, 31, 40, 50))),
-    "bilinear-s32-crop19": ("bilinear_upsample2d", lambda: dict(x=_randn(1, 3, 4, 4)),
-                            dict(scale=32, crop=(19, 19, 100, 90))),
-    "skip-crop5": ("skip_add_crop",
-                   lambda: dict(coarse=_randn(2, 21, 10, 12), skip=_randn(2, 21, 20, 22)),
-                   dict(offset=(5, 5))),
-    "skip-crop9-rect": ("skip_add_crop",
-                        lambda: dict(coarse=_randn(1, 21, 17, 9), skip=_randn(1, 21, 35, 19)),
-                        dict(offset=(9, 3))),
-    "score-pool4": ("score_skip",
-                    lambda: dict(coarse=_randn(2, 21, 10, 12), feature=_randn(2, 64, 20, 22),
-                                 weight=_randn(21, 64, 1, 1) * 0.1, bias=_randn(21)),
-                    dict(offset=(5, 5))),
-    "score-pool3-atonce": ("score_skip",
-                           lambda: dict(coarse=_randn(1, 21, 9, 8), feature=_randn(1, 48, 27, 26),
-                                        weight=_randn(21, 48, 1, 1), bias=None),
-                           dict(scale=0.0001 * 1e3, offset=(9, 9))),
-    "ce-s8-mean": ("upsample_cross_entropy",
-                   lambda: dict(x=_randn(2, 21, 6, 7) * 2, target=oracle_target(2, 40, 44, 21)),
-                   dict(scale=8, crop=(3, 5, 40, 44), reduction="mean")),
-    "ce-s4-sum": ("upsample_cross_entropy",
-                  lambda: dict(x=_randn(1, 5, 5, 6), target=oracle_target(1, 24, 28, 5, ignore=-1)),
-                  dict(scale=4, crop=None, ignore_index=-1, reduction="sum")),
+    "bilinear-s8-crop31": (
+        "bilinear_upsample2d",
+        lambda: dict(x=_randn(2, 21, 9, 10)),
+        dict(scale=8, crop=(31, 31, 40, 50)),
+    ),
+    "bilinear-s32-crop19": (
+        "bilinear_upsample2d",
+        lambda: dict(x=_randn(1, 3, 4, 4)),
+        dict(scale=32, crop=(19, 19, 100, 90)),
+    ),
+    "skip-crop5": (
+        "skip_add_crop",
+        lambda: dict(coarse=_randn(2, 21, 10, 12), skip=_randn(2, 21, 20, 22)),
+        dict(offset=(5, 5)),
+    ),
+    "skip-crop9-rect": (
+        "skip_add_crop",
+        lambda: dict(coarse=_randn(1, 21, 17, 9), skip=_randn(1, 21, 35, 19)),
+        dict(offset=(9, 3)),
+    ),
+    "score-pool4": (
+        "score_skip",
+        lambda: dict(
+            coarse=_randn(2, 21, 10, 12),
+            feature=_randn(2, 64, 20, 22),
+            weight=_randn(21, 64, 1, 1) * 0.1,
+            bias=_randn(21),
+        ),
+        dict(offset=(5, 5)),
+    ),
+    "score-pool3-atonce": (
+        "score_skip",
+        lambda: dict(
+            coarse=_randn(1, 21, 9, 8),
+            feature=_randn(1, 48, 27, 26),
+            weight=_randn(21, 48, 1, 1),
+            bias=None,
+        ),
+        dict(scale=0.0001 * 1e3, offset=(9, 9)),
+    ),
+    "ce-s8-mean": (
+        "upsample_cross_entropy",
+        lambda: dict(x=_randn(2, 21, 6, 7) * 2, target=oracle_target(2, 40, 44, 21)),
+        dict(scale=8, crop=(3, 5, 40, 44), reduction="mean"),
+    ),
+    "ce-s4-sum": (
+        "upsample_cross_entropy",
+        lambda: dict(x=_randn(1, 5, 5, 6), target=oracle_target(1, 24, 28, 5, ignore=-1)),
+        dict(scale=4, crop=None, ignore_index=-1, reduction="sum"),
+    ),
 }
 
 # the cases whose fp64 gradcheck / gradgradcheck run (on shrunk inputs: see small_grad_case)
-GRADCHECK_CASES = ["deconv-general", "bilinear-s8-crop31", "skip-crop5", "score-pool4",
-                   "ce-s4-sum"]
+GRADCHECK_CASES = ["deconv-general", "bilinear-s8-crop31", "skip-crop5", "score-pool4", "ce-s4-sum"]
 
 
 def oracle_case_names(op: str, exclude: Sequence[str] = ()) -> List[str]:
@@ -420,8 +534,10 @@ def oracle_fn(op, dtype):
         # round them the same way (straight-through, so the gradient is not rounded)
         z = reference.bilinear_upsample2d(x, scale, crop)
         z = z + (z.to(dtype).double() - z).detach()
-        return torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index,
-                                                 reduction=reduction)
+        return torch.nn.functional.cross_entropy(
+            z, target, ignore_index=ignore_index, reduction=reduction
+        )
+
     return cross_entropy
 
 
@@ -441,15 +557,21 @@ def reduction_terms(op, t, kwargs, what, out_shape):
         stride = kwargs.get("stride", 1)
         sh, sw = (stride, stride) if isinstance(stride, int) else stride
         kh, kw = w.shape[2:]
-        return {"output": w.shape[0] // groups * -(-kh // sh) * -(-kw // sw),
-                "x": w.shape[1] * kh * kw,
-                "weight": t["x"][:, 0].numel(),
-                "bias": out_shape[0] * out_shape[2] * out_shape[3]}.get(what, 1)
+        return {
+            "output": w.shape[0] // groups * -(-kh // sh) * -(-kw // sw),
+            "x": w.shape[1] * kh * kw,
+            "weight": t["x"][:, 0].numel(),
+            "bias": out_shape[0] * out_shape[2] * out_shape[3],
+        }.get(what, 1)
     if op == "bilinear_upsample2d":
         return 4 if what == "output" else 4 * kwargs["scale"] ** 2
     if op == "score_skip":
-        return {"output": t["feature"].shape[1], "feature": t["weight"].shape[0],
-                "weight": t["coarse"][:, 0].numel(), "bias": t["coarse"][:, 0].numel()}.get(what, 1)
+        return {
+            "output": t["feature"].shape[1],
+            "feature": t["weight"].shape[0],
+            "weight": t["coarse"][:, 0].numel(),
+            "bias": t["coarse"][:, 0].numel(),
+        }.get(what, 1)
     if op == "upsample_cross_entropy":
         c = t["x"].shape[1]
         return t["target"].numel() * c if what == "output" else 4 * kwargs["scale"] ** 2 * c
@@ -468,7 +590,8 @@ def assert_close_to_oracle(actual, oracle, dtype, what, terms=1):
     tol = tolerance(dtype, terms)
     assert err <= tol * scale, (
         "%s max abs error %.3g > %.3g (scale %.3g, dtype %s, %d-term sums)"
-        % (what, err, tol * scale, scale, dtype, terms))
+        % (what, err, tol * scale, scale, dtype, terms)
+    )
 
 
 def check_oracle_case(name, dtype, device):
@@ -482,14 +605,25 @@ def check_oracle_case(name, dtype, device):
     grad_out = torch.randn(out_shape, dtype=torch.float64).to(dtype)
     out, grads = run_with_grads(getattr(ops, op), native_args, kwargs, grad_out)
     assert out.device.type == torch.device(device).type
-    ref_out, ref_grads = run_with_grads(oracle_fn(op, dtype), oracle_args, kwargs,
-                                        grad_out.double())
-    assert_close_to_oracle(out, ref_out, dtype, "%s output" % name,
-                           reduction_terms(op, tensors, kwargs, "output", out.shape))
+    ref_out, ref_grads = run_with_grads(
+        oracle_fn(op, dtype), oracle_args, kwargs, grad_out.double()
+    )
+    assert_close_to_oracle(
+        out,
+        ref_out,
+        dtype,
+        "%s output" % name,
+        reduction_terms(op, tensors, kwargs, "output", out.shape),
+    )
     assert grads.keys() == ref_grads.keys()
     for k in grads:
-        assert_close_to_oracle(grads[k], ref_grads[k], dtype, "%s grad %s" % (name, k),
-                               reduction_terms(op, tensors, kwargs, k, out.shape))
+        assert_close_to_oracle(
+            grads[k],
+            ref_grads[k],
+            dtype,
+            "%s grad %s" % (name, k),
+            reduction_terms(op, tensors, kwargs, k, out.shape),
+        )
     return out, grads
 
 
@@ -497,12 +631,18 @@ def check_matches_cpu_backend(name, device):
     """``device`` and the CPU backend (native where built, else reference) agree in float32."""
     op, make, kwargs = ORACLE_CASES[name]
     tensors = make()
-    g = torch.randn(oracle_fn(op, torch.float32)(**materialise(tensors, torch.float32, "cpu64"),
-                                                  **kwargs).shape, dtype=torch.float64)
-    out_d, grads_d = run_with_grads(getattr(ops, op), materialise(tensors, torch.float32, device),
-                                    kwargs, g)
-    out_h, grads_h = run_with_grads(getattr(ops, op), materialise(tensors, torch.float32, "cpu"),
-                                    kwargs, g)
+    g = torch.randn(
+        oracle_fn(op, torch.float32)(
+            **materialise(tensors, torch.float32, "cpu64"), **kwargs
+        ).shape,
+        dtype=torch.float64,
+    )
+    out_d, grads_d = run_with_grads(
+        getattr(ops, op), materialise(tensors, torch.float32, device), kwargs, g
+    )
+    out_h, grads_h = run_with_grads(
+        getattr(ops, op), materialise(tensors, torch.float32, "cpu"), kwargs, g
+    )
     assert out_d.device.type == torch.device(device).type
     assert_close_to_oracle(out_d, out_h, torch.float32, "output")
     for k in grads_h:
@@ -533,8 +673,12 @@ def small_grad_case(name, device):
     elif op == "skip_add_crop":
         tensors = dict(coarse=_randn(1, 2, 3, 4), skip=_randn(1, 2, 9, 9))
     elif op == "score_skip":
-        tensors = dict(coarse=_randn(1, 3, 3, 4), feature=_randn(1, 4, 9, 9),
-                       weight=_randn(3, 4, 1, 1), bias=_randn(3))
+        tensors = dict(
+            coarse=_randn(1, 3, 3, 4),
+            feature=_randn(1, 4, 9, 9),
+            weight=_randn(3, 4, 1, 1),
+            bias=_randn(3),
+        )
     elif op == "upsample_cross_entropy":
         tensors = dict(x=_randn(1, 3, 2, 3), target=oracle_target(1, 12, 16, 3, ignore=-1))
     args = materialise(tensors, torch.float64, device)
@@ -543,6 +687,7 @@ def small_grad_case(name, device):
     def fn(*grad_inputs):
         call = dict(args, **dict(zip(names, grad_inputs)))
         return getattr(ops, op)(**call, **kwargs)
+
     return fn, [args[k] for k in names]
 
 
@@ -555,6 +700,7 @@ def check_gradgradcheck_fp64(name, device):
     """Double backward (the autograd formulas call the backward ops on ``device``), with
     warnings as errors: an op without an autograd kernel would warn and give zeros."""
     import warnings
+
     fn, inputs = small_grad_case(name, device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -568,7 +714,6 @@ def oracle_tests(op: str) -> dict:
     per-op ``test_gradcheck_fp64`` and test_double_backward.py; the CPU needs no
     comparison with itself)."""
     import pytest
-
     from conftest import ACCELERATORS, require_native
 
     names = oracle_case_names(op)
@@ -584,22 +729,26 @@ def oracle_tests(op: str) -> dict:
     def device_test(check, case_names, devices=None):
         """A test of ``check(name, device)`` over ``case_names``, on ``devices`` (default:
         the ``device`` fixture)."""
+
         @pytest.mark.parametrize("name", case_names)
         def test(name, device):
             require_native(op, device)
             check(name, device)
+
         return test if devices is None else pytest.mark.parametrize("device", devices)(test)
 
-    tests = dict(test_matches_fp64_oracle=test_matches_fp64_oracle,
-                 test_matches_cpu_backend=device_test(check_matches_cpu_backend, names,
-                                                      ACCELERATORS))
+    tests = dict(
+        test_matches_fp64_oracle=test_matches_fp64_oracle,
+        test_matches_cpu_backend=device_test(check_matches_cpu_backend, names, ACCELERATORS),
+    )
     if op != "upsample_cross_entropy":  # (a loss has no batch dimension to be empty)
         tests["test_empty_batch_case"] = device_test(check_empty_batch, names)
     grad = [n for n in GRADCHECK_CASES if n in names]
     if grad:
         tests["test_gradcheck_fp64_case"] = device_test(check_gradcheck_fp64, grad, ACCELERATORS)
-        tests["test_gradgradcheck_fp64_case"] = device_test(check_gradgradcheck_fp64, grad,
-                                                            ACCELERATORS)
+        tests["test_gradgradcheck_fp64_case"] = device_test(
+            check_gradgradcheck_fp64, grad, ACCELERATORS
+        )
     return tests
 
 
@@ -633,8 +782,12 @@ def upsample_shapes(heads, bottom_right, one_pixel):
     """``(N, C, H, W, scale, crop)`` geometries of an upsampling op's tests: the FCN heads
     (``head_shape`` arguments), UPSAMPLE_GENERIC_SHAPES, a crop at the bottom-right edge
     (``bottom_right_shape`` arguments) and a one-pixel crop."""
-    return ([head_shape(*h) for h in heads] + UPSAMPLE_GENERIC_SHAPES
-            + [bottom_right_shape(*bottom_right), one_pixel])
+    return (
+        [head_shape(*h) for h in heads]
+        + UPSAMPLE_GENERIC_SHAPES
+        + [bottom_right_shape(*bottom_right), one_pixel]
+    )
+
 
 # (kwargs, match): errors every upsampling op raises alike, on x (1, 3, 4, 4), scale 4
 UPSAMPLE_ERRORS = [
@@ -649,6 +802,7 @@ def check_upsample_error(fn, kwargs, match):
     """``fn(x, scale, crop)`` with ``kwargs`` replacing the valid x (1, 3, 4, 4), scale 4,
     crop None raises a ValueError matching ``match``."""
     import pytest
+
     args = dict(x=torch.randn(1, 3, 4, 4), scale=4, crop=None)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """Autouse fixture for CPU-heavy model/data tests (import it into a test module)."""
+
 import pytest
 import torch
 

@@ -11,17 +11,18 @@ Tolerances, max abs error relative to max(1, max|fp32 reference|): single ops 2e
 precision) 6e-2 / 1e-2; labels of ``predict`` agree with fp32 on >= 97 % (bf16) / 99 % (fp16)
 of the pixels (random weights put many pixels near a tie).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fcnfast
-from fcnfast import _autocast, nn as fnn, ops, reference
-from fcnfast.models import fcn8s
-from fcnfast.models.lite_fcn import LiteFCN
-
 from conftest import REFERENCE_ONLY
 from single_thread import one_intraop_thread  # noqa: F401
+
+import fcnfast
+from fcnfast import _autocast, ops, reference
+from fcnfast import nn as fnn
+from fcnfast.models import fcn8s
+from fcnfast.models.lite_fcn import LiteFCN
 
 REDUCED = (torch.bfloat16, torch.float16)
 OP_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -47,6 +48,7 @@ def _close(actual, expected, tol, what):
 # the ops: (name, build inputs, call, expected output dtype under autocast `amp`)
 # ---------------------------------------------------------------------------------------
 
+
 def _ct_inputs():
     return [torch.randn(2, 6, 7, 5), torch.randn(6, 4, 4, 4) * 0.3, torch.randn(4)]
 
@@ -56,8 +58,12 @@ def _ct(x, w, b):
 
 
 def _ss_inputs():
-    return [torch.randn(2, 5, 6, 7), torch.randn(2, 8, 9, 10), torch.randn(5, 8, 1, 1) * 0.3,
-            torch.randn(5)]
+    return [
+        torch.randn(2, 5, 6, 7),
+        torch.randn(2, 8, 9, 10),
+        torch.randn(5, 8, 1, 1) * 0.3,
+        torch.randn(5),
+    ]
 
 
 def _ss(c, f, w, b):
@@ -73,17 +79,22 @@ def _ce_target():
 
 OPS = {
     "conv_transpose2d": (_ct_inputs, _ct, lambda amp: amp),
-    "bilinear_upsample2d": (lambda: [torch.randn(2, 5, 6, 7)],
-                            lambda x: ops.bilinear_upsample2d(x, 4, (2, 3, 20, 21)),
-                            lambda amp: amp),
-    "skip_add_crop": (lambda: [torch.randn(2, 5, 6, 7), torch.randn(2, 5, 9, 10)],
-                      lambda c, s: ops.skip_add_crop(c, s, (2, 1)),
-                      lambda amp: torch.float32),
+    "bilinear_upsample2d": (
+        lambda: [torch.randn(2, 5, 6, 7)],
+        lambda x: ops.bilinear_upsample2d(x, 4, (2, 3, 20, 21)),
+        lambda amp: amp,
+    ),
+    "skip_add_crop": (
+        lambda: [torch.randn(2, 5, 6, 7), torch.randn(2, 5, 9, 10)],
+        lambda c, s: ops.skip_add_crop(c, s, (2, 1)),
+        lambda amp: torch.float32,
+    ),
     "score_skip": (_ss_inputs, _ss, lambda amp: torch.float32),
-    "upsample_cross_entropy": (lambda: [torch.randn(2, 6, 5, 4) * 3],
-                               lambda x: ops.upsample_cross_entropy(x, _ce_target(), 4,
-                                                                    (1, 2, 20, 17)),
-                               lambda amp: torch.float32),
+    "upsample_cross_entropy": (
+        lambda: [torch.randn(2, 6, 5, 4) * 3],
+        lambda x: ops.upsample_cross_entropy(x, _ce_target(), 4, (1, 2, 20, 17)),
+        lambda amp: torch.float32,
+    ),
 }
 
 
@@ -116,7 +127,7 @@ def test_native_and_reference_agree_under_autocast(name, amp):
     make, fn, _ = OPS[name]
     torch.manual_seed(1)
     inputs = make()
-    inputs[0] = inputs[0].to(amp)           # activations in the autocast dtype, weights fp32
+    inputs[0] = inputs[0].to(amp)  # activations in the autocast dtype, weights fp32
     outs = {}
     for backend in BACKENDS:
         with _backend(backend), torch.autocast("cpu", dtype=amp):
@@ -138,8 +149,9 @@ def test_upsample_argmax_under_autocast(amp, backend):
             labels_reduced = ops.upsample_argmax(x.to(amp), 4, (1, 2, 20, 17))
     assert labels.dtype == torch.int64
     assert torch.equal(labels, reference.upsample_argmax(x, 4, (1, 2, 20, 17)))
-    assert torch.equal(labels_reduced, reference.upsample_argmax(x.to(amp).float(), 4,
-                                                                 (1, 2, 20, 17)))
+    assert torch.equal(
+        labels_reduced, reference.upsample_argmax(x.to(amp).float(), 4, (1, 2, 20, 17))
+    )
 
 
 @pytest.mark.parametrize("amp", REDUCED, ids=str)
@@ -152,10 +164,11 @@ def test_cross_entropy_reduced_input_gives_fp32_loss_and_reduced_grad(amp):
             with torch.autocast("cpu", dtype=amp):
                 loss = ops.upsample_cross_entropy(x, t, 4, (1, 2, 20, 17))
             assert loss.dtype == torch.float32
-            g, = torch.autograd.grad(loss, x)
+            (g,) = torch.autograd.grad(loss, x)
             assert g.dtype == amp
-            ref = reference.upsample_cross_entropy(x.detach().float().requires_grad_(), t, 4,
-                                                   (1, 2, 20, 17))
+            ref = reference.upsample_cross_entropy(
+                x.detach().float().requires_grad_(), t, 4, (1, 2, 20, 17)
+            )
             _close(loss, ref, OP_TOL[amp], "loss")
 
 
@@ -170,12 +183,23 @@ def test_dispatcher_ops_follow_the_same_rules():
         assert out.dtype == torch.bfloat16
         assert T.bilinear_upsample2d(x, 2, [0, 0, 4, 4]).dtype == torch.bfloat16
         assert T.skip_add_crop(x[:, :, :3, :3].bfloat16(), x, [1, 1]).dtype == torch.float32
-        loss = T.upsample_cross_entropy(x.bfloat16(), torch.zeros(2, 6, 4, dtype=torch.long), 2,
-                                        [0, 0, 6, 4], 255, "mean")
+        loss = T.upsample_cross_entropy(
+            x.bfloat16(), torch.zeros(2, 6, 4, dtype=torch.long), 2, [0, 0, 6, 4], 255, "mean"
+        )
         assert loss.dtype == torch.float32
-        gx, gw, gb = T.conv_transpose2d_backward(out, x.bfloat16(), w, [2, 2], [0, 0], [0, 0], 1,
-                                                 [1, 1], [1, 1, 12, 9], [True, True, True])
-        assert gx.dtype == gw.dtype == torch.float32   # backward ops: the widest input dtype
+        gx, gw, gb = T.conv_transpose2d_backward(
+            out,
+            x.bfloat16(),
+            w,
+            [2, 2],
+            [0, 0],
+            [0, 0],
+            1,
+            [1, 1],
+            [1, 1, 12, 9],
+            [True, True, True],
+        )
+        assert gx.dtype == gw.dtype == torch.float32  # backward ops: the widest input dtype
     _close(out.float(), ops.conv_transpose2d(x, w, b, stride=2, crop=(1, 1, 12, 9)), 2e-2, "ct")
 
 
@@ -191,8 +215,12 @@ def test_float64_is_never_cast_down_and_outside_autocast_nothing_changes():
 def test_every_registered_op_has_a_rule():
     if REFERENCE_ONLY:
         pytest.skip("FCNFAST_BACKEND=reference")
-    names = [n for n in dir(torch.ops.fcnfast) if not n.startswith("_")
-             and isinstance(getattr(torch.ops.fcnfast, n), torch._ops.OpOverloadPacket)]
+    names = [
+        n
+        for n in dir(torch.ops.fcnfast)
+        if not n.startswith("_")
+        and isinstance(getattr(torch.ops.fcnfast, n), torch._ops.OpOverloadPacket)
+    ]
     assert set(ops.__all__) <= set(names)
     for n in names:
         assert n in _autocast.RULES, n
@@ -205,6 +233,7 @@ def test_every_registered_op_has_a_rule():
 # layers
 # ---------------------------------------------------------------------------------------
 
+
 def _layers():
     torch.manual_seed(5)
     ct = fnn.ConvTranspose2d(6, 4, 4, stride=2)
@@ -216,14 +245,20 @@ def _layers():
     assert isinstance(frozen[0], fnn.FrozenBilinearConvTranspose2d)
     return {
         "ConvTranspose2d": (ct, lambda m, x: m(x, crop=(1, 1, 10, 8))),
-        "BilinearUpsample2d_fixed": (fnn.BilinearUpsample2d(6, 4),
-                                     lambda m, x: m(x, crop=(2, 2, 20, 16))),
-        "BilinearUpsample2d_learned": (fnn.BilinearUpsample2d(6, 2, learnable=True),
-                                       lambda m, x: m(x, crop=(1, 1, 10, 8))),
+        "BilinearUpsample2d_fixed": (
+            fnn.BilinearUpsample2d(6, 4),
+            lambda m, x: m(x, crop=(2, 2, 20, 16)),
+        ),
+        "BilinearUpsample2d_learned": (
+            fnn.BilinearUpsample2d(6, 2, learnable=True),
+            lambda m, x: m(x, crop=(1, 1, 10, 8)),
+        ),
         "FrozenBilinearConvTranspose2d": (frozen, lambda m, x: m(x)),
         "BilinearInterpolate2d": (fnn.BilinearInterpolate2d(2), lambda m, x: m(x)),
-        "SkipFuse": (fnn.SkipFuse(6, 3, scale=0.5, offset=(1, 1)),
-                     lambda m, x: m(torch.randn(2, 3, 3, 2), x)),
+        "SkipFuse": (
+            fnn.SkipFuse(6, 3, scale=0.5, offset=(1, 1)),
+            lambda m, x: m(torch.randn(2, 3, 3, 2), x),
+        ),
     }
 
 
@@ -253,6 +288,7 @@ def test_layers_under_autocast(name, amp, backend):
 # whole models: forward, backward (loss), predict
 # ---------------------------------------------------------------------------------------
 
+
 def _randomize(model):
     torch.manual_seed(7)
     with torch.no_grad():
@@ -265,8 +301,9 @@ def _randomize(model):
 def _models():
     return {
         "fcn8s_tiny_learned": lambda: _randomize(fcn8s(num_classes=5, backbone="tiny")),
-        "fcn8s_tiny_fixed": lambda: _randomize(fcn8s(num_classes=5, backbone="tiny",
-                                                     fixed_upsampling=True)),
+        "fcn8s_tiny_fixed": lambda: _randomize(
+            fcn8s(num_classes=5, backbone="tiny", fixed_upsampling=True)
+        ),
         "lite0_fcn8s": lambda: _randomize(LiteFCN("fcn8s", 4)),
     }
 
@@ -296,9 +333,12 @@ def test_model_under_autocast(name, amp, backend):
             out = model(x)
             loss = loss_fn()
             with torch.no_grad():
-                labels = (model.predict(x) if isinstance(model, fcnfast.models.FCN)
-                          else model(x).argmax(1))
-        grads = torch.autograd.grad(loss, params)   # backward outside the autocast region
+                labels = (
+                    model.predict(x)
+                    if isinstance(model, fcnfast.models.FCN)
+                    else model(x).argmax(1)
+                )
+        grads = torch.autograd.grad(loss, params)  # backward outside the autocast region
     assert out.dtype == amp and loss.dtype == torch.float32 and labels.dtype == torch.int64
     _close(out.float(), ref, MODEL_TOL[amp], "forward")
     _close(loss, ref_loss, MODEL_TOL[amp], "loss")

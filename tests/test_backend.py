@@ -20,15 +20,20 @@ def test_build_info_fields():
 def test_env_forces_reference():
     code = "import fcnfast; print(fcnfast.backend())"
     env = dict(os.environ, FCNFAST_BACKEND="reference")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "reference"
 
 
 def test_bad_env_value_is_clear():
     env = dict(os.environ, FCNFAST_BACKEND="fast")
-    out = subprocess.run([sys.executable, "-c", "import fcnfast; fcnfast.backend()"], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fcnfast; fcnfast.backend()"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "FCNFAST_BACKEND must be one of" in out.stderr
 
 
@@ -42,20 +47,27 @@ def test_broken_extension_falls_back_with_one_warning(tmp_path):
             (pkg / name).write_text(open(os.path.join(src, name)).read())
         elif os.path.isdir(os.path.join(src, name)) and not name.startswith("__"):
             import shutil
-            shutil.copytree(os.path.join(src, name), pkg / name,
-                            ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+
+            shutil.copytree(
+                os.path.join(src, name),
+                pkg / name,
+                ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+            )
     (pkg / "_C.py").write_text("raise ImportError('simulated broken build')\n")
-    code = ("import warnings, torch\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import fcnfast\n"
-            "    y = fcnfast.skip_add_crop(torch.ones(1,1,2,2), torch.ones(1,1,3,3), (1,1))\n"
-            "    fcnfast.skip_add_crop(torch.ones(1,1,2,2), torch.ones(1,1,3,3), (1,1))\n"
-            "print(fcnfast.backend(), float(y.sum()), sum('native extension not available' in str(x.message) for x in w))\n")
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fcnfast\n"
+        "    y = fcnfast.skip_add_crop(torch.ones(1,1,2,2), torch.ones(1,1,3,3), (1,1))\n"
+        "    fcnfast.skip_add_crop(torch.ones(1,1,2,2), torch.ones(1,1,3,3), (1,1))\n"
+        "print(fcnfast.backend(), float(y.sum()), sum('native extension not available' in str(x.message) for x in w))\n"
+    )
     env = dict(os.environ)
     env.pop("FCNFAST_BACKEND", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "8.0", "1"], out.stdout
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import assert_close_scaled, compare_forward_backward, require_native
+from op_cases import UPSAMPLE_ERRORS, check_upsample_error, oracle_tests
 
 import fcnfast
 from fcnfast import ops, reference
-
-from conftest import assert_close_scaled, compare_forward_backward, require_native
-from op_cases import UPSAMPLE_ERRORS, check_upsample_error, oracle_tests
 
 OP = "bilinear_upsample2d"
 
@@ -15,21 +14,23 @@ SHAPES = [
     (1, 3, 4, 4, 32, (19, 19, 100, 100)),
     (2, 4, 6, 5, 16, (27, 27, 60, 50)),
     (1, 5, 9, 8, 8, (31, 31, 40, 35)),
-    (3, 2, 5, 7, 2, None),              # FCN upscore2 (k4 s2, no crop)
-    (2, 3, 4, 6, 3, (1, 2, 10, 13)),    # odd scale
-    (1, 2, 7, 3, 1, None),              # scale 1: k2 s1
-    (1, 2, 3, 5, 8, (24, 40, 8, 8)),    # bottom-right corner of the full output
-    (1, 2, 3, 5, 8, (0, 0, 5, 3)),      # top-left border (one tap only)
-    (2, 3, 2, 2, 4, (5, 7, 1, 1)),      # one pixel
-    (1, 2, 3, 3, 4, (3, 2, 0, 7)),      # zero-size crop
-    (0, 3, 4, 4, 2, None),              # empty batch
-    (2, 1, 1, 1, 5, None),              # 1x1 input
+    (3, 2, 5, 7, 2, None),  # FCN upscore2 (k4 s2, no crop)
+    (2, 3, 4, 6, 3, (1, 2, 10, 13)),  # odd scale
+    (1, 2, 7, 3, 1, None),  # scale 1: k2 s1
+    (1, 2, 3, 5, 8, (24, 40, 8, 8)),  # bottom-right corner of the full output
+    (1, 2, 3, 5, 8, (0, 0, 5, 3)),  # top-left border (one tap only)
+    (2, 3, 2, 2, 4, (5, 7, 1, 1)),  # one pixel
+    (1, 2, 3, 3, 4, (3, 2, 0, 7)),  # zero-size crop
+    (0, 3, 4, 4, 2, None),  # empty batch
+    (2, 1, 1, 1, 5, None),  # 1x1 input
 ]
 
 
 def _fwd(scale, crop):
-    return (lambda x: ops.bilinear_upsample2d(x, scale, crop),
-            lambda x: reference.bilinear_upsample2d(x, scale, crop))
+    return (
+        lambda x: ops.bilinear_upsample2d(x, scale, crop),
+        lambda x: reference.bilinear_upsample2d(x, scale, crop),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -60,8 +61,9 @@ def test_reduced_precision_vs_fp32_reference(shape, dtype, device):
     expected = reference.bilinear_upsample2d(x.float(), scale, crop)
     assert_close_scaled(out.float().cpu(), expected, dtype=dtype)
     grad = torch.randn(expected.shape)
-    gx = torch.ops.fcnfast.bilinear_upsample2d_backward(grad.to(dtype).to(device), h, w, scale,
-                                                        list(crop or (0, 0, *expected.shape[2:])))
+    gx = torch.ops.fcnfast.bilinear_upsample2d_backward(
+        grad.to(dtype).to(device), h, w, scale, list(crop or (0, 0, *expected.shape[2:]))
+    )
     xf = x.float().requires_grad_()
     (gref,) = torch.autograd.grad(reference.bilinear_upsample2d(xf, scale, crop), xf, grad)
     assert gx.dtype == dtype
@@ -83,10 +85,12 @@ def test_nan_and_inf_propagate_like_reference(device):
     x[0, 0, 2, 2] = float("nan")
     x[0, 1, 0, 3] = float("inf")
     x[0, 2, 4, 4] = float("inf")
-    x[0, 2, 4, 5] = float("-inf")   # inf - inf -> NaN where their windows overlap
+    x[0, 2, 4, 5] = float("-inf")  # inf - inf -> NaN where their windows overlap
     for scale, crop in [(4, None), (2, (1, 3, 9, 8))]:
-        assert_close_scaled(ops.bilinear_upsample2d(x.to(device), scale, crop).cpu(),
-                            reference.bilinear_upsample2d(x, scale, crop))
+        assert_close_scaled(
+            ops.bilinear_upsample2d(x.to(device), scale, crop).cpu(),
+            reference.bilinear_upsample2d(x, scale, crop),
+        )
 
 
 def test_gradcheck_fp64(device):
@@ -94,7 +98,8 @@ def test_gradcheck_fp64(device):
     for shape, scale, crop in [((2, 2, 3, 4), 2, (1, 1, 5, 7)), ((1, 1, 2, 3), 3, None)]:
         x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda t, scale=scale, crop=crop: ops.bilinear_upsample2d(t, scale, crop), (x,))
+            lambda t, scale=scale, crop=crop: ops.bilinear_upsample2d(t, scale, crop), (x,)
+        )
 
 
 def test_opcheck(device):
@@ -102,8 +107,9 @@ def test_opcheck(device):
     x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.fcnfast.bilinear_upsample2d.default, (x, 3, [2, 1, 9, 11]))
     grad = torch.randn(2, 3, 9, 11, device=device)
-    torch.library.opcheck(torch.ops.fcnfast.bilinear_upsample2d_backward.default,
-                          (grad, 4, 5, 3, [2, 1, 9, 11]))
+    torch.library.opcheck(
+        torch.ops.fcnfast.bilinear_upsample2d_backward.default, (grad, 4, 5, 3, [2, 1, 9, 11])
+    )
     # 4 channels, x4, crop (3, 3, 17, 20) (formerly test_cuda.test_opcheck_cuda)
     x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.fcnfast.bilinear_upsample2d.default, (x, 4, [3, 3, 17, 20]))
@@ -136,13 +142,20 @@ def test_backward_is_deterministic_across_threads():
 
 
 @pytest.mark.parametrize("impl", [ops, reference])
-@pytest.mark.parametrize("kwargs,match", UPSAMPLE_ERRORS[:1] + [
-    (dict(scale=-2), "scale must be a positive int"),
-    (dict(scale=1.5), "scale must be a positive int"),
-] + UPSAMPLE_ERRORS[1:2] + [
-    (dict(crop=(-1, 0, 2, 2)), "lies outside the full output"),
-    (dict(crop=(0, 0, 2)), "crop must be"),
-] + UPSAMPLE_ERRORS[2:])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    UPSAMPLE_ERRORS[:1]
+    + [
+        (dict(scale=-2), "scale must be a positive int"),
+        (dict(scale=1.5), "scale must be a positive int"),
+    ]
+    + UPSAMPLE_ERRORS[1:2]
+    + [
+        (dict(crop=(-1, 0, 2, 2)), "lies outside the full output"),
+        (dict(crop=(0, 0, 2)), "crop must be"),
+    ]
+    + UPSAMPLE_ERRORS[2:],
+)
 def test_errors(impl, kwargs, match):
     check_upsample_error(impl.bilinear_upsample2d, kwargs, match)
 

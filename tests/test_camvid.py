@@ -1,5 +1,6 @@
 """Real-image pipeline: dataset layouts and CamVid, the EfficientNet-Lite0 backbone and its key
 mapping, the Lite0 FCN heads' geometry, fine-tuning (exact resume), the shipped CamVid model."""
+
 import json
 from pathlib import Path
 
@@ -7,20 +8,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 import fcnfast
 from fcnfast.cli import main
-from fcnfast.data.layouts import (CAMVID_CLASSES, CamVid, FolderPairSegmentation,
-                                  ListFileSegmentation, detect_layout, open_segmentation)
+from fcnfast.data.layouts import (
+    CAMVID_CLASSES,
+    CamVid,
+    FolderPairSegmentation,
+    ListFileSegmentation,
+    detect_layout,
+    open_segmentation,
+)
 from fcnfast.models import efficientnet as eff
 from fcnfast.models import fcn8s, fcn16s, fcn32s
 from fcnfast.models.lite_fcn import LiteFCN
-from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 
 # -- dataset layouts -----------------------------------------------------------
+
 
 def _write_pair(image_path, label_path, h, w, labels, seed=0):
     rng = np.random.default_rng(seed)
@@ -34,8 +42,14 @@ def _camvid_fixture(root, count=3, h=20, w=30):
     lines = []
     for i in range(count):
         labels = (np.arange(h * w).reshape(h, w) + i) % 12  # 0..10 classes, 11 = void
-        _write_pair(root / "train" / ("%d.png" % i), root / "trainannot" / ("%d.png" % i), h, w,
-                    labels, seed=i)
+        _write_pair(
+            root / "train" / ("%d.png" % i),
+            root / "trainannot" / ("%d.png" % i),
+            h,
+            w,
+            labels,
+            seed=i,
+        )
         lines.append("train/%d.png trainannot/%d.png" % (i, i))
     (root / "train.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -64,14 +78,17 @@ def test_list_file_accepts_segnet_absolute_paths(tmp_path):
     assert ds.paths(0) == (root / "train" / "0.png", root / "trainannot" / "0.png")
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing_list", "split list not found"),
-    ("bad_line", "expected 'image_path label_path'"),
-    ("missing_file", "not found"),
-    ("bad_class", "outside 0..10"),
-    ("corrupt_image", "cannot read image"),
-    ("size_mismatch", "but its label"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing_list", "split list not found"),
+        ("bad_line", "expected 'image_path label_path'"),
+        ("missing_file", "not found"),
+        ("bad_class", "outside 0..10"),
+        ("corrupt_image", "cannot read image"),
+        ("size_mismatch", "but its label"),
+    ],
+)
 def test_reader_errors_name_the_file(tmp_path, problem, message):
     root = _camvid_fixture(tmp_path / "camvid")
     culprit = None
@@ -85,7 +102,9 @@ def test_reader_errors_name_the_file(tmp_path, problem, message):
         (root / "train" / "2.png").unlink()
         culprit = "2.png"
     elif problem == "bad_class":
-        Image.fromarray(np.full((20, 30), 12, np.uint8), mode="L").save(root / "trainannot" / "0.png")
+        Image.fromarray(np.full((20, 30), 12, np.uint8), mode="L").save(
+            root / "trainannot" / "0.png"
+        )
         culprit = "0.png"
     elif problem == "corrupt_image":
         (root / "train" / "0.png").write_bytes(b"not a png")
@@ -102,8 +121,14 @@ def test_reader_errors_name_the_file(tmp_path, problem, message):
 def test_folder_pair_layout(tmp_path):
     root = tmp_path / "pairs"
     for i in range(2):
-        _write_pair(root / "images" / ("a%d.jpg" % i), root / "labels" / ("a%d.png" % i), 9, 7,
-                    np.full((9, 7), i), seed=i)
+        _write_pair(
+            root / "images" / ("a%d.jpg" % i),
+            root / "labels" / ("a%d.png" % i),
+            9,
+            7,
+            np.full((9, 7), i),
+            seed=i,
+        )
     assert detect_layout(root) == "folders"
     ds = open_segmentation(root, "train", num_classes=3)
     assert isinstance(ds, FolderPairSegmentation) and len(ds) == 2
@@ -122,8 +147,25 @@ def test_train_and_eval_on_a_list_file_layout(tmp_path, capsys):
     root = _camvid_fixture(tmp_path / "camvid", count=2, h=24, w=24)
     (root / "val.txt").write_text((root / "train.txt").read_text())
     out = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--num-classes", "11", "--epochs", "1",
-                 "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--num-classes",
+                "11",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
@@ -131,6 +173,7 @@ def test_train_and_eval_on_a_list_file_layout(tmp_path, capsys):
 
 
 # -- EfficientNet-Lite0 backbone and its weights -----------------------------------
+
 
 def _package_format_state_dict(seed=0):
     """A random state dict with the keys and shapes of efficientnet_pytorch's Lite0 file, written
@@ -150,8 +193,15 @@ def _package_format_state_dict(seed=0):
 
     conv("_conv_stem", 32, 3, 3)
     bn("_bn0", 32)
-    table = [(1, 3, 1, 16), (2, 3, 6, 24), (2, 5, 6, 40), (3, 3, 6, 80), (3, 5, 6, 112),
-             (4, 5, 6, 192), (1, 3, 6, 320)]  # repeats, kernel, expand, out
+    table = [
+        (1, 3, 1, 16),
+        (2, 3, 6, 24),
+        (2, 5, 6, 40),
+        (3, 3, 6, 80),
+        (3, 5, 6, 112),
+        (4, 5, 6, 192),
+        (1, 3, 6, 320),
+    ]  # repeats, kernel, expand, out
     index, cin = 0, 32
     for repeats, k, expand, out in table:
         for _ in range(repeats):
@@ -183,11 +233,14 @@ def test_lite0_key_mapping_is_exact():
         assert torch.equal(own[key], value), key
 
 
-@pytest.mark.parametrize("change, message", [
-    ("drop", "missing (1): _blocks.7._bn1.running_var"),
-    ("extra", "unexpected (1): _blocks.16._bn0.weight"),
-    ("shape", "shape mismatch (1): _conv_head.weight"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("drop", "missing (1): _blocks.7._bn1.running_var"),
+        ("extra", "unexpected (1): _blocks.16._bn0.weight"),
+        ("shape", "shape mismatch (1): _conv_head.weight"),
+    ],
+)
 def test_lite0_key_mapping_fails_loudly(change, message):
     state = _package_format_state_dict()
     if change == "drop":
@@ -202,6 +255,7 @@ def test_lite0_key_mapping_fails_loudly(change, message):
 
 def test_missing_weights_package_names_the_pip_command(monkeypatch):
     import builtins
+
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
@@ -228,7 +282,9 @@ def _photo_crop():
     cy, cx = int(np.median(ys)), int(np.median(xs))
     half = 80
     top, left = max(0, min(cy - half, 360 - 2 * half)), max(0, min(cx - half, 480 - 2 * half))
-    return torch.from_numpy(image[top:top + 2 * half, left:left + 2 * half].copy()).permute(2, 0, 1)
+    return torch.from_numpy(image[top : top + 2 * half, left : left + 2 * half].copy()).permute(
+        2, 0, 1
+    )
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="needs ../shared/data/camvid (absent here)")
@@ -246,9 +302,11 @@ def test_imagenet_weights_classify_a_photo_consistently():
     tops = []
     with torch.no_grad():
         for size in (224, 256, 320):
-            x = eff.normalize_uint8(torch.nn.functional.interpolate(photo, size=(size, size),
-                                                                    mode="bilinear",
-                                                                    antialias=True))
+            x = eff.normalize_uint8(
+                torch.nn.functional.interpolate(
+                    photo, size=(size, size), mode="bilinear", antialias=True
+                )
+            )
             features, _ = model.forward_features(x)
             dense = dense_fc(features["stride32"]).mean(dim=(2, 3))
             torch.testing.assert_close(dense, model(x), rtol=1e-4, atol=1e-4)
@@ -259,6 +317,7 @@ def test_imagenet_weights_classify_a_photo_consistently():
 
 
 # -- Lite0 FCN heads ------------------------------------------------------------------
+
 
 def test_lite0_builders_and_errors():
     assert isinstance(fcn32s(5, backbone="lite0"), LiteFCN)
@@ -358,7 +417,7 @@ def test_folded_backbone_matches_and_follows_the_weights():
         logits = model(model.preprocess(images))
     labels = model.predict(images)
     top2 = logits.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3      # pixels not within rounding of a tie
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # pixels not within rounding of a tie
     assert torch.equal(labels[clear], logits.argmax(1)[clear])
 
 
@@ -374,12 +433,22 @@ def test_predict_takes_uint8_and_returns_labels():
 
 # -- fine-tuning recipe ------------------------------------------------------------------
 
+
 def _finetune(root, out, epochs, resume=None, minutes=None):
     from fcnfast.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(data=str(root), out=str(out), pretrained=False, epochs=epochs,
-                         batch_size=2, crop=(32, 32), warmup_steps=1, num_workers=0,
-                         threads=1, minutes=minutes)
+    cfg = FinetuneConfig(
+        data=str(root),
+        out=str(out),
+        pretrained=False,
+        epochs=epochs,
+        batch_size=2,
+        crop=(32, 32),
+        warmup_steps=1,
+        num_workers=0,
+        threads=1,
+        minutes=minutes,
+    )
     return finetune(cfg, resume=resume, log=lambda s: None, progress=False)
 
 
@@ -411,4 +480,6 @@ def test_median_frequency_weights_by_hand(tmp_path):
     w = median_frequency_weights(Two(), 3)
     f0, f1 = 7 / 8, 1 / 4  # class 1 appears in image 0 only (4 px)
     median = np.median([f0, f1])
-    assert torch.allclose(w, torch.tensor([median / f0, median / f1, 0.0], dtype=w.dtype), atol=1e-6)
+    assert torch.allclose(
+        w, torch.tensor([median / f0, median / f1, 0.0], dtype=w.dtype), atol=1e-6
+    )

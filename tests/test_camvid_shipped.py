@@ -1,15 +1,16 @@
 """The shipped CamVid model (fcnfast.models.pretrained("fcn8s_lite0_camvid")) and the CLI paths
 that use it."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 from fcnfast.cli import main
 from fcnfast.data.layouts import CAMVID_CLASSES, CamVid
-from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 # The shipped model must segment CamVid val images at least this well (mean IoU over the 3
@@ -29,7 +30,7 @@ def test_shipped_model_file_is_small_and_described():
 
     path = weights_path("fcn8s_lite0_camvid")
     assert path.is_file(), "the CamVid model must ship with the package: %s" % path
-    assert path.stat().st_size <= 10 * 2 ** 20
+    assert path.stat().st_size <= 10 * 2**20
     card = path.with_suffix(".md").read_text()
     assert "CamVid" in card and "fcnfast finetune" in card
 
@@ -54,8 +55,21 @@ def test_shipped_model_segments_camvid_val_images():
 def test_predict_cli_with_shipped_model(tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    assert main(["predict", str(tmp_path / "in.png"), "-o", str(tmp_path / "labels.png"),
-                 "--model", "fcn8s_lite0_camvid", "--overlay", str(tmp_path / "over.png")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "in.png"),
+                "-o",
+                str(tmp_path / "labels.png"),
+                "--model",
+                "fcn8s_lite0_camvid",
+                "--overlay",
+                str(tmp_path / "over.png"),
+            ]
+        )
+        == 0
+    )
     labels = Image.open(tmp_path / "labels.png")
     assert labels.mode == "P" and labels.size == (61, 45)
     palette = np.asarray(labels.getpalette(), np.uint8).reshape(-1, 3)

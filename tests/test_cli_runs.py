@@ -1,15 +1,31 @@
 """Issue 16, item 1: nothing silently lost -- train --out refuses a directory holding a run,
 --resume checks its settings against the checkpoint, each run's history is its own."""
+
 import json
 
 import pytest
 import torch
-
-from fcnfast import cli
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
-TINY = ["--epochs", "1", "--train-images", "2", "--val-images", "1", "--image-size", "36",
-        "--num-classes", "4", "--optimizer", "adam", "--batch-size", "2", "--quiet"]
+from fcnfast import cli
+
+TINY = [
+    "--epochs",
+    "1",
+    "--train-images",
+    "2",
+    "--val-images",
+    "1",
+    "--image-size",
+    "36",
+    "--num-classes",
+    "4",
+    "--optimizer",
+    "adam",
+    "--batch-size",
+    "2",
+    "--quiet",
+]
 
 
 def run(args, capsys):
@@ -56,8 +72,9 @@ def test_overwrite_replaces_the_run_and_its_history(run_dir, capsys):
 
 def test_resume_continues_the_same_run_and_history(run_dir, capsys):
     first = _lines(run_dir / "history.jsonl")
-    code, out, err = run(["train", "--resume", str(run_dir / "checkpoint.pt"), "--epochs", "2",
-                          "--quiet"], capsys)
+    code, out, err = run(
+        ["train", "--resume", str(run_dir / "checkpoint.pt"), "--epochs", "2", "--quiet"], capsys
+    )
     assert code == 0, err
     records = _lines(run_dir / "history.jsonl")  # --out defaults to the checkpoint's directory
     assert [r["epoch"] for r in records] == [1, 2]
@@ -67,8 +84,22 @@ def test_resume_continues_the_same_run_and_history(run_dir, capsys):
 
 def test_resume_lists_conflicting_settings_and_stops(run_dir, capsys):
     before = (run_dir / "checkpoint.pt").read_bytes()
-    code, _, err = run(["train", "--resume", str(run_dir / "checkpoint.pt"), "--model", "fcn32s",
-                        "--num-classes", "21", "--lr", "5", "--epochs", "2"], capsys)
+    code, _, err = run(
+        [
+            "train",
+            "--resume",
+            str(run_dir / "checkpoint.pt"),
+            "--model",
+            "fcn32s",
+            "--num-classes",
+            "21",
+            "--lr",
+            "5",
+            "--epochs",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "settings differ from the checkpoint" in err
     assert "model: checkpoint 'fcn8s', given 'fcn32s'" in err
@@ -76,14 +107,38 @@ def test_resume_lists_conflicting_settings_and_stops(run_dir, capsys):
     assert "lr" not in err.split("):", 1)[1]  # lr is a safe change, not a conflict
     assert (run_dir / "checkpoint.pt").read_bytes() == before
     # the same value as the checkpoint is no conflict, even when given explicitly
-    code, _, err = run(["train", "--resume", str(run_dir / "checkpoint.pt"), "--model", "fcn8s",
-                        "--num-classes", "4", "--epochs", "1", "--quiet"], capsys)
+    code, _, err = run(
+        [
+            "train",
+            "--resume",
+            str(run_dir / "checkpoint.pt"),
+            "--model",
+            "fcn8s",
+            "--num-classes",
+            "4",
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
 
 
 def test_resume_applies_a_new_learning_rate(run_dir, capsys):
-    code, out, err = run(["train", "--resume", str(run_dir / "checkpoint.pt"), "--lr", "0.25",
-                          "--epochs", "2", "--quiet"], capsys)
+    code, out, err = run(
+        [
+            "train",
+            "--resume",
+            str(run_dir / "checkpoint.pt"),
+            "--lr",
+            "0.25",
+            "--epochs",
+            "2",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "learning rate changed to 0.25" in out
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -94,8 +149,10 @@ def test_resume_applies_a_new_learning_rate(run_dir, capsys):
 def test_resume_into_a_directory_of_another_run_is_refused(run_dir, tmp_path, capsys):
     other = tmp_path / "run2"
     assert run(["train", *TINY, "--out", str(other)], capsys)[0] == 0
-    code, _, err = run(["train", "--resume", str(run_dir / "checkpoint.pt"), "--epochs", "2",
-                        "--out", str(other)], capsys)
+    code, _, err = run(
+        ["train", "--resume", str(run_dir / "checkpoint.pt"), "--epochs", "2", "--out", str(other)],
+        capsys,
+    )
     assert code == 2 and "already holds another run" in err
 
 
@@ -103,19 +160,30 @@ def test_train_prints_a_header(tmp_path, capsys):
     code, out, err = run(["train", *TINY, "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     header = out.splitlines()[0]
-    for part in ("fcn8s/tiny", "4 classes", "data synthetic", "adam lr 0.001", "threads",
-                 "1 epochs"):
+    for part in (
+        "fcn8s/tiny",
+        "4 classes",
+        "data synthetic",
+        "adam lr 0.001",
+        "threads",
+        "1 epochs",
+    ):
         assert part in header, (part, header)
 
 
 def test_help_shows_defaults(capsys):
     import re
 
-    for command, expected in (("train", "(default: fcn8s)"), ("eval", "(default: 1)"),
-                              ("predict", "(default: black)"), ("demo", "(default: demo_out)"),
-                              ("train", "(default: 0)"),  # a zero default is still shown
-                              ("bench", "(default: 0.5)"), ("hsi", "(default 64)"),
-                              ("finetune", "(default: 40)")):
+    for command, expected in (
+        ("train", "(default: fcn8s)"),
+        ("eval", "(default: 1)"),
+        ("predict", "(default: black)"),
+        ("demo", "(default: demo_out)"),
+        ("train", "(default: 0)"),  # a zero default is still shown
+        ("bench", "(default: 0.5)"),
+        ("hsi", "(default 64)"),
+        ("finetune", "(default: 40)"),
+    ):
         with pytest.raises(SystemExit) as exc:
             cli.main([command, "--help"])
         assert exc.value.code == 0
@@ -145,6 +213,7 @@ def test_resume_from_an_older_checkpoint_records_each_epoch_once(run_dir, capsys
 
 # -- finetune and demo: the same guard ---------------------------------------------------
 
+
 def _finetune_data(tmp_path):
     from test_camvid import _camvid_fixture  # a small CamVid-layout folder (list files)
 
@@ -153,8 +222,23 @@ def _finetune_data(tmp_path):
     return root
 
 
-FINETUNE = ["--no-pretrained", "--epochs", "1", "--batch-size", "2", "--crop", "32", "32",
-            "--warmup-steps", "1", "--num-workers", "0", "--threads", "1", "--quiet"]
+FINETUNE = [
+    "--no-pretrained",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2",
+    "--crop",
+    "32",
+    "32",
+    "--warmup-steps",
+    "1",
+    "--num-workers",
+    "0",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def test_finetune_out_guard_resume_settings_and_overwrite(tmp_path, capsys):
@@ -168,12 +252,29 @@ def test_finetune_out_guard_resume_settings_and_overwrite(tmp_path, capsys):
     assert (out / "last.pt").read_bytes() == before
     # --resume: the checkpoint's settings (not the defaults), --out its directory; a
     # conflicting setting is listed and nothing runs
-    code, _, err = run(["finetune", "--data", data, "--resume", str(out / "last.pt"),
-                        "--crop", "48", "48", "--batch-size", "2", "--epochs", "2"], capsys)
+    code, _, err = run(
+        [
+            "finetune",
+            "--data",
+            data,
+            "--resume",
+            str(out / "last.pt"),
+            "--crop",
+            "48",
+            "48",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 2 and "crop: checkpoint [32, 32], given [48, 48]" in err
     assert "batch-size" not in err  # the same value given again is no conflict
-    code, _, err = run(["finetune", "--data", data, "--resume", str(out / "last.pt"),
-                        "--epochs", "2", "--quiet"], capsys)
+    code, _, err = run(
+        ["finetune", "--data", data, "--resume", str(out / "last.pt"), "--epochs", "2", "--quiet"],
+        capsys,
+    )
     assert code == 0, err
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["epoch"] == 2 and state["config"]["crop"] == [32, 32]
@@ -184,8 +285,21 @@ def test_finetune_out_guard_resume_settings_and_overwrite(tmp_path, capsys):
 
 
 def test_demo_replaces_its_own_output_but_not_another_run(run_dir, tmp_path, capsys):
-    small = ["demo", "--epochs", "1", "--images", "2", "--val-images", "1", "--size", "32",
-             "--no-timing", "--quiet", "--threads", "1"]
+    small = [
+        "demo",
+        "--epochs",
+        "1",
+        "--images",
+        "2",
+        "--val-images",
+        "1",
+        "--size",
+        "32",
+        "--no-timing",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     before = (run_dir / "checkpoint.pt").read_bytes()
     code, _, err = run([*small, "--out", str(run_dir)], capsys)  # a train run lives there
     assert code == 2 and "holds a run that the demo did not write" in err

@@ -6,6 +6,7 @@
 * 100k repeated small calls (forward + backward, and error paths) keep the
   resident set size flat after a warm-up.
 """
+
 import gc
 import os
 import resource
@@ -14,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
-from fcnfast import ops
-
 from conftest import REFERENCE_ONLY, assert_close_scaled
 from op_cases import Case, check_case, fcn_cases, forward_backward, native_ops
+
+from fcnfast import ops
 
 THREADS = 8
 ROUNDS = 3  # calls of each case per thread
@@ -34,8 +34,11 @@ def _require_native_ops():
 
 
 def concurrency_cases(names):
-    cases = [c for c in fcn_cases(16, 16) + fcn_cases(11, 19, dtype=torch.float64, seed=1)
-             if c.op in names]
+    cases = [
+        c
+        for c in fcn_cases(16, 16) + fcn_cases(11, 19, dtype=torch.float64, seed=1)
+        if c.op in names
+    ]
     assert {c.op for c in cases} == set(names)
     return cases
 
@@ -66,7 +69,9 @@ def test_threads_match_reference_and_single_thread():
         results = list(pool.map(worker, range(THREADS)))
     mismatched = sorted({m for r in results for m in r})
     assert not mismatched, "results under %d threads differ from a single thread:\n%s" % (
-        THREADS, "\n".join(mismatched))
+        THREADS,
+        "\n".join(mismatched),
+    )
 
 
 def test_threads_with_own_intra_op_threads():
@@ -99,6 +104,7 @@ def test_threads_with_own_intra_op_threads():
 # leaks
 # ---------------------------------------------------------------------------
 
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -111,10 +117,16 @@ def tiny_cases(names):
     target = torch.randint(0, 3, (1, 4, 4))
     target[0, 0] = 255
     all_cases = [
-        Case("conv_transpose2d", (r(1, 2, 3, 3), r(2, 2, 2, 2), r(2)), dict(stride=2, crop=(1, 1, 4, 4))),
+        Case(
+            "conv_transpose2d",
+            (r(1, 2, 3, 3), r(2, 2, 2, 2), r(2)),
+            dict(stride=2, crop=(1, 1, 4, 4)),
+        ),
         Case("bilinear_upsample2d", (r(1, 2, 3, 3),), dict(scale=2, crop=(1, 1, 5, 5))),
         Case("skip_add_crop", (r(1, 2, 3, 3), r(1, 2, 5, 5)), dict(offset=(1, 2))),
-        Case("score_skip", (r(1, 2, 3, 3), r(1, 3, 5, 5), r(2, 3, 1, 1), r(2)), dict(offset=(1, 1))),
+        Case(
+            "score_skip", (r(1, 2, 3, 3), r(1, 3, 5, 5), r(2, 3, 1, 1), r(2)), dict(offset=(1, 1))
+        ),
         Case("upsample_argmax", (r(1, 3, 3, 3),), dict(scale=2, crop=(1, 1, 4, 4))),
         Case("upsample_cross_entropy", (r(1, 3, 3, 3), target), dict(scale=2, crop=(1, 1, 4, 4))),
     ]
@@ -125,15 +137,29 @@ def _bad_calls(names):
     """Direct native calls that raise in C++ (error paths must not leak either)."""
     calls = []
     if "skip_add_crop" in names:
-        calls.append(lambda: torch.ops.fcnfast.skip_add_crop(torch.ones(1, 1, 4, 4),
-                                                             torch.ones(1, 1, 5, 5), [3, 3]))
+        calls.append(
+            lambda: torch.ops.fcnfast.skip_add_crop(
+                torch.ones(1, 1, 4, 4), torch.ones(1, 1, 5, 5), [3, 3]
+            )
+        )
     if "bilinear_upsample2d" in names:
-        calls.append(lambda: torch.ops.fcnfast.bilinear_upsample2d(torch.ones(1, 1, 2, 2), 2,
-                                                                   [0, 0, 99, 1]))
+        calls.append(
+            lambda: torch.ops.fcnfast.bilinear_upsample2d(torch.ones(1, 1, 2, 2), 2, [0, 0, 99, 1])
+        )
     if "conv_transpose2d" in names:
-        calls.append(lambda: torch.ops.fcnfast.conv_transpose2d(
-            torch.ones(1, 2, 2, 2), torch.ones(2, 1, 2, 2), None, [0, 1], [0, 0], [0, 0], 1,
-            [1, 1], [0, 0, 1, 1]))
+        calls.append(
+            lambda: torch.ops.fcnfast.conv_transpose2d(
+                torch.ones(1, 2, 2, 2),
+                torch.ones(2, 1, 2, 2),
+                None,
+                [0, 1],
+                [0, 0],
+                [0, 0],
+                1,
+                [1, 1],
+                [0, 0, 1, 1],
+            )
+        )
     return calls
 
 
@@ -169,8 +195,19 @@ def test_repeated_calls_keep_rss_flat(record_property):
     record_property("rss_before_mb", round(before / 2**20, 2))
     record_property("rss_growth_kb", round(growth / 1024, 1))
     record_property("calls_per_s", round(CALLS / elapsed))
-    print("RSS %.1f MB -> %.1f MB (%+.1f kB) over %d calls of %s (+%d failing calls), %.1f s"
-          % (before / 2**20, after / 2**20, growth / 1024, CALLS, [c.op for c in cases],
-             CALLS // 10 if bad else 0, elapsed))
-    assert growth <= RSS_TOLERANCE, "RSS grew by %.1f MB over %d calls (leak?)" % (growth / 2**20,
-                                                                                 CALLS)
+    print(
+        "RSS %.1f MB -> %.1f MB (%+.1f kB) over %d calls of %s (+%d failing calls), %.1f s"
+        % (
+            before / 2**20,
+            after / 2**20,
+            growth / 1024,
+            CALLS,
+            [c.op for c in cases],
+            CALLS // 10 if bad else 0,
+            elapsed,
+        )
+    )
+    assert growth <= RSS_TOLERANCE, "RSS grew by %.1f MB over %d calls (leak?)" % (
+        growth / 2**20,
+        CALLS,
+    )

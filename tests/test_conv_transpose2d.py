@@ -9,39 +9,46 @@ fixture runs each test on "rows" (the default choice), "phase"
 (FCNFAST_NO_AVX512=1) and "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1), and on "cuda"
 (the CUDA kernels, where a CUDA device is present; the CPU reference is the oracle).
 """
+
 import pytest
 import torch
+from conftest import (
+    assert_close_scaled,
+    assert_output_mask,
+    compare_forward_backward,
+    leaves_on,
+    require_native,
+    variant_device,
+    with_cuda,
+)
+from op_cases import oracle_tests
 
 import fcnfast
 from fcnfast import ops, reference
-
-from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
-                      require_native, variant_device, with_cuda)
-from op_cases import oracle_tests
 
 OP = "conv_transpose2d"
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, groups, dilation, crop)
 SHAPES = [
     # FCN geometries (channels reduced, crops as in DESIGN.md)
-    (1, 3, 3, 16, 16, 4, 2, 0, 0, 1, 1, None),                  # upscore2 16 -> 34
-    (2, 3, 3, 34, 34, 4, 2, 0, 0, 1, 1, None),                  # upscore_pool4 34 -> 70
-    (1, 2, 2, 70, 70, 16, 8, 0, 0, 1, 1, (31, 31, 500, 500)),   # FCN-8s upscore8 on 500x500
-    (2, 3, 4, 10, 10, 16, 8, 0, 0, 1, 1, (31, 31, 40, 50)),     # k16 s8, crop 31
-    (1, 3, 2, 6, 6, 32, 16, 0, 0, 1, 1, (27, 27, 50, 58)),      # FCN-16s k32 s16, crop 27
-    (1, 2, 3, 4, 4, 64, 32, 0, 0, 1, 1, (19, 19, 100, 120)),    # FCN-32s k64 s32, crop 19
+    (1, 3, 3, 16, 16, 4, 2, 0, 0, 1, 1, None),  # upscore2 16 -> 34
+    (2, 3, 3, 34, 34, 4, 2, 0, 0, 1, 1, None),  # upscore_pool4 34 -> 70
+    (1, 2, 2, 70, 70, 16, 8, 0, 0, 1, 1, (31, 31, 500, 500)),  # FCN-8s upscore8 on 500x500
+    (2, 3, 4, 10, 10, 16, 8, 0, 0, 1, 1, (31, 31, 40, 50)),  # k16 s8, crop 31
+    (1, 3, 2, 6, 6, 32, 16, 0, 0, 1, 1, (27, 27, 50, 58)),  # FCN-16s k32 s16, crop 27
+    (1, 2, 3, 4, 4, 64, 32, 0, 0, 1, 1, (19, 19, 100, 120)),  # FCN-32s k64 s32, crop 19
     # general geometry
-    (3, 5, 4, 7, 9, 3, 2, 1, 1, 1, 1, None),                    # odd sizes, padding, output_padding
-    (2, 6, 4, 5, 6, 3, 2, 1, 1, 2, 1, None),                    # groups
-    (2, 4, 4, 5, 5, 4, 2, 1, 0, 4, 1, (1, 2, 6, 5)),            # depthwise
-    (1, 3, 2, 5, 4, 3, 1, 0, 0, 1, 3, None),                    # stride 1, dilation 3
-    (2, 4, 6, 5, 4, 5, 3, 2, 1, 2, 2, (1, 1, 9, 7)),            # dilation 2, stride 3, groups
-    (1, 2, 3, 6, 5, 5, 2, 3, 1, 1, 1, (0, 0, 1, 1)),            # 1-pixel crop at the corner
+    (3, 5, 4, 7, 9, 3, 2, 1, 1, 1, 1, None),  # odd sizes, padding, output_padding
+    (2, 6, 4, 5, 6, 3, 2, 1, 1, 2, 1, None),  # groups
+    (2, 4, 4, 5, 5, 4, 2, 1, 0, 4, 1, (1, 2, 6, 5)),  # depthwise
+    (1, 3, 2, 5, 4, 3, 1, 0, 0, 1, 3, None),  # stride 1, dilation 3
+    (2, 4, 6, 5, 4, 5, 3, 2, 1, 2, 2, (1, 1, 9, 7)),  # dilation 2, stride 3, groups
+    (1, 2, 3, 6, 5, 5, 2, 3, 1, 1, 1, (0, 0, 1, 1)),  # 1-pixel crop at the corner
     (1, 2, 3, 6, 5, (2, 5), (3, 2), (1, 0), (2, 1), 1, (1, 2), None),  # anisotropic everything
-    (2, 3, 2, 4, 4, 2, 4, 0, 3, 1, 1, None),                    # kernel < stride: gaps
-    (2, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, (9, 0, 3, 12)),           # crop on the bottom/right edges
-    (0, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, None),                    # empty batch
-    (2, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, (2, 2, 0, 4)),            # 0-size crop
+    (2, 3, 2, 4, 4, 2, 4, 0, 3, 1, 1, None),  # kernel < stride: gaps
+    (2, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, (9, 0, 3, 12)),  # crop on the bottom/right edges
+    (0, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, None),  # empty batch
+    (2, 3, 2, 5, 5, 4, 2, 0, 0, 1, 1, (2, 2, 0, 4)),  # 0-size crop
 ]
 
 
@@ -62,8 +69,9 @@ def _make(shape, dtype=torch.float32, bias=True):
 @pytest.fixture(params=with_cuda("rows", "phase", "direct"))
 def path(request, monkeypatch):
     if request.param != "cuda":
-        monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_DIRECT",
-                           "1" if request.param == "direct" else "0")
+        monkeypatch.setenv(
+            "FCNFAST_CONV_TRANSPOSE_DIRECT", "1" if request.param == "direct" else "0"
+        )
         monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
     return request.param
 
@@ -121,18 +129,19 @@ def test_channels_last_and_noncontiguous(path):
 # one vector or not a multiple of it, channel counts that leave partial blocks.
 # (N, C_in, C_out, H, W, kernel, stride, padding, crop)
 ROW_KERNEL_SHAPES = [
-    (1, 3, 5, 9, 11, 4, 2, 0, None),                     # k4 s2, 5 channels: one block of 5
-    (2, 4, 7, 6, 7, 16, 8, 0, (31 - 24, 3, 30, 37)),      # k16 s8, crop at phase 7 / 3
-    (1, 2, 13, 5, 4, 32, 16, 0, (5, 11, 60, 50)),         # k32 s16, 13 = 5 + 4 + 4 channels
+    (1, 3, 5, 9, 11, 4, 2, 0, None),  # k4 s2, 5 channels: one block of 5
+    (2, 4, 7, 6, 7, 16, 8, 0, (31 - 24, 3, 30, 37)),  # k16 s8, crop at phase 7 / 3
+    (1, 2, 13, 5, 4, 32, 16, 0, (5, 11, 60, 50)),  # k32 s16, 13 = 5 + 4 + 4 channels
     (2, 3, 2, 7, 5, (6, 12), (2, 4), (1, 2), (1, 6, 9, 17)),  # taps 3, anisotropic, padding
-    (1, 5, 3, 4, 9, (3, 2), (3, 1), 0, (2, 0, 7, 10)),    # stride_w 1 (one phase), taps 1 x 2
-    (1, 2, 1, 3, 3, 8, 4, 1, (0, 1, 10, 5)),              # one output channel, 5-column rows
-    (1, 6, 6, 3, 40, 4, 2, 0, (0, 1, 8, 79)),             # 79 columns: 4 full vectors + 15
+    (1, 5, 3, 4, 9, (3, 2), (3, 1), 0, (2, 0, 7, 10)),  # stride_w 1 (one phase), taps 1 x 2
+    (1, 2, 1, 3, 3, 8, 4, 1, (0, 1, 10, 5)),  # one output channel, 5-column rows
+    (1, 6, 6, 3, 40, 4, 2, 0, (0, 1, 8, 79)),  # 79 columns: 4 full vectors + 15
 ]
 
 
-@pytest.mark.parametrize("shape", ROW_KERNEL_SHAPES,
-                         ids=[str(i) for i in range(len(ROW_KERNEL_SHAPES))])
+@pytest.mark.parametrize(
+    "shape", ROW_KERNEL_SHAPES, ids=[str(i) for i in range(len(ROW_KERNEL_SHAPES))]
+)
 def test_row_kernel_geometries(shape, path):
     """The AVX-512 row kernel's geometries, on all three paths, vs the reference."""
     require_native(OP, variant_device(path))
@@ -151,8 +160,16 @@ def test_fcn8s_upscore8_full_channels(device):
     _compare(x, weight, None, dict(stride=8, crop=(31, 31, 500, 500)), device)
 
 
-@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
-                                  (True, True, True), (False, False, False)])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, True),
+        (False, False, False),
+    ],
+)
 def test_backward_output_mask(mask, path):
     """Entries not asked for are empty; the others match the reference gradients."""
     device = variant_device(path)
@@ -163,20 +180,32 @@ def test_backward_output_mask(mask, path):
     expected = torch.autograd.grad(out, (x, weight, b), grad)
     crop = list(kwargs["crop"] or (0, 0) + tuple(out.shape[2:]))
     got = torch.ops.fcnfast.conv_transpose2d_backward(
-        grad.to(device), x.detach().to(device), weight.detach().to(device), [2, 2], [1, 1],
-        [1, 1], 1, [1, 1], crop, list(mask))
+        grad.to(device),
+        x.detach().to(device),
+        weight.detach().to(device),
+        [2, 2],
+        [1, 1],
+        [1, 1],
+        1,
+        [1, 1],
+        crop,
+        list(mask),
+    )
     assert_output_mask(mask, got, expected)
 
 
 def test_gradcheck_fp64(path):
     device = variant_device(path)
     require_native(OP, device)
-    for shape in ((1, 2, 3, 4, 5, 4, 2, 0, 0, 1, 1, (3, 2, 6, 7)),
-                  (2, 2, 4, 3, 3, 3, 2, 1, 1, 2, 2, (1, 0, 5, 4))):
+    for shape in (
+        (1, 2, 3, 4, 5, 4, 2, 0, 0, 1, 1, (3, 2, 6, 7)),
+        (2, 2, 4, 3, 3, 3, 2, 1, 1, 2, 2, (1, 0, 5, 4)),
+    ):
         x, weight, b, kwargs = _make(shape, torch.float64)
         assert torch.autograd.gradcheck(
             lambda x_, w_, b_, kwargs=kwargs: ops.conv_transpose2d(x_, w_, b_, **kwargs),
-            tuple(leaves_on(device, x, weight, b)))
+            tuple(leaves_on(device, x, weight, b)),
+        )
 
 
 def test_opcheck(device):
@@ -188,22 +217,31 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default, (x, weight, b) + args)
     torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default, (x, weight, None) + args)
     # groups 1, no padding, crop (1, 1, 8, 9) (formerly test_cuda.test_opcheck_cuda)
-    torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d.default,
-                          (x, weight, None, [2, 2], [0, 0], [0, 0], 1, [1, 1], [1, 1, 8, 9]))
+    torch.library.opcheck(
+        torch.ops.fcnfast.conv_transpose2d.default,
+        (x, weight, None, [2, 2], [0, 0], [0, 0], 1, [1, 1], [1, 1, 8, 9]),
+    )
     grad = torch.randn(2, 6, 7, 9, device=device)
-    torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d_backward.default,
-                          (grad, x.detach(), weight.detach()) + args + ([True, True, True],))
-    torch.library.opcheck(torch.ops.fcnfast.conv_transpose2d_backward.default,
-                          (grad, x.detach(), weight.detach()) + args + ([False, True, False],))
+    torch.library.opcheck(
+        torch.ops.fcnfast.conv_transpose2d_backward.default,
+        (grad, x.detach(), weight.detach()) + args + ([True, True, True],),
+    )
+    torch.library.opcheck(
+        torch.ops.fcnfast.conv_transpose2d_backward.default,
+        (grad, x.detach(), weight.detach()) + args + ([False, True, False],),
+    )
 
 
 def test_compile_fullgraph():
     require_native(OP)
     x, weight, b = torch.randn(1, 3, 5, 5), torch.randn(3, 2, 4, 4), torch.randn(2)
-    fn = torch.compile(lambda x_, w_, b_: fcnfast.conv_transpose2d(x_, w_, b_, 2, crop=(1, 1, 8, 8)),
-                       fullgraph=True)
-    torch.testing.assert_close(fn(x, weight, b),
-                               reference.conv_transpose2d(x, weight, b, 2, crop=(1, 1, 8, 8)))
+    fn = torch.compile(
+        lambda x_, w_, b_: fcnfast.conv_transpose2d(x_, w_, b_, 2, crop=(1, 1, 8, 8)),
+        fullgraph=True,
+    )
+    torch.testing.assert_close(
+        fn(x, weight, b), reference.conv_transpose2d(x, weight, b, 2, crop=(1, 1, 8, 8))
+    )
 
 
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[10]])
@@ -221,14 +259,25 @@ def test_backward_is_deterministic(shape, path):
 globals().update(oracle_tests(OP))  # ORACLE_CASES on every device (formerly test_cuda.py)
 
 
-def _native_call(x, weight, bias, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                 crop=(0, 0, 1, 1)):
+def _native_call(
+    x, weight, bias, stride=1, padding=0, output_padding=0, groups=1, dilation=1, crop=(0, 0, 1, 1)
+):
     """torch.ops.fcnfast.conv_transpose2d with no Python-side checks."""
+
     def two(v):
         return list(v) if isinstance(v, tuple) else [v, v]
-    return torch.ops.fcnfast.conv_transpose2d(x, weight, bias, two(stride), two(padding),
-                                              two(output_padding), groups, two(dilation),
-                                              list(crop))
+
+    return torch.ops.fcnfast.conv_transpose2d(
+        x,
+        weight,
+        bias,
+        two(stride),
+        two(padding),
+        two(output_padding),
+        groups,
+        two(dilation),
+        list(crop),
+    )
 
 
 ERRORS = [
@@ -259,11 +308,19 @@ def test_errors(impl, kwargs, match):
     reference and the C++ op called directly."""
     if impl == "native":
         require_native(OP)
-    args = dict(x=torch.randn(1, 4, 6, 6), weight=torch.randn(4, 2, 3, 3), bias=torch.randn(2),
-                stride=2, crop=(0, 0, 2, 2))
+    args = dict(
+        x=torch.randn(1, 4, 6, 6),
+        weight=torch.randn(4, 2, 3, 3),
+        bias=torch.randn(2),
+        stride=2,
+        crop=(0, 0, 2, 2),
+    )
     args.update(kwargs)
-    fn = {"ops": ops.conv_transpose2d, "reference": reference.conv_transpose2d,
-          "native": _native_call}[impl]
+    fn = {
+        "ops": ops.conv_transpose2d,
+        "reference": reference.conv_transpose2d,
+        "native": _native_call,
+    }[impl]
     with pytest.raises(ValueError, match=match):
         fn(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
 
@@ -275,8 +332,9 @@ def test_backward_errors():
     with pytest.raises(ValueError, match="grad has shape"):
         torch.ops.fcnfast.conv_transpose2d_backward(torch.randn(1, 2, 5, 4), x, weight, *args)
     with pytest.raises(ValueError, match="dtype"):
-        torch.ops.fcnfast.conv_transpose2d_backward(torch.randn(1, 2, 5, 5, dtype=torch.float64),
-                                                    x, weight, *args)
+        torch.ops.fcnfast.conv_transpose2d_backward(
+            torch.randn(1, 2, 5, 5, dtype=torch.float64), x, weight, *args
+        )
 
 
 def test_overflow_32bit_refused_before_allocating():
@@ -284,6 +342,6 @@ def test_overflow_32bit_refused_before_allocating():
     require_native(OP)
     x, weight = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1)
     with pytest.raises(ValueError, match="32-bit"):
-        ops.conv_transpose2d(x, weight, stride=2 ** 20)
+        ops.conv_transpose2d(x, weight, stride=2**20)
     with pytest.raises(ValueError, match="32-bit"):
-        _native_call(x, weight, None, stride=2 ** 20, crop=(0, 0, 2 ** 20 + 1, 2 ** 20 + 1))
+        _native_call(x, weight, None, stride=2**20, crop=(0, 0, 2**20 + 1, 2**20 + 1))

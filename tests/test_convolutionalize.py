@@ -4,13 +4,14 @@ Tolerance: fp64 nets, max abs difference <= 1e-10 (only summation order differs)
 logits <= 1e-4 relative to the logit scale, and identical argmax wherever the top-2 margin
 exceeds that tolerance.
 """
+
 import pytest
 import torch
 from torch import nn
 
-from fcnfast.models.convolutionalize import convolutionalize
 from fcnfast.hsi.engine import predict_dense, predict_patches
 from fcnfast.hsi.models import PatchCNN
+from fcnfast.models.convolutionalize import convolutionalize
 
 
 def _windows(net, x, window, stride):
@@ -20,8 +21,9 @@ def _windows(net, x, window, stride):
     n, _, h, w = x.shape
     rows = range(0, h - wh + 1, sy)
     cols = range(0, w - ww + 1, sx)
-    out = torch.stack([torch.stack([net(x[:, :, r:r + wh, c:c + ww]) for c in cols], -1)
-                       for r in rows], -2)
+    out = torch.stack(
+        [torch.stack([net(x[:, :, r : r + wh, c : c + ww]) for c in cols], -1) for r in rows], -2
+    )
     return out
 
 
@@ -35,19 +37,53 @@ def _randomize_bn(net):
 
 
 CASES = {
-    "valid_convs": (lambda: nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5)),
-        3, (7, 7)),
-    "pooling_stride2": (lambda: nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, 7), nn.Tanh(), nn.Linear(7, 3)), 2, (10, 10)),
-    "rectangular_bn1d_nested": (lambda: nn.Sequential(
-        nn.Sequential(nn.Conv2d(4, 5, (3, 1)), nn.LeakyReLU()), nn.AvgPool2d((1, 2)),
-        nn.Flatten(), nn.Sequential(nn.Linear(5 * 3 * 3, 9), nn.BatchNorm1d(9), nn.GELU()),
-        nn.Linear(9, 4), nn.LogSoftmax(dim=1)), 4, (5, 6)),
-    "strided_conv_head_only": (lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 2, stride=2), nn.Flatten(), nn.Linear(4 * 2 * 3, 2)), 3, (4, 6)),
+    "valid_convs": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 3 * 3, 16),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(16, 5),
+        ),
+        3,
+        (7, 7),
+    ),
+    "pooling_stride2": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 7),
+            nn.Tanh(),
+            nn.Linear(7, 3),
+        ),
+        2,
+        (10, 10),
+    ),
+    "rectangular_bn1d_nested": (
+        lambda: nn.Sequential(
+            nn.Sequential(nn.Conv2d(4, 5, (3, 1)), nn.LeakyReLU()),
+            nn.AvgPool2d((1, 2)),
+            nn.Flatten(),
+            nn.Sequential(nn.Linear(5 * 3 * 3, 9), nn.BatchNorm1d(9), nn.GELU()),
+            nn.Linear(9, 4),
+            nn.LogSoftmax(dim=1),
+        ),
+        4,
+        (5, 6),
+    ),
+    "strided_conv_head_only": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), nn.Flatten(), nn.Linear(4 * 2 * 3, 2)),
+        3,
+        (4, 6),
+    ),
 }
 
 
@@ -113,17 +149,26 @@ def test_padded_conv_warns():
         convolutionalize(net, (5, 5))
 
 
-@pytest.mark.parametrize("net, size, match", [
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 3)), (5, 5), "exactly one nn.Flatten"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), (5, 5), "no nn.Linear"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(7, 3)), (5, 5), "in_features=7"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3), nn.Softmax(dim=0)), (5, 5),
-     "dim=0"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3), nn.LayerNorm(3)), (5, 5),
-     "LayerNorm"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3)), (5,), "input_size"),
-    (nn.Linear(3, 3), (5, 5), "nn.Sequential"),
-])
+@pytest.mark.parametrize(
+    "net, size, match",
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 3)), (5, 5), "exactly one nn.Flatten"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), (5, 5), "no nn.Linear"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(7, 3)), (5, 5), "in_features=7"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3), nn.Softmax(dim=0)),
+            (5, 5),
+            "dim=0",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3), nn.LayerNorm(3)),
+            (5, 5),
+            "LayerNorm",
+        ),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 3)), (5,), "input_size"),
+        (nn.Linear(3, 3), (5, 5), "nn.Sequential"),
+    ],
+)
 def test_errors(net, size, match):
     with pytest.raises(ValueError, match=match):
         convolutionalize(net, size)

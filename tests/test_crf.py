@@ -9,12 +9,12 @@ the spatial blur):
   * full CRF, 5 iterations, on well-posed scenes: labels agree on >= 99% of pixels and
     mean |dQ| <= 0.02 (mean field is a nonlinear iteration; near-ties may flip).
 """
+
 import pytest
 import torch
+from conftest import require_native
 
 from fcnfast import _backend, crf, use_backend
-
-from conftest import require_native
 
 SPATIAL_TOL = 2e-4
 
@@ -23,8 +23,8 @@ def blocks_image(h, w, bands=3, noise=5.0, seed=0, regions=3):
     """A piecewise-constant image (three rectangles) plus Gaussian noise, and its labels."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.zeros(h, w, dtype=torch.long)
-    labels[:, w // 2:] = 1
-    labels[h // 2:, w // 3: 2 * w // 3] = 2 % regions
+    labels[:, w // 2 :] = 1
+    labels[h // 2 :, w // 3 : 2 * w // 3] = 2 % regions
     colors = torch.tensor([[30.0], [200.0], [110.0]]) + torch.rand(3, bands, generator=g) * 40
     image = colors[labels].permute(2, 0, 1) + torch.randn(bands, h, w, generator=g) * noise
     return image.clamp(0, 255), labels
@@ -42,12 +42,21 @@ def centred_message(q, logits, weight):
     return m - m.mean(dim=-3, keepdim=True)
 
 
-def free_energy(q, logits, image, spatial_std=3.0, spatial_weight=3.0, bilateral_spatial_std=80.0,
-                bilateral_color_std=13.0, bilateral_weight=10.0):
+def free_energy(
+    q,
+    logits,
+    image,
+    spatial_std=3.0,
+    spatial_weight=3.0,
+    bilateral_spatial_std=80.0,
+    bilateral_color_std=13.0,
+    bilateral_weight=10.0,
+):
     """KL(Q || P) up to log Z for one image: E_Q[E(x)] - H(Q), exact kernels, float64."""
     c, h, w = logits.shape
-    smooth, bilateral = crf.crf_kernels(image.double(), spatial_std, bilateral_spatial_std,
-                                        bilateral_color_std, torch.float64)
+    smooth, bilateral = crf.crf_kernels(
+        image.double(), spatial_std, bilateral_spatial_std, bilateral_color_std, torch.float64
+    )
     pairwise = spatial_weight * smooth + bilateral_weight * bilateral
     q = q.double().reshape(c, h * w)
     z = logits.double().reshape(c, h * w)
@@ -60,6 +69,7 @@ def free_energy(q, logits, image, spatial_std=3.0, spatial_weight=3.0, bilateral
 # ---------------------------------------------------------------------------
 # native vs reference
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(3, 12, 16), (5, 20, 20), (4, 7, 9), (2, 1, 13)])
 @pytest.mark.parametrize("spatial_std", [1.0, 3.0])
@@ -92,14 +102,17 @@ def test_spatial_term_wide_rows_match_reference(shape):
     assert err <= SPATIAL_TOL, err
 
 
-@pytest.mark.parametrize("case", [
-    dict(h=12, w=16, c=40, bands=3),  # labels in blocks of 4 + 1 vectors
-    dict(h=12, w=16, c=3, bands=3),
-    dict(h=20, w=20, c=5, bands=3),
-    dict(h=20, w=20, c=4, bands=1),
-    dict(h=16, w=20, c=4, bands=3, bilateral_spatial_std=5.0),
-    dict(h=20, w=20, c=4, bands=20),  # hyperspectral: PCA features
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(h=12, w=16, c=40, bands=3),  # labels in blocks of 4 + 1 vectors
+        dict(h=12, w=16, c=3, bands=3),
+        dict(h=20, w=20, c=5, bands=3),
+        dict(h=20, w=20, c=4, bands=1),
+        dict(h=16, w=20, c=4, bands=3, bilateral_spatial_std=5.0),
+        dict(h=20, w=20, c=4, bands=20),  # hyperspectral: PCA features
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bilateral_message_matches_reference(case, seed):
     require_native("dense_crf")
@@ -153,8 +166,7 @@ def test_lattice_self_weight_is_its_diagonal(dim):
     full = torch.ops.fcnfast.permutohedral_filter(features, eye, False).double()
     excluded = torch.ops.fcnfast.permutohedral_filter(features, eye, True).double()
     assert torch.diagonal(full).min() > 0.1
-    torch.testing.assert_close(excluded, full - torch.diag(torch.diagonal(full)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(excluded, full - torch.diag(torch.diagonal(full)), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 8, 21])
@@ -168,8 +180,9 @@ def test_lattice_scatter_splat_equals_gather(channels):
     features = torch.rand(points, 2, generator=g) * 2
     values = torch.randn(points, channels, generator=g)
     single = torch.ops.fcnfast.permutohedral_filter(features, values, False).double()
-    repeated = torch.ops.fcnfast.permutohedral_filter(features.repeat(repeat, 1),
-                                                      values.repeat(repeat, 1), False).double()
+    repeated = torch.ops.fcnfast.permutohedral_filter(
+        features.repeat(repeat, 1), values.repeat(repeat, 1), False
+    ).double()
     expected = repeat * single.repeat(repeat, 1)
     scale = expected.abs().max().item()
     assert scale > 1.0
@@ -182,8 +195,10 @@ def test_agrees_with_pydensecrf():
     >= 99.9% of pixels. pydensecrf normalises with the self term included (i == j), fcnfast
     without; the difference only flips near-ties."""
     require_native("dense_crf")
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf not installed "
-                               "(bench-only dependency: pip install pydensecrf2)")
+    dcrf = pytest.importorskip(
+        "pydensecrf.densecrf",
+        reason="pydensecrf not installed (bench-only dependency: pip install pydensecrf2)",
+    )
     import numpy as np
 
     h, w, c = 120, 160, 6
@@ -194,8 +209,9 @@ def test_agrees_with_pydensecrf():
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray((-logits.log_softmax(0)).reshape(c, -1).numpy()))
     d.addPairwiseGaussian(sxy=3, compat=3)
-    d.addPairwiseBilateral(sxy=80, srgb=13, compat=10,
-                           rgbim=np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    d.addPairwiseBilateral(
+        sxy=80, srgb=13, compat=10, rgbim=np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    )
     theirs = torch.from_numpy(np.array(d.inference(5))).reshape(c, h, w)
     ours = crf.dense_crf(logits, image)
     agree = (ours.argmax(0) == theirs.argmax(0)).double().mean().item()
@@ -222,6 +238,7 @@ def test_lattice_approximates_gaussian(dim):
 # properties of the model (reference and native)
 # ---------------------------------------------------------------------------
 
+
 def _implementations():
     impls = [("reference", lambda *a, **k: crf.dense_crf_reference(*a, **k))]
     if _backend.has_kernel("dense_crf", "cpu"):
@@ -233,8 +250,9 @@ def test_iterations_zero_is_softmax():
     image, _ = blocks_image(6, 7)
     logits = random_logits(3, 6, 7)
     for name, fn in _implementations():
-        torch.testing.assert_close(fn(logits, image, iterations=0), logits.softmax(0),
-                                   rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            fn(logits, image, iterations=0), logits.softmax(0), rtol=0, atol=1e-6, msg=name
+        )
 
 
 @pytest.mark.parametrize("bilateral_weight", [0.0, 10.0])
@@ -242,14 +260,20 @@ def test_free_energy_decreases(bilateral_weight):
     image, labels = blocks_image(14, 18, noise=8.0, seed=3)
     logits = random_logits(4, 14, 18, seed=3, scale=2.0)
     kw = dict(bilateral_weight=bilateral_weight)
-    energies = [free_energy(crf.dense_crf_reference(logits.double(), image, iterations=t, **kw),
-                            logits, image, **kw) for t in range(8)]
+    energies = [
+        free_energy(
+            crf.dense_crf_reference(logits.double(), image, iterations=t, **kw), logits, image, **kw
+        )
+        for t in range(8)
+    ]
     assert energies[-1] < energies[0] - 0.5, energies
     for before, after in zip(energies, energies[1:]):
         assert after <= before + 1e-6 * abs(before), energies
     if bilateral_weight == 0.0 and _backend.has_kernel("dense_crf", "cpu"):
-        native = [free_energy(crf.dense_crf(logits, image, iterations=t, **kw), logits, image, **kw)
-                  for t in range(8)]
+        native = [
+            free_energy(crf.dense_crf(logits, image, iterations=t, **kw), logits, image, **kw)
+            for t in range(8)
+        ]
         for before, after in zip(native, native[1:]):
             assert after <= before + 1e-4 * abs(before), native
 
@@ -259,8 +283,13 @@ def test_constant_image_is_pure_spatial_smoothing():
     h, w, c = 10, 12, 3
     image = torch.full((3, h, w), 77.0)
     logits = random_logits(c, h, w)
-    kw = dict(iterations=3, spatial_std=2.0, spatial_weight=3.0, bilateral_spatial_std=4.0,
-              bilateral_weight=5.0)
+    kw = dict(
+        iterations=3,
+        spatial_std=2.0,
+        spatial_weight=3.0,
+        bilateral_spatial_std=4.0,
+        bilateral_weight=5.0,
+    )
     # independent expression: two normalised Gaussians on pixel positions only
     pos = crf.pixel_positions(h, w)
     pairwise = 3.0 * crf.normalised_kernel(pos / 2.0) + 5.0 * crf.normalised_kernel(pos / 4.0)
@@ -291,11 +320,12 @@ def test_noisy_labels_get_cleaned(size):
     h, w = size
     image, labels = blocks_image(h, w, noise=6.0, seed=5)
     g = torch.Generator().manual_seed(5)
-    noisy = torch.where(torch.rand(h, w, generator=g) < 0.3,
-                        torch.randint(0, 3, (h, w), generator=g), labels)
+    noisy = torch.where(
+        torch.rand(h, w, generator=g) < 0.3, torch.randint(0, 3, (h, w), generator=g), labels
+    )
     logits = 1.0 * torch.nn.functional.one_hot(noisy, 3).permute(2, 0, 1).float()
     before = (logits.argmax(0) == labels).double().mean().item()
-    for name, fn in _implementations():
+    for name, _ in _implementations():
         if name == "reference" and h * w > 1000:
             continue
         after = (crf.refine_labels(logits, image, backend=name) == labels).double().mean().item()
@@ -366,8 +396,9 @@ def test_opcheck():
     require_native("dense_crf")
     image, _ = blocks_image(6, 7)
     logits = random_logits(3, 6, 7, n=1)
-    torch.library.opcheck(torch.ops.fcnfast.dense_crf.default,
-                          (logits, image[None], 2, 3.0, 3.0, 80.0, 13.0, 10.0))
+    torch.library.opcheck(
+        torch.ops.fcnfast.dense_crf.default, (logits, image[None], 2, 3.0, 3.0, 80.0, 13.0, 10.0)
+    )
 
 
 def test_fallback_without_native():
@@ -387,31 +418,38 @@ def test_fallback_without_native():
 # errors
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("logits_shape, image_shape, match", [
-    ((3, 8, 8), (3, 8, 9), "height and width"),
-    ((3, 8, 8), (3, 7, 8), "height and width"),
-    ((2, 3, 8, 8), (1, 3, 8, 8), "batch"),
-    ((2, 3, 8, 8), (3, 8, 8), "image must be"),
-    ((8, 8), (3, 8, 8), "unary_logits must be"),
-    ((3, 8, 8), (0, 8, 8), "F >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "logits_shape, image_shape, match",
+    [
+        ((3, 8, 8), (3, 8, 9), "height and width"),
+        ((3, 8, 8), (3, 7, 8), "height and width"),
+        ((2, 3, 8, 8), (1, 3, 8, 8), "batch"),
+        ((2, 3, 8, 8), (3, 8, 8), "image must be"),
+        ((8, 8), (3, 8, 8), "unary_logits must be"),
+        ((3, 8, 8), (0, 8, 8), "F >= 1"),
+    ],
+)
 def test_shape_errors(logits_shape, image_shape, match):
     with pytest.raises(ValueError, match=match):
         crf.dense_crf(torch.zeros(logits_shape), torch.zeros(image_shape))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(spatial_std=0.0), "spatial_std"),
-    (dict(bilateral_spatial_std=-1.0), "bilateral_spatial_std"),
-    (dict(bilateral_color_std=float("nan")), "bilateral_color_std"),
-    (dict(iterations=-1), "iterations"),
-    (dict(iterations=2.5), "iterations"),
-    (dict(spatial_weight=-1.0), "spatial_weight"),
-    (dict(bilateral_weight=float("inf")), "bilateral_weight"),
-    (dict(pca_components=0), "pca_components"),
-    (dict(pca_components=4), "pca_components"),
-    (dict(backend="cuda"), "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(spatial_std=0.0), "spatial_std"),
+        (dict(bilateral_spatial_std=-1.0), "bilateral_spatial_std"),
+        (dict(bilateral_color_std=float("nan")), "bilateral_color_std"),
+        (dict(iterations=-1), "iterations"),
+        (dict(iterations=2.5), "iterations"),
+        (dict(spatial_weight=-1.0), "spatial_weight"),
+        (dict(bilateral_weight=float("inf")), "bilateral_weight"),
+        (dict(pca_components=0), "pca_components"),
+        (dict(pca_components=4), "pca_components"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
 def test_parameter_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         crf.dense_crf(torch.zeros(3, 6, 6), torch.zeros(3, 6, 6), **kwargs)
@@ -452,8 +490,9 @@ def test_native_op_errors():
     with pytest.raises(ValueError, match="finite"):  # features of 255 / 1e-6 std units
         op(good[0], torch.full((1, 3, 4, 4), 255.0), 1, 3.0, 3.0, 80.0, 1e-6, 10.0)
     with pytest.raises(ValueError, match="finite"):
-        torch.ops.fcnfast.permutohedral_filter(torch.full((3, 2), float("inf")),
-                                               torch.ones(3, 1), False)
+        torch.ops.fcnfast.permutohedral_filter(
+            torch.full((3, 2), float("inf")), torch.ones(3, 1), False
+        )
 
 
 def test_logits_requiring_grad():

@@ -19,6 +19,7 @@ found and list the kernels it launches, they compile with NVRTC (when libnvrtc
 is installed, e.g. the nvidia-cuda-nvrtc wheel) through the same name
 expressions, and ``setup.py build_py`` ships them in the package.
 """
+
 import contextlib
 import ctypes
 import glob
@@ -29,12 +30,11 @@ import sys
 
 import pytest
 import torch
+from conftest import HAS_CUDA, require_native
+from op_cases import ORACLE_CASES, assert_close_to_oracle, materialise, run_with_grads
 
 import fcnfast
 from fcnfast import _cupy, ops
-
-from conftest import HAS_CUDA, require_native
-from op_cases import ORACLE_CASES, assert_close_to_oracle, materialise, run_with_grads
 
 
 def needs_cuda(fn):
@@ -54,8 +54,9 @@ def _require_cuda_kernel(op):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["deconv-upscore8", "bilinear-s8-crop31", "skip-crop5",
-                                  "score-pool4", "ce-s8-mean"])
+@pytest.mark.parametrize(
+    "name", ["deconv-upscore8", "bilinear-s8-crop31", "skip-crop5", "score-pool4", "ce-s8-mean"]
+)
 def test_noncontiguous_inputs(name):
     """channels_last device memory gives bitwise the same output and gradients."""
     op, make, kwargs = ORACLE_CASES[name]
@@ -78,6 +79,7 @@ def test_noncontiguous_inputs(name):
 # ---------------------------------------------------------------------------
 # determinism, streams, devices, errors
 # ---------------------------------------------------------------------------
+
 
 def _fcn8s_workload(device="cuda"):
     """FCN-8s head on a 500x500 image: the 1/8 score map (70x70, fuse_pool3), pool3 features,
@@ -159,19 +161,46 @@ def test_second_device_guard():
 
 MIXES = {
     "skip_add_crop": lambda c, g: torch.ops.fcnfast.skip_add_crop(
-        torch.randn(1, 2, 3, 3, device=g), torch.randn(1, 2, 5, 5, device=c), [1, 1]),
+        torch.randn(1, 2, 3, 3, device=g), torch.randn(1, 2, 5, 5, device=c), [1, 1]
+    ),
     "score_skip": lambda c, g: torch.ops.fcnfast.score_skip(
-        torch.randn(1, 2, 3, 3, device=g), torch.randn(1, 4, 5, 5, device=g),
-        torch.randn(2, 4, 1, 1, device=c), None, 1.0, [1, 1]),
+        torch.randn(1, 2, 3, 3, device=g),
+        torch.randn(1, 4, 5, 5, device=g),
+        torch.randn(2, 4, 1, 1, device=c),
+        None,
+        1.0,
+        [1, 1],
+    ),
     "conv_transpose2d": lambda c, g: torch.ops.fcnfast.conv_transpose2d(
-        torch.randn(1, 2, 3, 3, device=g), torch.randn(2, 2, 4, 4, device=c), None, [2, 2],
-        [0, 0], [0, 0], 1, [1, 1], [0, 0, 8, 8]),
+        torch.randn(1, 2, 3, 3, device=g),
+        torch.randn(2, 2, 4, 4, device=c),
+        None,
+        [2, 2],
+        [0, 0],
+        [0, 0],
+        1,
+        [1, 1],
+        [0, 0, 8, 8],
+    ),
     "conv_transpose2d_bias": lambda c, g: torch.ops.fcnfast.conv_transpose2d(
-        torch.randn(1, 2, 3, 3, device=g), torch.randn(2, 2, 4, 4, device=g),
-        torch.randn(2, device=c), [2, 2], [0, 0], [0, 0], 1, [1, 1], [0, 0, 8, 8]),
+        torch.randn(1, 2, 3, 3, device=g),
+        torch.randn(2, 2, 4, 4, device=g),
+        torch.randn(2, device=c),
+        [2, 2],
+        [0, 0],
+        [0, 0],
+        1,
+        [1, 1],
+        [0, 0, 8, 8],
+    ),
     "upsample_cross_entropy": lambda c, g: torch.ops.fcnfast.upsample_cross_entropy(
-        torch.randn(1, 2, 3, 3, device=g), torch.zeros(1, 8, 8, dtype=torch.int64, device=c),
-        2, [0, 0, 8, 8], 255, "mean"),
+        torch.randn(1, 2, 3, 3, device=g),
+        torch.zeros(1, 8, 8, dtype=torch.int64, device=c),
+        2,
+        [0, 0, 8, 8],
+        255,
+        "mean",
+    ),
 }
 
 
@@ -201,22 +230,39 @@ def test_cupy_matches_compiled():
         ("score_skip", (coarse, pool3, ws, None, 0.0001, [9, 9])),
         ("score_skip_backward", (coarse, pool3, ws, 0.0001, [9, 9], [True, True, True])),
         ("bilinear_upsample2d", (coarse, 8, crop)),
-        ("bilinear_upsample2d_backward", (torch.randn(1, 21, 500, 500, device="cuda"), 70, 70, 8,
-                                          crop)),
+        (
+            "bilinear_upsample2d_backward",
+            (torch.randn(1, 21, 500, 500, device="cuda"), 70, 70, 8, crop),
+        ),
         ("skip_add_crop", (x, coarse, [9, 9])),
         ("upsample_argmax", (coarse, 8, crop)),
         ("upsample_cross_entropy", (coarse, target, 8, crop, 255, "mean")),
-        ("upsample_cross_entropy_backward",
-         (torch.ones((), device="cuda"), coarse, target, 8, crop, 255, "sum")),
-        ("conv_transpose2d_backward",
-         (torch.randn(1, 21, 128, 128, device="cuda"), x, w, [8, 8], [0, 0], [0, 0], 1, [1, 1],
-          [31, 31, 128, 128], [True, True, True])),
+        (
+            "upsample_cross_entropy_backward",
+            (torch.ones((), device="cuda"), coarse, target, 8, crop, 255, "sum"),
+        ),
+        (
+            "conv_transpose2d_backward",
+            (
+                torch.randn(1, 21, 128, 128, device="cuda"),
+                x,
+                w,
+                [8, 8],
+                [0, 0],
+                [0, 0],
+                1,
+                [1, 1],
+                [31, 31, 128, 128],
+                [True, True, True],
+            ),
+        ),
     ]
     for name, args in calls:
         compiled = getattr(torch.ops.fcnfast, name)(*args)
         jit = _cupy.IMPLS[name](*args)
-        for a, b in zip(*(([compiled], [jit]) if isinstance(compiled, torch.Tensor)
-                          else (compiled, jit))):
+        for a, b in zip(
+            *(([compiled], [jit]) if isinstance(compiled, torch.Tensor) else (compiled, jit))
+        ):
             if a.dtype == torch.int64:
                 assert (a != b).float().mean().item() < 1e-3, name  # near-ties only
             else:
@@ -235,15 +281,33 @@ def test_cupy_backend_suite():
     files = [os.path.join(here, f) for f in OP_TEST_FILES]
     assert all(os.path.isfile(f) for f in files), files
     env = dict(os.environ, FCNFAST_CUDA_BACKEND="cupy")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "-m", "cuda", __file__] + files + ["-k", "not cupy_backend_suite"],
-                          env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "cuda",
+            __file__,
+        ]
+        + files
+        + ["-k", "not cupy_backend_suite"],
+        env=env,
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------
 # no GPU needed: the sources the CuPy backend compiles
 # ---------------------------------------------------------------------------
+
 
 def _kernels_in(root, filename, seen=None):
     """__global__ kernels defined in a source and the csrc headers it includes."""
@@ -266,8 +330,7 @@ def test_cuda_sources_list_their_kernels():
     assert on_disk == set(_cupy.KERNELS), "fcnfast/_cupy.py KERNELS is out of date"
     for filename, kernels in _cupy.KERNELS.items():
         # every kernel the file defines is launchable, and every listed kernel is compiled
-        own = set(re.findall(r"__global__\s+void\s+(\w+)\s*\(",
-                             _cupy.read_source(filename, root)))
+        own = set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", _cupy.read_source(filename, root)))
         assert own <= set(kernels) <= _kernels_in(root, os.path.join("cuda", filename)), filename
     # the CuPy backend implements every op the compiled CUDA binding registers
     bindings = os.path.join(root, "cuda", "bindings_cuda.cpp")
@@ -296,8 +359,10 @@ def _load_nvrtc():
 
 def _nvrtc_compile(lib, source, name, options, name_expressions):
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None,
-                                  None) == 0
+    assert (
+        lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None)
+        == 0
+    )
     try:
         for expr in name_expressions:
             assert lib.nvrtcAddNameExpression(prog, expr.encode()) == 0
@@ -331,8 +396,9 @@ def test_sources_compile_with_nvrtc():
         # all dtypes in one program (CuPy compiles one per dtype; the instantiations are
         # independent)
         exprs = [_cupy.name_expression(k, dt) for k in kernels for dt in _cupy.TYPE_NAMES]
-        rc, log, lowered = _nvrtc_compile(lib, _cupy.read_source(filename, root), filename,
-                                          options, exprs)
+        rc, log, lowered = _nvrtc_compile(
+            lib, _cupy.read_source(filename, root), filename, options, exprs
+        )
         assert rc == 0, "%s:\n%s" % (filename, log)
         assert "warning" not in log, "%s:\n%s" % (filename, log)
         assert set(lowered) == set(exprs) and all(v.startswith("_Z") for v in lowered.values())
@@ -341,8 +407,10 @@ def test_sources_compile_with_nvrtc():
 def _kernel_params(kernel, filename):
     """Parameter kinds of a kernel as declared in its source: ptr, acc, i64 or i32."""
     root = _cupy.source_dir()
-    text = _cupy.read_source(filename, root) + open(os.path.join(root, "cuda",
-                                                                 "kernel_utils.cuh")).read()
+    text = (
+        _cupy.read_source(filename, root)
+        + open(os.path.join(root, "cuda", "kernel_utils.cuh")).read()
+    )
     for name, body in re.findall(r"#define (\w+)\s*((?:[^\n]*\\\n)*[^\n]*)", text):
         text = text.replace(name, body.replace("\\\n", " ")) if name.endswith("_PARAMS") else text
     match = re.search(r"__global__\s+void\s+%s\s*\(([^)]*)\)" % kernel, text)
@@ -398,12 +466,14 @@ def test_cupy_launch_arguments_match_kernel_signatures(dtype, monkeypatch):
     expected_type = {"ptr": np.uint64, "acc": acc, "i64": np.int64, "i32": np.int32}
     launched = set()
     for op, args in _cupy_calls():
-        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                     else a for a in args)
+        args = tuple(
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
         del launches[:]
         _cupy.IMPLS[op](*args)
         assert launches, op
-        for filename, kernel, kdtype, device, grid, kargs in launches:
+        for filename, kernel, kdtype, _device, grid, kargs in launches:
             assert kernel in _cupy.KERNELS[filename] and kdtype == dtype, (op, kernel)
             assert isinstance(grid, int) and grid >= 1, (op, kernel, grid)
             kinds = _kernel_params(kernel, filename)
@@ -421,8 +491,13 @@ def test_build_py_ships_cuda_sources(tmp_path):
     if not os.path.isfile(os.path.join(repo, "setup.py")):
         pytest.skip("not running from a source checkout")
     env = dict(os.environ, FCNFAST_CUDA="0")
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
-                           str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     shipped = tmp_path / "fcnfast" / "_csrc"
     for filename in _cupy.KERNELS:
@@ -448,13 +523,15 @@ def test_no_cuda_kernels_warns_once():
     """Extension without CUDA kernels and no CuPy: CUDA tensors get the reference, one warning."""
     if fcnfast.backend() != "native" or fcnfast.build_info()["compiled_cuda"] or _cupy.available():
         pytest.skip("only for a CPU-only build without CuPy")
-    code = ("import warnings, fcnfast\n"
-            "from fcnfast import _backend\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    found = [_backend.has_kernel('skip_add_crop', 'cuda') for _ in range(3)]\n"
-            "print(found, fcnfast.backend('cuda'), "
-            "sum('CUDA tensors run the pure-PyTorch reference' in str(x.message) for x in w))\n")
+    code = (
+        "import warnings, fcnfast\n"
+        "from fcnfast import _backend\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    found = [_backend.has_kernel('skip_add_crop', 'cuda') for _ in range(3)]\n"
+        "print(found, fcnfast.backend('cuda'), "
+        "sum('CUDA tensors run the pure-PyTorch reference' in str(x.message) for x in w))\n"
+    )
     env = dict(os.environ)
     env.pop("FCNFAST_CUDA_BACKEND", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -465,19 +542,29 @@ def test_no_cuda_kernels_warns_once():
 def test_bad_cuda_backend_env_is_clear():
     env = dict(os.environ, FCNFAST_CUDA_BACKEND="fast")
     env.pop("FCNFAST_BACKEND", None)
-    out = subprocess.run([sys.executable, "-c", "import fcnfast; fcnfast.backend('cuda')"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fcnfast; fcnfast.backend('cuda')"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "FCNFAST_CUDA_BACKEND must be one of" in out.stderr
 
 
 @needs_cuda
-@pytest.mark.parametrize("call", [
-    # 1 * 1 * 2^40 * 2^40 wraps to 0 in int64: the product must be checked without overflow
-    lambda: torch.ops.fcnfast.skip_add_crop_backward(torch.zeros(1, 1, 2, 2, device="cuda"),
-                                                     2 ** 40, 2 ** 40, [0, 0]),
-    lambda: torch.ops.fcnfast.bilinear_upsample2d_backward(
-        torch.zeros(1, 1, 4, 4, device="cuda"), 2 ** 40, 2 ** 40, 2, [0, 0, 4, 4]),
-], ids=["skip_add_crop_backward", "bilinear_upsample2d_backward"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        # 1 * 1 * 2^40 * 2^40 wraps to 0 in int64: the product must be checked without overflow
+        lambda: torch.ops.fcnfast.skip_add_crop_backward(
+            torch.zeros(1, 1, 2, 2, device="cuda"), 2**40, 2**40, [0, 0]
+        ),
+        lambda: torch.ops.fcnfast.bilinear_upsample2d_backward(
+            torch.zeros(1, 1, 4, 4, device="cuda"), 2**40, 2**40, 2, [0, 0, 4, 4]
+        ),
+    ],
+    ids=["skip_add_crop_backward", "bilinear_upsample2d_backward"],
+)
 def test_huge_argument_sizes_are_refused_not_wrapped(call):
     """Sizes from arguments multiply past int64 before the 32-bit check (issue 17, item 4)."""
     _require_cuda_kernel("skip_add_crop_backward")

@@ -21,20 +21,20 @@ check: GPU memory, streams, devices, NVCC code generation and the torch
 binding -- those are tests/test_cuda.py's (needs a GPU).
 Skipped without g++ or the CUDA headers (cuda_fp16.h).
 """
+
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fcnfast import _cupy, _geometry as geo, reference
-
 from conftest import tolerance
+
+from fcnfast import _cupy, reference
+from fcnfast import _geometry as geo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -50,11 +50,28 @@ def _compile(root, out, extra=()):
     include = _cupy.cuda_include_dir()
     source = os.path.join(HERE, "cuda_emulator", "emulator.cpp")
     if cxx is None or include is None or root is None or not os.path.isfile(source):
-        pytest.skip("needs g++, the CUDA headers (cuda_fp16.h), the CUDA sources and "
-                    "tests/cuda_emulator/emulator.cpp")
-    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-I" + root,
-                           "-isystem", include, *extra, source, "-o", out],
-                          capture_output=True, text=True)
+        pytest.skip(
+            "needs g++, the CUDA headers (cuda_fp16.h), the CUDA sources and "
+            "tests/cuda_emulator/emulator.cpp"
+        )
+    proc = subprocess.run(
+        [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-I" + root,
+            "-isystem",
+            include,
+            *extra,
+            source,
+            "-o",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lib = ctypes.CDLL(out)
     lib.fcn_emu_set_order.argtypes = (ctypes.c_int, ctypes.c_ulonglong)
@@ -76,13 +93,16 @@ def cpu_cupy(monkeypatch):
 
 def cupy_path(lib, monkeypatch):
     """The CuPy backend's ops with its ``_launch`` going to the emulator's kernel table."""
+
     def launch(filename, kernel, dtype, device, grid, args):
         values = [ctypes.create_string_buffer(a.tobytes(), a.nbytes) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         name = _cupy.name_expression(kernel, dtype)
         rc = lib.fcn_emu_launch(name.encode(), pointers, ctypes.c_uint(grid))
         assert rc == 0, "%s: emulator returned %d (1: unknown kernel, -1: divergent barrier)" % (
-            name, rc)
+            name,
+            rc,
+        )
 
     monkeypatch.setattr(_cupy, "_launch", launch)
     return _cupy.IMPLS
@@ -91,6 +111,7 @@ def cupy_path(lib, monkeypatch):
 # ---------------------------------------------------------------------------
 # the compiled launchers: what csrc/cuda/bindings_cuda.cpp does around them
 # ---------------------------------------------------------------------------
+
 
 def _p(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
@@ -119,8 +140,14 @@ class Launchers:
         coarse, skip = coarse.contiguous(), skip.contiguous()
         out = torch.empty_like(coarse)
         if out.numel():
-            self._call("skip_add_crop", DTYPE_CODE[coarse.dtype], _p(coarse), _p(skip), _p(out),
-                       _shape(n * c, h, w, skip.shape[2], skip.shape[3], oy, ox))
+            self._call(
+                "skip_add_crop",
+                DTYPE_CODE[coarse.dtype],
+                _p(coarse),
+                _p(skip),
+                _p(out),
+                _shape(n * c, h, w, skip.shape[2], skip.shape[3], oy, ox),
+            )
         return out
 
     def skip_add_crop_backward(self, grad, skip_h, skip_w, offset):
@@ -129,8 +156,13 @@ class Launchers:
         grad = grad.contiguous()
         out = grad.new_empty((n, c, skip_h, skip_w))
         if out.numel():
-            self._call("skip_add_crop_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(out),
-                       _shape(n * c, h, w, skip_h, skip_w, oy, ox))
+            self._call(
+                "skip_add_crop_backward",
+                DTYPE_CODE[grad.dtype],
+                _p(grad),
+                _p(out),
+                _shape(n * c, h, w, skip_h, skip_w, oy, ox),
+            )
         return out
 
     def _score_shape(self, ref, feature, oy, ox):
@@ -142,9 +174,17 @@ class Launchers:
         coarse, feature, weight = coarse.contiguous(), feature.contiguous(), weight.contiguous()
         out = torch.empty_like(coarse)
         if out.numel():
-            self._call("score_skip", DTYPE_CODE[coarse.dtype], _p(coarse), _p(feature),
-                       _p(weight), _p(bias), ctypes.c_double(scale), _p(out),
-                       self._score_shape(coarse, feature, oy, ox))
+            self._call(
+                "score_skip",
+                DTYPE_CODE[coarse.dtype],
+                _p(coarse),
+                _p(feature),
+                _p(weight),
+                _p(bias),
+                ctypes.c_double(scale),
+                _p(out),
+                self._score_shape(coarse, feature, oy, ox),
+            )
         return out
 
     def score_skip_backward(self, grad, feature, weight, scale, offset, mask):
@@ -153,9 +193,18 @@ class Launchers:
         gf = torch.empty_like(feature) if mask[0] else grad.new_empty((0,))
         gw = torch.empty_like(weight) if mask[1] else grad.new_empty((0,))
         gb = grad.new_empty((weight.shape[0],)) if mask[2] else grad.new_empty((0,))
-        self._call("score_skip_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(feature),
-                   _p(weight), ctypes.c_double(scale), _p(gf), _p(gw), _p(gb),
-                   self._score_shape(grad, feature, oy, ox))
+        self._call(
+            "score_skip_backward",
+            DTYPE_CODE[grad.dtype],
+            _p(grad),
+            _p(feature),
+            _p(weight),
+            ctypes.c_double(scale),
+            _p(gf),
+            _p(gw),
+            _p(gb),
+            self._score_shape(grad, feature, oy, ox),
+        )
         return gf, gw, gb
 
     def _conv_dims(self, x, weight, stride, padding, groups, dilation, crop):
@@ -167,21 +216,38 @@ class Launchers:
         x, weight = x.contiguous(), weight.contiguous()
         out = x.new_empty((x.shape[0], cout, oh, ow))
         if out.numel():
-            self._call("conv_transpose2d", DTYPE_CODE[x.dtype], _p(x), _p(weight), _p(bias),
-                       _p(out), _shape(x.shape[0], *dims))
+            self._call(
+                "conv_transpose2d",
+                DTYPE_CODE[x.dtype],
+                _p(x),
+                _p(weight),
+                _p(bias),
+                _p(out),
+                _shape(x.shape[0], *dims),
+            )
         return out
 
     def conv_transpose2d_backward(self, grad, x, weight, *geom_mask):
         *geom, mask = geom_mask
-        stride, padding, _, dilation, crop = geo.check_conv_transpose2d_backward(grad, x, weight,
-                                                                                 *geom)
+        stride, padding, _, dilation, crop = geo.check_conv_transpose2d_backward(
+            grad, x, weight, *geom
+        )
         cout, oh, ow, dims = self._conv_dims(x, weight, stride, padding, geom[3], dilation, crop)
         grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
         gx = torch.empty_like(x) if mask[0] else x.new_empty((0,))
         gw = torch.empty_like(weight) if mask[1] else x.new_empty((0,))
         gb = x.new_empty((cout,)) if mask[2] else x.new_empty((0,))
-        self._call("conv_transpose2d_backward", DTYPE_CODE[x.dtype], _p(grad), _p(x), _p(weight),
-                   _p(gx), _p(gw), _p(gb), _shape(x.shape[0], *dims))
+        self._call(
+            "conv_transpose2d_backward",
+            DTYPE_CODE[x.dtype],
+            _p(grad),
+            _p(x),
+            _p(weight),
+            _p(gx),
+            _p(gw),
+            _p(gb),
+            _shape(x.shape[0], *dims),
+        )
         return gx, gw, gb
 
     def _up_shape(self, n, c, h, w, scale, crop):
@@ -205,8 +271,7 @@ class Launchers:
         grad = grad.contiguous()
         out = grad.new_empty((n, c, in_h, in_w))
         if out.numel():
-            self._call("bilinear_upsample2d_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(out),
-                       s)
+            self._call("bilinear_upsample2d_backward", DTYPE_CODE[grad.dtype], _p(grad), _p(out), s)
         return out
 
     def upsample_argmax(self, x, scale, crop):
@@ -224,8 +289,9 @@ class Launchers:
             crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
             geo.check_target_values(target, x.shape[1], ignore_index)  # the forward only
         else:
-            crop = geo.check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop,
-                                                             ignore_index, reduction)
+            crop = geo.check_upsample_cross_entropy_backward(
+                grad_loss, x, target, scale, crop, ignore_index, reduction
+            )
         n, c, h, w = x.shape
         _, _, s = self._up_shape(n, c, h, w, scale, crop)
         ws = torch.empty((self.lib.fcn_emu_ce_workspace_bytes(s) + 7) // 8, dtype=torch.float64)
@@ -235,25 +301,45 @@ class Launchers:
         s, ws = self._ce(x, target, scale, crop, ignore_index, reduction)
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
-        self._call("upsample_cross_entropy", DTYPE_CODE[x.dtype], _p(x), _p(target),
-                   ctypes.c_longlong(ignore_index), int(reduction == "mean"), _p(loss), _p(ws), s)
+        self._call(
+            "upsample_cross_entropy",
+            DTYPE_CODE[x.dtype],
+            _p(x),
+            _p(target),
+            ctypes.c_longlong(ignore_index),
+            int(reduction == "mean"),
+            _p(loss),
+            _p(ws),
+            s,
+        )
         return loss
 
-    def upsample_cross_entropy_backward(self, grad_loss, x, target, scale, crop, ignore_index,
-                                        reduction):
+    def upsample_cross_entropy_backward(
+        self, grad_loss, x, target, scale, crop, ignore_index, reduction
+    ):
         s, ws = self._ce(x, target, scale, crop, ignore_index, reduction, grad_loss)
         x, target, grad_loss = x.contiguous(), target.contiguous(), grad_loss.contiguous()
         gx = torch.empty_like(x)
         if gx.numel():
-            self._call("upsample_cross_entropy_backward", DTYPE_CODE[x.dtype], _p(grad_loss),
-                       _p(x), _p(target), ctypes.c_longlong(ignore_index),
-                       int(reduction == "mean"), _p(gx), _p(ws), s)
+            self._call(
+                "upsample_cross_entropy_backward",
+                DTYPE_CODE[x.dtype],
+                _p(grad_loss),
+                _p(x),
+                _p(target),
+                ctypes.c_longlong(ignore_index),
+                int(reduction == "mean"),
+                _p(gx),
+                _p(ws),
+                s,
+            )
         return gx
 
 
 # ---------------------------------------------------------------------------
 # calls and the float64 oracle
 # ---------------------------------------------------------------------------
+
 
 def _calls():
     g = torch.Generator().manual_seed(0)
@@ -284,18 +370,43 @@ def _calls():
         ("score_skip", (u, feature, wsk, None, 1.0, [0, 0])),
         ("score_skip_backward", (u, feature, wsk, 0.5, [2, 3], mask)),
         # long reductions: the tiled grad_weight kernels with 16 and 64 threads per element
-        ("conv_transpose2d_backward", (randn(2, 2, 42, 41), randn(2, 2, 20, 20), randn(2, 2, 4, 3),
-                                       [2, 2], [0, 0], [0, 0], 1, [1, 1], [0, 0, 42, 41],
-                                       [False, True, False])),
-        ("score_skip_backward", (randn(2, 2, 40, 50), randn(2, 3, 41, 52), randn(2, 3, 1, 1),
-                                 1.0, [1, 2], [False, True, True])),
+        (
+            "conv_transpose2d_backward",
+            (
+                randn(2, 2, 42, 41),
+                randn(2, 2, 20, 20),
+                randn(2, 2, 4, 3),
+                [2, 2],
+                [0, 0],
+                [0, 0],
+                1,
+                [1, 1],
+                [0, 0, 42, 41],
+                [False, True, False],
+            ),
+        ),
+        (
+            "score_skip_backward",
+            (
+                randn(2, 2, 40, 50),
+                randn(2, 3, 41, 52),
+                randn(2, 3, 1, 1),
+                1.0,
+                [1, 2],
+                [False, True, True],
+            ),
+        ),
         ("upsample_argmax", (u, 4, crop)),
         ("upsample_cross_entropy", (u * 3, target, 4, crop, 255, "mean")),
         ("upsample_cross_entropy", (u * 3, target, 4, crop, 255, "sum")),
-        ("upsample_cross_entropy_backward", (torch.tensor(0.7, dtype=torch.float64), u * 3,
-                                             target, 4, crop, 255, "mean")),
-        ("upsample_cross_entropy_backward", (torch.tensor(1.3, dtype=torch.float64), u * 3,
-                                             target, 4, crop, 255, "sum")),
+        (
+            "upsample_cross_entropy_backward",
+            (torch.tensor(0.7, dtype=torch.float64), u * 3, target, 4, crop, 255, "mean"),
+        ),
+        (
+            "upsample_cross_entropy_backward",
+            (torch.tensor(1.3, dtype=torch.float64), u * 3, target, 4, crop, 255, "sum"),
+        ),
     ]
 
 
@@ -306,26 +417,38 @@ def _grads(fn, wrt, grad):
 
 def _oracle(op, args, dtype):
     """float64 reference outputs (and reduction lengths) for op(*args) on dtype-rounded args."""
+
     def rounded(z):  # the fused kernels see the scores bilinear_upsample2d would store
         return z + (z.to(dtype).double() - z).detach()
 
     if op == "conv_transpose2d":
         x, w, b, *geom = args
-        return [(reference.conv_transpose2d(x, w, b, *geom), w.shape[0] // geom[3] *
-                 w.shape[2] * w.shape[3])]
+        return [
+            (
+                reference.conv_transpose2d(x, w, b, *geom),
+                w.shape[0] // geom[3] * w.shape[2] * w.shape[3],
+            )
+        ]
     if op == "conv_transpose2d_backward":
         grad, x, w, *geom, mask = args
         gx, gw = _grads(lambda x, w: reference.conv_transpose2d(x, w, None, *geom), (x, w), grad)
         n, cout = grad.shape[:2]
-        return [(gx, w.shape[1] * w.shape[2] * w.shape[3]), (gw, grad[:, 0].numel()),
-                (grad.sum((0, 2, 3)), grad[:, 0].numel())]
+        return [
+            (gx, w.shape[1] * w.shape[2] * w.shape[3]),
+            (gw, grad[:, 0].numel()),
+            (grad.sum((0, 2, 3)), grad[:, 0].numel()),
+        ]
     if op == "bilinear_upsample2d":
         return [(reference.bilinear_upsample2d(*args), 4)]
     if op == "bilinear_upsample2d_backward":
         grad, h, w, scale, crop = args
         x = grad.new_zeros(grad.shape[:2] + (h, w))
-        return [(_grads(lambda x: reference.bilinear_upsample2d(x, scale, crop), (x,), grad)[0],
-                 4 * scale * scale)]
+        return [
+            (
+                _grads(lambda x: reference.bilinear_upsample2d(x, scale, crop), (x,), grad)[0],
+                4 * scale * scale,
+            )
+        ]
     if op == "skip_add_crop":
         return [(reference.skip_add_crop(*args), 1)]
     if op == "skip_add_crop_backward":
@@ -336,21 +459,29 @@ def _oracle(op, args, dtype):
         return [(reference.score_skip(*args), args[1].shape[1])]
     if op == "score_skip_backward":
         grad, feature, w, scale, offset, mask = args
-        gf, gw = _grads(lambda f, w: reference.score_skip(torch.zeros_like(grad), f, w, None,
-                                                          scale, offset), (feature, w), grad)
-        return [(gf, w.shape[0]), (gw, grad[:, 0].numel()),
-                (grad.sum((0, 2, 3)), grad[:, 0].numel())]
+        gf, gw = _grads(
+            lambda f, w: reference.score_skip(torch.zeros_like(grad), f, w, None, scale, offset),
+            (feature, w),
+            grad,
+        )
+        return [
+            (gf, w.shape[0]),
+            (gw, grad[:, 0].numel()),
+            (grad.sum((0, 2, 3)), grad[:, 0].numel()),
+        ]
     if op == "upsample_argmax":
         x, scale, crop = args
         return [(reference.bilinear_upsample2d(x, scale, crop).to(dtype).argmax(1), 1)]
     if op in ("upsample_cross_entropy", "upsample_cross_entropy_backward"):
         backward = op.endswith("backward")
-        grad_loss, (x, target, scale, crop, ii, red) = (args[0], args[1:]) if backward else \
-            (None, args)
+        grad_loss, (x, target, scale, crop, ii, red) = (
+            (args[0], args[1:]) if backward else (None, args)
+        )
 
         def loss(x):
             z = rounded(reference.bilinear_upsample2d(x, scale, crop))
             return F.cross_entropy(z, target, ignore_index=ii, reduction=red)
+
         if not backward:
             return [(loss(x).to(dtype).double(), target.numel() * x.shape[1])]
         return [(_grads(loss, (x,), grad_loss)[0], 4 * scale * scale * x.shape[1])]
@@ -369,17 +500,24 @@ def _check(actual, expected, terms, dtype, what):
     err = (a - e).abs().max().item()
     tol = tolerance(dtype, terms)
     assert err <= tol * scale, "%s: max abs error %.3g > %.3g (scale %.3g)" % (
-        what, err, tol * scale, scale)
+        what,
+        err,
+        tol * scale,
+        scale,
+    )
 
 
 def _run_all(impls, dtype, skip=()):
     for i, (op, args) in enumerate(_calls()):
         if op in skip:
             continue
-        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
-        oracle_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                            else a for a in args)
+        args = tuple(
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+        oracle_args = tuple(
+            a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
         got = impls[op](*args)
         got = [got] if isinstance(got, torch.Tensor) else list(got)
         mask = args[-1] if op.endswith("_backward") and isinstance(args[-1], list) else None
@@ -388,8 +526,15 @@ def _run_all(impls, dtype, skip=()):
             if mask is not None and not mask[j]:
                 assert got[j].numel() == 0, what
                 continue
-            _check(got[j], expected.to(dtype) if dtype != torch.float64 and
-                   expected.dtype != torch.int64 else expected, terms, dtype, what)
+            _check(
+                got[j],
+                expected.to(dtype)
+                if dtype != torch.float64 and expected.dtype != torch.int64
+                else expected,
+                terms,
+                dtype,
+                what,
+            )
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
@@ -404,6 +549,7 @@ def test_emulated_kernels_match_reference(emulator, cpu_cupy, monkeypatch, path,
 # ---------------------------------------------------------------------------
 # planted defects: each must be caught
 # ---------------------------------------------------------------------------
+
 
 def _planted_race_sum(lib, values):
     out = torch.empty(values.shape[0], dtype=torch.float32)
@@ -423,15 +569,21 @@ def test_cross_entropy_backward_marks_bad_labels_nan(emulator, cpu_cupy, monkeyp
     target[0, 5, 7] = 3  # 3 classes: out of range
     with pytest.raises(ValueError, match="target value 3 is out of bounds"):
         impls["upsample_cross_entropy"](x, target, 4, [0, 0, 20, 20], 255, "mean")
-    grad = impls["upsample_cross_entropy_backward"](torch.tensor(1.0), x, target, 4,
-                                                     [0, 0, 20, 20], 255, "mean")
+    grad = impls["upsample_cross_entropy_backward"](
+        torch.tensor(1.0), x, target, 4, [0, 0, 20, 20], 255, "mean"
+    )
     near = torch.zeros_like(grad, dtype=torch.bool)
     near[..., 0:2, 0:2] = True  # full-output pixel (5, 7) at scale 4 reads inputs 0..1 x 0..1
     assert grad[near].isnan().all()
     assert grad[~near].isfinite().all()
     target[0, 5, 7] = 1  # a valid label: finite everywhere
-    assert impls["upsample_cross_entropy_backward"](torch.tensor(1.0), x, target, 4,
-                                                    [0, 0, 20, 20], 255, "mean").isfinite().all()
+    assert (
+        impls["upsample_cross_entropy_backward"](
+            torch.tensor(1.0), x, target, 4, [0, 0, 20, 20], 255, "mean"
+        )
+        .isfinite()
+        .all()
+    )
 
 
 def test_planted_race_is_caught_by_every_order_but_ascending(emulator):
@@ -461,8 +613,11 @@ def _mutant_sources(tmp_path):
     utils.write_text(text.replace(race, "  buf[threadIdx.x] = v;\n"))
     conv = root / "cuda" / "conv_transpose2d.cu"
     text = conv.read_text()
-    forward = text[text.index("cudaError_t conv_transpose2d("):
-                   text.index("cudaError_t conv_transpose2d_backward(")]
+    forward = text[
+        text.index("cudaError_t conv_transpose2d(") : text.index(
+            "cudaError_t conv_transpose2d_backward("
+        )
+    ]
     args = "s.stride_h, s.stride_w"
     assert forward.count(args) == 1, "the forward launcher's argument list changed"
     conv.write_text(text.replace(forward, forward.replace(args, "s.stride_w, s.stride_h")))

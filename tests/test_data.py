@@ -1,24 +1,44 @@
 """Data layer: image/label I/O, normalisation, synthetic scenes, VOC reader and writer."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from fcnfast.data import (MEAN_RGB, STD_RGB, SyntheticScenes, VOCSegmentation, image_to_tensor,
-                          load_image, load_label, save_label_png, tensor_to_image, voc_palette,
-                          write_synthetic_voc)
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
+from fcnfast.data import (
+    MEAN_RGB,
+    STD_RGB,
+    SyntheticScenes,
+    VOCSegmentation,
+    image_to_tensor,
+    load_image,
+    load_label,
+    save_label_png,
+    tensor_to_image,
+    voc_palette,
+    write_synthetic_voc,
+)
 
 # -- palette and label PNGs -------------------------------------------------
+
 
 def test_voc_palette_known_colours():
     pal = voc_palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
     # PASCAL VOC colour map values (VOCdevkit labelcolormap)
-    known = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
-             7: (128, 128, 128), 8: (64, 0, 0), 15: (192, 128, 128), 20: (0, 64, 128),
-             255: (224, 224, 192)}
+    known = {
+        0: (0, 0, 0),
+        1: (128, 0, 0),
+        2: (0, 128, 0),
+        3: (128, 128, 0),
+        4: (0, 0, 128),
+        7: (128, 128, 128),
+        8: (64, 0, 0),
+        15: (192, 128, 128),
+        20: (0, 64, 128),
+        255: (224, 224, 192),
+    }
     for index, rgb in known.items():
         assert tuple(pal[index]) == rgb, index
     assert len({tuple(c) for c in pal}) == 256
@@ -32,8 +52,9 @@ def test_label_png_round_trip(tmp_path):
     save_label_png(torch.from_numpy(labels.astype(np.int64)), path)
     img = Image.open(path)
     assert img.mode == "P" and img.size == (23, 17)
-    assert np.array_equal(np.asarray(img.getpalette(), dtype=np.uint8).reshape(-1, 3)[:256],
-                          voc_palette())
+    assert np.array_equal(
+        np.asarray(img.getpalette(), dtype=np.uint8).reshape(-1, 3)[:256], voc_palette()
+    )
     assert np.array_equal(load_label(path), labels)
     # the same labels written as RGB colours read back as indices
     Image.fromarray(voc_palette()[labels]).save(tmp_path / "rgb.png")
@@ -53,6 +74,7 @@ def test_label_errors(tmp_path):
 
 
 # -- images -----------------------------------------------------------------
+
 
 def test_image_to_tensor_normalisation():
     image = np.array([[[255, 0, 128], [10, 20, 30]]], dtype=np.uint8)  # 1 x 2 x 3
@@ -89,6 +111,7 @@ def test_load_image(tmp_path):
 
 
 # -- synthetic scenes ---------------------------------------------------------
+
 
 def test_synthetic_deterministic_per_seed():
     a = SyntheticScenes(3, (40, 56), seed=5)
@@ -133,7 +156,7 @@ def test_synthetic_sizes_and_ignore_border():
     assert torch.equal(y[~ignored], plain[~ignored])
     yy, xx = torch.nonzero(ignored, as_tuple=True)
     for py, px in zip(yy.tolist(), xx.tolist()):
-        window = plain[max(py - 2, 0):py + 3, max(px - 2, 0):px + 3]
+        window = plain[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3]
         assert len(window.unique()) > 1
     varied = SyntheticScenes(6, 24, seed=0, max_size=(40, 50))
     sizes = {tuple(varied[i][1].shape) for i in range(6)}
@@ -153,6 +176,7 @@ def test_synthetic_errors():
 
 # -- VOC layout -------------------------------------------------------------
 
+
 @pytest.fixture
 def voc_root(tmp_path):
     return write_synthetic_voc(tmp_path / "VOC2012", num_train=4, num_val=2, size=(24, 32), seed=3)
@@ -162,8 +186,9 @@ def test_voc_reader_reads_written_scenes(voc_root):
     train = VOCSegmentation(voc_root, "train")
     val = VOCSegmentation(voc_root, "val")
     assert len(train) == 4 and len(val) == 2
-    assert (voc_root / "ImageSets/Segmentation/trainval.txt").read_text().split() == \
-        train.ids + val.ids
+    assert (
+        voc_root / "ImageSets/Segmentation/trainval.txt"
+    ).read_text().split() == train.ids + val.ids
     scenes = SyntheticScenes(6, (24, 32), seed=3)
     for i in range(2):
         x, y = val[i]

@@ -13,6 +13,7 @@
   kernel was not registered" warning: silently wrong or zero higher-order gradients) in
   forward, backward or double backward.
 """
+
 import warnings
 
 import pytest
@@ -22,9 +23,6 @@ with warnings.catch_warnings():  # forward AD loads these once, warning about to
     warnings.simplefilter("ignore", DeprecationWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
-import fcnfast
-from fcnfast import ops, reference
-
 import test_bilinear_upsample2d as bu_tests
 import test_conv_transpose2d as ct_tests
 import test_score_skip as ss_tests
@@ -32,12 +30,16 @@ import test_skip_add_crop as sa_tests
 import test_upsample_cross_entropy as ce_tests
 from conftest import REFERENCE_ONLY, assert_close_scaled, require_native
 
+import fcnfast
+from fcnfast import ops, reference
+
 T64 = torch.float64
 
 
 # ---------------------------------------------------------------------------
 # cases: (name, fn(impl) -> callable, inputs); inputs that require grad are differentiated
 # ---------------------------------------------------------------------------
+
 
 def _ct_case(shape, dtype=T64):
     x, weight, b, kwargs = ct_tests._make(shape, dtype, bias=shape[0] != 1)
@@ -47,6 +49,7 @@ def _ct_case(shape, dtype=T64):
         if b is None:
             return lambda x_, w_: impl.conv_transpose2d(x_, w_, None, **kwargs)
         return lambda x_, w_, b_: impl.conv_transpose2d(x_, w_, b_, **kwargs)
+
     return fn, inputs
 
 
@@ -71,6 +74,7 @@ def _ss_case(shape, dtype=T64):
         if b is None:
             return lambda c, f, w: impl.score_skip(c, f, w, None, scale, offset)
         return lambda c, f, w, b_: impl.score_skip(c, f, w, b_, scale, offset)
+
     return fn, inputs
 
 
@@ -78,8 +82,9 @@ def _ce_case(shape, reduction="mean", dtype=T64):
     n, c, h, w, scale, crop = shape
     x = (2 * torch.randn(n, c, h, w, dtype=dtype)).requires_grad_()
     target = ce_tests.make_target(n, c, *ce_tests.crop_size(shape))
-    return (lambda impl: lambda x_: impl.upsample_cross_entropy(x_, target, scale, crop, 255,
-                                                                reduction)), [x]
+    return (
+        lambda impl: lambda x_: impl.upsample_cross_entropy(x_, target, scale, crop, 255, reduction)
+    ), [x]
 
 
 # the first-order tests' geometries
@@ -159,12 +164,17 @@ def _all_ignored(shape):
 
 # conv_transpose2d on both fp64 CPU paths (the AVX-512 row kernel is fp32-only);
 # upsample_cross_entropy with both reductions, except "mean" over no pixels (a NaN loss)
-GG_CASES = (
-    [(op, i, make, shape, path) for op, i, make, shape in CASES if op != "upsample_cross_entropy"
-     for path in (("phase", "direct") if op == "conv_transpose2d" else (None,))]
-    + [("upsample_cross_entropy", i, _ce_case, s, reduction)
-       for i, s in enumerate(ce_tests.SHAPES) for reduction in ("mean", "sum")
-       if not (reduction == "mean" and _all_ignored(s))])
+GG_CASES = [
+    (op, i, make, shape, path)
+    for op, i, make, shape in CASES
+    if op != "upsample_cross_entropy"
+    for path in (("phase", "direct") if op == "conv_transpose2d" else (None,))
+] + [
+    ("upsample_cross_entropy", i, _ce_case, s, reduction)
+    for i, s in enumerate(ce_tests.SHAPES)
+    for reduction in ("mean", "sum")
+    if not (reduction == "mean" and _all_ignored(s))
+]
 GG_IDS = ["%s-%d%s" % (op, i, "-" + p if p else "") for op, i, _, _, p in GG_CASES]
 
 
@@ -208,28 +218,54 @@ def _r(*shape, grad=True):
 
 def backward_op_cases():
     """(name, fn, inputs) for direct calls of every native backward op."""
-    ct_args = ([2, 1], [1, 0], [1, 0], 2, [1, 2], [1, 0, 4, 7])   # stride, pad, out_pad, groups, dil, crop
+    ct_args = (
+        [2, 1],
+        [1, 0],
+        [1, 0],
+        2,
+        [1, 2],
+        [1, 0, 4, 7],
+    )  # stride, pad, out_pad, groups, dil, crop
     masks = [[True, True, True], [True, False, False], [False, True, True]]
     cases = []
     for mask in masks:
-        cases.append(("conv_transpose2d_backward %s" % mask,
-                      lambda g, x, w, mask=mask: T.conv_transpose2d_backward(g, x, w, *ct_args, mask),
-                      [_r(1, 4, 4, 7), _r(1, 4, 3, 4), _r(4, 2, 2, 3)]))
-        cases.append(("score_skip_backward %s" % mask,
-                      lambda g, f, w, mask=mask: T.score_skip_backward(g, f, w, 0.5, [1, 2], mask),
-                      [_r(1, 3, 2, 3), _r(1, 4, 4, 6), _r(3, 4, 1, 1)]))
+        cases.append(
+            (
+                "conv_transpose2d_backward %s" % mask,
+                lambda g, x, w, mask=mask: T.conv_transpose2d_backward(g, x, w, *ct_args, mask),
+                [_r(1, 4, 4, 7), _r(1, 4, 3, 4), _r(4, 2, 2, 3)],
+            )
+        )
+        cases.append(
+            (
+                "score_skip_backward %s" % mask,
+                lambda g, f, w, mask=mask: T.score_skip_backward(g, f, w, 0.5, [1, 2], mask),
+                [_r(1, 3, 2, 3), _r(1, 4, 4, 6), _r(3, 4, 1, 1)],
+            )
+        )
     cases += [
-        ("bilinear_upsample2d_backward",
-         lambda g: T.bilinear_upsample2d_backward(g, 2, 3, 2, [1, 1, 4, 5]), [_r(2, 2, 4, 5)]),
-        ("skip_add_crop_backward", lambda g: T.skip_add_crop_backward(g, 5, 6, [1, 2]),
-         [_r(2, 3, 3, 4)]),
+        (
+            "bilinear_upsample2d_backward",
+            lambda g: T.bilinear_upsample2d_backward(g, 2, 3, 2, [1, 1, 4, 5]),
+            [_r(2, 2, 4, 5)],
+        ),
+        (
+            "skip_add_crop_backward",
+            lambda g: T.skip_add_crop_backward(g, 5, 6, [1, 2]),
+            [_r(2, 3, 3, 4)],
+        ),
     ]
     for reduction in ("mean", "sum"):
         target = torch.tensor([[[0, 1, 255, 2, 1], [2, 2, 0, 255, 1], [1, 0, 0, 2, 2]]])
-        cases.append(("upsample_cross_entropy_backward %s" % reduction,
-                      lambda gl, x, target=target, reduction=reduction:
-                      T.upsample_cross_entropy_backward(gl, x, target, 2, [1, 0, 3, 5], 255, reduction),
-                      [_r(()), (2 * torch.randn(1, 3, 2, 2, dtype=T64)).requires_grad_()]))
+        cases.append(
+            (
+                "upsample_cross_entropy_backward %s" % reduction,
+                lambda gl, x, target=target, reduction=reduction: T.upsample_cross_entropy_backward(
+                    gl, x, target, 2, [1, 0, 3, 5], 255, reduction
+                ),
+                [_r(()), (2 * torch.randn(1, 3, 2, 2, dtype=T64)).requires_grad_()],
+            )
+        )
     return cases
 
 
@@ -252,6 +288,7 @@ def test_backward_op_cases_cover_every_backward_op():
 # ---------------------------------------------------------------------------
 # the issue's example; forward-mode AD; torch.func transforms
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["phase", "direct"])
 def test_issue_example(path, monkeypatch):
@@ -296,9 +333,11 @@ FUNC_IDS = [c[0] for c in func_cases()]
 
 def _scalar(fn):
     """A nonlinear scalar of the op's output, so that the Hessian is not zero."""
+
     def f(*args):
         out = fn(*args)
         return out if out.dim() == 0 else (out.sin() * out).sum()
+
     return f
 
 
@@ -306,8 +345,9 @@ def _flat(tree):
     return torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(tree)])
 
 
-@pytest.mark.parametrize("transform", ["jacrev", "hessian", "jacfwd", "jacrev(jacrev)",
-                                       "grad(grad)"])
+@pytest.mark.parametrize(
+    "transform", ["jacrev", "hessian", "jacfwd", "jacrev(jacrev)", "grad(grad)"]
+)
 @pytest.mark.parametrize("index", range(len(FUNC_IDS)), ids=FUNC_IDS)
 def test_torch_func_matches_reference(index, transform):
     name, fn, inputs = func_cases()[index]
@@ -325,9 +365,11 @@ def test_torch_func_matches_reference(index, transform):
             return torch.func.jacfwd(f, argnums=argnums)(*args)
         if transform == "jacrev(jacrev)":
             return torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)(*args)
+
         # grad of a gradient norm (the gradient-penalty pattern)
         def penalty(*a):
             return _flat(torch.func.grad(f, argnums=argnums)(*a)).pow(2).sum()
+
         return torch.func.grad(penalty, argnums=argnums)(*args)
 
     got, expected = _flat(run(ops)), _flat(run(reference))
@@ -351,6 +393,7 @@ def test_vmap_and_forward_ad(index):
     out_r, jvp_r = torch.func.jvp(fn(reference), tuple(args), tuple(tangents))
     assert_close_scaled(jvp_n, jvp_r, what="jvp")
     import torch.autograd.forward_ad as fwAD
+
     with fwAD.dual_level():
         out = f(*[fwAD.make_dual(a, t) for a, t in zip(args, tangents)])
         assert_close_scaled(fwAD.unpack_dual(out).tangent, jvp_r, what="forward AD")
@@ -374,44 +417,69 @@ def test_cross_entropy_target_is_not_differentiable(impl):
 # guard: no registered op warns in forward, backward or double backward
 # ---------------------------------------------------------------------------
 
+
 def _registered_ops():
-    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-                  if n.startswith("fcnfast::"))
+    return sorted(
+        n.split("::", 1)[1]
+        for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith("fcnfast::")
+    )
 
 
 def guard_cases():
     """Direct calls of every differentiable dispatcher op (forward and backward ops)."""
     ct_args = ([2, 2], [1, 0], [1, 0], 1, [1, 1], [0, 1, 5, 6])
-    target = torch.tensor([[[0, 1, 255, 2, 1], [2, 2, 0, 255, 1], [1, 0, 0, 2, 2], [1, 1, 2, 0, 0]]])
+    target = torch.tensor(
+        [[[0, 1, 255, 2, 1], [2, 2, 0, 255, 1], [1, 0, 0, 2, 2], [1, 1, 2, 0, 0]]]
+    )
     return {
-        "conv_transpose2d": (lambda x, w, b: T.conv_transpose2d(x, w, b, *ct_args),
-                             [_r(2, 3, 3, 4), _r(3, 2, 3, 3), _r(2)]),
+        "conv_transpose2d": (
+            lambda x, w, b: T.conv_transpose2d(x, w, b, *ct_args),
+            [_r(2, 3, 3, 4), _r(3, 2, 3, 3), _r(2)],
+        ),
         "conv_transpose2d_backward": (
             lambda g, x, w: T.conv_transpose2d_backward(g, x, w, *ct_args, [True, True, True]),
-            [_r(2, 2, 5, 6), _r(2, 3, 3, 4), _r(3, 2, 3, 3)]),
-        "bilinear_upsample2d": (lambda x: T.bilinear_upsample2d(x, 2, [1, 1, 4, 5]), [_r(1, 2, 2, 3)]),
+            [_r(2, 2, 5, 6), _r(2, 3, 3, 4), _r(3, 2, 3, 3)],
+        ),
+        "bilinear_upsample2d": (
+            lambda x: T.bilinear_upsample2d(x, 2, [1, 1, 4, 5]),
+            [_r(1, 2, 2, 3)],
+        ),
         "bilinear_upsample2d_backward": (
-            lambda g: T.bilinear_upsample2d_backward(g, 2, 3, 2, [1, 1, 4, 5]), [_r(1, 2, 4, 5)]),
-        "skip_add_crop": (lambda c, s: T.skip_add_crop(c, s, [1, 2]), [_r(1, 2, 3, 3), _r(1, 2, 5, 6)]),
-        "skip_add_crop_backward": (lambda g: T.skip_add_crop_backward(g, 5, 6, [1, 2]),
-                                   [_r(1, 2, 3, 3)]),
-        "score_skip": (lambda c, f, w, b: T.score_skip(c, f, w, b, 0.5, [1, 0]),
-                       [_r(1, 2, 2, 3), _r(1, 3, 4, 3), _r(2, 3, 1, 1), _r(2)]),
+            lambda g: T.bilinear_upsample2d_backward(g, 2, 3, 2, [1, 1, 4, 5]),
+            [_r(1, 2, 4, 5)],
+        ),
+        "skip_add_crop": (
+            lambda c, s: T.skip_add_crop(c, s, [1, 2]),
+            [_r(1, 2, 3, 3), _r(1, 2, 5, 6)],
+        ),
+        "skip_add_crop_backward": (
+            lambda g: T.skip_add_crop_backward(g, 5, 6, [1, 2]),
+            [_r(1, 2, 3, 3)],
+        ),
+        "score_skip": (
+            lambda c, f, w, b: T.score_skip(c, f, w, b, 0.5, [1, 0]),
+            [_r(1, 2, 2, 3), _r(1, 3, 4, 3), _r(2, 3, 1, 1), _r(2)],
+        ),
         "score_skip_backward": (
             lambda g, f, w: T.score_skip_backward(g, f, w, 0.5, [1, 0], [True, True, True]),
-            [_r(1, 2, 2, 3), _r(1, 3, 4, 3), _r(2, 3, 1, 1)]),
+            [_r(1, 2, 2, 3), _r(1, 3, 4, 3), _r(2, 3, 1, 1)],
+        ),
         "upsample_cross_entropy": (
             lambda x: T.upsample_cross_entropy(x, target, 2, [1, 0, 4, 5], 255, "mean"),
-            [_r(1, 3, 2, 2)]),
+            [_r(1, 3, 2, 2)],
+        ),
         "upsample_cross_entropy_backward": (
-            lambda gl, x: T.upsample_cross_entropy_backward(gl, x, target, 2, [1, 0, 4, 5], 255,
-                                                            "sum"),
-            [_r(()), _r(1, 3, 2, 2)]),
+            lambda gl, x: T.upsample_cross_entropy_backward(
+                gl, x, target, 2, [1, 0, 4, 5], 255, "sum"
+            ),
+            [_r(()), _r(1, 3, 2, 2)],
+        ),
     }
 
 
-NO_GRADIENT_OUTPUT = ("upsample_argmax",)                  # int64 labels
-INFERENCE_ONLY = ("dense_crf", "permutohedral_filter")     # raise when a gradient is asked for
+NO_GRADIENT_OUTPUT = ("upsample_argmax",)  # int64 labels
+INFERENCE_ONLY = ("dense_crf", "permutohedral_filter")  # raise when a gradient is asked for
 
 
 def _three_orders(fn, inputs):
@@ -431,9 +499,18 @@ def test_guard_table_covers_every_registered_op():
     assert set(_registered_ops()) == set(GUARD_OPS) | set(NO_GRADIENT_OUTPUT) | set(INFERENCE_ONLY)
 
 
-GUARD_OPS = ["conv_transpose2d", "conv_transpose2d_backward", "bilinear_upsample2d",
-             "bilinear_upsample2d_backward", "skip_add_crop", "skip_add_crop_backward", "score_skip",
-             "score_skip_backward", "upsample_cross_entropy", "upsample_cross_entropy_backward"]
+GUARD_OPS = [
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+    "bilinear_upsample2d",
+    "bilinear_upsample2d_backward",
+    "skip_add_crop",
+    "skip_add_crop_backward",
+    "score_skip",
+    "score_skip_backward",
+    "upsample_cross_entropy",
+    "upsample_cross_entropy_backward",
+]
 
 
 @pytest.mark.parametrize("name", GUARD_OPS)

@@ -6,10 +6,12 @@ Every export is traced at one size and checked at *other* sizes (odd, batch 3) a
 eager fcnfast model. Models get random score / upsampling weights first: fresh FCNs have
 zero score layers and would give all-zero outputs that any graph "matches".
 """
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from single_thread import one_intraop_thread  # noqa: F401
 from torch import nn
 
 import fcnfast
@@ -17,11 +19,8 @@ from fcnfast import export as fx
 from fcnfast.models import FCN, build_model
 from fcnfast.nn import BilinearUpsample2d, ConvTranspose2d, SkipFuse, bilinear_kernel
 
-from single_thread import one_intraop_thread  # noqa: F401
-
 onnx = pytest.importorskip("onnx", reason="the ONNX tests need `pip install fcnfast[test]`")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need `pip install fcnfast[test]`")
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,8 +30,9 @@ def _reuse_onnx_registry():
     translations are still registered per call, by torch.onnx.export itself)."""
     try:
         from torch.onnx._internal.exporter import _registration
+
         original = _registration.ONNXRegistry.from_torchlib
-    except (ImportError, AttributeError):   # another torch: no cache, just slower
+    except (ImportError, AttributeError):  # another torch: no cache, just slower
         yield
         return
     cache = {}
@@ -40,8 +40,11 @@ def _reuse_onnx_registry():
     def cached(opset_version=None, **kwargs):
         key = opset_version
         if key not in cache:
-            cache[key] = (original(opset_version=opset_version, **kwargs)
-                          if opset_version is not None else original(**kwargs))
+            cache[key] = (
+                original(opset_version=opset_version, **kwargs)
+                if opset_version is not None
+                else original(**kwargs)
+            )
         base = cache[key]
         copy = _registration.ONNXRegistry()
         copy._opset_version = base._opset_version
@@ -55,8 +58,8 @@ def _reuse_onnx_registry():
         _registration.ONNXRegistry.from_torchlib = original
 
 
-EXPORT_SIZE = (2, 67, 75)                          # (N, H, W) traced
-CHECK_SIZES = [(3, 45, 61), (1, 33, 97), (2, 1, 1), (1, 100, 31)]   # (N, H, W) run
+EXPORT_SIZE = (2, 67, 75)  # (N, H, W) traced
+CHECK_SIZES = [(3, 45, 61), (1, 33, 97), (2, 1, 1), (1, 100, 31)]  # (N, H, W) run
 
 
 def randomize(model, seed=0):
@@ -75,8 +78,10 @@ def randomize(model, seed=0):
 
 def make(variant, backbone="tiny", fixed=False, num_classes=5, seed=0):
     torch.manual_seed(seed)
-    return randomize(build_model(variant, num_classes=num_classes, backbone=backbone,
-                                 fixed_upsampling=fixed), seed)
+    return randomize(
+        build_model(variant, num_classes=num_classes, backbone=backbone, fixed_upsampling=fixed),
+        seed,
+    )
 
 
 def inputs(n, h, w, channels=3, seed=1):
@@ -93,7 +98,10 @@ def session(path):
 def assert_scores_close(actual, expected, what):
     actual = torch.as_tensor(actual)
     assert tuple(actual.shape) == tuple(expected.shape), "%s: shape %s != %s" % (
-        what, tuple(actual.shape), tuple(expected.shape))
+        what,
+        tuple(actual.shape),
+        tuple(expected.shape),
+    )
     scale = max(1.0, expected.abs().max().item())
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= 1e-4 * scale, "%s: max abs error %.3g (scale %.3g)" % (what, err, scale)
@@ -108,16 +116,19 @@ def assert_labels_match(actual, expected, scores, what):
         top2 = scores.topk(2, dim=1).values
         gap = (top2[:, 0] - top2[:, 1])[differ]
         assert gap.max().item() <= 1e-4 * max(1.0, scores.abs().max().item()), (
-            "%s: %d labels differ, not at ties" % (what, int(differ.sum())))
+            "%s: %d labels differ, not at ties" % (what, int(differ.sum()))
+        )
 
 
 # ---------------------------------------------------------------------------
 # ONNX through onnxruntime
 # ---------------------------------------------------------------------------
 
-ZOO_CASES = [(v, "tiny", fixed) for v in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
-             for fixed in (False, True)] + [("fcn16s", "small", False),
-                                            ("fcn8s_atonce", "small", True)]
+ZOO_CASES = [
+    (v, "tiny", fixed)
+    for v in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
+    for fixed in (False, True)
+] + [("fcn16s", "small", False), ("fcn8s_atonce", "small", True)]
 PREDICT_CASES = [("fcn8s", True), ("fcn32s", False)]
 
 
@@ -128,8 +139,10 @@ class Zoo(nn.Module):
     def __init__(self):
         super().__init__()
         self.models = nn.ModuleList(make(*case, seed=i) for i, case in enumerate(ZOO_CASES))
-        self.predictors = nn.ModuleList(fx.Predictor(make(v, "tiny", fixed, seed=10 + i))
-                                        for i, (v, fixed) in enumerate(PREDICT_CASES))
+        self.predictors = nn.ModuleList(
+            fx.Predictor(make(v, "tiny", fixed, seed=10 + i))
+            for i, (v, fixed) in enumerate(PREDICT_CASES)
+        )
 
     def forward(self, x):
         return tuple(m(x) for m in self.models) + tuple(p(x) for p in self.predictors)
@@ -138,8 +151,9 @@ class Zoo(nn.Module):
 @pytest.fixture(scope="module")
 def zoo_onnx(tmp_path_factory):
     zoo = Zoo().eval()
-    names = ["scores_%d" % i for i in range(len(ZOO_CASES))] + \
-            ["labels_%d" % i for i in range(len(PREDICT_CASES))]
+    names = ["scores_%d" % i for i in range(len(ZOO_CASES))] + [
+        "labels_%d" % i for i in range(len(PREDICT_CASES))
+    ]
     path = tmp_path_factory.mktemp("zoo") / "zoo.onnx"
     fx.export_onnx(zoo, path, inputs(*EXPORT_SIZE), output_names=names)
     return zoo, path
@@ -168,11 +182,12 @@ def test_onnx_matches_fcnfast_at_other_sizes(zoo_onnx, size):
     with torch.no_grad():
         for case, model, out in zip(ZOO_CASES, zoo.models, got):
             assert_scores_close(out, model(x), "%s/%s fixed=%s at %s" % (case + (size,)))
-        for case, predictor, out in zip(PREDICT_CASES, zoo.predictors, got[len(ZOO_CASES):]):
+        for case, predictor, out in zip(PREDICT_CASES, zoo.predictors, got[len(ZOO_CASES) :]):
             model = predictor.model
             assert out.dtype == np.int64
-            assert_labels_match(out, model.predict(x), model(x), "%s predict at %s"
-                                % (case[0], size))
+            assert_labels_match(
+                out, model.predict(x), model(x), "%s predict at %s" % (case[0], size)
+            )
 
 
 def test_onnx_lite0(tmp_path):
@@ -185,8 +200,9 @@ def test_onnx_lite0(tmp_path):
     for n, h, w in [(3, 45, 61), (1, 100, 31)]:
         x = inputs(n, h, w)
         with torch.no_grad():
-            assert_scores_close(sess.run(None, {"input": x.numpy()})[0], model(x),
-                                "lite0 at %s" % ((n, h, w),))
+            assert_scores_close(
+                sess.run(None, {"input": x.numpy()})[0], model(x), "lite0 at %s" % ((n, h, w),)
+            )
 
 
 @pytest.mark.slow
@@ -203,6 +219,7 @@ def test_onnx_vgg16_fcn8s(tmp_path):
 
 def test_onnx_each_op_translation(tmp_path):
     """Every fcnfast op alone, with dynamic sizes, against the op itself."""
+
     class Ops(nn.Module):
         def __init__(self):
             super().__init__()
@@ -211,20 +228,26 @@ def test_onnx_each_op_translation(tmp_path):
 
         def forward(self, x):
             h, w = x.shape[2], x.shape[3]
-            a = self.up(x, crop=(1, 0, h, w))                           # conv_transpose2d
-            b = fcnfast.bilinear_upsample2d(a, 2, (1, 1, h, w))           # bilinear
-            c = fcnfast.skip_add_crop(b[:, :, :h - 2, :w - 3], a, (1, 2))  # skip_add_crop
-            d = self.skip(c, x)                                           # score_skip
-            labels = fcnfast.upsample_argmax(d, 4, (2, 3, h, w))          # upsample_argmax
+            a = self.up(x, crop=(1, 0, h, w))  # conv_transpose2d
+            b = fcnfast.bilinear_upsample2d(a, 2, (1, 1, h, w))  # bilinear
+            c = fcnfast.skip_add_crop(b[:, :, : h - 2, : w - 3], a, (1, 2))  # skip_add_crop
+            d = self.skip(c, x)  # score_skip
+            labels = fcnfast.upsample_argmax(d, 4, (2, 3, h, w))  # upsample_argmax
             return d, labels
 
     model = Ops().eval()
     with torch.no_grad():
         model.up.weight.normal_()
         model.skip.weight.normal_()
-    torch.onnx.export(model, (inputs(2, 9, 11, 4),), str(tmp_path / "ops.onnx"), dynamo=True,
-                      input_names=["x"], dynamic_shapes=fx.dynamic_shapes(),
-                      custom_translation_table=fx.onnx_translation_table())
+    torch.onnx.export(
+        model,
+        (inputs(2, 9, 11, 4),),
+        str(tmp_path / "ops.onnx"),
+        dynamo=True,
+        input_names=["x"],
+        dynamic_shapes=fx.dynamic_shapes(),
+        custom_translation_table=fx.onnx_translation_table(),
+    )
     sess = session(tmp_path / "ops.onnx")
     for n, h, w in [(3, 7, 13), (1, 12, 8)]:
         x = inputs(n, h, w, 4)
@@ -232,29 +255,37 @@ def test_onnx_each_op_translation(tmp_path):
         with torch.no_grad():
             d, labels = model(x)
         assert_scores_close(got_d, d, "ops at %s" % ((n, h, w),))
-        assert_labels_match(got_l, labels, fcnfast.bilinear_upsample2d(d, 4, (2, 3, h, w)), "argmax")
+        assert_labels_match(
+            got_l, labels, fcnfast.bilinear_upsample2d(d, 4, (2, 3, h, w)), "argmax"
+        )
 
 
 def test_onnx_upsample_cross_entropy(tmp_path):
     class Loss(nn.Module):
         def forward(self, x, target):
             return fcnfast.upsample_cross_entropy(
-                x, target, 4, (3, 2, target.shape[1], target.shape[2]), ignore_index=255)
+                x, target, 4, (3, 2, target.shape[1], target.shape[2]), ignore_index=255
+            )
 
     D = torch.export.Dim
     n, h, w = D("n", min=1, max=64), D("h", min=2, max=999), D("w", min=2, max=999)
     th, tw = D("th", min=2, max=999), D("tw", min=2, max=999)
     x0 = inputs(2, 9, 11, 5)
     t0 = torch.randint(0, 5, (2, 30, 37))
-    torch.onnx.export(Loss(), (x0, t0), str(tmp_path / "ce.onnx"), dynamo=True,
-                      input_names=["x", "target"],
-                      dynamic_shapes=({0: n, 2: h, 3: w}, {0: n, 1: th, 2: tw}),
-                      custom_translation_table=fx.onnx_translation_table())
+    torch.onnx.export(
+        Loss(),
+        (x0, t0),
+        str(tmp_path / "ce.onnx"),
+        dynamo=True,
+        input_names=["x", "target"],
+        dynamic_shapes=({0: n, 2: h, 3: w}, {0: n, 1: th, 2: tw}),
+        custom_translation_table=fx.onnx_translation_table(),
+    )
     sess = session(tmp_path / "ce.onnx")
     for (b, hh, ww), (tth, ttw) in [((3, 7, 13), (25, 49)), ((1, 12, 8), (40, 20))]:
         x = inputs(b, hh, ww, 5)
         target = torch.randint(0, 5, (b, tth, ttw))
-        target[:, ::3] = 255                                     # ignored pixels
+        target[:, ::3] = 255  # ignored pixels
         (got,) = sess.run(None, {"x": x.numpy(), "target": target.numpy()})
         expected = fcnfast.upsample_cross_entropy(x, target, 4, (3, 2, tth, ttw))
         assert_scores_close(got, expected, "cross entropy at %s" % ((b, hh, ww),))
@@ -263,6 +294,7 @@ def test_onnx_upsample_cross_entropy(tmp_path):
 # ---------------------------------------------------------------------------
 # torch.export
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant,fixed", [("fcn8s_atonce", False), ("fcn16s", True)])
 def test_torch_export_dynamic_save_load(tmp_path, variant, fixed):
@@ -305,6 +337,7 @@ def test_export_rejects_bad_example():
 # TorchScript: a clear refusal, never a size-frozen trace
 # ---------------------------------------------------------------------------
 
+
 class UserNet(nn.Module):
     """A user model with an fcnfast drop-in layer inside."""
 
@@ -317,16 +350,18 @@ class UserNet(nn.Module):
         return self.up(F.relu(self.conv(x)))
 
 
-@pytest.mark.parametrize("make_model", [lambda: make("fcn8s"), UserNet,
-                                        lambda: BilinearUpsample2d(3, 2)])
+@pytest.mark.parametrize(
+    "make_model", [lambda: make("fcn8s"), UserNet, lambda: BilinearUpsample2d(3, 2)]
+)
 def test_torchscript_trace_refuses(make_model):
     model = make_model().eval()
     with pytest.raises(RuntimeError, match="torch.jit.trace.*torch.export"):
         torch.jit.trace(model, inputs(1, 32, 32))
 
 
-@pytest.mark.parametrize("make_model", [lambda: make("fcn8s"), UserNet,
-                                        lambda: nn.Sequential(nn.ReLU(), SkipFuse(3, 2))])
+@pytest.mark.parametrize(
+    "make_model", [lambda: make("fcn8s"), UserNet, lambda: nn.Sequential(nn.ReLU(), SkipFuse(3, 2))]
+)
 def test_torchscript_script_refuses(make_model):
     with pytest.raises(RuntimeError, match="torch.jit.script.*torch.export"):
         torch.jit.script(make_model())
@@ -334,8 +369,9 @@ def test_torchscript_script_refuses(make_model):
 
 def test_legacy_onnx_exporter_refuses(tmp_path):
     with pytest.raises(Exception, match="torch.export|dynamo=True"):
-        torch.onnx.export(UserNet().eval(), (inputs(1, 16, 16),), str(tmp_path / "x.onnx"),
-                          dynamo=False)
+        torch.onnx.export(
+            UserNet().eval(), (inputs(1, 16, 16),), str(tmp_path / "x.onnx"), dynamo=False
+        )
 
 
 def test_eager_still_runs_after_refusals():
@@ -348,6 +384,7 @@ def test_eager_still_runs_after_refusals():
 # ---------------------------------------------------------------------------
 # drop-in: output_size and state_dict, also through export
 # ---------------------------------------------------------------------------
+
 
 class Decoder(nn.Module):
     def __init__(self, layer):
@@ -383,6 +420,7 @@ def test_output_size_and_state_dict_through_export(tmp_path):
 # wkentaro/pytorch-fcn checkpoints
 # ---------------------------------------------------------------------------
 
+
 class PytorchFCN(nn.Module):
     """wkentaro/pytorch-fcn's FCN32s/16s/8s/8sAtOnce (torchfcn.models), their layer names and
     forward, with the conv widths divided by ``div`` and ``fc`` fc6/fc7 channels (div=1,
@@ -395,8 +433,11 @@ class PytorchFCN(nn.Module):
         c = 3
         for b, n in enumerate((2, 2, 3, 3, 3), 1):
             for i in range(1, n + 1):
-                setattr(self, "conv%d_%d" % (b, i),
-                        nn.Conv2d(c, widths[b - 1], 3, padding=100 if (b, i) == (1, 1) else 1))
+                setattr(
+                    self,
+                    "conv%d_%d" % (b, i),
+                    nn.Conv2d(c, widths[b - 1], 3, padding=100 if (b, i) == (1, 1) else 1),
+                )
                 c = widths[b - 1]
         self.pool = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         self.fc6 = nn.Conv2d(widths[4], fc, 7)
@@ -418,9 +459,10 @@ class PytorchFCN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=(2.0 / (m.weight[0].numel())) ** 0.5)
                 nn.init.normal_(m.bias, std=0.1)
-            if isinstance(m, nn.ConvTranspose2d):   # get_upsampling_weight + noise (learned)
-                m.weight.data.copy_(bilinear_kernel(n_class, m.kernel_size[0])
-                                    + 0.01 * torch.randn(m.weight.shape))
+            if isinstance(m, nn.ConvTranspose2d):  # get_upsampling_weight + noise (learned)
+                m.weight.data.copy_(
+                    bilinear_kernel(n_class, m.kernel_size[0]) + 0.01 * torch.randn(m.weight.shape)
+                )
 
     def forward(self, x):
         h = x
@@ -437,22 +479,22 @@ class PytorchFCN(nn.Module):
         h = self.score_fr(h)
         if self.variant == "fcn32s":
             h = self.upscore(h)
-            return h[:, :, 19:19 + x.size()[2], 19:19 + x.size()[3]].contiguous()
+            return h[:, :, 19 : 19 + x.size()[2], 19 : 19 + x.size()[3]].contiguous()
         atonce = self.variant == "fcn8s_atonce"
         h = self.upscore2(h)
         upscore2 = h
         h = self.score_pool4(pool4 * 0.01 if atonce else pool4)
-        h = h[:, :, 5:5 + upscore2.size()[2], 5:5 + upscore2.size()[3]]
+        h = h[:, :, 5 : 5 + upscore2.size()[2], 5 : 5 + upscore2.size()[3]]
         h = upscore2 + h
         if self.variant == "fcn16s":
             h = self.upscore16(h)
-            return h[:, :, 27:27 + x.size()[2], 27:27 + x.size()[3]].contiguous()
+            return h[:, :, 27 : 27 + x.size()[2], 27 : 27 + x.size()[3]].contiguous()
         h = self.upscore_pool4(h)
         upscore_pool4 = h
         h = self.score_pool3(pool3 * 0.0001 if atonce else pool3)
-        h = h[:, :, 9:9 + upscore_pool4.size()[2], 9:9 + upscore_pool4.size()[3]]
+        h = h[:, :, 9 : 9 + upscore_pool4.size()[2], 9 : 9 + upscore_pool4.size()[3]]
         h = self.upscore8(upscore_pool4 + h)
-        return h[:, :, 31:31 + x.size()[2], 31:31 + x.size()[3]].contiguous()
+        return h[:, :, 31 : 31 + x.size()[2], 31 : 31 + x.size()[3]].contiguous()
 
 
 @pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"])
@@ -467,7 +509,7 @@ def test_pytorch_fcn_checkpoint_loads_with_equal_outputs(tmp_path, variant):
     assert ours.spec.name == "small" and ours.variant == variant and ours.num_classes == 4
     # into an explicitly built model too, and through the public load_model
     built = build_model(variant, num_classes=4, backbone="small").eval()
-    load_pytorch_fcn(built, {"model_state_dict": theirs.state_dict()})   # their trainer's format
+    load_pytorch_fcn(built, {"model_state_dict": theirs.state_dict()})  # their trainer's format
     loaded = fcnfast.load_model(path, variant=variant if "8s" in variant else None)
     for n, h, w in [(1, 37, 45), (2, 20, 13)]:
         x = inputs(n, h, w)
@@ -504,6 +546,7 @@ def test_pytorch_fcn_errors_and_fixed_upsampling():
 # fcnfast.nn.convert
 # ---------------------------------------------------------------------------
 
+
 def test_convert_swaps_layers_with_equal_outputs():
     class Net(nn.Module):
         def __init__(self):
@@ -514,7 +557,9 @@ def test_convert_swaps_layers_with_equal_outputs():
             self.upscore.weight.data.copy_(bilinear_kernel(4, 8))
             self.upscore.weight.requires_grad_(False)
             self.depthwise = nn.ConvTranspose2d(4, 4, 4, stride=2, bias=False, groups=4)
-            self.depthwise.weight.data.copy_(fcnfast.reference.bilinear_filter(4).expand(4, 1, 4, 4))
+            self.depthwise.weight.data.copy_(
+                fcnfast.reference.bilinear_filter(4).expand(4, 1, 4, 4)
+            )
             self.depthwise.weight.requires_grad_(False)
             self.interp = nn.Upsample(scale_factor=2, mode="bilinear")
             self.interp4 = nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
@@ -535,10 +580,13 @@ def test_convert_swaps_layers_with_equal_outputs():
         expected = net(x)
     fcnfast.nn.convert(net)
     assert type(net.deconv) is ConvTranspose2d
-    assert type(net.upscore) is fcnfast.nn.FrozenBilinearConvTranspose2d and net.upscore.fixed_scale == 4
+    assert (
+        type(net.upscore) is fcnfast.nn.FrozenBilinearConvTranspose2d
+        and net.upscore.fixed_scale == 4
+    )
     assert type(net.depthwise) is fcnfast.nn.FrozenBilinearConvTranspose2d
     assert type(net.interp) is fcnfast.nn.BilinearInterpolate2d and net.interp4.scale == 4
-    assert type(net.corners) is nn.Upsample                       # align_corners: not converted
+    assert type(net.corners) is nn.Upsample  # align_corners: not converted
     assert type(net.body[0]) is nn.Conv2d
     assert net.state_dict().keys() == before.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
@@ -562,11 +610,12 @@ def test_convert_fixed_path_is_used(monkeypatch):
     m = fcnfast.nn.convert(m)
     calls = []
     real = fcnfast.ops.bilinear_upsample2d
-    monkeypatch.setattr(fcnfast.ops, "bilinear_upsample2d",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        fcnfast.ops, "bilinear_upsample2d", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     m(inputs(1, 5, 6))
     assert calls, "frozen bilinear deconvolution did not take the fixed path"
-    m.weight.requires_grad_(True)         # trainable again: the general op, with weight grads
+    m.weight.requires_grad_(True)  # trainable again: the general op, with weight grads
     out = m(inputs(1, 5, 6))
     out.sum().backward()
     assert m.weight.grad is not None and len(calls) == 1
@@ -578,20 +627,30 @@ def test_convert_fixed_path_is_used(monkeypatch):
 # load_model and `fcnfast export`
 # ---------------------------------------------------------------------------
 
+
 def _train_checkpoint(tmp_path, model):
     from fcnfast.train import CHECKPOINT_FORMAT, TrainConfig, save_checkpoint
 
     cfg = TrainConfig(model="fcn16s", backbone="tiny", num_classes=model.num_classes)
-    return save_checkpoint({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                            "model": model.state_dict()}, tmp_path / "demo.pt")
+    return save_checkpoint(
+        {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict()},
+        tmp_path / "demo.pt",
+    )
 
 
 def test_load_model_reads_train_checkpoint(tmp_path):
     from fcnfast.train import TrainConfig
 
     cfg = TrainConfig(model="fcn16s", backbone="tiny")
-    model = randomize(build_model("fcn16s", num_classes=cfg.num_classes, backbone="tiny",
-                                  fixed_upsampling=cfg.fixed_upsampling, dropout=cfg.dropout))
+    model = randomize(
+        build_model(
+            "fcn16s",
+            num_classes=cfg.num_classes,
+            backbone="tiny",
+            fixed_upsampling=cfg.fixed_upsampling,
+            dropout=cfg.dropout,
+        )
+    )
     path = _train_checkpoint(tmp_path, model)
     loaded = fcnfast.load_model(path)
     assert isinstance(loaded, FCN) and not loaded.training
@@ -610,23 +669,47 @@ def test_cli_export_onnx_and_pt2(tmp_path, capsys):
 
     model = randomize(build_model("fcn16s", num_classes=21, backbone="tiny", dropout=0.1))
     ckpt = _train_checkpoint(tmp_path, model)
-    assert main(["export", "--format", "onnx", "--model", str(ckpt), "-o",
-                 str(tmp_path / "m.onnx")]) == 0
-    assert main(["export", "--format", "pt2", "--model", str(ckpt), "-o",
-                 str(tmp_path / "m.pt2")]) == 0
-    assert main(["export", "--format", "pt2", "--model", "fcn8s", "--backbone", "tiny",
-                 "--fixed-upsampling", "--predict", "-o", str(tmp_path / "p.pt2")]) == 0
+    assert (
+        main(["export", "--format", "onnx", "--model", str(ckpt), "-o", str(tmp_path / "m.onnx")])
+        == 0
+    )
+    assert (
+        main(["export", "--format", "pt2", "--model", str(ckpt), "-o", str(tmp_path / "m.pt2")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "pt2",
+                "--model",
+                "fcn8s",
+                "--backbone",
+                "tiny",
+                "--fixed-upsampling",
+                "--predict",
+                "-o",
+                str(tmp_path / "p.pt2"),
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     x = inputs(3, 31, 27)
     with torch.no_grad():
         expected = model(x)
-    assert_scores_close(session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0],
-                        expected, "cli onnx")
+    assert_scores_close(
+        session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})[0], expected, "cli onnx"
+    )
     with torch.no_grad():
-        assert_scores_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), expected,
-                            "cli pt2")
+        assert_scores_close(
+            torch.export.load(str(tmp_path / "m.pt2")).module()(x), expected, "cli pt2"
+        )
         labels = torch.export.load(str(tmp_path / "p.pt2")).module()(x)
     assert labels.shape == (3, 31, 27) and labels.dtype == torch.int64
-    assert main(["export", "--format", "onnx", "--model", "nonsense", "-o",
-                 str(tmp_path / "x.onnx")]) == 2
+    assert (
+        main(["export", "--format", "onnx", "--model", "nonsense", "-o", str(tmp_path / "x.onnx")])
+        == 2
+    )
     assert "neither an existing checkpoint" in capsys.readouterr().err

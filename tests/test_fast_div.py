@@ -6,6 +6,7 @@ powers of two and their neighbours, random divisors up to 2^31 - 1, and numerato
 multiples of the divisor and one either side, at 2^31 - 1 and at random. The same program run
 with a multiplier one too small must report mismatches, so the comparison can fail.
 """
+
 import os
 import shutil
 import subprocess
@@ -84,8 +85,11 @@ def harness(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fast_div")
     src, exe = tmp / "fast_div.cpp", tmp / "fast_div"
     src.write_text(HARNESS)
-    proc = subprocess.run([cxx, "-std=c++17", "-O2", "-I", os.path.join(ROOT, "csrc"), str(src),
-                           "-o", str(exe)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-I", os.path.join(ROOT, "csrc"), str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(exe)
 

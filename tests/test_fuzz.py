@@ -19,19 +19,19 @@ Profiles (hypothesis settings profiles, selected by ``FCNFAST_FUZZ``):
 An op without a native CPU kernel is skipped (it would compare the reference
 with itself); the skip reason names it.
 """
+
 import os
 import random
 
 import pytest
 import torch
+from conftest import REFERENCE_ONLY
 from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
+from op_cases import Case, check_case, layout_view
 
 from fcnfast import _backend
 from fcnfast import _geometry as geo
-
-from conftest import REFERENCE_ONLY
-from op_cases import Case, check_case, layout_view
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 LONG = os.environ.get("FCNFAST_FUZZ", "").lower() == "long"
@@ -39,11 +39,24 @@ LONG_EXAMPLES = int(os.environ.get("FCNFAST_FUZZ_EXAMPLES", "10000"))
 # One hypothesis run slows down sharply past ~1,000 examples (its search for novel inputs
 # grows), so the long profile runs chunks of CHUNK examples, each with its own seed.
 CHUNK = 1000
-settings.register_profile("fcnfast-quick", max_examples=40, deadline=None, derandomize=True,
-                          database=None, print_blob=True, suppress_health_check=_HEALTH)
-settings.register_profile("fcnfast-long", max_examples=min(CHUNK, LONG_EXAMPLES), deadline=None,
-                          database=None, print_blob=True, suppress_health_check=_HEALTH,
-                          phases=[Phase.explicit, Phase.generate, Phase.shrink])
+settings.register_profile(
+    "fcnfast-quick",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
+)
+settings.register_profile(
+    "fcnfast-long",
+    max_examples=min(CHUNK, LONG_EXAMPLES),
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+)
 PROFILE = "fcnfast-long" if LONG else "fcnfast-quick"
 FUZZ = settings.get_profile(PROFILE)
 # long runs: chunk i uses seed SEED + i (FCNFAST_FUZZ_SEED replays a run; printed on failure)
@@ -56,13 +69,16 @@ def require_kernel(op):
     if REFERENCE_ONLY:
         pytest.skip("FCNFAST_BACKEND=reference")
     if not _backend.has_kernel(op, "cpu"):
-        pytest.skip("no native CPU kernel for fcnfast::%s in this build: nothing to fuzz against "
-                    "the reference" % op)
+        pytest.skip(
+            "no native CPU kernel for fcnfast::%s in this build: nothing to fuzz against "
+            "the reference" % op
+        )
 
 
 # ---------------------------------------------------------------------------
 # strategies
 # ---------------------------------------------------------------------------
+
 
 @st.composite
 def tensors(draw, shape, layouts=("contiguous", "channels_last", "sliced", "permuted", "expanded")):
@@ -128,21 +144,32 @@ def conv_transpose2d_cases(draw):
     for size, k, s, d, op in zip((h, w), kernel, stride, dilation, output_padding):
         longest = geo.conv_transpose_out_size(size, k, s, 0, op, d)
         padding.append(draw(st.integers(0, min(4, (longest - 1) // 2))))
-    full = [geo.conv_transpose_out_size(size, k, s, p, op, d) for size, k, s, p, op, d in
-            zip((h, w), kernel, stride, padding, output_padding, dilation)]
+    full = [
+        geo.conv_transpose_out_size(size, k, s, p, op, d)
+        for size, k, s, p, op, d in zip((h, w), kernel, stride, padding, output_padding, dilation)
+    ]
     crop = draw(crops(*full))
     with_bias = draw(st.booleans())
-    specs = [draw(tensors((n, c_in, h, w))),
-             draw(tensors((c_in, c_out_per_group) + kernel)),
-             draw(tensors((c_out_per_group * groups,))) if with_bias else None]
+    specs = [
+        draw(tensors((n, c_in, h, w))),
+        draw(tensors((c_in, c_out_per_group) + kernel)),
+        draw(tensors((c_out_per_group * groups,))) if with_bias else None,
+    ]
     dtype, seed = draw(dtypes), draw(seeds)
     leaves, views = fill(specs, dtype, seed)
     # int or pair arguments, both spellings
-    pairs = {name: (v[0] if v[0] == v[1] and draw(st.booleans()) else tuple(v)) for name, v in
-             (("stride", stride), ("padding", tuple(padding)), ("output_padding", output_padding),
-              ("dilation", dilation))}
-    return Case("conv_transpose2d", leaves, dict(groups=groups, crop=crop, **pairs), views,
-                seed=seed)
+    pairs = {
+        name: (v[0] if v[0] == v[1] and draw(st.booleans()) else tuple(v))
+        for name, v in (
+            ("stride", stride),
+            ("padding", tuple(padding)),
+            ("output_padding", output_padding),
+            ("dilation", dilation),
+        )
+    }
+    return Case(
+        "conv_transpose2d", leaves, dict(groups=groups, crop=crop, **pairs), views, seed=seed
+    )
 
 
 SCALES = (1, 2, 3, 4, 5, 8, 16, 32)
@@ -151,7 +178,7 @@ SCALES = (1, 2, 3, 4, 5, 8, 16, 32)
 @st.composite
 def upsample_geometry(draw, min_channels=0):
     scale = draw(st.sampled_from(SCALES))
-    top_size = 6 if scale <= 4 else 2   # keep the full output small
+    top_size = 6 if scale <= 4 else 2  # keep the full output small
     n, c = draw(batch), draw(st.integers(min_channels, 4))
     h, w = draw(st.integers(1, top_size)), draw(st.integers(1, top_size))
     crop = draw(crops((h + 1) * scale, (w + 1) * scale))
@@ -175,8 +202,14 @@ def upsample_argmax_cases(draw):
     # small integers times the dyadic weights of a power-of-two scale are exact
     # in fp32/fp64: the reference's ties are real and the lowest class must win
     exact = integer_values and scale & (scale - 1) == 0 and dtype != torch.bfloat16
-    return Case("upsample_argmax", leaves, dict(scale=scale, crop=crop), views, seed=seed,
-                exact_labels=exact)
+    return Case(
+        "upsample_argmax",
+        leaves,
+        dict(scale=scale, crop=crop),
+        views,
+        seed=seed,
+        exact_labels=exact,
+    )
 
 
 @st.composite
@@ -187,15 +220,20 @@ def upsample_cross_entropy_cases(draw):
     reduction = draw(st.sampled_from(("mean", "sum")))
     dtype, seed = draw(dtypes), draw(seeds)
     leaves, views = fill([draw(tensors((n, c, h, w)))], dtype, seed)
-    target_shape, target_view = draw(tensors((n, ch, cw), layouts=("contiguous", "sliced",
-                                                                   "expanded")))
+    target_shape, target_view = draw(
+        tensors((n, ch, cw), layouts=("contiguous", "sliced", "expanded"))
+    )
     g = torch.Generator().manual_seed(seed + 1)
     target = torch.randint(0, c, target_shape, generator=g)
     ignored = torch.rand(target_shape, generator=g) < draw(st.sampled_from((0.0, 0.3, 1.0)))
     target[ignored] = ignore_index
-    return Case("upsample_cross_entropy", leaves + (target,),
-                dict(scale=scale, crop=crop, ignore_index=ignore_index, reduction=reduction),
-                views + (target_view,), seed=seed)
+    return Case(
+        "upsample_cross_entropy",
+        leaves + (target,),
+        dict(scale=scale, crop=crop, ignore_index=ignore_index, reduction=reduction),
+        views + (target_view,),
+        seed=seed,
+    )
 
 
 @st.composite
@@ -222,11 +260,19 @@ def skip_add_crop_cases(draw):
 def score_skip_cases(draw):
     n, k, c = draw(batch), draw(st.integers(1, 4)), draw(st.integers(1, 5))
     coarse, (fh, fw), offset = draw(window(n, k))
-    scale = draw(st.one_of(st.sampled_from((1.0, 0.01, 1e-4)),
-                           st.floats(-4, 4, allow_nan=False, allow_infinity=False)))
+    scale = draw(
+        st.one_of(
+            st.sampled_from((1.0, 0.01, 1e-4)),
+            st.floats(-4, 4, allow_nan=False, allow_infinity=False),
+        )
+    )
     with_bias = draw(st.booleans())
-    specs = [draw(tensors(coarse)), draw(tensors((n, c, fh, fw))), draw(tensors((k, c, 1, 1))),
-             draw(tensors((k,))) if with_bias else None]
+    specs = [
+        draw(tensors(coarse)),
+        draw(tensors((n, c, fh, fw))),
+        draw(tensors((k, c, 1, 1))),
+        draw(tensors((k,))) if with_bias else None,
+    ]
     dtype, seed = draw(dtypes), draw(seeds)
     leaves, views = fill(specs, dtype, seed)
     return Case("score_skip", leaves, dict(scale=scale, offset=offset), views, seed=seed)
@@ -264,8 +310,10 @@ def _fuzz_test(op):
             try:
                 seed(SEED + chunk)(run)()
             except BaseException as exc:
-                exc.add_note("long fuzz chunk %d of %d: replay with FCNFAST_FUZZ_SEED=%d"
-                             % (chunk, chunks, SEED))
+                exc.add_note(
+                    "long fuzz chunk %d of %d: replay with FCNFAST_FUZZ_SEED=%d"
+                    % (chunk, chunks, SEED)
+                )
                 raise
 
     test.__name__ = "test_fuzz_" + op

@@ -1,4 +1,5 @@
 """HSI: loaders, normalisation, synthetic scenes, splits, metrics, models and the ``fcnfast hsi`` run."""
+
 import argparse
 import json
 import os
@@ -10,15 +11,37 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from fcnfast.data.hsi import (KNOWN_SCENES, class_names, load_hsi, load_scene, normalize_bands,
-                              pca_reduce, synthetic_scene)
-from fcnfast.hsi import (HSIFCN, PatchCNN, block_split, classification_scores, confusion_matrix,
-                         disjoint_split, extract_patches, random_split, receptive_field, reflect_pad,
-                         register_cli, split_report)
+from fcnfast.data.hsi import (
+    KNOWN_SCENES,
+    class_names,
+    load_hsi,
+    load_scene,
+    normalize_bands,
+    pca_reduce,
+    synthetic_scene,
+)
+from fcnfast.hsi import (
+    HSIFCN,
+    PatchCNN,
+    block_split,
+    classification_scores,
+    confusion_matrix,
+    disjoint_split,
+    extract_patches,
+    random_split,
+    receptive_field,
+    reflect_pad,
+    register_cli,
+    split_report,
+)
 
 # the real Indian Pines ground truth (read-only shared data, never committed); see _real_gt()
-INDIAN_PINES = os.environ.get("FCNFAST_INDIAN_PINES", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "indian_pines"))
+INDIAN_PINES = os.environ.get(
+    "FCNFAST_INDIAN_PINES",
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "indian_pines"
+    ),
+)
 
 
 def _tiny(h=6, w=5, b=4, seed=0):
@@ -32,11 +55,19 @@ def _tiny(h=6, w=5, b=4, seed=0):
 # loaders
 # ---------------------------------------------------------------------------
 
+
 def test_mat_auto_keys(tmp_path):
     cube, gt = _tiny()
     path = tmp_path / "Indian_pines.mat"
-    scipy.io.savemat(path, {"indian_pines_corrected": cube, "indian_pines_gt": gt,
-                            "small": np.ones((2, 2, 2)), "note": np.ones((3, 3))})
+    scipy.io.savemat(
+        path,
+        {
+            "indian_pines_corrected": cube,
+            "indian_pines_gt": gt,
+            "small": np.ones((2, 2, 2)),
+            "note": np.ones((3, 3)),
+        },
+    )
     c, g = load_hsi(path)
     assert c.dtype == np.float32 and g.dtype == np.int64
     np.testing.assert_array_equal(c, cube)
@@ -47,8 +78,15 @@ def test_mat_named_keys_and_separate_gt_file(tmp_path):
     cube, gt = _tiny()
     other = cube[::-1].copy() * 2 + 1
     path = tmp_path / "scene.mat"
-    scipy.io.savemat(path, {"paviaU": cube, "bigger": np.concatenate([other, other], axis=2),
-                            "paviaU_gt": gt, "other_gt": (gt + 1) % 3})
+    scipy.io.savemat(
+        path,
+        {
+            "paviaU": cube,
+            "bigger": np.concatenate([other, other], axis=2),
+            "paviaU_gt": gt,
+            "other_gt": (gt + 1) % 3,
+        },
+    )
     c, g = load_hsi(path, cube_key="paviaU", gt_key="other_gt")
     np.testing.assert_array_equal(c, cube)
     np.testing.assert_array_equal(g, (gt + 1) % 3)
@@ -95,6 +133,7 @@ def test_mat_shape_mismatch_and_no_gt(tmp_path):
 
 def test_mat_v73_hdf5(tmp_path):
     import h5py  # a test dependency (pyproject [test]): this case must run, not skip
+
     cube, gt = _tiny(7, 5, 3)
     path = tmp_path / "v73.mat"
     with h5py.File(path, "w", userblock_size=512) as f:  # MATLAB's 512-byte header + HDF5
@@ -148,6 +187,7 @@ def test_normalize_bands():
 # synthetic scene
 # ---------------------------------------------------------------------------
 
+
 def test_synthetic_deterministic_and_properties():
     a_cube, a_gt = synthetic_scene(64, 80, bands=16, num_classes=5, seed=3)
     b_cube, b_gt = synthetic_scene(64, 80, bands=16, num_classes=5, seed=3)
@@ -178,7 +218,7 @@ def test_synthetic_spatial_context_matters():
     train, test = random_split(gt, 0.3, seed=0)
     pixel = _nearest_mean_accuracy(x, gt, train, test)
     spatial = _nearest_mean_accuracy(ndimage.uniform_filter(x, size=(5, 5, 1)), gt, train, test)
-    assert pixel < 0.75, pixel            # single spectra are ambiguous ...
+    assert pixel < 0.75, pixel  # single spectra are ambiguous ...
     assert spatial > pixel + 0.15, (pixel, spatial)  # ... their neighbourhood is not
 
 
@@ -192,6 +232,7 @@ def test_synthetic_large_and_errors():
 # ---------------------------------------------------------------------------
 # splits
 # ---------------------------------------------------------------------------
+
 
 def test_random_split_counts():
     _, gt = synthetic_scene(48, 48, bands=8, num_classes=4, seed=0)
@@ -207,9 +248,9 @@ def test_random_split_counts():
         random_split(gt, 1.5)
     # at least min_train per class, never all pixels of a class
     gt = np.zeros((10, 10), dtype=np.int64)
-    gt[0, :3] = 1          # 3 pixels: 10 % rounds to 0 -> min 5 -> capped at 2
-    gt[2:, :] = 2          # 80 pixels: 10 % = 8
-    gt[1, :7] = 3          # 7 pixels: min 5
+    gt[0, :3] = 1  # 3 pixels: 10 % rounds to 0 -> min 5 -> capped at 2
+    gt[2:, :] = 2  # 80 pixels: 10 % = 8
+    gt[1, :7] = 3  # 7 pixels: min 5
     train, test = random_split(gt, 0.1, seed=0, min_train=5)
     assert [int(train[gt == c].sum()) for c in (1, 2, 3)] == [2, 8, 5]
     assert [int(test[gt == c].sum()) for c in (1, 2, 3)] == [1, 72, 2]
@@ -229,7 +270,7 @@ def test_block_split_disjoint_with_buffer(buffer):
     # train pixels come in whole blocks: each training block holds all its labelled pixels
     for y in range(0, 96, 16):
         for x in range(0, 96, 16):
-            t, lab = train[y:y + 16, x:x + 16], gt[y:y + 16, x:x + 16] > 0
+            t, lab = train[y : y + 16, x : x + 16], gt[y : y + 16, x : x + 16] > 0
             assert not t.any() or np.array_equal(t, lab)
 
 
@@ -244,6 +285,7 @@ def test_block_split_impossible():
 # ---------------------------------------------------------------------------
 # metrics (values computed by hand)
 # ---------------------------------------------------------------------------
+
 
 def test_metrics_hand_computed():
     truth = np.array([0, 0, 0, 1, 1, 2])
@@ -268,6 +310,7 @@ def test_metrics_hand_computed():
 # models
 # ---------------------------------------------------------------------------
 
+
 def test_extract_patches_and_reflect_pad():
     scene = torch.arange(2 * 6 * 7, dtype=torch.float32).reshape(2, 6, 7)
     padded = reflect_pad(scene, 2)
@@ -278,7 +321,7 @@ def test_extract_patches_and_reflect_pad():
     patches = extract_patches(padded, rows, cols, 5)
     for n in range(3):
         r, c = rows[n].item(), cols[n].item()
-        assert torch.equal(patches[n], padded[:, r:r + 5, c:c + 5])
+        assert torch.equal(patches[n], padded[:, r : r + 5, c : c + 5])
     with pytest.raises(ValueError, match="reflect padding"):
         reflect_pad(scene, 6)
 
@@ -301,20 +344,29 @@ def test_memprobe_measures(tmp_path):
     # measured in a fresh process, as `fcnfast hsi` does: inside this long-lived test process
     # freed pages are already resident and the growth can even come out negative
     from fcnfast.hsi.cli import _peak_memory
+
     # one batch of 2048 patches alone is 2048 * 16 * 7 * 7 * 4 bytes = 6.1 MiB
     assert 3.0 < _peak_memory("patch", model, torch.randn(16, 64, 64)) < 500
     # FCN + dense CRF path of the probe, in this process (a fresh interpreter costs seconds; the
     # value here is only a growth of the high-water mark, so just check that it runs and is finite)
     from fcnfast.hsi import _memprobe
+
     fcn = HSIFCN(bands=16, num_classes=3, width=4)
-    spec = {"method": "crf", "config": fcn.config, "state_dict": fcn.state_dict(),
-            "scene": torch.randn(16, 48, 48), "threads": 1, "crf": {"iterations": 2}}
+    spec = {
+        "method": "crf",
+        "config": fcn.config,
+        "state_dict": fcn.state_dict(),
+        "scene": torch.randn(16, 48, 48),
+        "threads": 1,
+        "crf": {"iterations": 2},
+    }
     assert np.isfinite(_memprobe.measure(spec))
 
 
 # ---------------------------------------------------------------------------
 # end to end: the `fcnfast hsi` subcommand
 # ---------------------------------------------------------------------------
+
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="fcnfast")
@@ -324,9 +376,36 @@ def _parse(argv):
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["hsi", "--size", "40x36", "--bands", "8", "--classes", "3", "--seeds", "2",
-            "--window", "7", "--epochs", "1", "--fcn-steps", "3", "--block", "10", "--pca", "6",
-            "--width", "4", "--hidden", "8", "--no-memory", "--split", "block", "--out", str(out)]
+    argv = [
+        "hsi",
+        "--size",
+        "40x36",
+        "--bands",
+        "8",
+        "--classes",
+        "3",
+        "--seeds",
+        "2",
+        "--window",
+        "7",
+        "--epochs",
+        "1",
+        "--fcn-steps",
+        "3",
+        "--block",
+        "10",
+        "--pca",
+        "6",
+        "--width",
+        "4",
+        "--hidden",
+        "8",
+        "--no-memory",
+        "--split",
+        "block",
+        "--out",
+        str(out),
+    ]
     args = _parse(argv)
     assert args.func(args) == 0
     text = capsys.readouterr().out
@@ -335,6 +414,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "| HSI FCN |" in text and "| HSI FCN + dense CRF | whole scene |" in text and "±" in text
     assert "| 1 class 1 |" in text  # per-class rows carry the class names
     from PIL import Image
+
     run = out / "block"
     for name in ("gt.png", "pred_patch.png", "pred_dense.png", "pred_fcn.png", "pred_crf.png"):
         assert Image.open(run / name).size == (36, 40), name
@@ -354,7 +434,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "seed 0: reused" in text and "seed 1: reused" in text
     report = (tmp_path / "rep" / "scene.md").read_text()
-    assert "## Protocol spatially disjoint blocks" in report and "![class maps, block](scene_block.png)" in report
+    assert (
+        "## Protocol spatially disjoint blocks" in report
+        and "![class maps, block](scene_block.png)" in report
+    )
     assert (tmp_path / "rep" / "scene_block.png").exists()
     # changed settings do not reuse
     args = _parse(argv[:-2] + ["--fcn-steps", "2", "--seeds", "1", "--no-crf", "--out", str(out)])
@@ -366,15 +449,41 @@ def test_cli_real_layout_names_and_disjoint(tmp_path, capsys):
     """A .mat pair with Indian Pines' usual keys (uint16), the disjoint protocol, a tiny class."""
     cube, gt = synthetic_scene(40, 40, bands=10, num_classes=16, seed=1, regions_per_class=1)
     gt[gt == 9] = 0
-    gt[20:24, 20:25] = 9    # Oats: 20 px in one field
-    scipy.io.savemat(tmp_path / "Indian_pines_corrected.mat",
-                     {"indian_pines_corrected": (cube * 1000).clip(0, 65535).astype(np.uint16)})
+    gt[20:24, 20:25] = 9  # Oats: 20 px in one field
+    scipy.io.savemat(
+        tmp_path / "Indian_pines_corrected.mat",
+        {"indian_pines_corrected": (cube * 1000).clip(0, 65535).astype(np.uint16)},
+    )
     scipy.io.savemat(tmp_path / "Indian_pines_gt.mat", {"indian_pines_gt": gt.astype(np.uint8)})
-    args = _parse(["hsi", "--data", str(tmp_path / "Indian_pines_corrected.mat"), "--gt-path",
-                   str(tmp_path / "Indian_pines_gt.mat"), "--seeds", "1", "--window", "5",
-                   "--epochs", "1", "--fcn-steps", "2", "--width", "4", "--hidden", "8",
-                   "--no-memory", "--no-crf", "--out", str(tmp_path / "o"), "--buffer", "2",
-                   "--report", str(tmp_path / "o" / "report.md")])
+    args = _parse(
+        [
+            "hsi",
+            "--data",
+            str(tmp_path / "Indian_pines_corrected.mat"),
+            "--gt-path",
+            str(tmp_path / "Indian_pines_gt.mat"),
+            "--seeds",
+            "1",
+            "--window",
+            "5",
+            "--epochs",
+            "1",
+            "--fcn-steps",
+            "2",
+            "--width",
+            "4",
+            "--hidden",
+            "8",
+            "--no-memory",
+            "--no-crf",
+            "--out",
+            str(tmp_path / "o"),
+            "--buffer",
+            "2",
+            "--report",
+            str(tmp_path / "o" / "report.md"),
+        ]
+    )
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "Indian Pines (AVIRIS), (b) spatially disjoint" in text
@@ -391,9 +500,28 @@ def test_cli_data_errors(tmp_path, capsys):
     cube, gt = synthetic_scene(30, 30, bands=6, num_classes=3, seed=0)
     np.save(tmp_path / "cube.npy", cube)
     np.save(tmp_path / "gt.npy", gt)
-    args = _parse(["hsi", "--data", str(tmp_path), "--seeds", "1", "--window", "5", "--epochs", "1",
-                   "--fcn-steps", "1", "--width", "4", "--split", "random", "--no-memory",
-                   "--out", str(tmp_path / "o")])
+    args = _parse(
+        [
+            "hsi",
+            "--data",
+            str(tmp_path),
+            "--seeds",
+            "1",
+            "--window",
+            "5",
+            "--epochs",
+            "1",
+            "--fcn-steps",
+            "1",
+            "--width",
+            "4",
+            "--split",
+            "random",
+            "--no-memory",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert args.func(args) == 0
     assert (tmp_path / "o" / "random" / "pred_fcn.png").exists()
 
@@ -401,6 +529,7 @@ def test_cli_data_errors(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 # known scenes: usual .mat keys, class names, uint8/uint16, v5 and v7.3 (issue 14)
 # ---------------------------------------------------------------------------
+
 
 def _save_v73(path, variables):
     """A MATLAB v7.3 file as MATLAB writes it: 512-byte header, then HDF5, arrays column-major."""
@@ -414,12 +543,14 @@ def _save_v73(path, variables):
 
 
 # (file stem, cube key, gt key, scene, number of classes) -- the layouts the public files use
-LAYOUTS = [("Indian_pines_corrected", "indian_pines_corrected", "indian_pines_gt", "indian_pines", 16),
-           ("Indian_pines", "indian_pines", "indian_pines_gt", "indian_pines", 16),
-           ("PaviaU", "paviaU", "paviaU_gt", "pavia_university", 9),
-           ("Salinas_corrected", "salinas_corrected", "salinas_gt", "salinas", 16),
-           ("Salinas", "salinas", "salinas_gt", "salinas", 16),
-           ("Pavia", "pavia", "pavia_gt", "pavia_centre", 9)]
+LAYOUTS = [
+    ("Indian_pines_corrected", "indian_pines_corrected", "indian_pines_gt", "indian_pines", 16),
+    ("Indian_pines", "indian_pines", "indian_pines_gt", "indian_pines", 16),
+    ("PaviaU", "paviaU", "paviaU_gt", "pavia_university", 9),
+    ("Salinas_corrected", "salinas_corrected", "salinas_gt", "salinas", 16),
+    ("Salinas", "salinas", "salinas_gt", "salinas", 16),
+    ("Pavia", "pavia", "pavia_gt", "pavia_centre", 9),
+]
 
 
 @pytest.mark.parametrize("version", ["v5", "v7.3"])
@@ -454,11 +585,17 @@ def test_known_scene_layouts(tmp_path, stem, cube_key, gt_key, scene, k, dtype, 
 def test_class_name_tables():
     ip = KNOWN_SCENES["indian_pines"].classes
     assert len(ip) == 16 and ip[0] == "Alfalfa" and ip[6] == "Grass-pasture-mowed"
-    assert ip[8] == "Oats" and ip[14] == "Buildings-Grass-Trees-Drives" and ip[15] == "Stone-Steel-Towers"
+    assert (
+        ip[8] == "Oats"
+        and ip[14] == "Buildings-Grass-Trees-Drives"
+        and ip[15] == "Stone-Steel-Towers"
+    )
     pu = KNOWN_SCENES["pavia_university"].classes
     assert len(pu) == 9 and pu[0] == "Asphalt" and pu[1] == "Meadows" and pu[8] == "Shadows"
     sa = KNOWN_SCENES["salinas"].classes
-    assert len(sa) == 16 and sa[0] == "Brocoli_green_weeds_1" and sa[15] == "Vinyard_vertical_trellis"
+    assert (
+        len(sa) == 16 and sa[0] == "Brocoli_green_weeds_1" and sa[15] == "Vinyard_vertical_trellis"
+    )
     pc = KNOWN_SCENES["pavia_centre"].classes
     assert len(pc) == 9 and pc[0] == "Water"
     for known in KNOWN_SCENES.values():
@@ -499,6 +636,7 @@ def test_pca_reduce():
 # the spatially disjoint split with tiny classes (issue 14)
 # ---------------------------------------------------------------------------
 
+
 def _check_disjoint(gt, train, test, buffer):
     assert not (train & test).any()
     assert not ((train | test) & (gt == 0)).any()
@@ -511,9 +649,9 @@ def _check_disjoint(gt, train, test, buffer):
 def _tiny_class_gt():
     _, gt = synthetic_scene(72, 72, bands=8, num_classes=4, seed=3)
     gt[gt == 4] = 1
-    gt[30:34, 40:45] = 4    # 20 px in one compact field (like Oats)
-    gt[60:65, 5:10] = 5     # 25 px
-    gt[5:7, 60:63] = 6      # 6 px
+    gt[30:34, 40:45] = 4  # 20 px in one compact field (like Oats)
+    gt[60:65, 5:10] = 5  # 25 px
+    gt[5:7, 60:63] = 6  # 6 px
     return gt
 
 
@@ -544,13 +682,16 @@ def test_disjoint_split_is_compact_not_scattered():
     train, _ = disjoint_split(gt, 0.1, buffer=3, seed=0, block=12)
     rtrain, _ = random_split(gt, 0.1, seed=0)
     from scipy import ndimage as ndi
+
     assert ndi.label(train)[1] * 4 < ndi.label(rtrain)[1]
 
 
 def _real_gt():
     path = os.path.join(INDIAN_PINES, "indian_pines_gt.mat")
     if not os.path.exists(path):
-        pytest.skip("real Indian Pines ground truth not found at %s (set FCNFAST_INDIAN_PINES)" % path)
+        pytest.skip(
+            "real Indian Pines ground truth not found at %s (set FCNFAST_INDIAN_PINES)" % path
+        )
     return scipy.io.loadmat(path)["indian_pines_gt"].astype(np.int64)
 
 
@@ -577,7 +718,7 @@ def test_confusion_matrix_convention_is_shared():
     truth = np.array([0, 0, 0, 1, 1, 2])
     pred = np.array([0, 0, 1, 1, 2, 2])
     m = confusion_matrix(truth, pred, 3)
-    assert m[0, 1] == 1 and m[1, 0] == 0          # a true 0 predicted as 1: row 0, column 1
+    assert m[0, 1] == 1 and m[1, 0] == 0  # a true 0 predicted as 1: row 0, column 1
     np.testing.assert_array_equal(m, metrics.confusion_matrix(truth, pred, 3).numpy())
     # the HSI matrix counts every pixel: no ignore label
     with pytest.raises(ValueError, match="truth|target"):

@@ -1,11 +1,12 @@
 """Issue 16, item 3: images as users have them, output formats by extension, folder input."""
+
 import numpy as np
 import pytest
 from PIL import Image
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 from fcnfast import cli
 from fcnfast.data.images import label_format_for, load_image
-from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 
 def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
@@ -25,8 +26,9 @@ def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
 def test_16bit_tiff_and_8bit_grey(tmp_path):
     values = (np.arange(12 * 10).reshape(10, 12) * 500).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.tif")
-    assert np.array_equal(load_image(tmp_path / "g16.tif")[..., 1],
-                          np.round(values / 65535.0 * 255).astype(np.uint8))
+    assert np.array_equal(
+        load_image(tmp_path / "g16.tif")[..., 1], np.round(values / 65535.0 * 255).astype(np.uint8)
+    )
     grey = np.arange(0, 240, 2, dtype=np.uint8).reshape(10, 12)
     Image.fromarray(grey).save(tmp_path / "g8.png")
     assert np.array_equal(load_image(tmp_path / "g8.png"), np.repeat(grey[..., None], 3, 2))
@@ -35,14 +37,14 @@ def test_16bit_tiff_and_8bit_grey(tmp_path):
 def test_rgba_is_composited_on_black_or_refused(tmp_path):
     rgba = np.zeros((6, 8, 4), np.uint8)
     rgba[..., :3] = (200, 100, 50)
-    rgba[:, :4, 3] = 255      # left half opaque
-    rgba[:, 4:, 3] = 0        # right half transparent
-    rgba[0, 0, 3] = 128       # one half-transparent pixel
+    rgba[:, :4, 3] = 255  # left half opaque
+    rgba[:, 4:, 3] = 0  # right half transparent
+    rgba[0, 0, 3] = 128  # one half-transparent pixel
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     rgb = load_image(tmp_path / "a.png")
     assert (rgb[1:, :4] == (200, 100, 50)).all()
-    assert (rgb[:, 4:] == 0).all()                       # transparent -> black, not the colour
-    assert tuple(rgb[0, 0]) == (100, 50, 25)             # blended on black
+    assert (rgb[:, 4:] == 0).all()  # transparent -> black, not the colour
+    assert tuple(rgb[0, 0]) == (100, 50, 25)  # blended on black
     with pytest.raises(ValueError, match="alpha channel"):
         load_image(tmp_path / "a.png", alpha="error")
 
@@ -58,8 +60,10 @@ def test_palette_and_jpeg_and_rgb_tiff(tmp_path):
     assert load_image(tmp_path / "c.jpg").shape == (9, 11, 3)
 
 
-@pytest.mark.parametrize("name,fmt", [("a.png", "PNG"), ("a.TIF", "TIFF"), ("a.tiff", "TIFF"),
-                                      ("a.bmp", "BMP"), ("a.gif", "GIF")])
+@pytest.mark.parametrize(
+    "name,fmt",
+    [("a.png", "PNG"), ("a.TIF", "TIFF"), ("a.tiff", "TIFF"), ("a.bmp", "BMP"), ("a.gif", "GIF")],
+)
 def test_label_formats_follow_the_extension(name, fmt, tmp_path):
     from fcnfast.data import save_label_png
 
@@ -84,9 +88,31 @@ def test_lossy_or_unknown_label_formats_are_refused(name, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", "--epochs", "1", "--train-images", "2", "--val-images", "1",
-                     "--image-size", "36", "--num-classes", "4", "--optimizer", "adam",
-                     "--batch-size", "2", "--quiet", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--train-images",
+                "2",
+                "--val-images",
+                "1",
+                "--image-size",
+                "36",
+                "--num-classes",
+                "4",
+                "--optimizer",
+                "adam",
+                "--batch-size",
+                "2",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return str(out / "checkpoint.pt")
 
 
@@ -99,8 +125,22 @@ def test_predict_a_folder_into_a_folder_with_overlays(checkpoint, tmp_path, caps
     Image.fromarray(rng.integers(0, 256, (15, 16, 4), dtype=np.uint8), "RGBA").save(src / "3.png")
     (src / "readme.txt").write_text("skipped: not an image")
     out, over = tmp_path / "labels", tmp_path / "overlays"
-    assert cli.main(["predict", str(src), "-o", str(out), "--overlay", str(over),
-                     "--checkpoint", checkpoint, "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(src),
+                "-o",
+                str(out),
+                "--overlay",
+                str(over),
+                "--checkpoint",
+                checkpoint,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["3.png", "one.png", "two.png"]
     with Image.open(out / "two.png") as im:
         assert im.mode == "P" and im.size == (17, 19)
@@ -109,19 +149,48 @@ def test_predict_a_folder_into_a_folder_with_overlays(checkpoint, tmp_path, caps
     assert "3 label maps" in capsys.readouterr().out
     # several files, the same
     out2 = tmp_path / "labels2"
-    assert cli.main(["predict", str(src / "one.jpg"), str(src / "3.png"), "-o", str(out2),
-                     "--checkpoint", checkpoint, "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(src / "one.jpg"),
+                str(src / "3.png"),
+                "-o",
+                str(out2),
+                "--checkpoint",
+                checkpoint,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out2.iterdir()) == ["3.png", "one.png"]
-    assert np.array_equal(np.asarray(Image.open(out2 / "one.png")),
-                          np.asarray(Image.open(out / "one.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(out2 / "one.png")), np.asarray(Image.open(out / "one.png"))
+    )
 
 
 def test_predict_output_and_overlay_formats(checkpoint, tmp_path):
     image = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (23, 29, 3), dtype=np.uint8)
-                    ).save(image)
-    assert cli.main(["predict", str(image), "-o", str(tmp_path / "l.tif"), "--overlay",
-                     str(tmp_path / "o.jpg"), "--checkpoint", checkpoint, "--quiet"]) == 0
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (23, 29, 3), dtype=np.uint8)).save(
+        image
+    )
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(image),
+                "-o",
+                str(tmp_path / "l.tif"),
+                "--overlay",
+                str(tmp_path / "o.jpg"),
+                "--checkpoint",
+                checkpoint,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "l.tif") as im:
         assert im.format == "TIFF" and im.mode == "P"
     with Image.open(tmp_path / "o.jpg") as im:

@@ -2,12 +2,12 @@
 results must not depend on whether a block is fresh or reused, tensors made from
 cached blocks must behave like any other (resize, views, gradients), and the cache
 must stay within its bound."""
+
 import pytest
 import torch
+from conftest import assert_close_scaled, compare_forward_backward, require_native
 
 from fcnfast import _backend, ops, reference
-
-from conftest import assert_close_scaled, compare_forward_backward, require_native
 
 CROP = (31, 31, 500, 500)  # FCN-8s upscore8 on a 500x500 image: 21 MB at C=21
 
@@ -89,7 +89,9 @@ def test_huge_page_advice_does_not_change_results(monkeypatch, hugepages):
     ext.cpu_output_cache_clear()  # fresh blocks: the advice applies to new mappings
     monkeypatch.setenv("FCNFAST_HUGE_PAGES", hugepages)
     x = torch.randn(1, 21, 70, 70)
-    assert_close_scaled(ops.bilinear_upsample2d(x, 8, CROP), reference.bilinear_upsample2d(x, 8, CROP))
+    assert_close_scaled(
+        ops.bilinear_upsample2d(x, 8, CROP), reference.bilinear_upsample2d(x, 8, CROP)
+    )
 
 
 def test_large_deconv_forward_backward_and_argmax():
@@ -101,9 +103,13 @@ def test_large_deconv_forward_backward_and_argmax():
     for _ in range(2):  # the second round runs in reused blocks
         x = torch.randn(1, 21, 70, 70, generator=g, requires_grad=True)
         w = (torch.randn(21, 21, 16, 16, generator=g) * 0.05).requires_grad_()
-        compare_forward_backward(lambda x, w: ops.conv_transpose2d(x, w, stride=8, crop=CROP),
-                                 lambda x, w: reference.conv_transpose2d(x, w, stride=8, crop=CROP),
-                                 [x, w])
+        compare_forward_backward(
+            lambda x, w: ops.conv_transpose2d(x, w, stride=8, crop=CROP),
+            lambda x, w: reference.conv_transpose2d(x, w, stride=8, crop=CROP),
+            [x, w],
+        )
         s = torch.randn(3, 5, 70, 70, generator=g)
         # bit-for-bit the argmax of fcnfast's own upsampling (test_upsample_argmax.py)
-        assert torch.equal(ops.upsample_argmax(s, 8, CROP), ops.bilinear_upsample2d(s, 8, CROP).argmax(1))
+        assert torch.equal(
+            ops.upsample_argmax(s, 8, CROP), ops.bilinear_upsample2d(s, 8, CROP).argmax(1)
+        )

@@ -1,4 +1,5 @@
 """fcnfast.metrics against confusion matrices and scores worked out by hand."""
+
 import math
 
 import numpy as np
@@ -42,10 +43,10 @@ def test_absent_classes_follow_fcn_score_py():
     assert conf[0].tolist() == [1, 0, 0, 1, 0] and conf.sum() == 2
     s = segmentation_scores(conf)
     assert s["pixel_acc"] == pytest.approx(0.5)
-    assert s["mean_acc"] == pytest.approx(0.5)          # only class 0 has ground truth
+    assert s["mean_acc"] == pytest.approx(0.5)  # only class 0 has ground truth
     iu = s["per_class_iu"]
     assert iu[0] == pytest.approx(0.5) and iu[3] == 0.0  # predicted-only class counts as 0
-    assert all(math.isnan(iu[i]) for i in (1, 2, 4))     # absent from both: left out
+    assert all(math.isnan(iu[i]) for i in (1, 2, 4))  # absent from both: left out
     assert s["mean_iu"] == pytest.approx(0.25)
     assert s["fw_iu"] == pytest.approx(0.5)
 
@@ -83,13 +84,16 @@ def test_empty_matrix_is_nan():
     assert all(math.isnan(s[k]) for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"))
 
 
-@pytest.mark.parametrize("pred,target,match", [
-    (torch.tensor([0, 3]), torch.tensor([0, 1]), "pred labels"),
-    (torch.tensor([0, 1]), torch.tensor([0, 7]), "target labels"),
-    (torch.tensor([0, 1]), torch.tensor([0, -1]), "target labels"),
-    (torch.tensor([0, 1]), torch.tensor([0, 1, 1]), "shape"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "integer"),
-])
+@pytest.mark.parametrize(
+    "pred,target,match",
+    [
+        (torch.tensor([0, 3]), torch.tensor([0, 1]), "pred labels"),
+        (torch.tensor([0, 1]), torch.tensor([0, 7]), "target labels"),
+        (torch.tensor([0, 1]), torch.tensor([0, -1]), "target labels"),
+        (torch.tensor([0, 1]), torch.tensor([0, 1, 1]), "shape"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "integer"),
+    ],
+)
 def test_bad_labels_raise(pred, target, match):
     with pytest.raises(ValueError, match=match):
         confusion_matrix(target, pred, 3)

@@ -1,16 +1,24 @@
 """FCN models: geometry (Caffe crop offsets, same-size output for every input size),
 upsampling semantics, native-vs-reference agreement, load_vgg16."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_scaled
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 import fcnfast
 from fcnfast import reference
-from fcnfast.models import BACKBONES, FCN, BackboneSpec, build_model, fcn8s, fcn8s_atonce, load_vgg16
+from fcnfast.models import (
+    BACKBONES,
+    FCN,
+    BackboneSpec,
+    build_model,
+    fcn8s,
+    fcn8s_atonce,
+    load_vgg16,
+)
 from fcnfast.models.vgg import vgg16_key_map
-
-from conftest import assert_close_scaled
-from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 VARIANTS = ["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"]
 
@@ -40,8 +48,8 @@ def meta_model(variant, **kw):
         return build_model(variant, **kw)
 
 
-
 # -- geometry ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backbone", ["vgg16", "tiny", "small"])
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -60,8 +68,9 @@ def test_vgg16_layout():
     pools = [m for m in model.features if isinstance(m, torch.nn.MaxPool2d)]
     assert [c.out_channels for c in convs] == [64] * 2 + [128] * 2 + [256] * 3 + [512] * 6
     assert convs[0].padding == (100, 100) and all(c.padding == (1, 1) for c in convs[1:])
-    assert len(pools) == 5 and all(p.ceil_mode and p.kernel_size == 2 and p.stride == 2
-                                   for p in pools)
+    assert len(pools) == 5 and all(
+        p.ceil_mode and p.kernel_size == 2 and p.stride == 2 for p in pools
+    )
     assert tuple(model.fc6.weight.shape) == (4096, 512, 7, 7)
     assert tuple(model.fc7.weight.shape) == (4096, 4096, 1, 1)
     assert tuple(model.score_fr.weight.shape) == (21, 4096, 1, 1)
@@ -113,6 +122,7 @@ def test_full_vgg16_runs():
 
 # -- upsampling and prediction ---------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fixed_upsampling_forward_is_bilinear_of_coarse_scores(variant):
     model = randomize(build_model(variant, num_classes=4, backbone="tiny", fixed_upsampling=True))
@@ -142,8 +152,9 @@ def test_learned_upsampling_starts_bilinear(variant):
     """Learned deconvolutions start as the Caffe bilinear filter, so at initialisation the
     learned model computes the same function as the fixed one."""
     learned = build_model(variant, num_classes=3, backbone="tiny").eval()
-    fixed = build_model(variant, num_classes=3, backbone="tiny", fixed_upsampling=True,
-                        fixed_skip_upsampling=True).eval()
+    fixed = build_model(
+        variant, num_classes=3, backbone="tiny", fixed_upsampling=True, fixed_skip_upsampling=True
+    ).eval()
     # the k=4 filter of the 2x layers, written out: 1-D [1, 3, 3, 1] / 4
     f4 = torch.tensor([0.25, 0.75, 0.75, 0.25])
     for name, module in learned.named_modules():
@@ -169,11 +180,13 @@ def test_learned_upsampling_starts_bilinear(variant):
         assert_close_scaled(out, fixed(x))
 
 
-@pytest.mark.parametrize("variant,fixed", [("fcn32s", True), ("fcn16s", False), ("fcn8s", True),
-                                           ("fcn8s_atonce", False)])
+@pytest.mark.parametrize(
+    "variant,fixed", [("fcn32s", True), ("fcn16s", False), ("fcn8s", True), ("fcn8s_atonce", False)]
+)
 def test_predict_is_argmax_of_forward(variant, fixed):
-    model = randomize(build_model(variant, num_classes=5, backbone="tiny",
-                                  fixed_upsampling=fixed), std=2.0).eval()
+    model = randomize(
+        build_model(variant, num_classes=5, backbone="tiny", fixed_upsampling=fixed), std=2.0
+    ).eval()
     with torch.no_grad():
         # no class favoured everywhere: no bias, and no response to the features' common mode
         model.score_fr.bias.zero_()
@@ -248,19 +261,30 @@ def test_bad_arguments():
 
 
 def test_build_model_names():
-    for name, cls_variant in [("fcn32s", "fcn32s"), ("FCN-16s", "fcn16s"), ("fcn8s-atonce", "fcn8s_atonce")]:
+    for name, cls_variant in [
+        ("fcn32s", "fcn32s"),
+        ("FCN-16s", "fcn16s"),
+        ("fcn8s-atonce", "fcn8s_atonce"),
+    ]:
         assert build_model(name, backbone="tiny").variant == cls_variant
 
 
 # -- native vs reference -----------------------------------------------------
 
-@pytest.mark.parametrize("variant,fixed", [("fcn32s", False), ("fcn16s", True), ("fcn8s", False),
-                                           ("fcn8s_atonce", True)])
+
+@pytest.mark.parametrize(
+    "variant,fixed", [("fcn32s", False), ("fcn16s", True), ("fcn8s", False), ("fcn8s_atonce", True)]
+)
 def test_native_and_reference_agree_on_whole_model(variant, fixed):
     """Outputs and every parameter/input gradient agree between the backends (fp64).
     Passes trivially while no native kernel is built; meaningful once they are."""
-    model = randomize(build_model(variant, num_classes=4, backbone="tiny", fixed_upsampling=fixed),
-                      std=0.3).double().eval()
+    model = (
+        randomize(
+            build_model(variant, num_classes=4, backbone="tiny", fixed_upsampling=fixed), std=0.3
+        )
+        .double()
+        .eval()
+    )
     x0 = torch.randn(2, 3, 21, 19, dtype=torch.float64)
     g = torch.randn(2, 4, 21, 19, dtype=torch.float64)
 
@@ -293,7 +317,9 @@ def torchvision_vgg16_state(spec=NARROW, seed=0):
     state, channels, index = {}, 3, 0
     for convs, width in zip((2, 2, 3, 3, 3), spec.widths):
         for _ in range(convs):
-            state["features.%d.weight" % index] = torch.randn(width, channels, 3, 3, generator=g) * 0.2
+            state["features.%d.weight" % index] = (
+                torch.randn(width, channels, 3, 3, generator=g) * 0.2
+            )
             state["features.%d.bias" % index] = torch.randn(width, generator=g) * 0.1
             channels = width
             index += 2
@@ -313,13 +339,21 @@ def plain_vgg_classifier_fc7(state, image):
     h, index = image, 0
     for convs in (2, 2, 3, 3, 3):
         for _ in range(convs):
-            h = F.relu(F.conv2d(h, state["features.%d.weight" % index],
-                                state["features.%d.bias" % index], padding=1))
+            h = F.relu(
+                F.conv2d(
+                    h,
+                    state["features.%d.weight" % index],
+                    state["features.%d.bias" % index],
+                    padding=1,
+                )
+            )
             index += 2
         h = F.max_pool2d(h, 2, 2)
         index += 1
     pool5 = h
-    fc6 = F.relu(F.linear(pool5.flatten(1), state["classifier.0.weight"], state["classifier.0.bias"]))
+    fc6 = F.relu(
+        F.linear(pool5.flatten(1), state["classifier.0.weight"], state["classifier.0.bias"])
+    )
     fc7 = F.relu(F.linear(fc6, state["classifier.3.weight"], state["classifier.3.bias"]))
     return pool5, fc6, fc7
 
@@ -358,7 +392,7 @@ def test_load_vgg16_key_map_covers_vgg16():
     assert conv_indices == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
     model = meta_model("fcn8s")
     params = dict(model.named_parameters())
-    for src, dst in keys.items():
+    for dst in keys.values():
         assert dst in params, dst
 
 
@@ -377,7 +411,9 @@ def test_load_vgg16_errors(tmp_path):
         load_vgg16(tmp_path / "partial.pth", backbone=NARROW)
     wrong = torchvision_vgg16_state(BACKBONES["small"])  # right keys, other widths
     torch.save(wrong, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match=r"wrong.pth: features\.0\.weight has shape \(8, 3, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"wrong.pth: features\.0\.weight has shape \(8, 3, 3, 3\)"
+    ):
         load_vgg16(tmp_path / "wrong.pth", backbone=NARROW)
     with pytest.raises(ValueError, match="features.0.weight"):
         load_vgg16(torchvision_vgg16_state(), in_channels=4, backbone=NARROW)
@@ -415,6 +451,7 @@ def test_channels_last_gives_the_same_output_and_gradients():
 
 # -- fused defaults: the final upsampling decides ----------------------------------------
 
+
 def _spy(monkeypatch, name):
     from fcnfast.models import fcn as fcn_module
 
@@ -443,7 +480,7 @@ def test_learned_final_still_bilinear_uses_the_fused_ops(monkeypatch):
         assert torch.equal(model.predict(x), model(x).argmax(1))
     assert argmax_calls == ["upsample_argmax"]
     expected = F.cross_entropy(model(x), target, ignore_index=255)
-    loss = model.loss(x, target)                       # the weight takes a gradient: unfused
+    loss = model.loss(x, target)  # the weight takes a gradient: unfused
     assert ce_calls == [] and loss.requires_grad
     assert torch.autograd.grad(loss, model.upscore8.weight)[0].abs().max() > 0
     model.upscore8.weight.requires_grad_(False)
@@ -465,6 +502,6 @@ def test_trained_final_predict_is_chunked_and_exact(monkeypatch):
 def test_label_map_equals_argmax_with_ties():
     from fcnfast.models.fcn import label_map
 
-    scores = torch.randint(0, 3, (2, 6, 9, 11)).float()   # many ties: lowest index wins
+    scores = torch.randint(0, 3, (2, 6, 9, 11)).float()  # many ties: lowest index wins
     assert torch.equal(label_map(scores), scores.argmax(1))
     assert torch.equal(label_map(scores.bfloat16()), scores.bfloat16().argmax(1))

@@ -1,4 +1,5 @@
 """Issue 16, item 6: the README's Python code blocks run as written."""
+
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _section(title):
     text = README.read_text()
     start = text.index("\n## %s\n" % title)
     end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else len(text)]
+    return text[start : end if end >= 0 else len(text)]
 
 
 def _source_names():
@@ -46,8 +47,9 @@ def _source_names():
         for f in files:
             if not f.is_file() or f.suffix not in SUFFIXES or "__pycache__" in f.parts:
                 continue
-            names.update(re.findall(r"\bFCNFAST_[A-Z0-9_]*[A-Z0-9]\b",
-                                    f.read_text(errors="replace")))
+            names.update(
+                re.findall(r"\bFCNFAST_[A-Z0-9_]*[A-Z0-9]\b", f.read_text(errors="replace"))
+            )
     return names
 
 

@@ -5,29 +5,36 @@ AVX-512F) and ATen's convolution (FCNFAST_NO_AVX512=1); the `gemm` fixture runs 
 forward tests on both, and on "cuda" (the CUDA kernels, where a CUDA device is present;
 the CPU reference is the oracle).
 """
+
 import pytest
 import torch
+from conftest import (
+    assert_close_scaled,
+    assert_output_mask,
+    compare_forward_backward,
+    leaves_on,
+    require_native,
+    variant_device,
+    with_cuda,
+)
+from op_cases import oracle_tests
 
 import fcnfast
 from fcnfast import ops, reference
-
-from conftest import (assert_close_scaled, assert_output_mask, compare_forward_backward, leaves_on,
-                      require_native, variant_device, with_cuda)
-from op_cases import oracle_tests
 
 OP = "score_skip"
 
 SHAPES = [
     # (N, C, K, H, W, FH, FW, oy, ox, scale)
-    (1, 64, 21, 34, 34, 44, 44, 5, 5, 1.0),      # FCN score_pool4 (channels reduced), crop 5
-    (1, 32, 21, 70, 70, 88, 88, 9, 9, 1e-4),     # score_pool3 crop 9, at-once scaling
-    (2, 16, 59, 9, 7, 12, 11, 2, 3, 0.01),       # odd sizes, more classes than channels
-    (3, 5, 3, 4, 4, 4, 4, 0, 0, 2.0),            # window = whole feature
-    (0, 4, 3, 3, 3, 5, 5, 1, 2, 1.0),            # empty batch
-    (2, 3, 2, 1, 1, 9, 9, 8, 8, 1.0),            # 1 pixel in the corner
-    (2, 3, 2, 0, 4, 9, 9, 9, 1, 1.0),            # 0-row window at the bottom edge
-    (2, 7, 25, 5, 13, 6, 15, 1, 1, 0.5),         # K = 2 * 12 + 1 rows, 65 pixels: 1-lane tail
-    (1, 9, 12, 4, 8, 4, 8, 0, 0, 1.0),           # exactly one 12-row, 32-pixel block
+    (1, 64, 21, 34, 34, 44, 44, 5, 5, 1.0),  # FCN score_pool4 (channels reduced), crop 5
+    (1, 32, 21, 70, 70, 88, 88, 9, 9, 1e-4),  # score_pool3 crop 9, at-once scaling
+    (2, 16, 59, 9, 7, 12, 11, 2, 3, 0.01),  # odd sizes, more classes than channels
+    (3, 5, 3, 4, 4, 4, 4, 0, 0, 2.0),  # window = whole feature
+    (0, 4, 3, 3, 3, 5, 5, 1, 2, 1.0),  # empty batch
+    (2, 3, 2, 1, 1, 9, 9, 8, 8, 1.0),  # 1 pixel in the corner
+    (2, 3, 2, 0, 4, 9, 9, 9, 1, 1.0),  # 0-row window at the bottom edge
+    (2, 7, 25, 5, 13, 6, 15, 1, 1, 0.5),  # K = 2 * 12 + 1 rows, 65 pixels: 1-lane tail
+    (1, 9, 12, 4, 8, 4, 8, 0, 0, 1.0),  # exactly one 12-row, 32-pixel block
 ]
 
 
@@ -42,22 +49,27 @@ def _make(shape, dtype=torch.float32, bias=True):
     n, c, k, h, w, fh, fw, oy, ox, scale = shape
     coarse = torch.randn(n, k, h, w, dtype=dtype, requires_grad=True)
     feature = torch.randn(n, c, fh, fw, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(k, c, 1, 1, dtype=dtype) / c ** 0.5).requires_grad_()
+    weight = (torch.randn(k, c, 1, 1, dtype=dtype) / c**0.5).requires_grad_()
     b = torch.randn(k, dtype=dtype, requires_grad=True) if bias else None
     return coarse, feature, weight, b, scale, (oy, ox)
 
 
 def _compare(coarse, feature, weight, b, scale, offset, device="cpu"):
     if b is None:
+
         def call(impl):
             return lambda c, f, w: impl.score_skip(c, f, w, None, scale, offset)
-        return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight],
-                                        device=device)
+
+        return compare_forward_backward(
+            call(ops), call(reference), [coarse, feature, weight], device=device
+        )
 
     def call(impl):
         return lambda c, f, w, b_: impl.score_skip(c, f, w, b_, scale, offset)
-    return compare_forward_backward(call(ops), call(reference), [coarse, feature, weight, b],
-                                    device=device)
+
+    return compare_forward_backward(
+        call(ops), call(reference), [coarse, feature, weight, b], device=device
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -103,51 +115,67 @@ def test_channels_last_and_noncontiguous(device):
     _compare(coarse, feature, weight, b, 0.5, (3, 2), device)
 
 
-@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
-                                  (False, False, False)])
+@pytest.mark.parametrize(
+    "mask",
+    [(True, False, False), (False, True, False), (False, False, True), (False, False, False)],
+)
 def test_backward_output_mask(mask, device):
     require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make(SHAPES[2], torch.float64)
     out = reference.score_skip(coarse, feature, weight, b, scale, offset)
     grad = torch.randn_like(out)
     expected = torch.autograd.grad(out, (feature, weight, b), grad)
-    got = torch.ops.fcnfast.score_skip_backward(grad.to(device), feature.detach().to(device),
-                                                weight.detach().to(device), scale,
-                                                list(offset), list(mask))
+    got = torch.ops.fcnfast.score_skip_backward(
+        grad.to(device),
+        feature.detach().to(device),
+        weight.detach().to(device),
+        scale,
+        list(offset),
+        list(mask),
+    )
     assert_output_mask(mask, got, expected)
 
 
 def test_gradcheck_fp64(device):
     require_native(OP, device)
-    coarse, feature, weight, b, scale, offset = _make((2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5),
-                                                      torch.float64)
+    coarse, feature, weight, b, scale, offset = _make(
+        (2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5), torch.float64
+    )
     assert torch.autograd.gradcheck(
         lambda c, f, w, b_: ops.score_skip(c, f, w, b_, scale, offset),
-        tuple(leaves_on(device, coarse, feature, weight, b)))
+        tuple(leaves_on(device, coarse, feature, weight, b)),
+    )
 
 
 def test_opcheck(device):
     require_native(OP, device)
     coarse, feature, weight, b, scale, offset = _make((2, 3, 2, 3, 4, 5, 6, 1, 2, 0.5))
     coarse, feature, weight, b = leaves_on(device, coarse, feature, weight, b)
-    torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
-                          (coarse, feature, weight, b, scale, list(offset)))
-    torch.library.opcheck(torch.ops.fcnfast.score_skip.default,
-                          (coarse, feature, weight, None, scale, list(offset)))
+    torch.library.opcheck(
+        torch.ops.fcnfast.score_skip.default, (coarse, feature, weight, b, scale, list(offset))
+    )
+    torch.library.opcheck(
+        torch.ops.fcnfast.score_skip.default, (coarse, feature, weight, None, scale, list(offset))
+    )
     grad = torch.randn(coarse.shape, device=device)
     for mask in ([True, True, True], [True, False, True]):
-        torch.library.opcheck(torch.ops.fcnfast.score_skip_backward.default,
-                              (grad, feature.detach(), weight.detach(), scale, list(offset), mask))
+        torch.library.opcheck(
+            torch.ops.fcnfast.score_skip_backward.default,
+            (grad, feature.detach(), weight.detach(), scale, list(offset), mask),
+        )
 
 
 def test_compile_fullgraph():
     require_native(OP)
     coarse, feature, weight, b, scale, offset = _make((1, 3, 2, 3, 4, 5, 6, 1, 2, 0.5))
-    fn = torch.compile(lambda *a: fcnfast.score_skip(*a, scale=scale, offset=offset),
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda *a: fcnfast.score_skip(*a, scale=scale, offset=offset), fullgraph=True
+    )
     with torch.no_grad():
-        torch.testing.assert_close(fn(coarse, feature, weight, b),
-                                   reference.score_skip(coarse, feature, weight, b, scale, offset))
+        torch.testing.assert_close(
+            fn(coarse, feature, weight, b),
+            reference.score_skip(coarse, feature, weight, b, scale, offset),
+        )
 
 
 def test_backward_is_deterministic(device):
@@ -187,8 +215,13 @@ def test_errors(impl, kwargs, match):
     """Same rejection from the Python wrapper, the reference and the C++ op called directly."""
     if impl == "native":
         require_native(OP)
-    args = dict(coarse=torch.randn(1, 3, 4, 4), feature=torch.randn(1, 4, 8, 8),
-                weight=torch.randn(3, 4, 1, 1), bias=torch.randn(3), offset=(1, 1))
+    args = dict(
+        coarse=torch.randn(1, 3, 4, 4),
+        feature=torch.randn(1, 4, 8, 8),
+        weight=torch.randn(3, 4, 1, 1),
+        bias=torch.randn(3),
+        offset=(1, 1),
+    )
     args.update(kwargs)
     if impl == "native":
         fn = lambda c, f, w, b, o: torch.ops.fcnfast.score_skip(c, f, w, b, 1.0, list(o))  # noqa: E731
@@ -203,8 +236,10 @@ def test_backward_errors():
     require_native(OP)
     feature, weight = torch.randn(1, 4, 8, 8), torch.randn(3, 4, 1, 1)
     with pytest.raises(ValueError, match=r"channels \(weight.shape\[0\]\)"):
-        torch.ops.fcnfast.score_skip_backward(torch.randn(1, 2, 4, 4), feature, weight, 1.0, [1, 1],
-                                              [True, True, True])
+        torch.ops.fcnfast.score_skip_backward(
+            torch.randn(1, 2, 4, 4), feature, weight, 1.0, [1, 1], [True, True, True]
+        )
     with pytest.raises(ValueError, match="offset"):
-        torch.ops.fcnfast.score_skip_backward(torch.randn(1, 3, 4, 4), feature, weight, 1.0, [5, 1],
-                                              [True, True, True])
+        torch.ops.fcnfast.score_skip_backward(
+            torch.randn(1, 3, 4, 4), feature, weight, 1.0, [5, 1], [True, True, True]
+        )

@@ -1,16 +1,17 @@
 """Issue 16, item 4: tiled inference gives exactly the whole-image labels (odd sizes), and a
 halo smaller than the receptive field would not."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 from fcnfast import cli
 from fcnfast.models import build_model
 from fcnfast.tiling import output_stride, receptive_halo, tiled_labels, tiles
-from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 
 def _randomize(state, seed=0):
@@ -49,21 +50,22 @@ def test_halo_and_stride_of_the_fcns():
 
 def test_tiles_cover_the_image_once():
     cover = np.zeros((301, 257), np.int32)
-    for (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) in tiles(301, 257, 100, 64, 32):
+    for (y0, _, x0, _), (cy0, cy1, cx0, cx1) in tiles(301, 257, 100, 64, 32):
         assert y0 % 32 == 0 and x0 % 32 == 0
-        cover[y0 + cy0:y0 + cy1, x0 + cx0:x0 + cx1] += 1
+        cover[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1] += 1
     assert (cover == 1).all()
 
 
-@pytest.mark.parametrize("name,fixed,size", [("fcn8s", False, (717, 651)),
-                                             ("fcn32s", True, (653, 709))])
+@pytest.mark.parametrize(
+    "name,fixed,size", [("fcn8s", False, (717, 651)), ("fcn32s", True, (653, 709))]
+)
 def test_tiled_equals_whole_image_on_odd_sizes(name, fixed, size):
     model = _model(name, fixed=fixed)
     h, w = size
     x = torch.randn(1, 3, h, w) * 2
     # structure, so that the labels are not one class everywhere
     x[:, 0, : h // 2] += 3
-    x[:, 1, :, w // 3:] -= 3
+    x[:, 1, :, w // 3 :] -= 3
     whole = model.predict(x)[0].numpy().astype(np.uint8)
     assert len(np.unique(whole)) > 1
 
@@ -90,9 +92,31 @@ def _predict_tiled_equals_whole(args, tile, tmp_path, capsys):
 
 def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "--epochs", "1", "--train-images", "2", "--val-images", "1",
-                     "--image-size", "36", "--num-classes", "4", "--optimizer", "adam",
-                     "--batch-size", "2", "--quiet", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--train-images",
+                "2",
+                "--val-images",
+                "1",
+                "--image-size",
+                "36",
+                "--num-classes",
+                "4",
+                "--optimizer",
+                "adam",
+                "--batch-size",
+                "2",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from fcnfast.train import save_checkpoint
 
     ckpt = str(out / "checkpoint.pt")
@@ -104,18 +128,36 @@ def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
     image[:300] //= 3
     Image.fromarray(image).save(tmp_path / "big.png")
     _predict_tiled_equals_whole(
-        ["predict", str(tmp_path / "big.png"), "--checkpoint", ckpt, "--quiet"], 200, tmp_path,
-        capsys)
+        ["predict", str(tmp_path / "big.png"), "--checkpoint", ckpt, "--quiet"],
+        200,
+        tmp_path,
+        capsys,
+    )
     # eval: the same scores tiled and whole (synthetic validation scenes are 36 px: one tile
     # each, so compare on a VOC folder of bigger images)
     from fcnfast.data import write_synthetic_voc
 
-    voc = write_synthetic_voc(tmp_path / "voc", num_train=1, num_val=1, size=(301, 333),
-                              num_classes=4, seed=2)
+    voc = write_synthetic_voc(
+        tmp_path / "voc", num_train=1, num_val=1, size=(301, 333), num_classes=4, seed=2
+    )
     scores = []
     for tile in ("0", "96"):
-        assert cli.main(["eval", "--checkpoint", ckpt, "--data", str(voc), "--json", "--quiet",
-                         "--tile", tile]) == 0
+        assert (
+            cli.main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    ckpt,
+                    "--data",
+                    str(voc),
+                    "--json",
+                    "--quiet",
+                    "--tile",
+                    tile,
+                ]
+            )
+            == 0
+        )
         scores.append(capsys.readouterr().out)
     assert scores[0] == scores[1]
     assert 0.0 < json.loads(scores[0])["fcn"]["pixel_acc"] < 1.0
@@ -126,8 +168,9 @@ def test_tiled_crf_is_bounded_and_whole_image_crf_with_one_tile():
 
     model = _model("fcn8s", seed=3)
     h, w = 97, 131
-    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, h, w),
-                                                                dtype=np.uint8))[None]
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, h, w), dtype=np.uint8))[
+        None
+    ]
     x = (image.float() / 255 - 0.45) / 0.25
 
     def window(y0, y1, x0, x1):
@@ -187,16 +230,34 @@ def test_lite0_predict_and_eval_tile_flag(tmp_path, capsys):
     image = _camvid_like(181, 243, seed=1)[0].permute(1, 2, 0).numpy()
     Image.fromarray(image).save(tmp_path / "street.png")
     _predict_tiled_equals_whole(
-        ["predict", str(tmp_path / "street.png"), "--model", "fcn8s_lite0_camvid", "--quiet"], 64,
-        tmp_path, capsys)
+        ["predict", str(tmp_path / "street.png"), "--model", "fcn8s_lite0_camvid", "--quiet"],
+        64,
+        tmp_path,
+        capsys,
+    )
     (tmp_path / "set" / "images").mkdir(parents=True)
     (tmp_path / "set" / "labels").mkdir()
     Image.fromarray(image).save(tmp_path / "set" / "images" / "a.png")
     Image.fromarray((np.arange(181 * 243) % 11).astype(np.uint8).reshape(181, 243)).save(
-        tmp_path / "set" / "labels" / "a.png")
+        tmp_path / "set" / "labels" / "a.png"
+    )
     scores = []
     for tile in ("0", "64"):
-        assert cli.main(["eval", "--model", "fcn8s_lite0_camvid", "--data", str(tmp_path / "set"),
-                         "--json", "--quiet", "--tile", tile]) == 0
+        assert (
+            cli.main(
+                [
+                    "eval",
+                    "--model",
+                    "fcn8s_lite0_camvid",
+                    "--data",
+                    str(tmp_path / "set"),
+                    "--json",
+                    "--quiet",
+                    "--tile",
+                    tile,
+                ]
+            )
+            == 0
+        )
         scores.append(json.loads(capsys.readouterr().out))
     assert scores[0] == scores[1] and 0.0 < scores[0]["fcn"]["pixel_acc"] < 1.0

@@ -15,15 +15,15 @@ same output and gradients (input, weight, bias) as ``torch.nn.ConvTranspose2d``,
 fp64 CPU paths; ``gradcheck`` and ``gradgradcheck`` through the fcnfast module (as
 PyTorch's TestModule does); a non-contiguous and a channels_last input give the same.
 """
+
 import warnings
 
 import pytest
 import torch
+from conftest import assert_close_scaled, require_native
 
 from fcnfast import nn as fnn
 from fcnfast import ops
-
-from conftest import assert_close_scaled, require_native
 
 T64 = torch.float64
 
@@ -35,14 +35,15 @@ with warnings.catch_warnings():  # importing PyTorch's test helpers warns about 
 
 
 class Case:
-    def __init__(self, source, desc, make_module, x, reference_fn=None, functional=None,
-                 fcnfast_args=None):
+    def __init__(
+        self, source, desc, make_module, x, reference_fn=None, functional=None, fcnfast_args=None
+    ):
         self.source, self.desc = source, desc
-        self.make_module = make_module      # () -> torch.nn.ConvTranspose2d (fp64)
+        self.make_module = make_module  # () -> torch.nn.ConvTranspose2d (fp64)
         self.x = x
-        self.reference_fn = reference_fn    # PyTorch's reference_fn(module, params, x)
-        self.functional = functional        # (weight, bias, kwargs) of an OpInfo sample
-        self.fcnfast_args = fcnfast_args    # (args, kwargs) to construct fcnfast's module
+        self.reference_fn = reference_fn  # PyTorch's reference_fn(module, params, x)
+        self.functional = functional  # (weight, bias, kwargs) of an OpInfo sample
+        self.fcnfast_args = fcnfast_args  # (args, kwargs) to construct fcnfast's module
         self.unbatched = x.dim() == 3
 
     def __repr__(self):
@@ -54,21 +55,32 @@ def _module_db_cases():
     cases = []
     for info in infos:
         torch.manual_seed(0)
-        inputs = info.module_inputs_func(info, device="cpu", dtype=T64, requires_grad=False,
-                                         training=True)
+        inputs = info.module_inputs_func(
+            info, device="cpu", dtype=T64, requires_grad=False, training=True
+        )
         for i, mi in enumerate(inputs):
             args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
             (x,) = mi.forward_input.args
-            cases.append(Case("module_db", mi.desc or "batched-%d" % i,
-                              lambda a=args, k=kwargs: torch.nn.ConvTranspose2d(*a, **k).double(),
-                              x.detach(), mi.reference_fn, fcnfast_args=(args, kwargs)))
+            cases.append(
+                Case(
+                    "module_db",
+                    mi.desc or "batched-%d" % i,
+                    lambda a=args, k=kwargs: torch.nn.ConvTranspose2d(*a, **k).double(),
+                    x.detach(),
+                    mi.reference_fn,
+                    fcnfast_args=(args, kwargs),
+                )
+            )
     return cases
 
 
 def _common_nn_cases():
-    dicts = [d for d in common_nn.module_tests + common_nn.get_new_module_tests()
-             if d.get("module_name") == "ConvTranspose2d"
-             or d.get("fullname", "").startswith("ConvTranspose2d")]
+    dicts = [
+        d
+        for d in common_nn.module_tests + common_nn.get_new_module_tests()
+        if d.get("module_name") == "ConvTranspose2d"
+        or d.get("fullname", "").startswith("ConvTranspose2d")
+    ]
     cases = []
     for d in dicts:
         torch.manual_seed(0)
@@ -78,8 +90,15 @@ def _common_nn_cases():
             args = d["constructor_args"]
             make, fargs = (lambda a=args: torch.nn.ConvTranspose2d(*a).double()), (args, {})
         x = d["input_fn"]() if "input_fn" in d else torch.randn(d["input_size"])
-        cases.append(Case("common_nn", d.get("fullname") or d.get("desc") or "default", make,
-                          x.to(T64), fcnfast_args=fargs))
+        cases.append(
+            Case(
+                "common_nn",
+                d.get("fullname") or d.get("desc") or "default",
+                make,
+                x.to(T64),
+                fcnfast_args=fargs,
+            )
+        )
     return cases
 
 
@@ -95,19 +114,31 @@ def _op_db_cases():
             def make(weight=weight, bias=bias, kwargs=kwargs):
                 groups = kwargs.get("groups", 1)
                 m = torch.nn.ConvTranspose2d(
-                    weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
-                    stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 0),
-                    output_padding=kwargs.get("output_padding", 0), groups=groups,
-                    bias=bias is not None, dilation=kwargs.get("dilation", 1)).double()
+                    weight.shape[0],
+                    weight.shape[1] * groups,
+                    tuple(weight.shape[2:]),
+                    stride=kwargs.get("stride", 1),
+                    padding=kwargs.get("padding", 0),
+                    output_padding=kwargs.get("output_padding", 0),
+                    groups=groups,
+                    bias=bias is not None,
+                    dilation=kwargs.get("dilation", 1),
+                ).double()
                 with torch.no_grad():
                     m.weight.copy_(weight)
                     if bias is not None:
                         m.bias.copy_(bias)
                 return m
 
-            cases.append(Case("op_db", "sample-%d" % i, make, s.input.detach(),
-                              functional=(weight.detach(),
-                                          None if bias is None else bias.detach(), kwargs)))
+            cases.append(
+                Case(
+                    "op_db",
+                    "sample-%d" % i,
+                    make,
+                    s.input.detach(),
+                    functional=(weight.detach(), None if bias is None else bias.detach(), kwargs),
+                )
+            )
     return cases
 
 
@@ -117,7 +148,9 @@ IDS = [repr(c) for c in CASES]
 
 def test_pytorch_cases_were_found():
     """PyTorch 2.13 has 18 ConvTranspose2d cases (7 unbatched): none may go missing silently."""
-    by_source = {s: [c for c in CASES if c.source == s] for s in ("module_db", "common_nn", "op_db")}
+    by_source = {
+        s: [c for c in CASES if c.source == s] for s in ("module_db", "common_nn", "op_db")
+    }
     assert len(by_source["module_db"]) >= 2 and any(c.unbatched for c in by_source["module_db"])
     assert len(by_source["common_nn"]) >= 4
     assert len(by_source["op_db"]) >= 12 and sum(c.unbatched for c in by_source["op_db"]) >= 6
@@ -132,15 +165,22 @@ def path(request, monkeypatch):
 
 def _twin(case, theirs):
     """fcnfast.nn.ConvTranspose2d with the torch module's configuration and state."""
-    if case.fcnfast_args is not None:     # the same constructor call as PyTorch's test
+    if case.fcnfast_args is not None:  # the same constructor call as PyTorch's test
         args, kwargs = case.fcnfast_args
         mine = fnn.ConvTranspose2d(*args, **kwargs).double()
     else:
         mine = fnn.ConvTranspose2d(
-            theirs.in_channels, theirs.out_channels, theirs.kernel_size, stride=theirs.stride,
-            padding=theirs.padding, output_padding=theirs.output_padding, groups=theirs.groups,
-            bias=theirs.bias is not None, dilation=theirs.dilation,
-            padding_mode=theirs.padding_mode).double()
+            theirs.in_channels,
+            theirs.out_channels,
+            theirs.kernel_size,
+            stride=theirs.stride,
+            padding=theirs.padding,
+            output_padding=theirs.output_padding,
+            groups=theirs.groups,
+            bias=theirs.bias is not None,
+            dilation=theirs.dilation,
+            padding_mode=theirs.padding_mode,
+        ).double()
     mine.load_state_dict(theirs.state_dict())
     assert type(mine).__mro__[1] is torch.nn.ConvTranspose2d
     return mine
@@ -168,7 +208,7 @@ def test_module_matches_pytorch(case, path):
     assert len(grads_m) == len(grads_t) == len(names)
     for name, gm, gt in zip(names, grads_m, grads_t):
         assert_close_scaled(gm, gt, what="grad " + name)
-    if case.reference_fn is not None:   # PyTorch's own oracle for the case (no_batch_dim)
+    if case.reference_fn is not None:  # PyTorch's own oracle for the case (no_batch_dim)
         with torch.no_grad():
             expected = case.reference_fn(mine, case.x)
         assert_close_scaled(out_m, expected, what="reference_fn")
@@ -209,8 +249,11 @@ def test_module_memory_formats(case):
             assert_close_scaled(gv, g)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.functional is not None],
-                         ids=[repr(c) for c in CASES if c.functional is not None])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.functional is not None],
+    ids=[repr(c) for c in CASES if c.functional is not None],
+)
 def test_functional_matches_pytorch(case, path):
     """The OpInfo samples through fcnfast.conv_transpose2d vs F.conv_transpose2d, with the
     second-order gradients."""

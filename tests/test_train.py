@@ -1,4 +1,5 @@
 """fcnfast.train: loss, optimiser presets, evaluation, checkpoints and exact resume."""
+
 import os
 
 import pytest
@@ -8,11 +9,19 @@ import torch.nn.functional as F
 from fcnfast import ops
 from fcnfast.metrics import confusion_matrix
 from fcnfast.models import build_model
-from fcnfast.train import (OPTIMIZER_PRESETS, TrainConfig, evaluate, load_checkpoint, load_model,
-                           pad_collate, save_checkpoint, segmentation_loss, train)
+from fcnfast.train import (
+    OPTIMIZER_PRESETS,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    load_model,
+    pad_collate,
+    save_checkpoint,
+    segmentation_loss,
+    train,
+)
 
-TINY = dict(train_images=8, val_images=2, image_size=36, num_classes=4, batch_size=4,
-            quiet=True)
+TINY = dict(train_images=8, val_images=2, image_size=36, num_classes=4, batch_size=4, quiet=True)
 
 
 def quiet(_message):
@@ -49,8 +58,9 @@ def test_segmentation_loss_matches_cross_entropy(fixed, monkeypatch):
     expected_sum = F.cross_entropy(model(x), target, ignore_index=255, reduction="sum")
     calls = []
     fused = ops.upsample_cross_entropy
-    monkeypatch.setattr(ops, "upsample_cross_entropy",
-                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(
+        ops, "upsample_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
     torch.testing.assert_close(segmentation_loss(model, x, target), expected_mean)
     torch.testing.assert_close(segmentation_loss(model, x, target, "sum"), expected_sum)
     # the fused op runs exactly when the final upsampling is frozen
@@ -61,13 +71,23 @@ def test_segmentation_loss_matches_cross_entropy(fixed, monkeypatch):
 
 def test_caffe_preset_is_the_paper_recipe():
     cfg = TrainConfig(optimizer="caffe").resolved()
-    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.loss) == \
-        (1e-10, 0.99, 5e-4, 1, "sum")
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.loss) == (
+        1e-10,
+        0.99,
+        5e-4,
+        1,
+        "sum",
+    )
     assert OPTIMIZER_PRESETS["caffe"]["lr"] == 1e-10
     # explicit values win over the preset
     assert TrainConfig(optimizer="caffe", lr=1e-9, batch_size=2).resolved().lr == 1e-9
-    for bad in (dict(optimizer="rmsprop"), dict(loss="max"), dict(lr=-1.0), dict(epochs=0),
-                dict(batch_size=0)):
+    for bad in (
+        dict(optimizer="rmsprop"),
+        dict(loss="max"),
+        dict(lr=-1.0),
+        dict(epochs=0),
+        dict(batch_size=0),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**bad).resolved()
 
@@ -105,10 +125,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, stop):
     first_part = dict(base, epochs=1) if stop == "epoch" else dict(base, max_steps=5)
     part = train(TrainConfig(**first_part, out=str(tmp_path / "part")), log=quiet)
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    assert ckpt["step"] == len(part.losses) and set(ckpt) >= {"model", "optimizer", "rng",
-                                                              "config", "epoch"}
-    resumed = train(TrainConfig(**base, out=str(tmp_path / "part")),
-                    resume=tmp_path / "part" / "checkpoint.pt", log=quiet)
+    assert ckpt["step"] == len(part.losses) and set(ckpt) >= {
+        "model",
+        "optimizer",
+        "rng",
+        "config",
+        "epoch",
+    }
+    resumed = train(
+        TrainConfig(**base, out=str(tmp_path / "part")),
+        resume=tmp_path / "part" / "checkpoint.pt",
+        log=quiet,
+    )
     # the step right after the checkpoint has exactly the uninterrupted run's loss ...
     assert resumed.losses[0] == full.losses[len(part.losses)]
     # ... and so has every later step, and the final weights are identical

@@ -5,15 +5,15 @@ Every op and every ``fcnfast.nn`` layer: the unbatched call equals the batched c
 same kernels run on a view), on the native and the reference backend; the reference
 equals PyTorch's own functional ops on the 3-D tensors; mixed or wrong ranks are refused.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_scaled, require_native
 
 import fcnfast
 from fcnfast import nn as fnn
 from fcnfast import ops, reference
-
-from conftest import assert_close_scaled, require_native
 
 T64 = torch.float64
 
@@ -30,21 +30,39 @@ def _ce_target(*shape):
 
 # (op, floating inputs of the unbatched call (C, ., .), other arguments, keyword arguments)
 CASES = [
-    ("conv_transpose2d", [_r(4, 3, 5), _r(4, 3, 3, 2), _r(6)],
-     dict(stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2)), None),
+    (
+        "conv_transpose2d",
+        [_r(4, 3, 5), _r(4, 3, 3, 2), _r(6)],
+        dict(stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2)),
+        None,
+    ),
     ("conv_transpose2d", [_r(3, 4, 4), _r(3, 2, 4, 4)], dict(stride=2, crop=(1, 2, 6, 5)), None),
     ("bilinear_upsample2d", [_r(3, 4, 5)], dict(scale=4, crop=(3, 2, 12, 13)), None),
     ("bilinear_upsample2d", [_r(2, 3, 3)], dict(scale=2), None),
     ("skip_add_crop", [_r(3, 4, 5), _r(3, 7, 9)], dict(offset=(2, 3)), None),
-    ("score_skip", [_r(3, 4, 5), _r(6, 7, 9), _r(3, 6, 1, 1), _r(3)],
-     dict(scale=0.5, offset=(1, 2)), None),
-    ("upsample_cross_entropy", [_r(3, 4, 5)], dict(scale=4, crop=(3, 2, 12, 13)),
-     _ce_target(12, 13)),
+    (
+        "score_skip",
+        [_r(3, 4, 5), _r(6, 7, 9), _r(3, 6, 1, 1), _r(3)],
+        dict(scale=0.5, offset=(1, 2)),
+        None,
+    ),
+    (
+        "upsample_cross_entropy",
+        [_r(3, 4, 5)],
+        dict(scale=4, crop=(3, 2, 12, 13)),
+        _ce_target(12, 13),
+    ),
     ("upsample_cross_entropy", [_r(3, 2, 3)], dict(scale=2, reduction="sum"), _ce_target(6, 8)),
 ]
 # which floating inputs carry the batch dimension (weights and biases do not)
-BATCHED_INPUTS = {"conv_transpose2d": 1, "bilinear_upsample2d": 1, "skip_add_crop": 2,
-                  "score_skip": 2, "upsample_cross_entropy": 1, "upsample_argmax": 1}
+BATCHED_INPUTS = {
+    "conv_transpose2d": 1,
+    "bilinear_upsample2d": 1,
+    "skip_add_crop": 2,
+    "score_skip": 2,
+    "upsample_cross_entropy": 1,
+    "upsample_argmax": 1,
+}
 IDS = ["%s-%d" % (c[0], i) for i, c in enumerate(CASES)]
 
 
@@ -113,16 +131,21 @@ def test_reference_unbatched_is_pytorch_on_3d():
     kw = dict(stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2))
     assert torch.equal(reference.conv_transpose2d(x, w, b, **kw), F.conv_transpose2d(x, w, b, **kw))
     coarse, feature, weight = _r(3, 4, 5), _r(6, 7, 9), _r(3, 6, 1, 1)
-    assert torch.equal(reference.score_skip(coarse, feature, weight, None, 0.5, (1, 2)),
-                       coarse + F.conv2d(feature * 0.5, weight)[..., 1:5, 2:7])
+    assert torch.equal(
+        reference.score_skip(coarse, feature, weight, None, 0.5, (1, 2)),
+        coarse + F.conv2d(feature * 0.5, weight)[..., 1:5, 2:7],
+    )
     target = _ce_target(6, 8)
     x = _r(3, 2, 3)
     up = reference.bilinear_upsample2d(x, 2)
     assert up.shape == (3, 6, 8)
     # F.cross_entropy reads a 3-D input as (N, C, d): the unbatched image is a batch of one
-    torch.testing.assert_close(reference.upsample_cross_entropy(x, target, 2),
-                               F.cross_entropy(up[None], target[None], ignore_index=255),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        reference.upsample_cross_entropy(x, target, 2),
+        F.cross_entropy(up[None], target[None], ignore_index=255),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -139,25 +162,48 @@ def test_unbatched_argmax(backend):
 
 
 @pytest.mark.parametrize("impl", [ops, reference], ids=["ops", "reference"])
-@pytest.mark.parametrize("call,match", [
-    (lambda m: m.conv_transpose2d(_r(2, 1, 3, 4, 4), _r(3, 2, 2, 2)), r"x must be a 4-D tensor .* or a 3-D"),
-    (lambda m: m.conv_transpose2d(_r(4, 4), _r(3, 2, 2, 2)), r"x must be a 4-D tensor"),
-    (lambda m: m.bilinear_upsample2d(_r(4), 2), r"x must be a 4-D tensor"),
-    (lambda m: m.upsample_argmax(_r(1, 1, 2, 4, 4), 2), r"x must be a 4-D tensor"),
-    (lambda m: m.skip_add_crop(_r(3, 2, 2), _r(1, 3, 4, 4), (0, 0)),
-     r"coarse \(3, 2, 2\) and skip \(1, 3, 4, 4\) must both have a batch dimension or both be unbatched"),
-    (lambda m: m.skip_add_crop(_r(1, 3, 2, 2), _r(3, 4, 4), (0, 0)), r"must both have a batch"),
-    (lambda m: m.score_skip(_r(3, 2, 2), _r(1, 4, 4, 4), _r(3, 4, 1, 1)), r"coarse .* and feature .* must both"),
-    (lambda m: m.score_skip(_r(3, 2, 2), _r(4, 4, 4), _r(3, 4)), r"weight must be a 4-D"),
-    (lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(1, 4, 4), 2, (0, 0, 4, 4)),
-     r"x \(3, 2, 2\) and target \(1, 4, 4\) must both have a batch dimension"),
-    (lambda m: m.upsample_cross_entropy(_r(1, 3, 2, 2), _ce_target(4, 4), 2, (0, 0, 4, 4)),
-     r"must both have a batch dimension"),
-    (lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4, 5), 2, (0, 0, 4, 4)),
-     r"target shape \[1, 4, 5\] must be \(N, H, W\) = \[1, 4, 4\]"),
-    (lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4), 2), r"target must be a 3-D tensor \(N, H, W\) or a 2-D"),
-    (lambda m: m.conv_transpose2d(_r(3, 4, 4), _r(2, 2, 2, 2)), r"weight.shape\[0\] \(2\) must equal the input channels x.shape\[1\] \(3\)"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda m: m.conv_transpose2d(_r(2, 1, 3, 4, 4), _r(3, 2, 2, 2)),
+            r"x must be a 4-D tensor .* or a 3-D",
+        ),
+        (lambda m: m.conv_transpose2d(_r(4, 4), _r(3, 2, 2, 2)), r"x must be a 4-D tensor"),
+        (lambda m: m.bilinear_upsample2d(_r(4), 2), r"x must be a 4-D tensor"),
+        (lambda m: m.upsample_argmax(_r(1, 1, 2, 4, 4), 2), r"x must be a 4-D tensor"),
+        (
+            lambda m: m.skip_add_crop(_r(3, 2, 2), _r(1, 3, 4, 4), (0, 0)),
+            r"coarse \(3, 2, 2\) and skip \(1, 3, 4, 4\) must both have a batch dimension or both be unbatched",
+        ),
+        (lambda m: m.skip_add_crop(_r(1, 3, 2, 2), _r(3, 4, 4), (0, 0)), r"must both have a batch"),
+        (
+            lambda m: m.score_skip(_r(3, 2, 2), _r(1, 4, 4, 4), _r(3, 4, 1, 1)),
+            r"coarse .* and feature .* must both",
+        ),
+        (lambda m: m.score_skip(_r(3, 2, 2), _r(4, 4, 4), _r(3, 4)), r"weight must be a 4-D"),
+        (
+            lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(1, 4, 4), 2, (0, 0, 4, 4)),
+            r"x \(3, 2, 2\) and target \(1, 4, 4\) must both have a batch dimension",
+        ),
+        (
+            lambda m: m.upsample_cross_entropy(_r(1, 3, 2, 2), _ce_target(4, 4), 2, (0, 0, 4, 4)),
+            r"must both have a batch dimension",
+        ),
+        (
+            lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4, 5), 2, (0, 0, 4, 4)),
+            r"target shape \[1, 4, 5\] must be \(N, H, W\) = \[1, 4, 4\]",
+        ),
+        (
+            lambda m: m.upsample_cross_entropy(_r(3, 2, 2), _ce_target(4), 2),
+            r"target must be a 3-D tensor \(N, H, W\) or a 2-D",
+        ),
+        (
+            lambda m: m.conv_transpose2d(_r(3, 4, 4), _r(2, 2, 2, 2)),
+            r"weight.shape\[0\] \(2\) must equal the input channels x.shape\[1\] \(3\)",
+        ),
+    ],
+)
 def test_unbatched_errors(impl, call, match):
     with pytest.raises(ValueError, match=match):
         call(impl)
@@ -166,6 +212,7 @@ def test_unbatched_errors(impl, call, match):
 # ---------------------------------------------------------------------------
 # fcnfast.nn layers
 # ---------------------------------------------------------------------------
+
 
 def _layer_pair(layer, *inputs):
     """(unbatched output, batched output squeezed), with the gradients of both."""
@@ -187,8 +234,10 @@ def test_nn_layers_unbatched(backend):
         require_native("conv_transpose2d")
     torch.manual_seed(0)
     layers = [
-        (fnn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=1, groups=2, dilation=(1, 2)),
-         [_r(4, 3, 5)]),
+        (
+            fnn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=1, groups=2, dilation=(1, 2)),
+            [_r(4, 3, 5)],
+        ),
         (fnn.BilinearUpsample2d(3, 4), [_r(3, 4, 5)]),
         (fnn.BilinearUpsample2d(3, 2, learnable=True), [_r(3, 4, 5)]),
         (fnn.SkipFuse(6, 3, scale=0.5, offset=(1, 2)), [_r(3, 4, 5), _r(6, 7, 9)]),
@@ -214,8 +263,13 @@ def test_conv_transpose_layer_unbatched_output_size(output_size):
     got = mine(x, output_size)
     assert got.shape == expected.shape and got.dim() == 3
     assert_close_scaled(got, expected)
-    assert torch.equal(got, mine(x.unsqueeze(0), output_size and (
-        (1,) + tuple(output_size) if len(output_size) == 3 else output_size)).squeeze(0))
+    assert torch.equal(
+        got,
+        mine(
+            x.unsqueeze(0),
+            output_size and ((1,) + tuple(output_size) if len(output_size) == 3 else output_size),
+        ).squeeze(0),
+    )
 
 
 def test_conv_transpose_layer_unbatched_crop():

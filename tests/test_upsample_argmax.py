@@ -10,15 +10,20 @@ legitimately differ. So against the reference we demand equality wherever the
 reference's top-2 margin is clear, and > 99.9% equality overall; exact ties are
 tested with inputs that make them exact in both implementations.
 """
+
 import pytest
 import torch
+from conftest import TOLERANCE, require_native
+from op_cases import (
+    ORACLE_DTYPE_IDS,
+    ORACLE_DTYPES,
+    UPSAMPLE_ERRORS,
+    check_upsample_error,
+    upsample_shapes,
+)
 
 import fcnfast
 from fcnfast import ops, reference
-
-from conftest import TOLERANCE, require_native
-from op_cases import (ORACLE_DTYPE_IDS, ORACLE_DTYPES, UPSAMPLE_ERRORS, check_upsample_error,
-                      upsample_shapes)
 
 OP = "upsample_argmax"
 
@@ -26,10 +31,12 @@ OP = "upsample_argmax"
 SHAPES = upsample_shapes(
     # FCN-8s, FCN-32s, FCN-16s heads: (N, C, H, W, scale, out_h, out_w)
     heads=[(1, 21, 16, 16, 8, 100, 90), (2, 21, 5, 6, 32, 150, 170), (1, 7, 9, 8, 16, 100, 90)],
-    bottom_right=(1, 2, 3, 3, 2, 1, 2), one_pixel=(1, 5, 4, 4, 4, (2, 3, 1, 1))) + [
-    (1, 5, 4, 4, 4, (2, 3, 0, 5)),           # zero-size crop
-    (0, 5, 4, 4, 4, None),                   # empty batch
-    (2, 1, 3, 3, 2, None),                   # one class: all zeros
+    bottom_right=(1, 2, 3, 3, 2, 1, 2),
+    one_pixel=(1, 5, 4, 4, 4, (2, 3, 1, 1)),
+) + [
+    (1, 5, 4, 4, 4, (2, 3, 0, 5)),  # zero-size crop
+    (0, 5, 4, 4, 4, None),  # empty batch
+    (2, 1, 3, 3, 2, None),  # one class: all zeros
 ]
 
 
@@ -58,8 +65,9 @@ def test_matches_reference(shape, dtype, device):
     labels = ops.upsample_argmax(x.to(device), scale, crop)
     assert labels.device.type == device
     threshold = 1e-5 if dtype == torch.float32 else 1e-12
-    assert_labels_match_reference(labels.cpu(), reference.bilinear_upsample2d(x, scale, crop),
-                                  threshold)
+    assert_labels_match_reference(
+        labels.cpu(), reference.bilinear_upsample2d(x, scale, crop), threshold
+    )
     # same arithmetic as the native upsampling: bitwise the same labels
     assert torch.equal(labels, ops.bilinear_upsample2d(x.to(device), scale, crop).argmax(1))
 
@@ -70,8 +78,9 @@ def test_fcn8s_head_full_size(device):
     labels = ops.upsample_argmax(x.to(device), 8, (31, 31, 500, 500))
     scores = reference.bilinear_upsample2d(x, 8, (31, 31, 500, 500))
     assert_labels_match_reference(labels.cpu(), scores, 1e-5)
-    assert torch.equal(labels,
-                       ops.bilinear_upsample2d(x.to(device), 8, (31, 31, 500, 500)).argmax(1))
+    assert torch.equal(
+        labels, ops.bilinear_upsample2d(x.to(device), 8, (31, 31, 500, 500)).argmax(1)
+    )
 
 
 # (N, C, H, W, scale, crop) (formerly test_cuda.py)
@@ -121,22 +130,28 @@ def test_bfloat16(device):
 def test_exact_ties_go_to_the_first_class(device):
     require_native(OP, device)
     x = torch.randn(2, 6, 5, 5)
-    x[:, 4] = x[:, 1]            # class 4 ties class 1 everywhere: never chosen
+    x[:, 4] = x[:, 1]  # class 4 ties class 1 everywhere: never chosen
     x[:, 5] = x[:, 2]
     labels = ops.upsample_argmax(x.to(device), 4, None).cpu()
     assert not (labels == 4).any() and not (labels == 5).any()
     assert torch.equal(labels, reference.upsample_argmax(x, 4, None))
-    const = torch.full((1, 3, 4, 4), 2.5)   # all classes equal (and the zero border)
-    assert torch.equal(ops.upsample_argmax(const.to(device), 2, None).cpu(),
-                       torch.zeros(1, 10, 10, dtype=torch.int64))
-    assert torch.equal(reference.upsample_argmax(const, 2, None), torch.zeros(1, 10, 10, dtype=torch.int64))
+    const = torch.full((1, 3, 4, 4), 2.5)  # all classes equal (and the zero border)
+    assert torch.equal(
+        ops.upsample_argmax(const.to(device), 2, None).cpu(),
+        torch.zeros(1, 10, 10, dtype=torch.int64),
+    )
+    assert torch.equal(
+        reference.upsample_argmax(const, 2, None), torch.zeros(1, 10, 10, dtype=torch.int64)
+    )
     # all zeros (formerly test_cuda.test_upsample_argmax_ties_and_nan_follow_torch_argmax)
     zeros = torch.zeros(1, 4, 3, 3)
-    assert torch.equal(ops.upsample_argmax(zeros.to(device), 2).cpu(),
-                       torch.zeros(1, 8, 8, dtype=torch.int64))
+    assert torch.equal(
+        ops.upsample_argmax(zeros.to(device), 2).cpu(), torch.zeros(1, 8, 8, dtype=torch.int64)
+    )
     zeros[0, 2, 1, 1] = float("nan")
-    assert torch.equal(ops.upsample_argmax(zeros.to(device), 2).cpu(),
-                       reference.upsample_argmax(zeros, 2))
+    assert torch.equal(
+        ops.upsample_argmax(zeros.to(device), 2).cpu(), reference.upsample_argmax(zeros, 2)
+    )
 
 
 def test_nan_and_inf_like_reference(device):
@@ -145,7 +160,7 @@ def test_nan_and_inf_like_reference(device):
     # class c scores 10*c + 1 everywhere: clear margins, label C-1 away from the specials
     x = (torch.arange(5, dtype=torch.float32) * 10 + 1).view(1, 5, 1, 1).repeat(2, 1, 6, 6)
     x[0, 2, 1, 1] = float("nan")
-    x[0, 3, 1, 2] = float("nan")      # both NaN where the windows overlap: class 2 wins
+    x[0, 3, 1, 2] = float("nan")  # both NaN where the windows overlap: class 2 wins
     x[1, 0, 4, 4] = float("inf")
     x[1, 1, 0, 0] = float("-inf")
     labels = ops.upsample_argmax(x.to(device), 4, (1, 2, 20, 21)).cpu()
@@ -156,12 +171,15 @@ def test_nan_and_inf_like_reference(device):
 def test_channels_last_and_noncontiguous(device):
     require_native(OP, device)
     x = torch.randn(2, 5, 6, 7, device=device).to(memory_format=torch.channels_last)
-    assert torch.equal(ops.upsample_argmax(x, 4, (3, 2, 20, 25)),
-                       ops.upsample_argmax(x.contiguous(), 4, (3, 2, 20, 25)))
+    assert torch.equal(
+        ops.upsample_argmax(x, 4, (3, 2, 20, 25)),
+        ops.upsample_argmax(x.contiguous(), 4, (3, 2, 20, 25)),
+    )
     y = torch.randn(2, 10, 12, 7, device=device)[:, ::2, ::2]
     assert torch.equal(ops.upsample_argmax(y, 3, None), ops.bilinear_upsample2d(y, 3).argmax(1))
-    assert_labels_match_reference(ops.upsample_argmax(y, 3, None).cpu(),
-                                  reference.bilinear_upsample2d(y.cpu(), 3), 1e-5)
+    assert_labels_match_reference(
+        ops.upsample_argmax(y, 3, None).cpu(), reference.bilinear_upsample2d(y.cpu(), 3), 1e-5
+    )
 
 
 def test_opcheck(device):

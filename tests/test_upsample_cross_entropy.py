@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close_scaled, compare_forward_backward, require_native
+from op_cases import oracle_tests, upsample_shapes
 
 import fcnfast
 from fcnfast import ops, reference
-
-from conftest import assert_close_scaled, compare_forward_backward, require_native
-from op_cases import oracle_tests, upsample_shapes
 
 OP = "upsample_cross_entropy"
 
@@ -16,7 +15,9 @@ OP = "upsample_cross_entropy"
 SHAPES = upsample_shapes(
     # FCN-8s, FCN-32s, FCN-16s heads: (N, C, H, W, scale, out_h, out_w)
     heads=[(1, 21, 8, 8, 8, 30, 25), (2, 5, 3, 4, 32, 80, 100), (1, 6, 5, 4, 16, 50, 40)],
-    bottom_right=(1, 3, 3, 3, 2, 2, 3), one_pixel=(2, 4, 4, 4, 4, (2, 3, 1, 1)))
+    bottom_right=(1, 3, 3, 3, 2, 2, 3),
+    one_pixel=(2, 4, 4, 4, 4, (2, 3, 1, 1)),
+)
 
 
 def make_target(n, c, h, w, ignore_index=255, ignored_fraction=0.2, seed=0):
@@ -29,10 +30,12 @@ def make_target(n, c, h, w, ignore_index=255, ignored_fraction=0.2, seed=0):
 def fns(target, scale, crop, ignore_index=255, reduction="mean"):
     """(native, reference) loss functions of x; the native one takes x's device for the
     target too."""
-    return (lambda x: ops.upsample_cross_entropy(x, target.to(x.device), scale, crop,
-                                                 ignore_index, reduction),
-            lambda x: reference.upsample_cross_entropy(x, target, scale, crop, ignore_index,
-                                                       reduction))
+    return (
+        lambda x: ops.upsample_cross_entropy(
+            x, target.to(x.device), scale, crop, ignore_index, reduction
+        ),
+        lambda x: reference.upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction),
+    )
 
 
 def crop_size(shape):
@@ -58,19 +61,23 @@ def test_fcn8s_head_full_size(device):
     compare_forward_backward(*fns(target, 8, (31, 31, 500, 500)), [x], device=device)
 
 
-@pytest.mark.parametrize("ignore_index,fraction", [
-    (255, 0.0),      # none ignored
-    (255, 0.5),
-    (-100, 0.3),     # F.cross_entropy's default
-    (2, 0.0),        # a class index used as ignore_index: every label 2 is ignored
-])
+@pytest.mark.parametrize(
+    "ignore_index,fraction",
+    [
+        (255, 0.0),  # none ignored
+        (255, 0.5),
+        (-100, 0.3),  # F.cross_entropy's default
+        (2, 0.0),  # a class index used as ignore_index: every label 2 is ignored
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_ignore_index(ignore_index, fraction, reduction, device):
     require_native(OP, device)
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     target = make_target(2, 4, 20, 24, ignore_index, fraction, seed=3)
-    compare_forward_backward(*fns(target, 4, (1, 2, 20, 24), ignore_index, reduction), [x],
-                             device=device)
+    compare_forward_backward(
+        *fns(target, 4, (1, 2, 20, 24), ignore_index, reduction), [x], device=device
+    )
 
 
 @pytest.mark.parametrize("reduction,expected", [("mean", math.nan), ("sum", 0.0)])
@@ -82,8 +89,11 @@ def test_all_ignored(reduction, expected, device):
     loss = ops.upsample_cross_entropy(xd, target.to(device), 4, None, 255, reduction)
     ref = reference.upsample_cross_entropy(x, target, 4, None, 255, reduction)
     assert loss.shape == () and loss.dtype == x.dtype and loss.device.type == device
-    assert (math.isnan(loss.item()) and math.isnan(ref.item())) if math.isnan(expected) \
+    assert (
+        (math.isnan(loss.item()) and math.isnan(ref.item()))
+        if math.isnan(expected)
         else loss.item() == ref.item() == expected
+    )
     (g,) = torch.autograd.grad(loss, xd)
     (gr,) = torch.autograd.grad(ref, x)
     assert torch.equal(g, torch.zeros_like(xd)) and torch.equal(gr, torch.zeros_like(x))
@@ -142,10 +152,12 @@ def test_nan_and_inf_logits_like_reference(device):
         (g,), (gr,) = torch.autograd.grad(loss, xa), torch.autograd.grad(ref, xb)
         assert torch.equal(torch.isnan(g).cpu(), torch.isnan(gr))
     y = torch.randn(1, 3, 5, 5, dtype=torch.float64)
-    y[0, 0, 1, 1] = float("-inf")     # -inf logit: its class never the target -> finite loss
+    y[0, 0, 1, 1] = float("-inf")  # -inf logit: its class never the target -> finite loss
     target = torch.full((1, 24, 24), 1)
-    assert_close_scaled(ops.upsample_cross_entropy(y.to(device), target.to(device), 4).cpu(),
-                        reference.upsample_cross_entropy(y, target, 4))
+    assert_close_scaled(
+        ops.upsample_cross_entropy(y.to(device), target.to(device), 4).cpu(),
+        reference.upsample_cross_entropy(y, target, 4),
+    )
 
 
 def test_gradcheck_fp64(device):
@@ -155,7 +167,10 @@ def test_gradcheck_fp64(device):
         target = make_target(2, 3, 7, 9, seed=1).to(device)
         assert torch.autograd.gradcheck(
             lambda t, target=target, reduction=reduction: ops.upsample_cross_entropy(
-                t, target, 2, (1, 1, 7, 9), 255, reduction), (x,))
+                t, target, 2, (1, 1, 7, 9), 255, reduction
+            ),
+            (x,),
+        )
 
 
 def test_opcheck(device):
@@ -166,13 +181,16 @@ def test_opcheck(device):
         args = (x, target, 3, [2, 1, 9, 11], 255, reduction)
         torch.library.opcheck(torch.ops.fcnfast.upsample_cross_entropy.default, args)
         # the backward op is not itself differentiable: opcheck it on a plain x
-        torch.library.opcheck(torch.ops.fcnfast.upsample_cross_entropy_backward.default,
-                              (torch.tensor(1.5, device=device), x.detach()) + args[1:])
+        torch.library.opcheck(
+            torch.ops.fcnfast.upsample_cross_entropy_backward.default,
+            (torch.tensor(1.5, device=device), x.detach()) + args[1:],
+        )
     # 4 classes, x4, crop (3, 3, 17, 20), labels 0..3 (formerly test_cuda.test_opcheck_cuda)
     x = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
     t = torch.randint(0, 4, (2, 17, 20), device=device)
-    torch.library.opcheck(torch.ops.fcnfast.upsample_cross_entropy.default,
-                          (x, t, 4, [3, 3, 17, 20], 255, "mean"))
+    torch.library.opcheck(
+        torch.ops.fcnfast.upsample_cross_entropy.default, (x, t, 4, [3, 3, 17, 20], 255, "mean")
+    )
 
 
 globals().update(oracle_tests(OP))  # ORACLE_CASES on every device (formerly test_cuda.py)
@@ -182,8 +200,9 @@ def test_compile_fullgraph():
     require_native(OP)
     x = torch.randn(1, 4, 3, 3, requires_grad=True)
     target = make_target(1, 4, 10, 9)
-    fn = torch.compile(lambda t: fcnfast.upsample_cross_entropy(t, target, 4, (1, 2, 10, 9)),
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda t: fcnfast.upsample_cross_entropy(t, target, 4, (1, 2, 10, 9)), fullgraph=True
+    )
     loss = fn(x)
     torch.testing.assert_close(loss, reference.upsample_cross_entropy(x, target, 4, (1, 2, 10, 9)))
     loss.backward()
@@ -223,12 +242,18 @@ ERRORS = [
 @pytest.mark.parametrize("impl", [ops, reference])
 @pytest.mark.parametrize("kwargs,match", ERRORS)
 def test_errors(impl, kwargs, match):
-    args = dict(x=torch.randn(1, 3, 4, 4), target=torch.zeros(1, 20, 20, dtype=torch.int64),
-                scale=4, crop=None, reduction="mean")
+    args = dict(
+        x=torch.randn(1, 3, 4, 4),
+        target=torch.zeros(1, 20, 20, dtype=torch.int64),
+        scale=4,
+        crop=None,
+        reduction="mean",
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        impl.upsample_cross_entropy(args["x"], args["target"], args["scale"], args["crop"],
-                                    reduction=args["reduction"])
+        impl.upsample_cross_entropy(
+            args["x"], args["target"], args["scale"], args["crop"], reduction=args["reduction"]
+        )
 
 
 @pytest.mark.parametrize("bad,ignore_index", [(3, 255), (-1, 255), (255, -100), (7, 7 + 1)])
@@ -244,9 +269,16 @@ def test_out_of_range_target(bad, ignore_index, device):
         ops.upsample_cross_entropy(xd, td, 4, None, ignore_index)
     with pytest.raises(ValueError, match=match):
         torch.ops.fcnfast.upsample_cross_entropy(xd, td, 4, [0, 0, 20, 20], ignore_index, "mean")
-    backward = functools.partial(torch.ops.fcnfast.upsample_cross_entropy_backward,
-                                 torch.tensor(1.0, device=device), xd.detach(), td, 4,
-                                 [0, 0, 20, 20], ignore_index, "mean")
+    backward = functools.partial(
+        torch.ops.fcnfast.upsample_cross_entropy_backward,
+        torch.tensor(1.0, device=device),
+        xd.detach(),
+        td,
+        4,
+        [0, 0, 20, 20],
+        ignore_index,
+        "mean",
+    )
     if device == "cpu":
         with pytest.raises(ValueError, match=match):
             backward()
@@ -255,7 +287,7 @@ def test_out_of_range_target(bad, ignore_index, device):
         # of the same step did): the inputs the bad pixel reads get NaN, the others not
         grad = backward().cpu()
         near = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
-        near[..., 5 // 4 - 1:5 // 4 + 1, 7 // 4 - 1:7 // 4 + 1] = True  # the 2x2 taps of (5, 7)
+        near[..., 5 // 4 - 1 : 5 // 4 + 1, 7 // 4 - 1 : 7 // 4 + 1] = True  # the 2x2 taps of (5, 7)
         assert grad[near.expand_as(grad)].isnan().all()
         assert grad[~near.expand_as(grad)].isfinite().all()
     # the reference rejects it too (on the CPU: on CUDA it would be a device-side assert)

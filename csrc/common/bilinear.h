@@ -18,8 +18,10 @@
 // upsample_cross_entropy see the very values bilinear_upsample2d returns):
 //   forward:  h(row)   = fma(x[row][lo_x], w_lo_x, x[row][hi_x] * w_hi_x)   (horizontal first)
 //             out(Y,X) = fma(h(lo_y), w_lo_y, h(hi_y) * w_hi_y)              (then vertical)
-//   backward: G(X)     = fma-accumulated over the band rows Y, ascending: G = fma(w_y(Y), grad[Y][X], G)
-//             gx(i,j)  = fma-accumulated over the band columns X, ascending: gx = fma(w_x(X), G(X), gx)
+//   backward: G(X)     = fma-accumulated over the band rows Y, ascending: G = fma(w_y(Y),
+//   grad[Y][X], G)
+//             gx(i,j)  = fma-accumulated over the band columns X, ascending: gx = fma(w_x(X), G(X),
+//             gx)
 // where a missing tap is a missing term (a CPU kernel may instead read a zero:
 // fma(0, w, p) == p and fma(v, w, 0 * w') == v * w, bitwise, for finite w).
 //
@@ -87,7 +89,8 @@ FCN_HD BilinearTaps<T, I> bilinear_taps(I y, I scale, I in_size) {
 // Horizontal pass of one input row at output column X: the documented h(row).
 template <typename T, typename Acc, typename I>
 FCN_HD Acc bilinear_row_value(const T* row, const BilinearTaps<Acc, I>& tx) {
-  if (tx.has_lo && tx.has_hi) return bl_fma(Acc(row[tx.lo]), tx.w_lo, Acc(row[tx.lo + 1]) * tx.w_hi);
+  if (tx.has_lo && tx.has_hi)
+    return bl_fma(Acc(row[tx.lo]), tx.w_lo, Acc(row[tx.lo + 1]) * tx.w_hi);
   if (tx.has_lo) return Acc(row[tx.lo]) * tx.w_lo;
   if (tx.has_hi) return Acc(row[tx.lo + 1]) * tx.w_hi;
   return Acc(0);
@@ -133,7 +136,8 @@ FCN_HD Acc bilinear_grad_pixel(const T* grad, I crop_h, I crop_w, I top, I left,
   for (I x = x0; x < x1; ++x) {
     Acc g = Acc(0);
     for (I y = y0; y < y1; ++y) {
-      g = bl_fma(bilinear_tap_weight<Acc>(top + y - i * scale, scale), Acc(grad[y * crop_w + x]), g);
+      g = bl_fma(bilinear_tap_weight<Acc>(top + y - i * scale, scale), Acc(grad[y * crop_w + x]),
+                 g);
     }
     out = bl_fma(bilinear_tap_weight<Acc>(left + x - j * scale, scale), g, out);
   }

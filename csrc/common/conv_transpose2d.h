@@ -60,9 +60,9 @@ FCN_HD I gcd_of(I a, I b) {
 // (GPU) by make_conv_plan, never per pixel.
 template <typename I, typename Div>
 struct TapAxis {
-  I kernel, padding, in;     // the geometry of this axis (stride, dilation: by_stride.d, ...)
-  I crop_start, crop_len;    // the kept window of the full output
-  I dil_mod;                 // dilation % stride
+  I kernel, padding, in;   // the geometry of this axis (stride, dilation: by_stride.d, ...)
+  I crop_start, crop_len;  // the kept window of the full output
+  I dil_mod;               // dilation % stride
   Div by_stride, by_dilation;
   Div by_k_step, by_i_step;  // stride / g, dilation / g, g = gcd(stride, dilation)
 };
@@ -76,14 +76,19 @@ struct ConvTranspose2dPlan {
 };
 
 template <typename I, typename MakeDiv>
-FCN_HD auto make_tap_axis(I kernel, I stride, I padding, I dilation, I in, I crop_start,
-                          I crop_len, MakeDiv make_div) -> TapAxis<I, decltype(make_div(I(1)))> {
+FCN_HD auto make_tap_axis(I kernel, I stride, I padding, I dilation, I in, I crop_start, I crop_len,
+                          MakeDiv make_div) -> TapAxis<I, decltype(make_div(I(1)))> {
   const I g = gcd_of(stride, dilation);
-  return {kernel,           padding,
-          in,               crop_start,
-          crop_len,         dilation % stride,
-          make_div(stride), make_div(dilation),
-          make_div(stride / g), make_div(dilation / g)};
+  return {kernel,
+          padding,
+          in,
+          crop_start,
+          crop_len,
+          dilation % stride,
+          make_div(stride),
+          make_div(dilation),
+          make_div(stride / g),
+          make_div(dilation / g)};
 }
 
 template <typename I, typename MakeDiv>
@@ -94,7 +99,10 @@ FCN_HD auto make_conv_plan(const ConvTranspose2dGeomT<I>& g, MakeDiv make_div)
                         make_div),
           make_tap_axis(g.kernel_w, g.stride_w, g.pad_w, g.dil_w, g.in_w, g.crop_left, g.crop_w,
                         make_div),
-          cin_g, cout_g, make_div(cin_g > 0 ? cin_g : I(1)), make_div(cout_g > 0 ? cout_g : I(1))};
+          cin_g,
+          cout_g,
+          make_div(cin_g > 0 ? cin_g : I(1)),
+          make_div(cout_g > 0 ? cout_g : I(1))};
 }
 
 // The CPU's plan: plain division in int64_t.
@@ -235,9 +243,8 @@ FCN_HD Acc conv_transpose2d_grad_input_pixel(const ConvTranspose2dGeomT<I>& g,
 // sum the images in a fixed order. Sum order: input row, input column.
 template <typename T, typename Acc, typename I, typename Div>
 FCN_HD Acc conv_transpose2d_grad_weight_image(const ConvTranspose2dGeomT<I>& g,
-                                              const ConvTranspose2dPlan<I, Div>& plan,
-                                              const T* x_n, const T* grad_n, I ci, I c_local,
-                                              I ky, I kx) {
+                                              const ConvTranspose2dPlan<I, Div>& plan, const T* x_n,
+                                              const T* grad_n, I ci, I c_local, I ky, I kx) {
   I iy0, iy1, ix0, ix1;
   conv_transpose_input_range(plan.h, ky, &iy0, &iy1);
   conv_transpose_input_range(plan.w, kx, &ix0, &ix1);
@@ -251,8 +258,7 @@ FCN_HD Acc conv_transpose2d_grad_weight_image(const ConvTranspose2dGeomT<I>& g,
   for (I iy = iy0; iy < iy1; ++iy) {
     const T* xrow = xc + iy * g.in_w;
     const T* grow = gc + (iy * g.stride_h + dy) * g.crop_w + dx;
-    for (I ix = ix0; ix < ix1; ++ix)
-      acc += Acc(xrow[ix]) * Acc(grow[ix * g.stride_w]);
+    for (I ix = ix0; ix < ix1; ++ix) acc += Acc(xrow[ix]) * Acc(grow[ix * g.stride_w]);
   }
   return acc;
 }

@@ -19,9 +19,8 @@
 namespace fcnfast {
 
 // Full (uncropped) output length of a transposed convolution along one axis.
-FCN_HD int64_t conv_transpose_out_size(int64_t in, int64_t kernel, int64_t stride,
-                                       int64_t padding, int64_t output_padding,
-                                       int64_t dilation) {
+FCN_HD int64_t conv_transpose_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
+                                       int64_t output_padding, int64_t dilation) {
   return (in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1;
 }
 

@@ -37,7 +37,6 @@ namespace fcnfast {
 // the ops' argument checks and geometry: csrc/host/op_checks.h
 using BilinearGeometry = UpsampleGeometry;
 
-
 namespace cpu {
 
 // Horizontal taps of the kept columns X = left + x, x in [0, width).
@@ -51,7 +50,8 @@ struct ColumnTaps {
       : pad_lo(width), w_lo(width), w_hi(width) {
     for (const auto x : c10::irange(width)) {
       const auto t = bilinear_taps<Acc>(left + x, scale, in_w);
-      pad_lo[x] = static_cast<int32_t>(t.lo + 1);  // in [0, in_w]; padded[0] and padded[in_w+1] are 0
+      pad_lo[x] =
+          static_cast<int32_t>(t.lo + 1);  // in [0, in_w]; padded[0] and padded[in_w+1] are 0
       w_lo[x] = t.w_lo;
       w_hi[x] = t.w_hi;
       if (x == 0 || pad_lo[x] != pad_lo[x - 1]) runs.push_back(x);
@@ -65,8 +65,8 @@ struct ColumnTaps {
 // columns come in runs of up to `scale` sharing one (lo, lo+1) pair, so the inner
 // loop broadcasts the pair against contiguous phase weights (vectorises for s >= 8).
 template <typename scalar_t, typename Acc>
-void interpolate_row(const scalar_t* in, int64_t in_w, const ColumnTaps<Acc>& cols,
-                     Acc* padded, Acc* out) {
+void interpolate_row(const scalar_t* in, int64_t in_w, const ColumnTaps<Acc>& cols, Acc* padded,
+                     Acc* out) {
   padded[0] = Acc(0);
   for (const auto j : c10::irange(in_w)) padded[j + 1] = static_cast<Acc>(in[j]);
   padded[in_w + 1] = Acc(0);
@@ -83,8 +83,8 @@ void interpolate_row(const scalar_t* in, int64_t in_w, const ColumnTaps<Acc>& co
 
 // out = fma(lo, w_lo, hi * w_hi) with a missing row (nullptr) left out.
 template <typename Acc, typename Out>
-void blend_rows(const Acc* __restrict lo, Acc w_lo, const Acc* __restrict hi, Acc w_hi,
-                int64_t n, Out* __restrict out) {
+void blend_rows(const Acc* __restrict lo, Acc w_lo, const Acc* __restrict hi, Acc w_hi, int64_t n,
+                Out* __restrict out) {
   if (lo && hi) {
     for (int64_t x = 0; x < n; ++x) out[x] = static_cast<Out>(bl_fma(lo[x], w_lo, hi[x] * w_hi));
   } else if (lo) {
@@ -110,8 +110,8 @@ inline void blend_rows_stream(const float* __restrict lo, float w_lo, const floa
     }
     const __m256 vl = _mm256_set1_ps(w_lo), vh = _mm256_set1_ps(w_hi);
     for (; x + 8 <= n; x += 8) {
-      const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(lo + x), vl,
-                                       _mm256_mul_ps(_mm256_loadu_ps(hi + x), vh));
+      const __m256 v =
+          _mm256_fmadd_ps(_mm256_loadu_ps(lo + x), vl, _mm256_mul_ps(_mm256_loadu_ps(hi + x), vh));
       _mm256_stream_ps(out + x, v);
     }
     for (; x < n; ++x) out[x] = bl_fma(lo[x], w_lo, hi[x] * w_hi);
@@ -134,8 +134,14 @@ class UpsampledRows {
  public:
   UpsampledRows(const scalar_t* x, int64_t channels, int64_t in_h, int64_t in_w,
                 const ColumnTaps<Acc>& cols)
-      : x_(x), channels_(channels), in_h_(in_h), in_w_(in_w), width_(cols.pad_lo.size()),
-        cols_(cols), padded_(in_w + 2), data_(2 * channels * width_) {}
+      : x_(x),
+        channels_(channels),
+        in_h_(in_h),
+        in_w_(in_w),
+        width_(cols.pad_lo.size()),
+        cols_(cols),
+        padded_(in_w + 2),
+        data_(2 * channels * width_) {}
 
   // Rows of input row `row` of image `n`; nullptr when row lies outside the input.
   const Acc* get(int64_t n, int64_t row) {
@@ -169,8 +175,7 @@ class UpsampledRows {
 // scalar_t, so they equal bilinear_upsample2d's output bitwise.
 template <typename scalar_t, typename Acc, typename Use>
 void upsampled_row(UpsampledRows<scalar_t, Acc>& rows, int64_t n, int64_t Y, int64_t scale,
-                   int64_t in_h, int64_t channels, Acc* buffer, int64_t channel_stride,
-                   Use&& use) {
+                   int64_t in_h, int64_t channels, Acc* buffer, int64_t channel_stride, Use&& use) {
   const auto ty = bilinear_taps<Acc>(Y, scale, in_h);
   const Acc* lo = ty.has_lo ? rows.get(n, ty.lo) : nullptr;
   const Acc* hi = ty.has_hi ? rows.get(n, ty.lo + 1) : nullptr;
@@ -239,7 +244,8 @@ void walk_bands(int64_t i0, int64_t i1, int64_t in_h, int64_t scale, int64_t top
       push(Y, k == 0 ? taps.w_lo : taps.w_hi, slots[slot]);
     }
   }
-  const int first = held[0] >= 0 && held[1] >= 0 ? (held[0] < held[1] ? 0 : 1) : (held[0] >= 0 ? 0 : 1);
+  const int first =
+      held[0] >= 0 && held[1] >= 0 ? (held[0] < held[1] ? 0 : 1) : (held[0] >= 0 ? 0 : 1);
   if (held[first] >= 0) finish(held[first], slots[first]);
   if (held[1 - first] >= 0) finish(held[1 - first], slots[1 - first]);
 }
@@ -252,13 +258,20 @@ class BandGather {
  public:
   BandGather(int64_t channels, int64_t in_h, int64_t in_w, int64_t scale, const Crop& crop,
              int64_t full_w)
-      : channels_(channels), in_h_(in_h), in_w_(in_w), scale_(scale), full_w_(full_w),
-        crop_(crop), weights_(tap_weights<Acc>(scale)),
-        storage_(2 * channels * full_w, Acc(0)), scratch_(in_w) {}
+      : channels_(channels),
+        in_h_(in_h),
+        in_w_(in_w),
+        scale_(scale),
+        full_w_(full_w),
+        crop_(crop),
+        weights_(tap_weights<Acc>(scale)),
+        storage_(2 * channels * full_w, Acc(0)),
+        scratch_(in_w) {}
 
   // Input rows [begin, end) of the flattened (n, i) index, written to out
-  // (N x C x in_h x in_w; every row of the range is written, so out may be uninitialised). prepare(n, Y) runs once per full output row Y before
-  // source(n, Y, c) is asked for channel c's crop row (width values).
+  // (N x C x in_h x in_w; every row of the range is written, so out may be uninitialised).
+  // prepare(n, Y) runs once per full output row Y before source(n, Y, c) is asked for channel c's
+  // crop row (width values).
   template <typename Out, typename Prepare, typename Source>
   void run(int64_t begin, int64_t end, Out* out, Prepare&& prepare, Source&& source) {
     Acc* slots[2] = {storage_.data(), storage_.data() + channels_ * full_w_};
@@ -270,8 +283,7 @@ class BandGather {
         std::fill_n(out_n + (c * in_h_ + i0) * in_w_, (i1 - i0) * in_w_, Out(0));
       }
       walk_bands<Acc>(
-          i0, i1, in_h_, scale_, crop_.top, crop_.height, slots,
-          [&](int64_t Y) { prepare(n, Y); },
+          i0, i1, in_h_, scale_, crop_.top, crop_.height, slots, [&](int64_t Y) { prepare(n, Y); },
           [&](int64_t Y, Acc wy, Acc* acc) {
             for (int64_t c = 0; c < channels_; ++c) {
               const auto* __restrict src = source(n, Y, c);
@@ -286,7 +298,8 @@ class BandGather {
             }
           },
           [&](Acc* acc) {
-            for (int64_t c = 0; c < channels_; ++c) std::fill_n(acc + c * full_w_ + left, width, Acc(0));
+            for (int64_t c = 0; c < channels_; ++c)
+              std::fill_n(acc + c * full_w_ + left, width, Acc(0));
           });
       r += i1 - i0;
     }

@@ -91,8 +91,8 @@ PhaseAxis make_phase_axis(int64_t stride, int64_t dilation, int64_t kernel, int6
 struct PhasePlan {
   PhaseAxis h, w;
   int64_t cin_g, cout_g;
-  int64_t k_rows() const { return cin_g * h.taps * w.taps; }         // GEMM depth
-  int64_t m_cols() const { return cout_g * h.stride * w.stride; }    // (co, ry, rx)
+  int64_t k_rows() const { return cin_g * h.taps * w.taps; }       // GEMM depth
+  int64_t m_cols() const { return cout_g * h.stride * w.stride; }  // (co, ry, rx)
 };
 
 PhasePlan make_plan(const ConvTranspose2dGeom& g) {
@@ -173,25 +173,27 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wc.data_ptr<scalar_t>();
     const int64_t kh = p.h.kernel, kw = p.w.kernel;
-    at::parallel_for(0, groups * p.m_cols(), cpu::grain_for(p.k_rows(), cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-      for (int64_t oc = b; oc < e; ++oc) {
-        const int64_t rx = oc % sw, ry = (oc / sw) % sh, co = (oc / (sw * sh)) % p.cout_g;
-        const int64_t grp = oc / p.m_cols();
-        for (int64_t my = 0; my < th; ++my) {
-          const int64_t ky = p.h.kernel_index(ry, my);
-          if (ky < 0) continue;
-          for (int64_t mx = 0; mx < tw; ++mx) {
-            const int64_t kx = p.w.kernel_index(rx, mx);
-            if (kx < 0) continue;
-            for (int64_t cl = 0; cl < p.cin_g; ++cl) {
-              const int64_t ci = grp * p.cin_g + cl;
-              dst[((oc * th + (th - 1 - my)) * tw + (tw - 1 - mx)) * p.cin_g + cl] =
-                  src[((ci * p.cout_g + co) * kh + ky) * kw + kx];
+    at::parallel_for(
+        0, groups * p.m_cols(), cpu::grain_for(p.k_rows(), cpu::kConvMinWork),
+        [&](int64_t b, int64_t e) {
+          for (int64_t oc = b; oc < e; ++oc) {
+            const int64_t rx = oc % sw, ry = (oc / sw) % sh, co = (oc / (sw * sh)) % p.cout_g;
+            const int64_t grp = oc / p.m_cols();
+            for (int64_t my = 0; my < th; ++my) {
+              const int64_t ky = p.h.kernel_index(ry, my);
+              if (ky < 0) continue;
+              for (int64_t mx = 0; mx < tw; ++mx) {
+                const int64_t kx = p.w.kernel_index(rx, mx);
+                if (kx < 0) continue;
+                for (int64_t cl = 0; cl < p.cin_g; ++cl) {
+                  const int64_t ci = grp * p.cin_g + cl;
+                  dst[((oc * th + (th - 1 - my)) * tw + (tw - 1 - mx)) * p.cin_g + cl] =
+                      src[((ci * p.cout_g + co) * kh + ky) * kw + kx];
+                }
+              }
             }
           }
-        }
-      }
-    });
+        });
   });
   return wc;
 }
@@ -202,21 +204,22 @@ template <typename acc_t, typename scalar_t>
 void unphase_weight(const acc_t* dwc, const PhasePlan& p, int64_t cin, scalar_t* gw) {
   const int64_t sh = p.h.stride, sw = p.w.stride, kh = p.h.kernel, kw = p.w.kernel;
   const int64_t th = p.h.taps, tw = p.w.taps;
-  at::parallel_for(0, cin, cpu::grain_for(p.cout_g * kh * kw, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-    for (int64_t ci = b; ci < e; ++ci) {
-      const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
-      for (int64_t co = 0; co < p.cout_g; ++co)
-        for (int64_t ky = 0; ky < kh; ++ky) {
-          const int64_t ry = ky * p.h.dilation % sh, my = ky * p.h.dilation / sh;
-          for (int64_t kx = 0; kx < kw; ++kx) {
-            const int64_t rx = kx * p.w.dilation % sw, mx = kx * p.w.dilation / sw;
-            const int64_t oc = ((grp * p.cout_g + co) * sh + ry) * sw + rx;
-            gw[((ci * p.cout_g + co) * kh + ky) * kw + kx] = static_cast<scalar_t>(
-                dwc[((oc * p.cin_g + cl) * th + (th - 1 - my)) * tw + (tw - 1 - mx)]);
-          }
+  at::parallel_for(
+      0, cin, cpu::grain_for(p.cout_g * kh * kw, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
+        for (int64_t ci = b; ci < e; ++ci) {
+          const int64_t grp = ci / p.cin_g, cl = ci % p.cin_g;
+          for (int64_t co = 0; co < p.cout_g; ++co)
+            for (int64_t ky = 0; ky < kh; ++ky) {
+              const int64_t ry = ky * p.h.dilation % sh, my = ky * p.h.dilation / sh;
+              for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t rx = kx * p.w.dilation % sw, mx = kx * p.w.dilation / sw;
+                const int64_t oc = ((grp * p.cout_g + co) * sh + ry) * sw + rx;
+                gw[((ci * p.cout_g + co) * kh + ky) * kw + kx] = static_cast<scalar_t>(
+                    dwc[((oc * p.cin_g + cl) * th + (th - 1 - my)) * tw + (tw - 1 - mx)]);
+              }
+            }
         }
-    }
-  });
+      });
 }
 
 // The input of the phase convolution: x rows [q_lo - (taps - 1), q_lo + nq)
@@ -256,26 +259,28 @@ at::Tensor phase_input(const at::Tensor& x, const InputWindow& w) {
   at::Tensor win = at::empty({batch, C, w.height, w.width}, opts);
   const scalar_t* src = x.data_ptr<scalar_t>();
   acc_t* dst = win.data_ptr<acc_t>();
-  at::parallel_for(0, batch * w.height, cpu::grain_for(w.width * C, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / w.height, iy = w.origin_y + r % w.height;
-      acc_t* drow = dst + r * w.width * C;  // (n, y) row of the NHWC window
-      if (iy < 0 || iy >= in_h) {
-        std::fill(drow, drow + w.width * C, acc_t(0));
-        continue;
-      }
-      for (int64_t j = 0; j < w.width; ++j) {
-        const int64_t ix = w.origin_x + j;
-        acc_t* d = drow + j * C;
-        if (ix < 0 || ix >= in_w) {
-          std::fill(d, d + C, acc_t(0));
-          continue;
-        }
-        const scalar_t* s = src + (n * C * in_h + iy) * in_w + ix;
-        for (int64_t c = 0; c < C; ++c) d[c] = static_cast<acc_t>(s[c * in_h * in_w]);
-      }
-    }
-  });
+  at::parallel_for(0, batch * w.height, cpu::grain_for(w.width * C, cpu::kConvMinWork),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t r = b; r < e; ++r) {
+                       const int64_t n = r / w.height, iy = w.origin_y + r % w.height;
+                       acc_t* drow = dst + r * w.width * C;  // (n, y) row of the NHWC window
+                       if (iy < 0 || iy >= in_h) {
+                         std::fill(drow, drow + w.width * C, acc_t(0));
+                         continue;
+                       }
+                       for (int64_t j = 0; j < w.width; ++j) {
+                         const int64_t ix = w.origin_x + j;
+                         acc_t* d = drow + j * C;
+                         if (ix < 0 || ix >= in_w) {
+                           std::fill(d, d + C, acc_t(0));
+                           continue;
+                         }
+                         const scalar_t* s = src + (n * C * in_h + iy) * in_w + ix;
+                         for (int64_t c = 0; c < C; ++c)
+                           d[c] = static_cast<acc_t>(s[c * in_h * in_w]);
+                       }
+                     }
+                   });
   return win;
 }
 
@@ -339,7 +344,8 @@ void gather_grad_row(const scalar_t* grad_ng, const PhasePlan& p, int64_t qy, ac
       const int64_t y = out_row(p.h, qy, ry);
       acc_t* dst = gt + (co * sh + ry) * sw;
       if (y < 0) {
-        for (int64_t qx = 0; qx < p.w.nq; ++qx) std::fill(dst + qx * ld, dst + qx * ld + sw, acc_t(0));
+        for (int64_t qx = 0; qx < p.w.nq; ++qx)
+          std::fill(dst + qx * ld, dst + qx * ld + sw, acc_t(0));
         continue;
       }
       const scalar_t* grow = grad_ng + (co * oh + y) * ow;
@@ -398,22 +404,23 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
     for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
       const int64_t q1 = std::min(q0 + chunk, rows);
       // block rows [q0, q1) need window rows [q0, q1 + taps_h - 1)
-      const at::Tensor r = phase_conv(
-          input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
+      const at::Tensor r =
+          phase_conv(input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
       const acc_t* rp = r.data_ptr<acc_t>();
       // one unit = one block row of one group: a permutation of the phase
       // convolution's channels-last rows into the output
-      at::parallel_for(0, g.groups * (q1 - q0), cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
-                       [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> row(g.crop_w);
-        for (int64_t u = begin; u < end; ++u) {
-          const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
-          scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-          scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
-                      bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data(), stream);
-        }
-        cpu::stream_fence();
-      });
+      at::parallel_for(
+          0, g.groups * (q1 - q0), cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
+          [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> row(g.crop_w);
+            for (int64_t u = begin; u < end; ++u) {
+              const int64_t qy = q0 + u % (q1 - q0), grp = u / (q1 - q0);
+              scalar_t* out_ng = op + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+              scatter_row(rp + (qy - q0) * nqw * ld + grp * p.m_cols(), ld, p, qy,
+                          bias ? bias + grp * p.cout_g : nullptr, out_ng, row.data(), stream);
+            }
+            cpu::stream_fence();
+          });
     }
 }
 
@@ -429,8 +436,8 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   const at::Tensor input = phase_input<scalar_t, acc_t>(x, win);
   const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
   // one image's gradient permuted into the phase convolution's output layout
-  at::Tensor gt = cpu::empty_large({1, ld, rows, nqw}, input.options(),
-                                   at::MemoryFormat::ChannelsLast);
+  at::Tensor gt =
+      cpu::empty_large({1, ld, rows, nqw}, input.options(), at::MemoryFormat::ChannelsLast);
   at::Tensor dwc = grad_weight ? at::zeros_like(wc) : at::Tensor();
   const scalar_t* gp = grad.data_ptr<scalar_t>();
   acc_t* gtp = gt.data_ptr<acc_t>();
@@ -438,13 +445,14 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
   for (int64_t n = 0; n < a.batch; ++n) {
     at::parallel_for(0, g.groups * rows, cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t qy = u % rows, grp = u / rows;
-        const scalar_t* grad_ng =
-            gp + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
-        gather_grad_row(grad_ng, p, qy, gtp + qy * nqw * ld + grp * p.m_cols(), ld);
-      }
-    });
+                       for (int64_t u = begin; u < end; ++u) {
+                         const int64_t qy = u % rows, grp = u / rows;
+                         const scalar_t* grad_ng =
+                             gp + (n * g.out_channels + grp * p.cout_g) * g.crop_h * g.crop_w;
+                         gather_grad_row(grad_ng, p, qy, gtp + qy * nqw * ld + grp * p.m_cols(),
+                                         ld);
+                       }
+                     });
     const at::Tensor input_n = input.narrow(0, n, 1);
     auto grads = at::convolution_backward(gt, input_n, wc, std::nullopt, {1, 1}, {0, 0}, {1, 1},
                                           false, {0, 0}, g.groups,
@@ -476,20 +484,21 @@ void forward_direct(const ConvTArgs& a, const at::Tensor& x, const at::Tensor& w
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t rows = a.batch * g.out_channels * g.crop_h;
   const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
-  at::parallel_for(0, rows, cpu::grain_for(g.crop_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t y = r % g.crop_h, nc = r / g.crop_h, co = nc % g.out_channels,
-                    n = nc / g.out_channels;
-      const scalar_t* x_n = xp + n * g.in_channels * g.in_h * g.in_w;
-      const acc_t bv = bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
-      scalar_t* orow = op + r * g.crop_w;
-      for (int64_t xo = 0; xo < g.crop_w; ++xo)
-        orow[xo] = static_cast<scalar_t>(
-            conv_transpose2d_output_pixel<scalar_t, acc_t>(g, plan, x_n, wp, co, y + g.crop_top,
-                                                           xo + g.crop_left) +
-            bv);
-    }
-  });
+  at::parallel_for(
+      0, rows, cpu::grain_for(g.crop_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t y = r % g.crop_h, nc = r / g.crop_h, co = nc % g.out_channels,
+                        n = nc / g.out_channels;
+          const scalar_t* x_n = xp + n * g.in_channels * g.in_h * g.in_w;
+          const acc_t bv = bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
+          scalar_t* orow = op + r * g.crop_w;
+          for (int64_t xo = 0; xo < g.crop_w; ++xo)
+            orow[xo] =
+                static_cast<scalar_t>(conv_transpose2d_output_pixel<scalar_t, acc_t>(
+                                          g, plan, x_n, wp, co, y + g.crop_top, xo + g.crop_left) +
+                                      bv);
+        }
+      });
 }
 
 template <typename scalar_t>
@@ -506,33 +515,35 @@ void backward_direct(const ConvTArgs& a, const at::Tensor& grad, const at::Tenso
   if (grad_x) {
     scalar_t* gx = grad_x->data_ptr<scalar_t>();
     const int64_t taps = (g.out_channels / g.groups) * g.kernel_h * g.kernel_w;
-    at::parallel_for(0, a.batch * g.in_channels * g.in_h, cpu::grain_for(g.in_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t iy = r % g.in_h, nc = r / g.in_h, ci = nc % g.in_channels,
-                      n = nc / g.in_channels;
-        for (int64_t ix = 0; ix < g.in_w; ++ix)
-          gx[r * g.in_w + ix] = static_cast<scalar_t>(
-              conv_transpose2d_grad_input_pixel<scalar_t, acc_t>(g, plan, gp + n * g_img, wp, ci,
-                                                                 iy, ix));
-      }
-    });
+    at::parallel_for(0, a.batch * g.in_channels * g.in_h,
+                     cpu::grain_for(g.in_w * taps, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
+                       for (int64_t r = b; r < e; ++r) {
+                         const int64_t iy = r % g.in_h, nc = r / g.in_h, ci = nc % g.in_channels,
+                                       n = nc / g.in_channels;
+                         for (int64_t ix = 0; ix < g.in_w; ++ix)
+                           gx[r * g.in_w + ix] = static_cast<scalar_t>(
+                               conv_transpose2d_grad_input_pixel<scalar_t, acc_t>(
+                                   g, plan, gp + n * g_img, wp, ci, iy, ix));
+                       }
+                     });
   }
   if (grad_weight) {
     scalar_t* gw = grad_weight->data_ptr<scalar_t>();
     const int64_t cout_g = g.out_channels / g.groups;
     const int64_t khw = g.kernel_h * g.kernel_w;
     const int64_t per_elem = a.batch * g.in_h * g.in_w;
-    at::parallel_for(0, grad_weight->numel(), cpu::grain_for(per_elem, cpu::kConvMinWork), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t kx = i % g.kernel_w, ky = (i / g.kernel_w) % g.kernel_h;
-        const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);
-        acc_t acc = acc_t(0);
-        for (int64_t n = 0; n < a.batch; ++n)
-          acc += conv_transpose2d_grad_weight_image<scalar_t, acc_t>(g, plan, xp + n * x_img,
-                                                                     gp + n * g_img, ci, cl, ky, kx);
-        gw[i] = static_cast<scalar_t>(acc);
-      }
-    });
+    at::parallel_for(0, grad_weight->numel(), cpu::grain_for(per_elem, cpu::kConvMinWork),
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t i = b; i < e; ++i) {
+                         const int64_t kx = i % g.kernel_w, ky = (i / g.kernel_w) % g.kernel_h;
+                         const int64_t cl = (i / khw) % cout_g, ci = i / (khw * cout_g);
+                         acc_t acc = acc_t(0);
+                         for (int64_t n = 0; n < a.batch; ++n)
+                           acc += conv_transpose2d_grad_weight_image<scalar_t, acc_t>(
+                               g, plan, xp + n * x_img, gp + n * g_img, ci, cl, ky, kx);
+                         gw[i] = static_cast<scalar_t>(acc);
+                       }
+                     });
   }
 }
 
@@ -570,15 +581,16 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   auto wc = weight.contiguous();
   at::Tensor bc = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const PhasePlan plan = make_plan(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
-    const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-    if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc)) {
-      if (!forward_phase_rows(g, xc, wc, bp, out))
-        forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
-    } else {
-      forward_direct<scalar_t>(a, xc, wc, bp, out);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d", [&] {
+        const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+        if (use_phase_conv(plan) && all_finite(xc) && all_finite(wc)) {
+          if (!forward_phase_rows(g, xc, wc, bp, out))
+            forward_phase_conv<scalar_t>(a, plan, xc, wc, bp, out);
+        } else {
+          forward_direct<scalar_t>(a, xc, wc, bp, out);
+        }
+      });
   return out;
 }
 
@@ -607,12 +619,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cpu(
   const PhasePlan plan = make_plan(g);
   at::Tensor* gx_p = output_mask[0] ? &gx : nullptr;
   at::Tensor* gw_p = output_mask[1] ? &gw : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d_backward", [&] {
-    if (use_phase_conv(plan) && all_finite(gc) && all_finite(xc) && all_finite(wc))
-      backward_phase_conv<scalar_t>(a, plan, gc, xc, wc, gx_p, gw_p);
-    else
-      backward_direct<scalar_t>(a, gc, xc, wc, gx_p, gw_p);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "conv_transpose2d_backward", [&] {
+        if (use_phase_conv(plan) && all_finite(gc) && all_finite(xc) && all_finite(wc))
+          backward_phase_conv<scalar_t>(a, plan, gc, xc, wc, gx_p, gw_p);
+        else
+          backward_direct<scalar_t>(a, gc, xc, wc, gx_p, gw_p);
+      });
   return {gx, gw, gb};
 }
 

@@ -42,7 +42,8 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 20;
 
 // parallel(begin, end, work_per_item, fn): at::parallel_for with a grain from the work estimate.
 auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn) {
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+  const int64_t grain =
+      std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 };
 
@@ -158,7 +159,8 @@ void symmetric_taps(const float* src, float g0, const TapPair* taps, int64_t num
   }
   for (; k < n; ++k) {
     float acc = g0 * src[k];
-    for (int64_t t = 0; t < num_taps; ++t) acc = std::fma(taps[t].g, taps[t].a[k] + taps[t].b[k], acc);
+    for (int64_t t = 0; t < num_taps; ++t)
+      acc = std::fma(taps[t].g, taps[t].a[k] + taps[t].b[k], acc);
     dst[k] = acc;
   }
 }
@@ -191,7 +193,8 @@ class SpatialBlur {
       std::vector<float> line(row + 2 * margin, 0.0f);
       float* center = line.data() + margin;
       std::vector<TapPair> taps(radius_);
-      for (int64_t t = 1; t <= radius_; ++t) taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
+      for (int64_t t = 1; t <= radius_; ++t)
+        taps[t - 1] = {center - t * cs, center + t * cs, taps_[t]};
       for (int64_t y = begin; y < end; ++y) {
         if (scale == nullptr) {
           std::copy(in + y * row, in + (y + 1) * row, center);
@@ -288,7 +291,8 @@ void pack_logits(const float* logits, int64_t C, int64_t P, int64_t Cp, float* z
       const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
       const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
       for (int64_t c = 0; c < full_c; c += 8) {
-        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(logits + c * P + i, P, z + i * Cp + c, Cp);
+        for (int64_t i = i0; i < full_i; i += 8)
+          transpose8x8(logits + c * P + i, P, z + i * Cp + c, Cp);
         for (int64_t i = full_i; i < i1; ++i) {
           for (int64_t cc = c; cc < c + 8; ++cc) z[i * Cp + cc] = logits[cc * P + i];
         }
@@ -308,7 +312,8 @@ void unpack_labels(const float* Q, int64_t C, int64_t P, int64_t Cp, float* out)
       const int64_t i0 = blk * kBlock, i1 = std::min(P, i0 + kBlock);
       const int64_t full_i = i0 + (i1 - i0) / 8 * 8, full_c = C / 8 * 8;
       for (int64_t c = 0; c < full_c; c += 8) {
-        for (int64_t i = i0; i < full_i; i += 8) transpose8x8(Q + i * Cp + c, Cp, out + c * P + i, P);
+        for (int64_t i = i0; i < full_i; i += 8)
+          transpose8x8(Q + i * Cp + c, Cp, out + c * P + i, P);
       }
       for (int64_t c = 0; c < C; ++c) {
         const int64_t from = c < full_c ? full_i : i0;  // the rest of the block's pixels
@@ -335,39 +340,41 @@ void mean_field_update(const float* z, std::vector<PairwiseTerm>& terms, bool fi
                        int64_t Cp, float* Q) {
   using simd::Vec8;
   const int64_t nv = Cp / 8, T = first ? 0 : static_cast<int64_t>(terms.size());
-  parallel(0, P, Cp * (8 + 3 * static_cast<int64_t>(terms.size())), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float* q = Q + i * Cp;
-      const float* zi = z + i * Cp;
-      Vec8 wn[2], sn[2];
-      const float* f[2];
-      for (int64_t t = 0; t < T; ++t) {
-        wn[t] = Vec8::broadcast(terms[t].weight * terms[t].n[i]);
-        sn[t] = Vec8::broadcast(terms[t].self[i] * terms[t].n[i]);
-        f[t] = terms[t].filtered.get() + i * Cp;
-      }
-      Vec8 top = Vec8::broadcast(-std::numeric_limits<float>::infinity());
-      for (int64_t v = 0; v < nv; ++v) {
-        Vec8 e = Vec8::load(zi + 8 * v);
-        const Vec8 qv = Vec8::load(q + 8 * v);
-        for (int64_t t = 0; t < T; ++t) e = fmadd(wn[t], Vec8::load(f[t] + 8 * v) - sn[t] * qv, e);
-        top = max(top, e);
-        e.store(q + 8 * v);
-      }
-      const Vec8 shift = Vec8::broadcast(top.hmax());
-      Vec8 total = Vec8::zero();
-      for (int64_t v = 0; v < nv; ++v) {
-        const Vec8 p = simd::exp_nonpositive(Vec8::load(q + 8 * v) - shift);
-        total = total + p;
-        p.store(q + 8 * v);
-      }
-      const Vec8 inv = Vec8::broadcast(1.0f / total.hsum());
-      for (int64_t v = 0; v < nv; ++v) {
-        const Vec8 p = Vec8::load(q + 8 * v) * inv;
-        p.store(q + 8 * v);
-      }
-    }
-  });
+  parallel(0, P, Cp * (8 + 3 * static_cast<int64_t>(terms.size())),
+           [&](int64_t begin, int64_t end) {
+             for (int64_t i = begin; i < end; ++i) {
+               float* q = Q + i * Cp;
+               const float* zi = z + i * Cp;
+               Vec8 wn[2], sn[2];
+               const float* f[2];
+               for (int64_t t = 0; t < T; ++t) {
+                 wn[t] = Vec8::broadcast(terms[t].weight * terms[t].n[i]);
+                 sn[t] = Vec8::broadcast(terms[t].self[i] * terms[t].n[i]);
+                 f[t] = terms[t].filtered.get() + i * Cp;
+               }
+               Vec8 top = Vec8::broadcast(-std::numeric_limits<float>::infinity());
+               for (int64_t v = 0; v < nv; ++v) {
+                 Vec8 e = Vec8::load(zi + 8 * v);
+                 const Vec8 qv = Vec8::load(q + 8 * v);
+                 for (int64_t t = 0; t < T; ++t)
+                   e = fmadd(wn[t], Vec8::load(f[t] + 8 * v) - sn[t] * qv, e);
+                 top = max(top, e);
+                 e.store(q + 8 * v);
+               }
+               const Vec8 shift = Vec8::broadcast(top.hmax());
+               Vec8 total = Vec8::zero();
+               for (int64_t v = 0; v < nv; ++v) {
+                 const Vec8 p = simd::exp_nonpositive(Vec8::load(q + 8 * v) - shift);
+                 total = total + p;
+                 p.store(q + 8 * v);
+               }
+               const Vec8 inv = Vec8::broadcast(1.0f / total.hsum());
+               for (int64_t v = 0; v < nv; ++v) {
+                 const Vec8 p = Vec8::load(q + 8 * v) * inv;
+                 p.store(q + 8 * v);
+               }
+             }
+           });
 }
 
 struct CrfParams {
@@ -392,8 +399,8 @@ std::vector<float> bilateral_features(const float* appearance, int64_t H, int64_
 }
 
 // One image: logits and the returned Q are C x P (planar, as in NCHW), appearance K x P.
-void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W,
-                      int64_t C, int64_t K, const CrfParams& p, float* out) {
+void mean_field_image(const float* logits, const float* appearance, int64_t H, int64_t W, int64_t C,
+                      int64_t K, const CrfParams& p, float* out) {
   const int64_t P = H * W, Cp = padded_labels(C);
   auto new_term = [&](bool on_lattice, double weight) {
     PairwiseTerm t;
@@ -451,10 +458,9 @@ void mean_field_image(const float* logits, const float* appearance, int64_t H, i
 void check_params(const CrfParams& p) {
   TORCH_CHECK_VALUE(p.iterations >= 0, "fcnfast: dense_crf iterations must be >= 0, got ",
                     p.iterations);
-  const std::pair<const char*, double> stds[] = {
-      {"spatial_std", p.spatial_std},
-      {"bilateral_spatial_std", p.bilateral_spatial_std},
-      {"bilateral_color_std", p.bilateral_color_std}};
+  const std::pair<const char*, double> stds[] = {{"spatial_std", p.spatial_std},
+                                                 {"bilateral_spatial_std", p.bilateral_spatial_std},
+                                                 {"bilateral_color_std", p.bilateral_color_std}};
   for (const auto& [name, value] : stds) {
     TORCH_CHECK_VALUE(std::isfinite(value) && value > 0.0, "fcnfast: dense_crf ", name,
                       " must be a positive finite number, got ", value);
@@ -471,17 +477,16 @@ void check_float_cpu_inputs(const at::Tensor& a, const char* na, const at::Tenso
   check_defined(b, nb);
   check_dim(a, dim, na);
   check_dim(b, dim, nb);
-  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
-                    "fcnfast: ", op, " takes float32 ", na, " and ", nb, ", got ",
-                    a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "fcnfast: ", op,
+                    " takes float32 ", na, " and ", nb, ", got ", a.scalar_type(), " and ",
+                    b.scalar_type());
   check_device(a, at::kCPU, na);
   check_device(b, at::kCPU, nb);
 }
 
-at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
-                         int64_t iterations, double spatial_std, double spatial_weight,
-                         double bilateral_spatial_std, double bilateral_color_std,
-                         double bilateral_weight) {
+at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance, int64_t iterations,
+                         double spatial_std, double spatial_weight, double bilateral_spatial_std,
+                         double bilateral_color_std, double bilateral_weight) {
   check_float_cpu_inputs(logits, "unary_logits", appearance, "appearance", 4, "dense_crf");
   TORCH_CHECK_VALUE(logits.size(0) == appearance.size(0) && logits.size(2) == appearance.size(2) &&
                         logits.size(3) == appearance.size(3),
@@ -492,7 +497,8 @@ at::Tensor dense_crf_cpu(const at::Tensor& logits, const at::Tensor& appearance,
   TORCH_CHECK_VALUE(K >= 1 && K + 2 <= permutohedral::kMaxDim,
                     "fcnfast: dense_crf appearance must have 1 to ", permutohedral::kMaxDim - 2,
                     " channels, got ", K);
-  const CrfParams params{iterations, spatial_std, spatial_weight, bilateral_spatial_std,
+  const CrfParams params{iterations,          spatial_std,
+                         spatial_weight,      bilateral_spatial_std,
                          bilateral_color_std, bilateral_weight};
   check_params(params);
   check_index32(N * C * H * W, "unary_logits");

@@ -29,8 +29,7 @@ inline bool use_avx512() {
 #if defined(FCNFAST_HAVE_AVX512_KERNELS)
 // The 16-lane mask selecting the first `lanes` lanes (none for lanes <= 0).
 inline __mmask16 lane_mask(int64_t lanes) {
-  return lanes >= 16 ? __mmask16(0xFFFF)
-                     : lanes <= 0 ? __mmask16(0) : __mmask16((1u << lanes) - 1);
+  return lanes >= 16 ? __mmask16(0xFFFF) : lanes <= 0 ? __mmask16(0) : __mmask16((1u << lanes) - 1);
 }
 #endif
 

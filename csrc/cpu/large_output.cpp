@@ -62,8 +62,8 @@ void advise_fresh_block(void* p, size_t bytes) {
 // A 2 MB-aligned anonymous mapping of `bytes` (a multiple of 2 MB): aligned so
 // that the kernel can back all of it with huge pages where THP allows.
 Block* map_block(size_t bytes) {
-  void* raw = mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
+  void* raw =
+      mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t a = (r + kHuge - 1) & ~(kHuge - 1);
@@ -166,7 +166,8 @@ class LargeOutputAllocator final : public c10::Allocator {
     const size_t bytes = (n + kHuge - 1) & ~(kHuge - 1);
     Block* b = cache().take(bytes);
     if (b == nullptr) b = map_block(bytes);
-    if (b == nullptr) return c10::GetCPUAllocator()->allocate(n);  // out of address space: let it report
+    if (b == nullptr)
+      return c10::GetCPUAllocator()->allocate(n);  // out of address space: let it report
     b->requested = n;
     report(b->ptr, static_cast<int64_t>(n));
     return {b->ptr, b, &release, c10::Device(c10::DeviceType::CPU)};
@@ -183,7 +184,8 @@ class LargeOutputAllocator final : public c10::Allocator {
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
                        at::MemoryFormat format) {
 #if defined(__linux__)
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  const size_t bytes =
+      static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (options.device().is_cpu() && !options.pinned_memory() && bytes >= kLargeOutputBytes) {
     static LargeOutputAllocator* alloc = new LargeOutputAllocator;
     return at::detail::empty_generic(sizes, alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),

@@ -45,9 +45,7 @@ void large_output_cache_clear();
 // read-for-ownership of every cache line, which pays off only for outputs far
 // beyond the caches; on small outputs (an FCN k4 s2 layer: < 1 MB, rows of
 // 34 floats) partial-line streaming stores were 70% of the op's time.
-inline bool use_streaming_stores(const at::Tensor& t) {
-  return t.nbytes() >= (size_t(8) << 20);
-}
+inline bool use_streaming_stores(const at::Tensor& t) { return t.nbytes() >= (size_t(8) << 20); }
 
 // Writes a finished float row. With `stream` (a large output, written once and
 // not read back soon) non-temporal stores skip the read-for-ownership of every

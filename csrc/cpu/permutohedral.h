@@ -30,7 +30,7 @@
 namespace fcnfast {
 namespace permutohedral {
 
-constexpr int kMaxDim = 16;  // feature dimensions d (2 spatial + appearance)
+constexpr int kMaxDim = 16;       // feature dimensions d (2 spatial + appearance)
 constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
 
 // Largest |feature| (in std units) whose lattice coordinates stay exact integers in float32 and
@@ -136,7 +136,8 @@ class Lattice {
     vertex_.resize(n_ * D1);
     weight_.resize(n_ * D1);
     rank_.resize(n_ * D1);
-    for (int j = 1; j <= d; ++j) {  // scale so that the lattice blur approximates a unit-std Gaussian
+    for (int j = 1; j <= d;
+         ++j) {  // scale so that the lattice blur approximates a unit-std Gaussian
       elevate_scale_[j] = std::sqrt(2.0f / 3.0f) * D1 / std::sqrt(static_cast<float>(j * (j + 1)));
     }
     std::vector<int32_t> rem0(n_ * D1);
@@ -190,11 +191,13 @@ class Lattice {
     } else {
       const int64_t per_vertex = Cp * (n_ * D1 / std::max<int64_t>(m_, 1) + 1);
       par(0, m_, per_vertex, [&](int64_t begin, int64_t end) {
-        for_blocks(Cp, [&](auto nb, int64_t c0) { splat_block<nb()>(in, cur, Cp, c0, begin, end); });
+        for_blocks(Cp,
+                   [&](auto nb, int64_t c0) { splat_block<nb()>(in, cur, Cp, c0, begin, end); });
       });
     }
     for (int j = 0; j < D1; ++j) {
-      par(0, m_, 3 * Cp, [&](int64_t begin, int64_t end) { blur_rows(j, cur, next, Cp, begin, end); });
+      par(0, m_, 3 * Cp,
+          [&](int64_t begin, int64_t end) { blur_rows(j, cur, next, Cp, begin, end); });
       std::swap(cur, next);
     }
     par(0, n_, D1 * Cp, [&](int64_t begin, int64_t end) {
@@ -260,8 +263,8 @@ class Lattice {
       par(0, m_, sets * D1, [&](int64_t begin, int64_t end) {
         for (int64_t v = begin; v < end; ++v) {
           for (int64_t set = 0; set < sets; ++set) {
-            table[v * sets + set] = static_cast<float>(blur_entry(static_cast<int32_t>(v),
-                                                                  static_cast<uint32_t>(set)));
+            table[v * sets + set] =
+                static_cast<float>(blur_entry(static_cast<int32_t>(v), static_cast<uint32_t>(set)));
           }
         }
       });
@@ -374,10 +377,18 @@ class Lattice {
   static void for_blocks(int64_t Cp, Fn fn) {
     for (int64_t c0 = 0; c0 < Cp; c0 += 32) {
       switch (std::min<int64_t>(4, (Cp - c0) / 8)) {
-        case 4: fn(std::integral_constant<int, 4>{}, c0); break;
-        case 3: fn(std::integral_constant<int, 3>{}, c0); break;
-        case 2: fn(std::integral_constant<int, 2>{}, c0); break;
-        default: fn(std::integral_constant<int, 1>{}, c0); break;
+        case 4:
+          fn(std::integral_constant<int, 4>{}, c0);
+          break;
+        case 3:
+          fn(std::integral_constant<int, 3>{}, c0);
+          break;
+        case 2:
+          fn(std::integral_constant<int, 2>{}, c0);
+          break;
+        default:
+          fn(std::integral_constant<int, 1>{}, c0);
+          break;
       }
     }
   }
@@ -414,7 +425,8 @@ class Lattice {
       const float* minus = cur + (static_cast<int64_t>(nb[1]) + 1) * Cp;
       float* dst = next + (v + 1) * Cp;
       for (int64_t c = 0; c < Cp; c += 8) {
-        fmadd(half, Vec8::load(plus + c) + Vec8::load(minus + c), Vec8::load(self + c)).store(dst + c);
+        fmadd(half, Vec8::load(plus + c) + Vec8::load(minus + c), Vec8::load(self + c))
+            .store(dst + c);
       }
     }
   }
@@ -439,7 +451,8 @@ class Lattice {
     }
   }
 
-  // neighbor_[(v * (d+1) + j) * 2 + {0, 1}] (vertex-major: one cache line per vertex) = id of v + e_j / v - e_j, e_j = (d+1) delta_j - 1.
+  // neighbor_[(v * (d+1) + j) * 2 + {0, 1}] (vertex-major: one cache line per vertex) = id of v +
+  // e_j / v - e_j, e_j = (d+1) delta_j - 1.
   template <class ParFor>
   void build_neighbors(ParFor par) {
     const int d = d_, D1 = d + 1;
@@ -520,11 +533,11 @@ class Lattice {
   int64_t n_, m_ = 0;
   float alpha_ = 1.0f;
   KeyTable table_;
-  std::vector<int32_t> vertex_;    // n x (d+1) vertex ids of each point's simplex
-  std::vector<float> weight_;      // n x (d+1) barycentric weights
-  std::vector<int8_t> rank_;       // n x (d+1) rank of each elevated coordinate's remainder
-  std::vector<int32_t> neighbor_;  // m x (d+1) x 2
-  std::vector<float> input_scale_;  // s of scale_inputs (empty: none)
+  std::vector<int32_t> vertex_;       // n x (d+1) vertex ids of each point's simplex
+  std::vector<float> weight_;         // n x (d+1) barycentric weights
+  std::vector<int8_t> rank_;          // n x (d+1) rank of each elevated coordinate's remainder
+  std::vector<int32_t> neighbor_;     // m x (d+1) x 2
+  std::vector<float> input_scale_;    // s of scale_inputs (empty: none)
   std::vector<int64_t> splat_start_;  // CSR by vertex over the splat entries, in point order:
   std::vector<int32_t> splat_point_;  //   the point of each entry
   std::vector<float> splat_weight_;   //   and its barycentric weight

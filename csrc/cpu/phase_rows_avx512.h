@@ -64,15 +64,15 @@ constexpr int kChunkBlock = 4;    // output vectors per register block (along th
 constexpr int kChannelBlock = 6;  // output channels per register block: 24 accumulators
 
 struct Plan {
-  int64_t sh, sw, th, tw;          // strides and taps
-  int64_t depth;                   // cin * th * tw: the dot-product length
-  int64_t chunks, chunks_padded;   // 16-column vectors per output row (padded to kChunkBlock)
-  int64_t q_lo, q_hi;              // block rows of the kept output rows (inclusive)
-  int64_t pad_y0, pad_x0;          // input coordinates of the padded copy's origin
-  int64_t pad_h, pad_w;            // padded copy size
-  int64_t d0;                      // input column of lane 0 of chunk 0 (before the tap shift)
-  int rel[kLanes];                 // lane -> input column offset from d0 (within a chunk)
-  int rx[kLanes];                  // lane -> column phase
+  int64_t sh, sw, th, tw;         // strides and taps
+  int64_t depth;                  // cin * th * tw: the dot-product length
+  int64_t chunks, chunks_padded;  // 16-column vectors per output row (padded to kChunkBlock)
+  int64_t q_lo, q_hi;             // block rows of the kept output rows (inclusive)
+  int64_t pad_y0, pad_x0;         // input coordinates of the padded copy's origin
+  int64_t pad_h, pad_w;           // padded copy size
+  int64_t d0;                     // input column of lane 0 of chunk 0 (before the tap shift)
+  int rel[kLanes];                // lane -> input column offset from d0 (within a chunk)
+  int rx[kLanes];                 // lane -> column phase
 };
 
 inline Plan make_plan(const ConvTranspose2dGeom& g) {
@@ -153,9 +153,9 @@ __attribute__((target("avx512f"))) inline void input_vectors(const float* xpad_n
         // (the zero-masking form with a full mask: GCC 12 warns about the
         // unmasked intrinsic's undefined pass-through operand)
         for (int64_t j = 0; j < p.chunks_padded; ++j)
-          _mm512_storeu_ps(dst + j * kLanes,
-                           _mm512_maskz_permutexvar_ps(__mmask16(0xFFFF), rel,
-                                                       _mm512_loadu_ps(src + j * step)));
+          _mm512_storeu_ps(
+              dst + j * kLanes,
+              _mm512_maskz_permutexvar_ps(__mmask16(0xFFFF), rel, _mm512_loadu_ps(src + j * step)));
       }
     }
 }
@@ -196,8 +196,8 @@ __attribute__((target("avx512f"))) void row_block(const float* wexp_ry, const fl
       _mm512_storeu_ps(rows + c * row_len + (j0 + j) * kLanes, acc[c][j]);
 }
 
-using RowBlockFn = void (*)(const float*, const float*, const Plan&, int64_t, int64_t,
-                            const float*, float*);
+using RowBlockFn = void (*)(const float*, const float*, const Plan&, int64_t, int64_t, const float*,
+                            float*);
 
 }  // namespace phase_rows
 #endif
@@ -215,9 +215,8 @@ inline void phase_rows_forward(const ConvTranspose2dGeom& g, const at::Tensor& x
   const std::vector<float> wexp = expanded_weights(weight.const_data_ptr<float>(), g, p);
   const float* xp = xpad.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  static constexpr RowBlockFn kBlocks[kChannelBlock] = {&row_block<1>, &row_block<2>,
-                                                        &row_block<3>, &row_block<4>,
-                                                        &row_block<5>, &row_block<6>};
+  static constexpr RowBlockFn kBlocks[kChannelBlock] = {
+      &row_block<1>, &row_block<2>, &row_block<3>, &row_block<4>, &row_block<5>, &row_block<6>};
   // channel blocks of near-equal size (21 channels: 6 + 5 + 5 + 5, not 6 x 3 + 3)
   const int64_t channel_blocks = (cout + kChannelBlock - 1) / kChannelBlock;
   std::vector<int64_t> block_start(channel_blocks + 1, 0);
@@ -228,8 +227,7 @@ inline void phase_rows_forward(const ConvTranspose2dGeom& g, const at::Tensor& x
   const int64_t rows_q = p.q_hi - p.q_lo + 1;
   const int64_t work = p.sh * cout * p.chunks_padded * kLanes * p.depth;
   // one unit = one block row qY of one image: its input vectors, then its S_h rows
-  at::parallel_for(0, N * rows_q, grain_for(work, kConvMinWork),
-                   [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * rows_q, grain_for(work, kConvMinWork), [&](int64_t b, int64_t e) {
     std::vector<float> in_vec(p.depth * p.chunks_padded * kLanes);
     std::vector<float> rows(kChannelBlock * row_len);
     for (int64_t u = b; u < e; ++u) {

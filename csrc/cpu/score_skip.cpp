@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-
 #include <algorithm>
 #include <array>
 #include <optional>
@@ -68,8 +67,6 @@ void scatter_window(const acc_t* dwin, const Window& win, int64_t c0, int64_t c1
   }
 }
 
-
-
 // The windows of all images, (N, C, h, w) contiguous in the compute dtype.
 template <typename scalar_t, typename acc_t>
 at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
@@ -78,12 +75,13 @@ at::Tensor gather_windows(const at::Tensor& feature, const Window& win) {
   const scalar_t* fp = feature.data_ptr<scalar_t>();
   acc_t* op = out.data_ptr<acc_t>();
   const int64_t C = win.channels, plane = win.h * win.w;
-  at::parallel_for(0, win.batch * C, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, c, c + 1, op + n * C * plane);
-    }
-  });
+  at::parallel_for(
+      0, win.batch * C, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const int64_t n = nc / C, c = nc % C;
+          gather_window(fp + n * C * win.fh * win.fw, win, 0, win.h, c, c + 1, op + n * C * plane);
+        }
+      });
   return out;
 }
 
@@ -174,9 +172,10 @@ at::Tensor window_conv_avx512(const at::Tensor& feature, const Window& win,
     at::parallel_for(0, C, cpu::grain_for(P, cpu::kWindowMinWork), [&](int64_t c0, int64_t c1) {
       gather_window(feat_n, win, 0, win.h, c0, c1, xp);
     });
-    at::parallel_for(0, blocks, cpu::grain_for(kPixelBlock * C * K, cpu::kWindowMinWork), [&](int64_t b0, int64_t b1) {
-      window_gemm_avx512(wp, K, xp, C, P, b0, b1, rp + n * K * P);
-    });
+    at::parallel_for(0, blocks, cpu::grain_for(kPixelBlock * C * K, cpu::kWindowMinWork),
+                     [&](int64_t b0, int64_t b1) {
+                       window_gemm_avx512(wp, K, xp, C, P, b0, b1, rp + n * K * P);
+                     });
   }
 #else
   (void)weight;
@@ -195,33 +194,35 @@ at::Tensor score_skip_cpu(const at::Tensor& coarse, const at::Tensor& feature,
   auto cc = coarse.contiguous();
   auto fc = feature.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, coarse.scalar_type(), "score_skip", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor wm = scaled_weight(weight, scale, acc_type);
-    const scalar_t* cp = cc.data_ptr<scalar_t>();
-    const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t K = win.classes, plane = win.h * win.w;
-    // the 1x1 convolution on the window only
-    const at::Tensor res =
-        (acc_type == at::kFloat && cpu::use_avx512())
-            ? window_conv_avx512<scalar_t>(fc, win, wm)
-            : at::convolution(gather_windows<scalar_t, acc_t>(fc, win), wm, std::nullopt, {1, 1},
-                              {0, 0}, {1, 1}, false, {0, 0}, 1)
-                  .contiguous();
-    const acc_t* rp = res.data_ptr<acc_t>();
-    at::parallel_for(0, win.batch * K, cpu::grain_for(plane, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
-      for (int64_t nk = b; nk < e; ++nk) {
-        const acc_t bk = bp ? static_cast<acc_t>(bp[nk % K]) : acc_t(0);
-        const scalar_t* c = cp + nk * plane;
-        const acc_t* r = rp + nk * plane;
-        scalar_t* o = op + nk * plane;
-        for (int64_t i = 0; i < plane; ++i)
-          o[i] = static_cast<scalar_t>(static_cast<acc_t>(c[i]) + r[i] + bk);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, coarse.scalar_type(), "score_skip", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+        const at::Tensor wm = scaled_weight(weight, scale, acc_type);
+        const scalar_t* cp = cc.data_ptr<scalar_t>();
+        const scalar_t* bp = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
+        scalar_t* op = out.data_ptr<scalar_t>();
+        const int64_t K = win.classes, plane = win.h * win.w;
+        // the 1x1 convolution on the window only
+        const at::Tensor res =
+            (acc_type == at::kFloat && cpu::use_avx512())
+                ? window_conv_avx512<scalar_t>(fc, win, wm)
+                : at::convolution(gather_windows<scalar_t, acc_t>(fc, win), wm, std::nullopt,
+                                  {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1)
+                      .contiguous();
+        const acc_t* rp = res.data_ptr<acc_t>();
+        at::parallel_for(0, win.batch * K, cpu::grain_for(plane, cpu::kWindowMinWork),
+                         [&](int64_t b, int64_t e) {
+                           for (int64_t nk = b; nk < e; ++nk) {
+                             const acc_t bk = bp ? static_cast<acc_t>(bp[nk % K]) : acc_t(0);
+                             const scalar_t* c = cp + nk * plane;
+                             const acc_t* r = rp + nk * plane;
+                             scalar_t* o = op + nk * plane;
+                             for (int64_t i = 0; i < plane; ++i)
+                               o[i] = static_cast<scalar_t>(static_cast<acc_t>(c[i]) + r[i] + bk);
+                           }
+                         });
+      });
   return out;
 }
 
@@ -232,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
   // outputs not asked for are distinct empty tensors (outputs must not alias)
   auto empty = [&] { return at::empty({0}, grad.options()); };
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor gb = output_mask[2] ? grad.sum({0, 2, 3}, false, acc_type).to(grad.scalar_type())
-                                 : empty();
+  at::Tensor gb =
+      output_mask[2] ? grad.sum({0, 2, 3}, false, acc_type).to(grad.scalar_type()) : empty();
   if (!output_mask[0] && !output_mask[1]) return {empty(), empty(), gb};
   at::Tensor gf = output_mask[0] ? at::empty(feature.sizes(), feature.options()) : empty();
   at::Tensor gw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : empty();
@@ -244,28 +245,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cpu(
   }
   auto gc = grad.contiguous();
   auto fc = feature.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "score_skip_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wm = scaled_weight(weight, scale, acc_type);  // (K, C, 1, 1)
-    const at::Tensor g_acc = gc.to(acc_type);
-    // the transposed 1x1 convolution on the window (deterministic for a fixed
-    // thread count: ATen's CPU convolution backward has no atomics)
-    auto grads = at::convolution_backward(g_acc, gather_windows<scalar_t, acc_t>(fc, win), wm,
-                                          std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                          {output_mask[0], output_mask[1], false});
-    if (output_mask[0]) {
-      const at::Tensor dwin = std::get<0>(grads).contiguous();
-      const acc_t* dp = dwin.data_ptr<acc_t>();
-      scalar_t* gfp = gf.data_ptr<scalar_t>();
-      at::parallel_for(0, win.batch * C, cpu::grain_for(win.fh * win.fw, cpu::kWindowMinWork), [&](int64_t b, int64_t e) {
-        for (int64_t nc = b; nc < e; ++nc) {
-          const int64_t n = nc / C, c = nc % C;
-          scatter_window(dp + n * C * plane, win, c, c + 1, gfp + n * C * win.fh * win.fw);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad.scalar_type(), "score_skip_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor wm = scaled_weight(weight, scale, acc_type);  // (K, C, 1, 1)
+        const at::Tensor g_acc = gc.to(acc_type);
+        // the transposed 1x1 convolution on the window (deterministic for a fixed
+        // thread count: ATen's CPU convolution backward has no atomics)
+        auto grads = at::convolution_backward(g_acc, gather_windows<scalar_t, acc_t>(fc, win), wm,
+                                              std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
+                                              1, {output_mask[0], output_mask[1], false});
+        if (output_mask[0]) {
+          const at::Tensor dwin = std::get<0>(grads).contiguous();
+          const acc_t* dp = dwin.data_ptr<acc_t>();
+          scalar_t* gfp = gf.data_ptr<scalar_t>();
+          at::parallel_for(0, win.batch * C, cpu::grain_for(win.fh * win.fw, cpu::kWindowMinWork),
+                           [&](int64_t b, int64_t e) {
+                             for (int64_t nc = b; nc < e; ++nc) {
+                               const int64_t n = nc / C, c = nc % C;
+                               scatter_window(dp + n * C * plane, win, c, c + 1,
+                                              gfp + n * C * win.fh * win.fw);
+                             }
+                           });
         }
+        if (output_mask[1]) gw.copy_(std::get<1>(grads) * scale);
       });
-    }
-    if (output_mask[1]) gw.copy_(std::get<1>(grads) * scale);
-  });
   return {gf, gw, gb};
 }
 

@@ -48,18 +48,19 @@ at::Tensor skip_add_crop_backward_cpu(const at::Tensor& grad, int64_t skip_h, in
   auto out = at::zeros({g.size(0), g.size(1), skip_h, skip_w}, g.options());
   if (g.numel() == 0) return out;
   const int64_t planes = g.size(0) * g.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "skip_add_crop_backward", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes * H, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t p = r / H, y = r % H;
-        const scalar_t* grow = gp + r * W;
-        scalar_t* orow = op + (p * skip_h + y + off[0]) * skip_w + off[1];
-        for (int64_t x = 0; x < W; ++x) orow[x] = grow[x];
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, g.scalar_type(), "skip_add_crop_backward", [&] {
+        const scalar_t* gp = g.data_ptr<scalar_t>();
+        scalar_t* op = out.data_ptr<scalar_t>();
+        at::parallel_for(0, planes * H, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t p = r / H, y = r % H;
+            const scalar_t* grow = gp + r * W;
+            scalar_t* orow = op + (p * skip_h + y + off[0]) * skip_w + off[1];
+            for (int64_t x = 0; x < W; ++x) orow[x] = grow[x];
+          }
+        });
+      });
   return out;
 }
 

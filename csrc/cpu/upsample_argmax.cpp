@@ -50,31 +50,30 @@ at::Tensor upsample_argmax_cpu(const at::Tensor& x, int64_t scale, at::IntArrayR
   auto xc = x.contiguous();
   auto out = cpu::empty_large({N, h, w}, xc.options().dtype(at::kLong));  // large_output.h
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_argmax", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    int64_t* op = out.mutable_data_ptr<int64_t>();
-    const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-    at::parallel_for(0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
-      cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
-      std::vector<acc_t> values(w), best(w);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / h, y = r % h;
-        int64_t* label = op + r * w;
-        cpu::upsampled_row(rows, n, geo.crop.top + y, scale, H, C, values.data(), 0,
-                           [&](int64_t c, const acc_t* v) {
-                             fold_argmax(v, c, w, best.data(), label);
-                           });
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_argmax", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+        int64_t* op = out.mutable_data_ptr<int64_t>();
+        const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
+        at::parallel_for(
+            0, N * h, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
+              cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
+              std::vector<acc_t> values(w), best(w);
+              for (int64_t r = begin; r < end; ++r) {
+                const int64_t n = r / h, y = r % h;
+                int64_t* label = op + r * w;
+                cpu::upsampled_row(
+                    rows, n, geo.crop.top + y, scale, H, C, values.data(), 0,
+                    [&](int64_t c, const acc_t* v) { fold_argmax(v, c, w, best.data(), label); });
+              }
+            });
+      });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fcnfast, CPU, m) {
-  m.impl("upsample_argmax", &upsample_argmax_cpu);
-}
+TORCH_LIBRARY_IMPL(fcnfast, CPU, m) { m.impl("upsample_argmax", &upsample_argmax_cpu); }
 
 }  // namespace fcnfast

@@ -64,10 +64,11 @@ inline __m256 softmax_exp8(__m256 x) {
   __m256 p = _mm256_set1_ps(kExpPoly[0]);
   for (int k = 1; k < 6; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[k]));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  e = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ));
+  e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ));
   return _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 #endif
@@ -103,18 +104,20 @@ int64_t count_valid_targets(const at::Tensor& target, int64_t C, int64_t ignore_
   if (rows == 0 || width == 0) return 0;
   const int64_t* tp = target.const_data_ptr<int64_t>();
   std::vector<int64_t> count(rows), first_bad(rows, -1);  // first bad column per row
-  at::parallel_for(0, rows, cpu::grain_for(width, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t* t = tp + r * width;
-      int64_t n = 0;
-      for (int64_t x = 0; x < width; ++x) {
-        const bool ignored = t[x] == ignore_index;
-        if (!ignored && (t[x] < 0 || t[x] >= C) && first_bad[r] < 0) first_bad[r] = x;
-        n += !ignored;
-      }
-      count[r] = n;
-    }
-  });
+  at::parallel_for(0, rows, cpu::grain_for(width, cpu::kRowMinWork),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const int64_t* t = tp + r * width;
+                       int64_t n = 0;
+                       for (int64_t x = 0; x < width; ++x) {
+                         const bool ignored = t[x] == ignore_index;
+                         if (!ignored && (t[x] < 0 || t[x] >= C) && first_bad[r] < 0)
+                           first_bad[r] = x;
+                         n += !ignored;
+                       }
+                       count[r] = n;
+                     }
+                   });
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
     if (first_bad[r] >= 0) fail_target_value(tp[r * width + first_bad[r]], C, ignore_index);
@@ -146,8 +149,7 @@ CrossEntropyArgs prepare_cross_entropy(const CrossEntropyGeometry& checked, cons
 // Softmax of one logits row (C x width), in place: max over classes, then each
 // value replaced by exp(v - max) and sum = the sum of those over classes.
 template <typename Acc>
-void softmax_exps(Acc* values, int64_t C, int64_t width, Acc* __restrict max,
-                  Acc* __restrict sum) {
+void softmax_exps(Acc* values, int64_t C, int64_t width, Acc* __restrict max, Acc* __restrict sum) {
   std::copy(values, values + width, max);
   for (int64_t c = 1; c < C; ++c) {
     const Acc* __restrict v = values + c * width;
@@ -173,8 +175,8 @@ void softmax_grad_row(Acc* __restrict d, const Acc* __restrict inv_sum,
   }
 }
 
-at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& target,
-                                      int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
+at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& target, int64_t scale,
+                                      at::IntArrayRef crop, int64_t ignore_index,
                                       c10::string_view reduction) {
   const auto args = prepare_cross_entropy(
       check_upsample_cross_entropy(x, target, scale, crop, reduction), x, target, ignore_index);
@@ -182,33 +184,35 @@ at::Tensor upsample_cross_entropy_cpu(const at::Tensor& x, const at::Tensor& tar
   const int64_t rows_total = N * h;
   std::vector<double> row_loss(rows_total, 0.0);
   if (rows_total > 0 && w > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-      const int64_t* tp = tc.const_data_ptr<int64_t>();
-      const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-      at::parallel_for(0, rows_total, cpu::grain_for(C * w, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
-        cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
-        std::vector<acc_t> logits(C * w), max(w), sum(w), picked(w);
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = r / h, y = r % h;
-          const int64_t* t = tp + r * w;
-          cpu::upsampled_row(rows, n, geo.crop.top + y, scale, H, C, logits.data(), w,
-                             [](int64_t, const acc_t*) {});
-          for (int64_t x = 0; x < w; ++x) {
-            picked[x] = t[x] == ignore_index ? acc_t(0) : logits[t[x] * w + x];
-          }
-          softmax_exps(logits.data(), C, w, max.data(), sum.data());
-          // loss = logsumexp - logit[target] = log(sum) + max - logit[target]
-          double loss = 0.0;
-          for (int64_t x = 0; x < w; ++x) {
-            if (t[x] == ignore_index) continue;
-            loss += static_cast<double>(std::log(sum[x]) + max[x] - picked[x]);
-          }
-          row_loss[r] = loss;
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+          const int64_t* tp = tc.const_data_ptr<int64_t>();
+          const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
+          at::parallel_for(0, rows_total, cpu::grain_for(C * w, cpu::kRowMinWork),
+                           [&](int64_t begin, int64_t end) {
+                             cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
+                             std::vector<acc_t> logits(C * w), max(w), sum(w), picked(w);
+                             for (int64_t r = begin; r < end; ++r) {
+                               const int64_t n = r / h, y = r % h;
+                               const int64_t* t = tp + r * w;
+                               cpu::upsampled_row(rows, n, geo.crop.top + y, scale, H, C,
+                                                  logits.data(), w, [](int64_t, const acc_t*) {});
+                               for (int64_t x = 0; x < w; ++x) {
+                                 picked[x] = t[x] == ignore_index ? acc_t(0) : logits[t[x] * w + x];
+                               }
+                               softmax_exps(logits.data(), C, w, max.data(), sum.data());
+                               // loss = logsumexp - logit[target] = log(sum) + max - logit[target]
+                               double loss = 0.0;
+                               for (int64_t x = 0; x < w; ++x) {
+                                 if (t[x] == ignore_index) continue;
+                                 loss += static_cast<double>(std::log(sum[x]) + max[x] - picked[x]);
+                               }
+                               row_loss[r] = loss;
+                             }
+                           });
+        });
   }
   double total = 0.0;
   for (int64_t r = 0; r < rows_total; ++r) total += row_loss[r];  // fixed order: deterministic
@@ -230,39 +234,46 @@ at::Tensor upsample_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   const double g = grad_loss.item<double>();
   // weight of each non-ignored pixel; with no such pixel every weight is unused
   const double pixel_weight = mean ? (valid > 0 ? g / static_cast<double>(valid) : 0.0) : g;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const int64_t* tp = tc.const_data_ptr<int64_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
-    const acc_t coef = static_cast<acc_t>(pixel_weight);
-    at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork), [&](int64_t begin, int64_t end) {
-      cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
-      cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
-      std::vector<acc_t> dlogits(C * w), max(w), sum(w), weight(w), inv_sum(w);
-      std::vector<int32_t> label(w);
-      const auto prepare = [&](int64_t n, int64_t Y) {
-        // dlogits = coef * (softmax - onehot); 0 * (...) at ignored pixels, so a
-        // NaN/Inf logit there still poisons the gradient as in F.cross_entropy
-        const int64_t* t = tp + (n * h + Y - geo.crop.top) * w;
-        cpu::upsampled_row(rows, n, Y, scale, H, C, dlogits.data(), w, [](int64_t, const acc_t*) {});
-        softmax_exps(dlogits.data(), C, w, max.data(), sum.data());
-        for (int64_t x = 0; x < w; ++x) {
-          const bool ignored = t[x] == ignore_index;
-          weight[x] = ignored ? acc_t(0) : coef;
-          label[x] = ignored ? -1 : static_cast<int32_t>(t[x]);  // 32-bit: the loop below vectorises
-          inv_sum[x] = acc_t(1) / sum[x];
-        }
-        for (int32_t c = 0; c < static_cast<int32_t>(C); ++c) {
-          softmax_grad_row(dlogits.data() + c * w, inv_sum.data(), label.data(), c, weight.data(), w);
-        }
-      };
-      gather.run(begin, end, op, prepare, [&](int64_t, int64_t, int64_t c) {
-        return static_cast<const acc_t*>(dlogits.data() + c * w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, xc.scalar_type(), "upsample_cross_entropy_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+        const int64_t* tp = tc.const_data_ptr<int64_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        const cpu::ColumnTaps<acc_t> cols(geo.crop.left, w, scale, W);
+        const acc_t coef = static_cast<acc_t>(pixel_weight);
+        at::parallel_for(0, N * H, cpu::grain_for(C * w * scale, cpu::kRowMinWork),
+                         [&](int64_t begin, int64_t end) {
+                           cpu::UpsampledRows<scalar_t, acc_t> rows(xp, C, H, W, cols);
+                           cpu::BandGather<acc_t> gather(C, H, W, scale, geo.crop, geo.full_w);
+                           std::vector<acc_t> dlogits(C * w), max(w), sum(w), weight(w), inv_sum(w);
+                           std::vector<int32_t> label(w);
+                           const auto prepare = [&](int64_t n, int64_t Y) {
+                             // dlogits = coef * (softmax - onehot); 0 * (...) at ignored pixels, so
+                             // a NaN/Inf logit there still poisons the gradient as in
+                             // F.cross_entropy
+                             const int64_t* t = tp + (n * h + Y - geo.crop.top) * w;
+                             cpu::upsampled_row(rows, n, Y, scale, H, C, dlogits.data(), w,
+                                                [](int64_t, const acc_t*) {});
+                             softmax_exps(dlogits.data(), C, w, max.data(), sum.data());
+                             for (int64_t x = 0; x < w; ++x) {
+                               const bool ignored = t[x] == ignore_index;
+                               weight[x] = ignored ? acc_t(0) : coef;
+                               label[x] = ignored ? -1
+                                                  : static_cast<int32_t>(
+                                                        t[x]);  // 32-bit: the loop below vectorises
+                               inv_sum[x] = acc_t(1) / sum[x];
+                             }
+                             for (int32_t c = 0; c < static_cast<int32_t>(C); ++c) {
+                               softmax_grad_row(dlogits.data() + c * w, inv_sum.data(),
+                                                label.data(), c, weight.data(), w);
+                             }
+                           };
+                           gather.run(begin, end, op, prepare, [&](int64_t, int64_t, int64_t c) {
+                             return static_cast<const acc_t*>(dlogits.data() + c * w);
+                           });
+                         });
       });
-    });
-  });
   return out;
 }
 

@@ -65,8 +65,8 @@ inline Vec8 exp_nonpositive(Vec8 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                       _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return {_mm256_andnot_ps(underflow, y)};
 }
@@ -93,9 +93,15 @@ struct Vec8 {
     for (int k = 0; k < 8; ++k) r.v[k] = f(a.v[k], b.v[k]);
     return r;
   }
-  friend Vec8 operator+(Vec8 a, Vec8 b) { return zip(a, b, [](float x, float y) { return x + y; }); }
-  friend Vec8 operator-(Vec8 a, Vec8 b) { return zip(a, b, [](float x, float y) { return x - y; }); }
-  friend Vec8 operator*(Vec8 a, Vec8 b) { return zip(a, b, [](float x, float y) { return x * y; }); }
+  friend Vec8 operator+(Vec8 a, Vec8 b) {
+    return zip(a, b, [](float x, float y) { return x + y; });
+  }
+  friend Vec8 operator-(Vec8 a, Vec8 b) {
+    return zip(a, b, [](float x, float y) { return x - y; });
+  }
+  friend Vec8 operator*(Vec8 a, Vec8 b) {
+    return zip(a, b, [](float x, float y) { return x * y; });
+  }
   friend Vec8 fmadd(Vec8 a, Vec8 b, Vec8 c) {
     Vec8 r;
     for (int k = 0; k < 8; ++k) r.v[k] = std::fma(a.v[k], b.v[k], c.v[k]);
@@ -109,9 +115,7 @@ struct Vec8 {
     for (int k = 1; k < 8; ++k) m = v[k] > m ? v[k] : m;
     return m;
   }
-  float hsum() const {
-    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-  }
+  float hsum() const { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 };
 
 inline Vec8 exp_nonpositive(Vec8 x) {

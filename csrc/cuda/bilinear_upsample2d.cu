@@ -53,9 +53,9 @@ cudaError_t bilinear_upsample2d(DType dtype, const void* x, void* out, const Ups
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    return launch(bilinear_upsample2d_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(x), static_cast<T*>(out), static_cast<int>(total), s.in_h, s.in_w,
-        s.scale, s.top, s.left, s.out_h, s.out_w);
+    return launch(bilinear_upsample2d_kernel<T>, grid_for(total), stream, static_cast<const T*>(x),
+                  static_cast<T*>(out), static_cast<int>(total), s.in_h, s.in_w, s.scale, s.top,
+                  s.left, s.out_h, s.out_w);
   });
 }
 
@@ -66,8 +66,8 @@ cudaError_t bilinear_upsample2d_backward(DType dtype, const void* grad, void* gr
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
     return launch(bilinear_upsample2d_backward_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(grad), static_cast<T*>(grad_x), static_cast<int>(total), s.in_h,
-        s.in_w, s.scale, s.top, s.left, s.out_h, s.out_w);
+                  static_cast<const T*>(grad), static_cast<T*>(grad_x), static_cast<int>(total),
+                  s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h, s.out_w);
   });
 }
 #endif  // __CUDACC_RTC__

@@ -25,11 +25,16 @@ using cuda::DType;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      break;
   }
   TORCH_CHECK_VALUE(false, "fcnfast: unsupported dtype ", t.scalar_type());
 }
@@ -50,8 +55,7 @@ at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.optio
 // of a bias of `bias_size`), uninitialised; one not asked for is a distinct
 // empty tensor (outputs must not alias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_grads(const at::Tensor& a,
-                                                            const at::Tensor& w,
-                                                            int64_t bias_size,
+                                                            const at::Tensor& w, int64_t bias_size,
                                                             std::array<bool, 3> mask) {
   return {mask[0] ? at::empty_like(a) : empty_grad(a), mask[1] ? at::empty_like(w) : empty_grad(a),
           mask[2] ? at::empty({bias_size}, a.options()) : empty_grad(a)};
@@ -101,7 +105,7 @@ at::Tensor skip_add_crop_backward_cuda(const at::Tensor& grad, int64_t skip_h, i
 
 cuda::ScoreSkipShape score_skip_shape(const ScoreSkipWindow& w) {
   return {to_int(w.batch), to_int(w.classes), to_int(w.channels), to_int(w.h), to_int(w.w),
-          to_int(w.fh), to_int(w.fw), to_int(w.oy), to_int(w.ox)};
+          to_int(w.fh),    to_int(w.fw),      to_int(w.oy),       to_int(w.ox)};
 }
 
 at::Tensor score_skip_cuda(const at::Tensor& coarse, const at::Tensor& feature,
@@ -136,8 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
   C10_CUDA_CHECK(cuda::score_skip_backward(
       dtype_of(g), g.const_data_ptr(), f.const_data_ptr(), wt.const_data_ptr(), scale,
       mask[0] ? gf.data_ptr() : nullptr, mask[1] ? gw.data_ptr() : nullptr,
-      mask[2] ? gb.data_ptr() : nullptr,
-      shape, stream()));
+      mask[2] ? gb.data_ptr() : nullptr, shape, stream()));
   return {gf, gw, gb};
 }
 
@@ -147,11 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_skip_backward_cuda(
 
 cuda::ConvTranspose2dShape conv_shape(const ConvTransposeArgs& a) {
   const auto& g = a.g;
-  return {to_int(a.batch), to_int(g.in_channels), to_int(g.in_h), to_int(g.in_w),
-          to_int(g.out_channels), to_int(g.groups), to_int(g.kernel_h), to_int(g.kernel_w),
-          to_int(g.stride_h), to_int(g.stride_w), to_int(g.pad_h), to_int(g.pad_w),
-          to_int(g.dil_h), to_int(g.dil_w), to_int(g.crop_top), to_int(g.crop_left),
-          to_int(g.crop_h), to_int(g.crop_w)};
+  return {to_int(a.batch),        to_int(g.in_channels), to_int(g.in_h),     to_int(g.in_w),
+          to_int(g.out_channels), to_int(g.groups),      to_int(g.kernel_h), to_int(g.kernel_w),
+          to_int(g.stride_h),     to_int(g.stride_w),    to_int(g.pad_h),    to_int(g.pad_w),
+          to_int(g.dil_h),        to_int(g.dil_w),       to_int(g.crop_top), to_int(g.crop_left),
+          to_int(g.crop_h),       to_int(g.crop_w)};
 }
 
 at::Tensor conv_transpose2d_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -159,8 +162,8 @@ at::Tensor conv_transpose2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  at::IntArrayRef padding, at::IntArrayRef output_padding,
                                  int64_t groups, at::IntArrayRef dilation, at::IntArrayRef crop) {
   check_cuda(x, "x");
-  const auto s = conv_shape(check_conv_transpose2d(x, weight, bias, stride, padding,
-                                                   output_padding, groups, dilation, crop));
+  const auto s = conv_shape(check_conv_transpose2d(x, weight, bias, stride, padding, output_padding,
+                                                   groups, dilation, crop));
   const bool has_bias = bias.has_value() && bias->defined();
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
@@ -179,9 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
     at::IntArrayRef dilation, at::IntArrayRef crop, std::array<bool, 3> mask) {
   check_cuda(x, "x");
-  const auto s = conv_shape(check_conv_transpose2d_backward(grad, x, weight, stride, padding,
-                                                            output_padding, groups, dilation,
-                                                            crop));
+  const auto s = conv_shape(check_conv_transpose2d_backward(
+      grad, x, weight, stride, padding, output_padding, groups, dilation, crop));
   c10::cuda::CUDAGuard guard(x.device());
   const auto g = grad.contiguous();
   const auto xc = x.contiguous();
@@ -199,8 +201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_backward_cuda(
 // ---------------------------------------------------------------------------
 
 cuda::UpsampleShape upsample_shape(const UpsampleGeometry& u) {
-  return {to_int(u.batch), to_int(u.channels), to_int(u.in_h), to_int(u.in_w), to_int(u.scale),
-          to_int(u.crop.top), to_int(u.crop.left), to_int(u.crop.height), to_int(u.crop.width)};
+  return {to_int(u.batch),     to_int(u.channels),    to_int(u.in_h),
+          to_int(u.in_w),      to_int(u.scale),       to_int(u.crop.top),
+          to_int(u.crop.left), to_int(u.crop.height), to_int(u.crop.width)};
 }
 
 at::Tensor bilinear_upsample2d_cuda(const at::Tensor& x, int64_t scale, at::IntArrayRef crop) {
@@ -210,8 +213,8 @@ at::Tensor bilinear_upsample2d_cuda(const at::Tensor& x, int64_t scale, at::IntA
   const auto xc = x.contiguous();
   auto out = at::empty({xc.size(0), xc.size(1), s.out_h, s.out_w}, xc.options());
   if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(cuda::bilinear_upsample2d(dtype_of(xc), xc.const_data_ptr(), out.data_ptr(), s,
-                                           stream()));
+  C10_CUDA_CHECK(
+      cuda::bilinear_upsample2d(dtype_of(xc), xc.const_data_ptr(), out.data_ptr(), s, stream()));
   return out;
 }
 
@@ -223,8 +226,8 @@ at::Tensor bilinear_upsample2d_backward_cuda(const at::Tensor& grad, int64_t in_
   const auto g = grad.contiguous();
   auto out = at::empty({g.size(0), g.size(1), in_h, in_w}, g.options());
   if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(cuda::bilinear_upsample2d_backward(dtype_of(g), g.const_data_ptr(),
-                                                    out.data_ptr(), s, stream()));
+  C10_CUDA_CHECK(cuda::bilinear_upsample2d_backward(dtype_of(g), g.const_data_ptr(), out.data_ptr(),
+                                                    s, stream()));
   return out;
 }
 
@@ -254,11 +257,12 @@ at::Tensor ce_workspace(const at::Tensor& x, const cuda::UpsampleShape& s) {
   return at::empty({(bytes + 7) / 8}, x.options().dtype(at::kDouble));
 }
 
-at::Tensor upsample_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& target,
-                                       int64_t scale, at::IntArrayRef crop, int64_t ignore_index,
+at::Tensor upsample_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& target, int64_t scale,
+                                       at::IntArrayRef crop, int64_t ignore_index,
                                        c10::string_view reduction) {
   check_cuda(x, "x");
-  const auto a = cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction));
+  const auto a =
+      cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction));
   // the label values: a reduction and one host sync per training step, so that an
   // out-of-range label is the same ValueError as on every backend, not a NaN loss
   check_target_values(target, x.size(1), ignore_index);

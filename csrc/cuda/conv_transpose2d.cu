@@ -20,10 +20,10 @@ namespace fcnfast {
 namespace cuda {
 
 // The kernels take the geometry as plain ints (CuPy passes scalars, not structs).
-#define FCN_CONV_GEOM_PARAMS                                                                 \
-  int in_channels, int in_h, int in_w, int out_channels, int groups, int kernel_h,          \
-      int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, \
-      int top, int left, int out_h, int out_w
+#define FCN_CONV_GEOM_PARAMS                                                                     \
+  int in_channels, int in_h, int in_w, int out_channels, int groups, int kernel_h, int kernel_w, \
+      int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w, int top, int left, \
+      int out_h, int out_w
 
 // int geometry: the bindings refuse sizes past INT32_MAX / 2, so the index math
 // stays in 32 bits (no 64-bit division subroutine calls per element).
@@ -49,9 +49,9 @@ __device__ __forceinline__ ConvTranspose2dGeomT<int> make_geom(FCN_CONV_GEOM_PAR
   return g;
 }
 
-#define FCN_CONV_GEOM_ARGS                                                                  \
-  in_channels, in_h, in_w, out_channels, groups, kernel_h, kernel_w, stride_h, stride_w,   \
-      pad_h, pad_w, dil_h, dil_w, top, left, out_h, out_w
+#define FCN_CONV_GEOM_ARGS                                                                      \
+  in_channels, in_h, in_w, out_channels, groups, kernel_h, kernel_w, stride_h, stride_w, pad_h, \
+      pad_w, dil_h, dil_w, top, left, out_h, out_w
 
 // The pixel functions' plan with FastDivs (fast_div.h), built once per block.
 __device__ __forceinline__ const ConvTranspose2dPlan<int, FastDiv>& block_conv_plan(
@@ -63,8 +63,8 @@ __device__ __forceinline__ const ConvTranspose2dPlan<int, FastDiv>& block_conv_p
 // One thread per kept output element (n, co, oy, ox).
 template <typename T>
 __global__ void conv_transpose2d_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                                        const T* __restrict__ bias, T* __restrict__ out,
-                                        int total, FCN_CONV_GEOM_PARAMS) {
+                                        const T* __restrict__ bias, T* __restrict__ out, int total,
+                                        FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
   const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
   const ConvTranspose2dPlan<int, FastDiv>& plan = block_conv_plan(g);
@@ -85,9 +85,8 @@ __global__ void conv_transpose2d_kernel(const T* __restrict__ x, const T* __rest
 // One thread per input element (n, ci, iy, ix).
 template <typename T>
 __global__ void conv_transpose2d_grad_x_kernel(const T* __restrict__ grad,
-                                               const T* __restrict__ weight,
-                                               T* __restrict__ grad_x, int total,
-                                               FCN_CONV_GEOM_PARAMS) {
+                                               const T* __restrict__ weight, T* __restrict__ grad_x,
+                                               int total, FCN_CONV_GEOM_PARAMS) {
   typedef typename AccOf<T>::type Acc;
   const ConvTranspose2dGeomT<int> g = make_geom(FCN_CONV_GEOM_ARGS);
   const ConvTranspose2dPlan<int, FastDiv>& plan = block_conv_plan(g);
@@ -156,11 +155,11 @@ cudaError_t conv_transpose2d(DType dtype, const void* x, const void* weight, con
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    return launch(conv_transpose2d_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
-        static_cast<T*>(out), static_cast<int>(total), s.in_channels, s.in_h, s.in_w,
-        s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
-        s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
+    return launch(conv_transpose2d_kernel<T>, grid_for(total), stream, static_cast<const T*>(x),
+                  static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(out),
+                  static_cast<int>(total), s.in_channels, s.in_h, s.in_w, s.out_channels, s.groups,
+                  s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h,
+                  s.dil_w, s.top, s.left, s.out_h, s.out_w);
   });
 }
 
@@ -174,21 +173,21 @@ cudaError_t conv_transpose2d_backward(DType dtype, const void* grad, const void*
     cudaError_t err = cudaSuccess;
     const long long x_total = static_cast<long long>(s.n) * s.in_channels * s.in_h * s.in_w;
     if (grad_x != nullptr && x_total > 0) {
-      err = launch(conv_transpose2d_grad_x_kernel<T>, grid_for(x_total), stream,
-          g, static_cast<const T*>(weight), static_cast<T*>(grad_x), static_cast<int>(x_total),
-          s.in_channels, s.in_h, s.in_w, s.out_channels, s.groups, s.kernel_h, s.kernel_w,
-          s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h,
-          s.out_w);
+      err = launch(conv_transpose2d_grad_x_kernel<T>, grid_for(x_total), stream, g,
+                   static_cast<const T*>(weight), static_cast<T*>(grad_x),
+                   static_cast<int>(x_total), s.in_channels, s.in_h, s.in_w, s.out_channels,
+                   s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h, s.pad_w,
+                   s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
     }
     const long long weights = static_cast<long long>(s.in_channels) * (s.out_channels / s.groups) *
                               s.kernel_h * s.kernel_w;
     if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
       const int group = reduction_group(static_cast<long long>(s.n) * s.in_h * s.in_w);
       err = launch(conv_transpose2d_grad_weight_kernel<T>, blocks_for_groups(weights, group),
-          stream, static_cast<const T*>(x), g,
-          static_cast<T*>(grad_weight), s.n, group, s.in_channels, s.in_h, s.in_w,
-          s.out_channels, s.groups, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
-          s.pad_w, s.dil_h, s.dil_w, s.top, s.left, s.out_h, s.out_w);
+                   stream, static_cast<const T*>(x), g, static_cast<T*>(grad_weight), s.n, group,
+                   s.in_channels, s.in_h, s.in_w, s.out_channels, s.groups, s.kernel_h, s.kernel_w,
+                   s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w, s.top, s.left,
+                   s.out_h, s.out_w);
     }
     return launch_bias_grad(err, g, grad_bias, s.n, s.out_channels, s.out_h * s.out_w, stream);
   });

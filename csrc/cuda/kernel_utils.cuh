@@ -145,8 +145,8 @@ __device__ __forceinline__ Acc block_sum(Acc v) {
 
 // Grid-stride loops. Sizes are int32 (the host checks every tensor against
 // INT32_MAX); the counter is unsigned so i + stride cannot overflow.
-#define FCN_GRID_STRIDE(i, n)                                                       \
-  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n);      \
+#define FCN_GRID_STRIDE(i, n)                                                 \
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n); \
        i += blockDim.x * gridDim.x)
 // One block per output element: block-level grid-stride over outputs.
 #define FCN_BLOCK_STRIDE(b, n) for (unsigned b = blockIdx.x; b < (unsigned)(n); b += gridDim.x)
@@ -196,8 +196,7 @@ template <typename... P, typename... A>
 cudaError_t emu_launch(void (*kernel)(P...), unsigned grid, A&&... args);
 #endif
 template <typename... P, typename... A>
-inline cudaError_t launch(void (*kernel)(P...), unsigned grid, cudaStream_t stream,
-                          A&&... args) {
+inline cudaError_t launch(void (*kernel)(P...), unsigned grid, cudaStream_t stream, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
 #ifdef FCNFAST_CUDA_EMULATOR
   (void)stream;
@@ -240,11 +239,16 @@ cudaError_t launch_bias_grad(cudaError_t err, const T* grad, void* grad_bias, in
 template <typename F>
 cudaError_t dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
-    case 0: return f(float{});
-    case 1: return f(double{});
-    case 2: return f(__half{});
-    case 3: return f(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
+    case 0:
+      return f(float{});
+    case 1:
+      return f(double{});
+    case 2:
+      return f(__half{});
+    case 3:
+      return f(__nv_bfloat16{});
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 #endif

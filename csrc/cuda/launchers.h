@@ -22,8 +22,8 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3
 
 // ---- skip_add_crop: out = coarse + skip[..., oy:oy+h, ox:ox+w] ------------
 // planes = N*C; coarse/out (planes, h, w); skip (planes, skip_h, skip_w).
-cudaError_t skip_add_crop(DType dtype, const void* coarse, const void* skip, void* out,
-                          int planes, int h, int w, int skip_h, int skip_w, int oy, int ox,
+cudaError_t skip_add_crop(DType dtype, const void* coarse, const void* skip, void* out, int planes,
+                          int h, int w, int skip_h, int skip_w, int oy, int ox,
                           cudaStream_t stream);
 // grad_skip (planes, skip_h, skip_w) = grad inside the window, 0 elsewhere.
 cudaError_t skip_add_crop_backward(DType dtype, const void* grad, void* grad_skip, int planes,
@@ -87,9 +87,9 @@ cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* ta
                                    const UpsampleShape& s, cudaStream_t stream);
 // grad_loss: one element of dtype (on the device); grad_x has x's shape.
 cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, const void* x,
-                                            const int64_t* target, int64_t ignore_index,
-                                            bool mean, void* grad_x, void* workspace,
-                                            const UpsampleShape& s, cudaStream_t stream);
+                                            const int64_t* target, int64_t ignore_index, bool mean,
+                                            void* grad_x, void* workspace, const UpsampleShape& s,
+                                            cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fcnfast

@@ -44,9 +44,9 @@ template <typename T>
 __global__ void score_skip_grad_feature_kernel(const T* __restrict__ grad,
                                                const T* __restrict__ weight,
                                                typename AccOf<T>::type scale,
-                                               T* __restrict__ grad_feature, int total,
-                                               int classes, int channels, int h, int w,
-                                               int feature_h, int feature_w, int oy, int ox) {
+                                               T* __restrict__ grad_feature, int total, int classes,
+                                               int channels, int h, int w, int feature_h,
+                                               int feature_w, int oy, int ox) {
   typedef typename AccOf<T>::type Acc;
   const FastDivs<3>& f = block_fast_divs({feature_w, feature_h, channels});
   FCN_GRID_STRIDE(i, total) {
@@ -58,7 +58,8 @@ __global__ void score_skip_grad_feature_kernel(const T* __restrict__ grad,
     Acc acc = Acc(0);
     if (y >= 0 && y < h && x >= 0 && x < w) {
       const T* g = grad + n * classes * h * w + y * w + x;
-      for (int k = 0; k < classes; ++k) acc += to_acc(weight[k * channels + c]) * to_acc(g[k * h * w]);
+      for (int k = 0; k < classes; ++k)
+        acc += to_acc(weight[k * channels + c]) * to_acc(g[k * h * w]);
     }
     grad_feature[idx] = from_acc<T>(acc * scale);
   }
@@ -71,8 +72,8 @@ template <typename T>
 __global__ void score_skip_grad_weight_kernel(const T* __restrict__ grad,
                                               const T* __restrict__ feature,
                                               typename AccOf<T>::type scale,
-                                              T* __restrict__ grad_weight, int n_images,
-                                              int group, int classes, int channels, int h, int w,
+                                              T* __restrict__ grad_weight, int n_images, int group,
+                                              int classes, int channels, int h, int w,
                                               int feature_h, int feature_w, int oy, int ox) {
   typedef typename AccOf<T>::type Acc;
   const int hw = h * w, count = n_images * hw;
@@ -105,11 +106,11 @@ cudaError_t score_skip(DType dtype, const void* coarse, const void* feature, con
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
-    return launch(score_skip_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(coarse), static_cast<const T*>(feature),
-        static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<Acc>(scale),
-        static_cast<T*>(out), static_cast<int>(total), s.classes, s.channels, s.h, s.w,
-        s.feature_h, s.feature_w, s.oy, s.ox);
+    return launch(score_skip_kernel<T>, grid_for(total), stream, static_cast<const T*>(coarse),
+                  static_cast<const T*>(feature), static_cast<const T*>(weight),
+                  static_cast<const T*>(bias), static_cast<Acc>(scale), static_cast<T*>(out),
+                  static_cast<int>(total), s.classes, s.channels, s.h, s.w, s.feature_h,
+                  s.feature_w, s.oy, s.ox);
   });
 }
 
@@ -125,17 +126,18 @@ cudaError_t score_skip_backward(DType dtype, const void* grad, const void* featu
     const long long feature_total =
         static_cast<long long>(s.n) * s.channels * s.feature_h * s.feature_w;
     if (grad_feature != nullptr && feature_total > 0) {
-      err = launch(score_skip_grad_feature_kernel<T>, grid_for(feature_total), stream,
-          g, static_cast<const T*>(weight), static_cast<Acc>(scale), static_cast<T*>(grad_feature),
-          static_cast<int>(feature_total), s.classes, s.channels, s.h, s.w, s.feature_h,
-          s.feature_w, s.oy, s.ox);
+      err = launch(score_skip_grad_feature_kernel<T>, grid_for(feature_total), stream, g,
+                   static_cast<const T*>(weight), static_cast<Acc>(scale),
+                   static_cast<T*>(grad_feature), static_cast<int>(feature_total), s.classes,
+                   s.channels, s.h, s.w, s.feature_h, s.feature_w, s.oy, s.ox);
     }
     const long long weights = static_cast<long long>(s.classes) * s.channels;
     if (err == cudaSuccess && grad_weight != nullptr && weights > 0) {
       const int group = reduction_group(static_cast<long long>(s.n) * s.h * s.w);
-      err = launch(score_skip_grad_weight_kernel<T>, blocks_for_groups(weights, group), stream,
-          g, static_cast<const T*>(feature), static_cast<Acc>(scale), static_cast<T*>(grad_weight),
-          s.n, group, s.classes, s.channels, s.h, s.w, s.feature_h, s.feature_w, s.oy, s.ox);
+      err = launch(score_skip_grad_weight_kernel<T>, blocks_for_groups(weights, group), stream, g,
+                   static_cast<const T*>(feature), static_cast<Acc>(scale),
+                   static_cast<T*>(grad_weight), s.n, group, s.classes, s.channels, s.h, s.w,
+                   s.feature_h, s.feature_w, s.oy, s.ox);
     }
     return launch_bias_grad(err, g, grad_bias, s.n, s.classes, s.h * s.w, stream);
   });

@@ -35,21 +35,22 @@ __global__ void skip_add_crop_backward_kernel(const T* __restrict__ grad, T* __r
     const int plane = split_index(f, 2, idx, sxy);
     const int sx = sxy[0], sy = sxy[1];
     const int y = sy - oy, x = sx - ox;
-    grad_skip[idx] = (y >= 0 && y < h && x >= 0 && x < w) ? grad[(plane * h + y) * w + x] : from_acc<T>(typename AccOf<T>::type(0));
+    grad_skip[idx] = (y >= 0 && y < h && x >= 0 && x < w) ? grad[(plane * h + y) * w + x]
+                                                          : from_acc<T>(typename AccOf<T>::type(0));
   }
 }
 
 #ifndef __CUDACC_RTC__
-cudaError_t skip_add_crop(DType dtype, const void* coarse, const void* skip, void* out,
-                          int planes, int h, int w, int skip_h, int skip_w, int oy, int ox,
+cudaError_t skip_add_crop(DType dtype, const void* coarse, const void* skip, void* out, int planes,
+                          int h, int w, int skip_h, int skip_w, int oy, int ox,
                           cudaStream_t stream) {
   const long long total = static_cast<long long>(planes) * h * w;
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    return launch(skip_add_crop_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(coarse), static_cast<const T*>(skip), static_cast<T*>(out),
-        static_cast<int>(total), h, w, skip_h, skip_w, oy, ox);
+    return launch(skip_add_crop_kernel<T>, grid_for(total), stream, static_cast<const T*>(coarse),
+                  static_cast<const T*>(skip), static_cast<T*>(out), static_cast<int>(total), h, w,
+                  skip_h, skip_w, oy, ox);
   });
 }
 
@@ -61,8 +62,8 @@ cudaError_t skip_add_crop_backward(DType dtype, const void* grad, void* grad_ski
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
     return launch(skip_add_crop_backward_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(grad), static_cast<T*>(grad_skip), static_cast<int>(total), h, w,
-        skip_h, skip_w, oy, ox);
+                  static_cast<const T*>(grad), static_cast<T*>(grad_skip), static_cast<int>(total),
+                  h, w, skip_h, skip_w, oy, ox);
   });
 }
 #endif  // __CUDACC_RTC__

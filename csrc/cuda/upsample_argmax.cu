@@ -47,9 +47,9 @@ cudaError_t upsample_argmax(DType dtype, const void* x, int64_t* labels, const U
   if (total == 0 || s.channels == 0) return cudaSuccess;
   return dispatch_dtype(static_cast<int>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    return launch(upsample_argmax_kernel<T>, grid_for(total), stream,
-        static_cast<const T*>(x), labels, static_cast<int>(total), s.channels, s.in_h, s.in_w,
-        s.scale, s.top, s.left, s.out_h, s.out_w);
+    return launch(upsample_argmax_kernel<T>, grid_for(total), stream, static_cast<const T*>(x),
+                  labels, static_cast<int>(total), s.channels, s.in_h, s.in_w, s.scale, s.top,
+                  s.left, s.out_h, s.out_w);
   });
 }
 #endif  // __CUDACC_RTC__

@@ -33,9 +33,8 @@ template <typename T>
 __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
                                 int64_t ignore_index, typename AccOf<T>::type* __restrict__ lse_out,
                                 typename AccOf<T>::type* __restrict__ partials,
-                                int* __restrict__ counts, int pixels,
-                                int channels, int in_h, int in_w, int scale, int top, int left,
-                                int out_h, int out_w) {
+                                int* __restrict__ counts, int pixels, int channels, int in_h,
+                                int in_w, int scale, int top, int left, int out_h, int out_w) {
   typedef typename AccOf<T>::type Acc;
   const int in_plane = in_h * in_w;
   Acc loss_sum = Acc(0);
@@ -86,8 +85,8 @@ __global__ void ce_pixel_kernel(const T* __restrict__ x, const int64_t* __restri
 template <typename T>
 __global__ void ce_finalize_kernel(const typename AccOf<T>::type* __restrict__ partials,
                                    const int* __restrict__ counts, int n_partials, int mean,
-                                   const T* __restrict__ grad_loss,
-                                   T* __restrict__ loss, typename AccOf<T>::type* __restrict__ coef) {
+                                   const T* __restrict__ grad_loss, T* __restrict__ loss,
+                                   typename AccOf<T>::type* __restrict__ coef) {
   typedef typename AccOf<T>::type Acc;
   Acc loss_sum = Acc(0);
   int count = 0;  // <= pixels <= INT32_MAX
@@ -135,13 +134,14 @@ __global__ void ce_grad_x_kernel(const T* __restrict__ x, const int64_t* __restr
       for (int xo = x0; xo < x1; ++xo) {
         const int64_t t = target[prow + xo];
         if (t == ignore_index) continue;
-        const Acc z = round_to<T>(
-            bilinear_pixel<T, Acc>(plane, in_h, in_w, f.d[3], top + y, left + xo));
+        const Acc z =
+            round_to<T>(bilinear_pixel<T, Acc>(plane, in_h, in_w, f.d[3], top + y, left + xo));
         // a label that is neither a class nor ignore_index makes its terms NaN: the
         // backward does not check the labels on the host (the forward did; a host
         // check is a device sync), so a direct call cannot give a silently wrong gradient
-        const Acc d = (t < 0 || t >= channels) ? Acc(0) / Acc(0)
-                                                : exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
+        const Acc d = (t < 0 || t >= channels)
+                          ? Acc(0) / Acc(0)
+                          : exp(z - lse[prow + xo]) - (t == c ? Acc(1) : Acc(0));
         row += bilinear_tap_weight<Acc>(left + xo - jx * scale, scale) * d;
         any = true;
       }
@@ -204,10 +204,10 @@ cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* ta
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
     CeWorkspace<Acc> ws(workspace, blocks);
-    const cudaError_t err = launch(
-        ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target, ignore_index,
-        nullptr, ws.partials, ws.counts, static_cast<int>(pixels), s.channels, s.in_h, s.in_w,
-        s.scale, s.top, s.left, s.out_h, s.out_w);
+    const cudaError_t err =
+        launch(ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target, ignore_index,
+               nullptr, ws.partials, ws.counts, static_cast<int>(pixels), s.channels, s.in_h,
+               s.in_w, s.scale, s.top, s.left, s.out_h, s.out_w);
     if (err != cudaSuccess) return err;
     return launch(ce_finalize_kernel<T>, 1, stream, ws.partials, ws.counts, blocks, mean ? 1 : 0,
                   nullptr, static_cast<T*>(loss), nullptr);
@@ -215,9 +215,9 @@ cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* ta
 }
 
 cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, const void* x,
-                                            const int64_t* target, int64_t ignore_index,
-                                            bool mean, void* grad_x, void* workspace,
-                                            const UpsampleShape& s, cudaStream_t stream) {
+                                            const int64_t* target, int64_t ignore_index, bool mean,
+                                            void* grad_x, void* workspace, const UpsampleShape& s,
+                                            cudaStream_t stream) {
   const long long pixels = ce_pixels(s);
   const long long total = static_cast<long long>(s.n) * s.channels * s.in_h * s.in_w;
   const int blocks = ce_blocks(pixels);
@@ -226,18 +226,16 @@ cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, 
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
     CeWorkspace<Acc> ws(workspace, blocks);
-    cudaError_t err = launch(
-        ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target, ignore_index,
-        ws.lse, ws.partials, ws.counts, static_cast<int>(pixels), s.channels, s.in_h, s.in_w,
-        s.scale, s.top, s.left, s.out_h, s.out_w);
+    cudaError_t err = launch(ce_pixel_kernel<T>, blocks, stream, static_cast<const T*>(x), target,
+                             ignore_index, ws.lse, ws.partials, ws.counts, static_cast<int>(pixels),
+                             s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h, s.out_w);
     if (err != cudaSuccess) return err;
     err = launch(ce_finalize_kernel<T>, 1, stream, ws.partials, ws.counts, blocks, mean ? 1 : 0,
                  static_cast<const T*>(grad_loss), nullptr, ws.coef);
     if (err != cudaSuccess) return err;
     return launch(ce_grad_x_kernel<T>, grid_for(total), stream, static_cast<const T*>(x), target,
-                  ignore_index, ws.lse, ws.coef, static_cast<T*>(grad_x),
-                  static_cast<int>(total), s.channels, s.in_h, s.in_w, s.scale, s.top, s.left,
-                  s.out_h, s.out_w);
+                  ignore_index, ws.lse, ws.coef, static_cast<T*>(grad_x), static_cast<int>(total),
+                  s.channels, s.in_h, s.in_w, s.scale, s.top, s.left, s.out_h, s.out_w);
   });
 }
 #endif  // __CUDACC_RTC__

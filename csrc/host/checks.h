@@ -38,26 +38,23 @@ inline void check_floating(const at::Tensor& t, const char* name, bool allow_red
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "fcnfast: ", name, " must be a ", dim,
-                    "-D tensor, got shape ", shape_str(t));
+  TORCH_CHECK_VALUE(t.dim() == dim, "fcnfast: ", name, " must be a ", dim, "-D tensor, got shape ",
+                    shape_str(t));
 }
 
 // A defined tensor of `dim` dimensions, floating when `floating` (the order of
 // fcnfast/_geometry.py's check_tensor).
-inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim,
-                         bool floating = true) {
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim, bool floating = true) {
   check_defined(t, name);
   check_dim(t, dim, name);
   if (floating) check_floating(t, name);
 }
 
-inline void check_same(const at::Tensor& a, const char* na, const at::Tensor& b,
-                       const char* nb) {
+inline void check_same(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
   TORCH_CHECK_VALUE(a.device() == b.device(), "fcnfast: ", na, " and ", nb,
                     " must be on the same device, got ", a.device(), " and ", b.device());
   TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), "fcnfast: ", na, " and ", nb,
-                    " must have the same dtype, got ", a.scalar_type(), " and ",
-                    b.scalar_type());
+                    " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }
 
 inline void check_device(const at::Tensor& t, at::DeviceType type, const char* name) {
@@ -145,8 +142,8 @@ inline Crop check_crop(at::IntArrayRef crop, int64_t full_h, int64_t full_w) {
   TORCH_CHECK_VALUE(c.top >= 0 && c.left >= 0 && c.height >= 0 && c.width >= 0 &&
                         c.height <= full_h - c.top && c.width <= full_w - c.left,  // no overflow
                     "fcnfast: crop (top=", c.top, ", left=", c.left, ", height=", c.height,
-                    ", width=", c.width, ") lies outside the full output of size ", full_h,
-                    "x", full_w);
+                    ", width=", c.width, ") lies outside the full output of size ", full_h, "x",
+                    full_w);
   return c;
 }
 

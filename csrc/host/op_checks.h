@@ -55,13 +55,12 @@ inline ConvTransposeArgs check_conv_transpose2d_common(
   const auto d = pair_arg(dilation, "dilation");
   TORCH_CHECK_VALUE(s[0] > 0 && s[1] > 0, "fcnfast: stride must be positive, got (", s[0], ", ",
                     s[1], ")");
-  TORCH_CHECK_VALUE(d[0] > 0 && d[1] > 0, "fcnfast: dilation must be positive, got (", d[0],
-                    ", ", d[1], ")");
+  TORCH_CHECK_VALUE(d[0] > 0 && d[1] > 0, "fcnfast: dilation must be positive, got (", d[0], ", ",
+                    d[1], ")");
   TORCH_CHECK_VALUE(p[0] >= 0 && p[1] >= 0, "fcnfast: padding must be non-negative, got (", p[0],
                     ", ", p[1], ")");
-  TORCH_CHECK_VALUE(op[0] >= 0 && op[1] >= 0,
-                    "fcnfast: output_padding must be non-negative, got (", op[0], ", ", op[1],
-                    ")");
+  TORCH_CHECK_VALUE(op[0] >= 0 && op[1] >= 0, "fcnfast: output_padding must be non-negative, got (",
+                    op[0], ", ", op[1], ")");
   TORCH_CHECK_VALUE(groups > 0, "fcnfast: groups must be a positive int, got ", groups);
   const int64_t cin = x.size(1);
   TORCH_CHECK_VALUE(weight.size(0) == cin, "fcnfast: weight.shape[0] (", weight.size(0),
@@ -79,8 +78,8 @@ inline ConvTransposeArgs check_conv_transpose2d_common(
                       ") or dilation (", d[0], ", ", d[1], ")");
   }
   const int64_t kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK_VALUE(kh > 0 && kw > 0, "fcnfast: weight kernel size must be positive, got ", kh,
-                    "x", kw);
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0, "fcnfast: weight kernel size must be positive, got ", kh, "x",
+                    kw);
   // bounded before the output size is formed, so nothing below overflows int64
   check_extent(s, "stride");
   check_extent(p, "padding");
@@ -89,26 +88,25 @@ inline ConvTransposeArgs check_conv_transpose2d_common(
   check_index32(weight.sizes(), "weight");
   const int64_t full_h = conv_transpose_out_size(x.size(2), kh, s[0], p[0], op[0], d[0]);
   const int64_t full_w = conv_transpose_out_size(x.size(3), kw, s[1], p[1], op[1], d[1]);
-  TORCH_CHECK_VALUE(full_h > 0 && full_w > 0, "fcnfast: conv_transpose2d output would be ",
-                    full_h, "x", full_w, " for input ", shape_str(x), ", weight ",
-                    shape_str(weight));
+  TORCH_CHECK_VALUE(full_h > 0 && full_w > 0, "fcnfast: conv_transpose2d output would be ", full_h,
+                    "x", full_w, " for input ", shape_str(x), ", weight ", shape_str(weight));
   // a full-output position plus the padding (and minus a dilated tap) in int32
   check_extent(full_h + p[0] + d[0] * kh, "the full output height plus padding and dilated kernel");
   check_extent(full_w + p[1] + d[1] * kw, "the full output width plus padding and dilated kernel");
   const Crop c = check_crop(crop, full_h, full_w);
   check_index32({x.size(0), cout, c.height, c.width}, "output");
-  return ConvTransposeArgs{x.size(0), ConvTranspose2dGeom{cin, x.size(2), x.size(3), cout, groups,
-                                                          kh, kw, s[0], s[1], p[0], p[1], d[0],
-                                                          d[1], c.top, c.left, c.height,
-                                                          c.width}};
+  return ConvTransposeArgs{
+      x.size(0), ConvTranspose2dGeom{cin, x.size(2), x.size(3), cout, groups, kh, kw, s[0], s[1],
+                                     p[0], p[1], d[0], d[1], c.top, c.left, c.height, c.width}};
 }
 
 }  // namespace detail
 
-inline ConvTransposeArgs check_conv_transpose2d(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-    int64_t groups, at::IntArrayRef dilation, at::IntArrayRef crop) {
+inline ConvTransposeArgs check_conv_transpose2d(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef output_padding, int64_t groups,
+                                                at::IntArrayRef dilation, at::IntArrayRef crop) {
   const at::Tensor* b = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   return detail::check_conv_transpose2d_common(x, weight, b, stride, padding, output_padding,
                                                groups, dilation, crop);
@@ -144,13 +142,11 @@ struct UpsampleGeometry {
 
 // scale, the full output size (bounded before multiplying) and the crop.
 inline UpsampleGeometry check_upsample_geometry(int64_t batch, int64_t channels, int64_t in_h,
-                                                int64_t in_w, int64_t scale,
-                                                at::IntArrayRef crop) {
+                                                int64_t in_w, int64_t scale, at::IntArrayRef crop) {
   TORCH_CHECK_VALUE(scale > 0, "fcnfast: scale must be a positive int, got ", scale);
   TORCH_CHECK_VALUE(scale <= kExtentLimit / (in_h + 1) && scale <= kExtentLimit / (in_w + 1),
                     "fcnfast: scale ", scale, " with input size ", in_h, "x", in_w,
-                    " gives a full output larger than 32-bit indexing allows (", kExtentLimit,
-                    ")");
+                    " gives a full output larger than 32-bit indexing allows (", kExtentLimit, ")");
   UpsampleGeometry u{batch, channels, in_h, in_w, scale, (in_h + 1) * scale, (in_w + 1) * scale,
                      Crop{}};
   u.crop = check_crop(crop, u.full_h, u.full_w);
@@ -198,8 +194,10 @@ inline UpsampleGeometry check_upsample_argmax(const at::Tensor& x, int64_t scale
                                               at::IntArrayRef crop) {
   check_tensor(x, "x", 4);
   check_index32(x.sizes(), "x");
-  TORCH_CHECK_VALUE(x.size(1) > 0, "fcnfast: upsample_argmax needs at least one channel, got x "
-                    "of shape ", shape_str(x));
+  TORCH_CHECK_VALUE(x.size(1) > 0,
+                    "fcnfast: upsample_argmax needs at least one channel, got x "
+                    "of shape ",
+                    shape_str(x));
   const auto u = check_upsample_geometry(x.size(0), x.size(1), x.size(2), x.size(3), scale, crop);
   check_index32({u.batch, u.crop.height, u.crop.width}, "output");
   check_row_buffers(u);
@@ -222,19 +220,22 @@ inline CrossEntropyGeometry check_upsample_cross_entropy(const at::Tensor& x,
   check_tensor(target, "target", 3, /*floating=*/false);
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
                     "fcnfast: target must be an int64 label map, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == x.device(), "fcnfast: x and target must be on the same "
-                    "device, got ", x.device(), " and ", target.device());
+  TORCH_CHECK_VALUE(target.device() == x.device(),
+                    "fcnfast: x and target must be on the same "
+                    "device, got ",
+                    x.device(), " and ", target.device());
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
                     "fcnfast: reduction must be 'mean' or 'sum', got '", std::string(reduction),
                     "'");
-  TORCH_CHECK_VALUE(x.size(1) > 0, "fcnfast: upsample_cross_entropy needs at least one class, "
-                    "got x of shape ", shape_str(x));
+  TORCH_CHECK_VALUE(x.size(1) > 0,
+                    "fcnfast: upsample_cross_entropy needs at least one class, "
+                    "got x of shape ",
+                    shape_str(x));
   const auto u = check_upsample_geometry(x.size(0), x.size(1), x.size(2), x.size(3), scale, crop);
   TORCH_CHECK_VALUE(target.size(0) == u.batch && target.size(1) == u.crop.height &&
                         target.size(2) == u.crop.width,
-                    "fcnfast: target shape ", shape_str(target), " must be (N, H, W) = [",
-                    u.batch, ", ", u.crop.height, ", ", u.crop.width,
-                    "] of the upsampled crop");
+                    "fcnfast: target shape ", shape_str(target), " must be (N, H, W) = [", u.batch,
+                    ", ", u.crop.height, ", ", u.crop.width, "] of the upsampled crop");
   check_index32(target.sizes(), "target");
   check_row_buffers(u);
   return {u, reduction == "mean"};
@@ -246,16 +247,17 @@ inline CrossEntropyGeometry check_upsample_cross_entropy_backward(
   const auto a = check_upsample_cross_entropy(x, target, scale, crop, reduction);
   check_defined(grad_loss, "grad_loss");
   check_same(x, "x", grad_loss, "grad_loss");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "fcnfast: grad_loss must hold one value (the loss "
-                    "is a scalar), got shape ", shape_str(grad_loss));
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1,
+                    "fcnfast: grad_loss must hold one value (the loss "
+                    "is a scalar), got shape ",
+                    shape_str(grad_loss));
   return a;
 }
 
 // A label that is neither a class of x nor ignore_index (F.cross_entropy's contract).
 [[noreturn]] inline void fail_target_value(int64_t value, int64_t classes, int64_t ignore_index) {
   TORCH_CHECK_VALUE(false, "fcnfast: target value ", value, " is out of bounds: classes are [0, ",
-                    classes, ") (x has ", classes, " channels) and ignore_index is ",
-                    ignore_index);
+                    classes, ") (x has ", classes, " channels) and ignore_index is ", ignore_index);
   __builtin_unreachable();
 }
 
@@ -324,9 +326,8 @@ namespace detail {
 
 // `lead` is coarse (forward) or grad (backward): (N, K, H, W), H x W the window.
 inline ScoreSkipWindow check_score_skip_common(const at::Tensor& lead, const char* lead_name,
-                                               const at::Tensor& feature,
-                                               const at::Tensor& weight, const at::Tensor* bias,
-                                               at::IntArrayRef offset) {
+                                               const at::Tensor& feature, const at::Tensor& weight,
+                                               const at::Tensor* bias, at::IntArrayRef offset) {
   check_tensor(lead, lead_name, 4);
   check_tensor(feature, "feature", 4);
   check_tensor(weight, "weight", 4);
@@ -335,8 +336,8 @@ inline ScoreSkipWindow check_score_skip_common(const at::Tensor& lead, const cha
   TORCH_CHECK_VALUE(weight.size(2) == 1 && weight.size(3) == 1,
                     "fcnfast: weight must be a 1x1 convolution weight (K, C, 1, 1), got ",
                     shape_str(weight));
-  TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (",
-                    weight.size(1), ") must equal feature channels (", feature.size(1), ")");
+  TORCH_CHECK_VALUE(weight.size(1) == feature.size(1), "fcnfast: weight.shape[1] (", weight.size(1),
+                    ") must equal feature channels (", feature.size(1), ")");
   const int64_t n = lead.size(0), k = lead.size(1), h = lead.size(2), w = lead.size(3);
   TORCH_CHECK_VALUE(n == feature.size(0) && k == weight.size(0), "fcnfast: ", lead_name,
                     " has batch ", n, " and ", k, " channels, expected batch ", feature.size(0),
@@ -365,10 +366,8 @@ inline ScoreSkipWindow check_score_skip(const at::Tensor& coarse, const at::Tens
   return detail::check_score_skip_common(coarse, "coarse", feature, weight, b, offset);
 }
 
-inline ScoreSkipWindow check_score_skip_backward(const at::Tensor& grad,
-                                                 const at::Tensor& feature,
-                                                 const at::Tensor& weight,
-                                                 at::IntArrayRef offset) {
+inline ScoreSkipWindow check_score_skip_backward(const at::Tensor& grad, const at::Tensor& feature,
+                                                 const at::Tensor& weight, at::IntArrayRef offset) {
   return detail::check_score_skip_common(grad, "grad", feature, weight, nullptr, offset);
 }
 

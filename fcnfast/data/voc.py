@@ -6,6 +6,7 @@ Layout (``root`` is the ``VOC2012`` folder, or a folder holding ``VOCdevkit/VOC2
     SegmentationClass/<id>.png        palette PNG, class indices, 255 = ignore
     ImageSets/Segmentation/<split>.txt one id per line
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,10 @@ class VOCSegmentation(Dataset):
     def paths(self, index: int):
         """(image path, label path) of item ``index``."""
         image_id = self.ids[index]
-        return (self.root / "JPEGImages" / ("%s.jpg" % image_id),
-                self.root / "SegmentationClass" / ("%s.png" % image_id))
+        return (
+            self.root / "JPEGImages" / ("%s.jpg" % image_id),
+            self.root / "SegmentationClass" / ("%s.png" % image_id),
+        )
 
     def raw(self, index: int):
         """Item ``index`` as (uint8 (H, W, 3) RGB, uint8 (H, W) labels)."""
@@ -81,8 +84,15 @@ class VOCSegmentation(Dataset):
         return self.transform(*pair) if self.transform is not None else pair
 
 
-def write_synthetic_voc(root, num_train: int, num_val: int, size=64, seed: int = 0,
-                        num_classes: int = 21, **scene_kwargs) -> Path:
+def write_synthetic_voc(
+    root,
+    num_train: int,
+    num_val: int,
+    size=64,
+    seed: int = 0,
+    num_classes: int = 21,
+    **scene_kwargs,
+) -> Path:
     """Write ``SyntheticScenes`` in the VOC layout under ``root`` (created) and return it.
 
     Ids are ``synth_000000``...; the first ``num_train`` form ``train.txt``,
@@ -90,18 +100,21 @@ def write_synthetic_voc(root, num_train: int, num_val: int, size=64, seed: int =
     saved as JPEG (quality 95), labels as VOC palette PNGs.
     """
     root = Path(root)
-    scenes = SyntheticScenes(num_train + num_val, size, num_classes=num_classes, seed=seed,
-                             **scene_kwargs)
+    scenes = SyntheticScenes(
+        num_train + num_val, size, num_classes=num_classes, seed=seed, **scene_kwargs
+    )
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = ["synth_%06d" % i for i in range(len(scenes))]
     for i, image_id in enumerate(ids):
         image, labels = scenes.scene(i)
-        Image.fromarray(image).save(root / "JPEGImages" / ("%s.jpg" % image_id), quality=95,
-                                      subsampling=0)
+        Image.fromarray(image).save(
+            root / "JPEGImages" / ("%s.jpg" % image_id), quality=95, subsampling=0
+        )
         save_label_png(labels, root / "SegmentationClass" / ("%s.png" % image_id))
     splits = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
     for name, members in splits.items():
         (root / "ImageSets" / "Segmentation" / ("%s.txt" % name)).write_text(
-            "".join(m + "\n" for m in members))
+            "".join(m + "\n" for m in members)
+        )
     return root

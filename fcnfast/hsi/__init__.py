@@ -14,12 +14,27 @@ measurable:
 * ``cli`` -- ``fcnfast hsi`` (``register_cli``), the side-by-side experiment and its report;
 * ``published`` -- published results quoted next to ours, with paper, table and protocol.
 """
+
 from .cli import add_arguments, register_cli, run, run_experiment
 from .metrics import classification_scores, confusion_matrix
 from .models import HSIFCN, PatchCNN, extract_patches, receptive_field, reflect_pad
 from .splits import block_split, disjoint_split, mask_indices, random_split, split_report
 
-__all__ = ["register_cli", "add_arguments", "run", "run_experiment", "classification_scores",
-           "confusion_matrix", "HSIFCN", "PatchCNN", "extract_patches", "receptive_field",
-           "reflect_pad", "block_split", "disjoint_split", "random_split", "split_report",
-           "mask_indices"]
+__all__ = [
+    "register_cli",
+    "add_arguments",
+    "run",
+    "run_experiment",
+    "classification_scores",
+    "confusion_matrix",
+    "HSIFCN",
+    "PatchCNN",
+    "extract_patches",
+    "receptive_field",
+    "reflect_pad",
+    "block_split",
+    "disjoint_split",
+    "random_split",
+    "split_report",
+    "mask_indices",
+]

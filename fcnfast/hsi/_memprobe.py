@@ -8,6 +8,7 @@ size just before it (Linux: the high-water mark ``VmHWM`` is reset through
 import-time one). PyTorch's CPU allocator has no peak counter and tracemalloc does not see
 its buffers, hence the separate process.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,19 @@ import torch
 from . import engine
 from .models import HSIFCN, PatchCNN
 
+
 def _fcn_crf(model, scene, params=None):
     from ..crf import dense_crf
 
     return dense_crf(engine.predict_fcn(model, scene), scene, **(params or {}))
 
 
-METHODS = {"patch": (PatchCNN, engine.predict_patches), "dense": (PatchCNN, engine.predict_dense),
-           "fcn": (HSIFCN, engine.predict_fcn), "crf": (HSIFCN, _fcn_crf)}
+METHODS = {
+    "patch": (PatchCNN, engine.predict_patches),
+    "dense": (PatchCNN, engine.predict_dense),
+    "fcn": (HSIFCN, engine.predict_fcn),
+    "crf": (HSIFCN, _fcn_crf),
+}
 
 
 def measure(spec) -> float:

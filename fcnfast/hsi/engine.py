@@ -5,6 +5,7 @@ Scenes are float32 tensors ``(B, H, W)`` (bands first); targets are int64 ``(H, 
 Both trainers use Adam, random flips / 90-degree rotations, and are deterministic for a given
 seed (single process, CPU).
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,15 @@ from ..losses import IGNORE_INDEX
 from ..models.convolutionalize import convolutionalize
 from .models import extract_patches, reflect_pad
 
-__all__ = ["IGNORE_INDEX", "train_patch_cnn", "predict_patches", "predict_dense", "train_fcn",
-           "predict_fcn", "timed"]
+__all__ = [
+    "IGNORE_INDEX",
+    "train_patch_cnn",
+    "predict_patches",
+    "predict_dense",
+    "train_fcn",
+    "predict_fcn",
+    "timed",
+]
 
 
 def timed(fn, *args, **kwargs):
@@ -63,9 +71,18 @@ def _augment(x: torch.Tensor, y: Optional[torch.Tensor], g: torch.Generator, noi
     return x, y
 
 
-def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, epochs: int,
-                    batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4,
-                    noise: float = 0.0, seed: int = 0, label_smoothing: float = 0.0) -> nn.Module:
+def train_patch_cnn(
+    model: nn.Module,
+    scene: torch.Tensor,
+    target: torch.Tensor,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    noise: float = 0.0,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
     """Minibatches of ``window x window`` patches (gathered on the fly from the reflect-padded
     scene, never stored) around the training pixels, each batch randomly flipped / rotated by a
     multiple of 90 degrees; cross-entropy on the centre label; Adam with a one-cycle schedule
@@ -80,13 +97,17 @@ def train_patch_cnn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor,
     for _ in range(epochs):
         order = torch.randperm(rows.numel(), generator=g)
         for start in range(0, order.numel(), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if idx.numel() < 2:  # BatchNorm needs more than one sample
                 continue
-            patches, _ = _augment(extract_patches(padded, rows[idx], cols[idx], model.window), None, g,
-                                  noise)
-            _update(opt, sched, F.cross_entropy(model(patches), labels[idx],
-                                                label_smoothing=label_smoothing))
+            patches, _ = _augment(
+                extract_patches(padded, rows[idx], cols[idx], model.window), None, g, noise
+            )
+            _update(
+                opt,
+                sched,
+                F.cross_entropy(model(patches), labels[idx], label_smoothing=label_smoothing),
+            )
     return model.eval()
 
 
@@ -119,9 +140,18 @@ def _random_crop(h: int, w: int, crop: int, g: torch.Generator) -> Tuple[slice, 
     return slice(top, top + crop), slice(left, left + crop)
 
 
-def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps: int,
-              lr: float = 3e-3, weight_decay: float = 1e-4, crop: int = 160, batch_size: int = 2,
-              noise: float = 0.0, seed: int = 0) -> nn.Module:
+def train_fcn(
+    model: nn.Module,
+    scene: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    crop: int = 160,
+    batch_size: int = 2,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
     """The FCN on the whole scene (or, for scenes larger than ``crop``, random ``crop x crop``
     windows holding training pixels); the loss is the cross-entropy over the training pixels only
     (``ignore_index=IGNORE_INDEX``). One step = one augmented scene (or ``batch_size`` crops)."""
@@ -140,8 +170,11 @@ def train_fcn(model: nn.Module, scene: torch.Tensor, target: torch.Tensor, steps
             x, y = _augment(scene[:, sy, sx], y, g, noise)
             xs.append(x)
             ys.append(y)
-        _update(opt, sched, F.cross_entropy(model(torch.stack(xs)), torch.stack(ys),
-                                            ignore_index=IGNORE_INDEX))
+        _update(
+            opt,
+            sched,
+            F.cross_entropy(model(torch.stack(xs)), torch.stack(ys), ignore_index=IGNORE_INDEX),
+        )
     return model.eval()
 
 

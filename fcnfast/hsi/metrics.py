@@ -7,6 +7,7 @@
 * average accuracy  AA = mean of the defined per-class accuracies
 * Cohen's kappa  = (OA - p_e) / (1 - p_e),  p_e = sum_i rows_i * cols_i / sum(M)^2
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -35,8 +36,10 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> n
     truth = np.asarray(truth).ravel()
     pred = np.asarray(pred).ravel()
     if truth.shape != pred.shape:
-        raise ValueError("truth and pred must have the same number of pixels, got %d and %d"
-                         % (truth.size, pred.size))
+        raise ValueError(
+            "truth and pred must have the same number of pixels, got %d and %d"
+            % (truth.size, pred.size)
+        )
     return _confusion_matrix(truth, pred, num_classes, ignore_index=None).numpy()
 
 
@@ -61,8 +64,12 @@ def classification_scores(confusion: np.ndarray) -> Dict[str, object]:
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(rows > 0, np.diag(m) / rows, np.nan)
     oa = np.trace(m) / total
-    expected = float(rows @ cols) / total ** 2
+    expected = float(rows @ cols) / total**2
     kappa = (oa - expected) / (1 - expected) if expected < 1 else 1.0
-    return {"overall_accuracy": float(oa), "average_accuracy": float(np.nanmean(per_class)),
-            "kappa": float(kappa), "per_class_accuracy": per_class.tolist(),
-            "confusion": np.asarray(confusion).tolist()}
+    return {
+        "overall_accuracy": float(oa),
+        "average_accuracy": float(np.nanmean(per_class)),
+        "kappa": float(kappa),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": np.asarray(confusion).tolist(),
+    }

@@ -8,6 +8,7 @@
   (``fcnfast.nn.BilinearUpsample2d``) each fused with the 1x1 score of the matching encoder feature
   (``fcnfast.nn.SkipFuse``). Output ``(N, K, H, W)`` for any ``H, W``.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -22,8 +23,11 @@ __all__ = ["PatchCNN", "HSIFCN", "reflect_pad", "extract_patches", "receptive_fi
 
 
 def _conv_bn_relu(cin: int, cout: int, padding: int, kernel: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=padding, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 def _spectral(bands: int, width: int) -> nn.Sequential:
@@ -40,20 +44,39 @@ class PatchCNN(nn.Sequential):
     ``window`` must be odd and >= 5.
     """
 
-    def __init__(self, bands: int, num_classes: int, window: int = 11, width: int = 16,
-                 hidden: int = 32, dropout: float = 0.5):
+    def __init__(
+        self,
+        bands: int,
+        num_classes: int,
+        window: int = 11,
+        width: int = 16,
+        hidden: int = 32,
+        dropout: float = 0.5,
+    ):
         if window < 5 or window % 2 == 0:
             raise ValueError("window must be odd and >= 5, got %d" % window)
         layers = [_spectral(bands, width)]
         for _ in range((window - 5) // 2):
             layers.append(_conv_bn_relu(width, width, padding=0))
-        super().__init__(*layers, nn.Flatten(), nn.Linear(width * 25, hidden), nn.ReLU(inplace=True),
-                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        super().__init__(
+            *layers,
+            nn.Flatten(),
+            nn.Linear(width * 25, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
         self.window = window
         self.bands = bands
         self.num_classes = num_classes
-        self.config = dict(bands=bands, num_classes=num_classes, window=window, width=width,
-                           hidden=hidden, dropout=dropout)
+        self.config = dict(
+            bands=bands,
+            num_classes=num_classes,
+            window=window,
+            width=width,
+            hidden=hidden,
+            dropout=dropout,
+        )
 
 
 class HSIFCN(nn.Module):
@@ -66,13 +89,21 @@ class HSIFCN(nn.Module):
     (input pixel ``2i + 0.5``) with its upsampled position.
     """
 
-    def __init__(self, bands: int, num_classes: int, width: int = 16, dropout: float = 0.2,
-                 learnable_upsampling: bool = True):
+    def __init__(
+        self,
+        bands: int,
+        num_classes: int,
+        width: int = 16,
+        dropout: float = 0.2,
+        learnable_upsampling: bool = True,
+    ):
         super().__init__()
         self.enc1 = nn.Sequential(_spectral(bands, width), _conv_bn_relu(width, width, padding=1))
         self.enc2 = _conv_bn_relu(width, 2 * width, padding=1)
-        self.enc3 = nn.Sequential(_conv_bn_relu(2 * width, 2 * width, padding=1),
-                                  _conv_bn_relu(2 * width, 2 * width, padding=1))
+        self.enc3 = nn.Sequential(
+            _conv_bn_relu(2 * width, 2 * width, padding=1),
+            _conv_bn_relu(2 * width, 2 * width, padding=1),
+        )
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.drop = nn.Dropout2d(dropout)
         self.score = nn.Conv2d(2 * width, num_classes, 1)
@@ -82,8 +113,13 @@ class HSIFCN(nn.Module):
         self.skip1 = SkipFuse(width, num_classes)
         self.bands = bands
         self.num_classes = num_classes
-        self.config = dict(bands=bands, num_classes=num_classes, width=width, dropout=dropout,
-                           learnable_upsampling=learnable_upsampling)
+        self.config = dict(
+            bands=bands,
+            num_classes=num_classes,
+            width=width,
+            dropout=dropout,
+            learnable_upsampling=learnable_upsampling,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f1 = self.enc1(x)
@@ -103,21 +139,24 @@ def reflect_pad(scene: torch.Tensor, radius: int) -> torch.Tensor:
     if radius == 0:
         return scene
     if radius >= min(scene.shape[-2:]):
-        raise ValueError("reflect padding of %d needs a scene larger than %d pixels, got %s"
-                         % (radius, radius, tuple(scene.shape[-2:])))
+        raise ValueError(
+            "reflect padding of %d needs a scene larger than %d pixels, got %s"
+            % (radius, radius, tuple(scene.shape[-2:]))
+        )
     batched = scene.dim() == 4
     out = F.pad(scene if batched else scene[None], (radius,) * 4, mode="reflect")
     return out if batched else out[0]
 
 
-def extract_patches(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                    window: int) -> torch.Tensor:
+def extract_patches(
+    padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, window: int
+) -> torch.Tensor:
     """``(N, B, w, w)`` patches of a ``(B, H + w - 1, W + w - 1)`` padded scene; patch ``n`` is
     centred on scene pixel ``(rows[n], cols[n])``, i.e. ``padded[:, r:r+w, c:c+w]``."""
     offsets = torch.arange(window, device=padded.device)
-    r = (rows[:, None] + offsets)[:, :, None]          # (N, w, 1)
-    c = (cols[:, None] + offsets)[:, None, :]          # (N, 1, w)
-    return padded[:, r, c].permute(1, 0, 2, 3)          # (B, N, w, w) -> (N, B, w, w)
+    r = (rows[:, None] + offsets)[:, :, None]  # (N, w, 1)
+    c = (cols[:, None] + offsets)[:, None, :]  # (N, 1, w)
+    return padded[:, r, c].permute(1, 0, 2, 3)  # (B, N, w, w) -> (N, B, w, w)
 
 
 def receptive_field(model: nn.Module, bands: int, size: int = 96) -> Tuple[int, int]:
@@ -127,8 +166,15 @@ def receptive_field(model: nn.Module, bands: int, size: int = 96) -> Tuple[int, 
     hit = torch.zeros(size, size, dtype=torch.bool)
     try:
         for seed in range(3):
-            x = torch.randn(1, bands, size, size, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(seed), requires_grad=True)
+            x = torch.randn(
+                1,
+                bands,
+                size,
+                size,
+                dtype=torch.float64,
+                generator=torch.Generator().manual_seed(seed),
+                requires_grad=True,
+            )
             out = model(x)
             cy, cx = out.shape[-2] // 2, out.shape[-1] // 2
             out[0, :, cy, cx].sum().backward()

@@ -4,6 +4,7 @@ Only figures we are sure of are given as numbers; where a paper is relevant but 
 be checked when this was written, it is listed with its protocol and no number, rather than a
 number from memory.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,27 +15,37 @@ PUBLISHED = {
     "indian_pines": {
         "rows": [
             # (method, OA %, protocol, source)
-            ("2-D CNN (patch, PCA)", "89.48", "random, 30 % of the labelled pixels for training, "
-             "25x25 patches, PCA to 30 components",
-             "Roy et al., HybridSN, IEEE GRSL 17(2), 2020, table of results with 30 % training data"),
+            (
+                "2-D CNN (patch, PCA)",
+                "89.48",
+                "random, 30 % of the labelled pixels for training, "
+                "25x25 patches, PCA to 30 components",
+                "Roy et al., HybridSN, IEEE GRSL 17(2), 2020, table of results with 30 % training data",
+            ),
             ("3-D CNN (patch)", "91.10", "same as above", "same table"),
             ("M3D-CNN (patch)", "95.32", "same as above", "same table"),
             ("SSRN (patch, 3-D residual)", "99.19", "same as above", "same table"),
             ("HybridSN (patch, 3-D + 2-D)", "99.75", "same as above", "same table"),
         ],
         "unquoted": [
-            ("SSFCN (spectral-spatial FCN, whole scene, + CRF variant)",
-             "Xu, Du, Zhang, \"Beyond the patchwise classification: spectral-spatial fully "
-             "convolutional networks for hyperspectral image classification\", IEEE Trans. Big "
-             "Data, 2020; random sampling"),
-            ("FreeNet / FPGA (patch-free encoder-decoder FCN, GS2 sampling)",
-             "Zheng, Zhong, Ma, Zhang, \"FPGA: fast patch-free global learning framework for "
-             "fully end-to-end hyperspectral image classification\", IEEE TGRS 58(8), 2020; random "
-             "sampling, reports ~99 %+ OA on the benchmark scenes"),
-            ("patch-based CNNs under spatially disjoint splits",
-             "Nalepa, Myller, Kawulok, \"Validating hyperspectral image segmentation\", IEEE GRSL "
-             "16(8), 2019: with training and test patches that do not overlap, the accuracies of "
-             "patch CNNs drop far below the random-split figures"),
+            (
+                "SSFCN (spectral-spatial FCN, whole scene, + CRF variant)",
+                'Xu, Du, Zhang, "Beyond the patchwise classification: spectral-spatial fully '
+                'convolutional networks for hyperspectral image classification", IEEE Trans. Big '
+                "Data, 2020; random sampling",
+            ),
+            (
+                "FreeNet / FPGA (patch-free encoder-decoder FCN, GS2 sampling)",
+                'Zheng, Zhong, Ma, Zhang, "FPGA: fast patch-free global learning framework for '
+                'fully end-to-end hyperspectral image classification", IEEE TGRS 58(8), 2020; random '
+                "sampling, reports ~99 %+ OA on the benchmark scenes",
+            ),
+            (
+                "patch-based CNNs under spatially disjoint splits",
+                'Nalepa, Myller, Kawulok, "Validating hyperspectral image segmentation", IEEE GRSL '
+                "16(8), 2019: with training and test patches that do not overlap, the accuracies of "
+                "patch CNNs drop far below the random-split figures",
+            ),
         ],
         "notes": [
             "Protocol differences: HybridSN's table trains on 30 % of the labelled pixels (we train "
@@ -56,10 +67,18 @@ def published_section(scene: Optional[str]) -> str:
     pub = PUBLISHED.get(scene or "")
     if not pub:
         return ""
-    lines = ["## Published results (quoted, not re-run)", "",
-             "| method | OA (%) | protocol | source |", "|---|---|---|---|"]
+    lines = [
+        "## Published results (quoted, not re-run)",
+        "",
+        "| method | OA (%) | protocol | source |",
+        "|---|---|---|---|",
+    ]
     lines += ["| %s | %s | %s | %s |" % row for row in pub["rows"]]
-    lines += ["", "Relevant, not quoted as numbers (table not re-checked when this was written):", ""]
+    lines += [
+        "",
+        "Relevant, not quoted as numbers (table not re-checked when this was written):",
+        "",
+    ]
     lines += ["- %s: %s" % row for row in pub["unquoted"]]
     lines += [""] + ["- " + n for n in pub["notes"]]
     return "\n".join(lines)

@@ -13,6 +13,7 @@
   than ``buffer`` pixels (Chebyshev distance, i.e. inside the square window) to any training pixel
   are dropped, so with ``buffer >= patch radius`` no training patch contains a test pixel.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -32,8 +33,9 @@ def _labelled_classes(gt: np.ndarray) -> np.ndarray:
     return classes
 
 
-def random_split(gt: np.ndarray, train_per_class=0.1, seed: int = 0,
-                 min_train: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+def random_split(
+    gt: np.ndarray, train_per_class=0.1, seed: int = 0, min_train: int = 1
+) -> Tuple[np.ndarray, np.ndarray]:
     """Random per-class split: ``train_per_class`` pixels of every class for training (an int: that
     many; a float in (0, 1): that fraction rounded, at least ``min_train``; never more than all but
     one pixel of the class), the other labelled pixels for testing. Returns ``(train_mask,
@@ -41,26 +43,38 @@ def random_split(gt: np.ndarray, train_per_class=0.1, seed: int = 0,
     classes = _labelled_classes(gt)
     is_fraction = isinstance(train_per_class, float)
     if is_fraction and not 0 < train_per_class < 1:
-        raise ValueError("train_per_class as a fraction must be in (0, 1), got %r" % train_per_class)
+        raise ValueError(
+            "train_per_class as a fraction must be in (0, 1), got %r" % train_per_class
+        )
     if not is_fraction and int(train_per_class) < 1:
-        raise ValueError("train_per_class must be a positive count or a fraction, got %r"
-                         % train_per_class)
+        raise ValueError(
+            "train_per_class must be a positive count or a fraction, got %r" % train_per_class
+        )
     rng = np.random.default_rng(seed)
     flat = gt.ravel()
     train = np.zeros(flat.shape, dtype=bool)
     for c in classes:
         idx = np.flatnonzero(flat == c)
-        n = (max(int(min_train), 1, int(round(train_per_class * idx.size))) if is_fraction
-             else int(train_per_class))
+        n = (
+            max(int(min_train), 1, int(round(train_per_class * idx.size)))
+            if is_fraction
+            else int(train_per_class)
+        )
         n = max(1, min(n, idx.size - 1)) if idx.size > 1 else idx.size
         train[rng.choice(idx, size=n, replace=False)] = True
     train = train.reshape(gt.shape)
     return train, (gt > 0) & ~train
 
 
-def disjoint_split(gt: np.ndarray, train_fraction: float = 0.1, buffer: int = 5, seed: int = 0,
-                   min_train: int = 5, block: int = 12, directions: int = 8
-                   ) -> Tuple[np.ndarray, np.ndarray]:
+def disjoint_split(
+    gt: np.ndarray,
+    train_fraction: float = 0.1,
+    buffer: int = 5,
+    seed: int = 0,
+    min_train: int = 5,
+    block: int = 12,
+    directions: int = 8,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Spatially disjoint split with a buffer that works for any class size.
 
     For every class ``c`` (``n_c`` pixels) it takes ``t = min(max(min_train, round(train_fraction
@@ -84,9 +98,10 @@ def disjoint_split(gt: np.ndarray, train_fraction: float = 0.1, buffer: int = 5,
     if not 0 < train_fraction < 1:
         raise ValueError("train_fraction must be in (0, 1), got %r" % train_fraction)
     if buffer < 0 or min_train < 1 or directions < 1 or block < 1:
-        raise ValueError("buffer must be >= 0, min_train, block and directions >= 1; got buffer=%r "
-                         "min_train=%r block=%r directions=%r" % (buffer, min_train, block,
-                                                                  directions))
+        raise ValueError(
+            "buffer must be >= 0, min_train, block and directions >= 1; got buffer=%r "
+            "min_train=%r block=%r directions=%r" % (buffer, min_train, block, directions)
+        )
     rng = np.random.default_rng(seed)
     h, w = gt.shape
     train = np.zeros(gt.shape, dtype=bool)
@@ -94,14 +109,18 @@ def disjoint_split(gt: np.ndarray, train_fraction: float = 0.1, buffer: int = 5,
         own = gt == c
         n = int(own.sum())
         t = min(max(int(min_train), int(round(train_fraction * n))), n - 1) if n > 1 else n
-        tiles = [(y, x) for y in range(0, h, block) for x in range(0, w, block)
-                 if own[y:y + block, x:x + block].any()]
+        tiles = [
+            (y, x)
+            for y in range(0, h, block)
+            for x in range(0, w, block)
+            if own[y : y + block, x : x + block].any()
+        ]
         mine = np.zeros(gt.shape, dtype=bool)
         taken = 0
         for i in rng.permutation(len(tiles)):
             y, x = tiles[i]
             tile = np.zeros(gt.shape, dtype=bool)
-            tile[y:y + block, x:x + block] = own[y:y + block, x:x + block]
+            tile[y : y + block, x : x + block] = own[y : y + block, x : x + block]
             count = int(tile.sum())
             if taken + count <= t:
                 mine |= tile
@@ -141,13 +160,23 @@ def split_report(gt: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
     count = lambda m: np.bincount(gt[m], minlength=k + 1)[1:].astype(int)
     total, tr, te = count(gt > 0), count(train & (gt > 0)), count(test & (gt > 0))
     present = total > 0
-    return {"train": tr.tolist(), "test": te.tolist(), "dropped": (total - tr - te).tolist(),
-            "untestable": [int(c) + 1 for c in np.flatnonzero(present & (tr > 0) & (te == 0))],
-            "untrained": [int(c) + 1 for c in np.flatnonzero(present & (tr == 0) & (te > 0))]}
+    return {
+        "train": tr.tolist(),
+        "test": te.tolist(),
+        "dropped": (total - tr - te).tolist(),
+        "untestable": [int(c) + 1 for c in np.flatnonzero(present & (tr > 0) & (te == 0))],
+        "untrained": [int(c) + 1 for c in np.flatnonzero(present & (tr == 0) & (te > 0))],
+    }
 
 
-def block_split(gt: np.ndarray, train_fraction: float = 0.3, block: int = 24, buffer: int = 5,
-                seed: int = 0, attempts: int = 50) -> Tuple[np.ndarray, np.ndarray]:
+def block_split(
+    gt: np.ndarray,
+    train_fraction: float = 0.3,
+    block: int = 24,
+    buffer: int = 5,
+    seed: int = 0,
+    attempts: int = 50,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Spatially disjoint split by square blocks.
 
     The scene is tiled into ``block`` x ``block`` tiles, visited in random order; a tile goes to
@@ -160,7 +189,9 @@ def block_split(gt: np.ndarray, train_fraction: float = 0.3, block: int = 24, bu
     if not 0 < train_fraction < 1:
         raise ValueError("train_fraction must be in (0, 1), got %r" % train_fraction)
     if block < 1 or buffer < 0:
-        raise ValueError("block must be >= 1 and buffer >= 0, got block=%r buffer=%r" % (block, buffer))
+        raise ValueError(
+            "block must be >= 1 and buffer >= 0, got block=%r buffer=%r" % (block, buffer)
+        )
     h, w = gt.shape
     tiles = [(y, x) for y in range(0, h, block) for x in range(0, w, block)]
     total = np.bincount(gt.ravel(), minlength=classes.max() + 1)
@@ -170,19 +201,21 @@ def block_split(gt: np.ndarray, train_fraction: float = 0.3, block: int = 24, bu
         taken = np.zeros_like(total)
         for i in rng.permutation(len(tiles)):
             y, x = tiles[i]
-            counts = np.bincount(gt[y:y + block, x:x + block].ravel(), minlength=total.size)
+            counts = np.bincount(gt[y : y + block, x : x + block].ravel(), minlength=total.size)
             counts[0] = 0
             wanted = taken < train_fraction * total
             if counts[wanted].sum() > 0 and counts[~wanted].sum() == 0:
-                train[y:y + block, x:x + block] = True
+                train[y : y + block, x : x + block] = True
                 taken += counts
         train &= gt > 0
         test = (gt > 0) & ~_dilate(train, buffer)
         if all(train[gt == c].any() and test[gt == c].any() for c in classes):
             return train, test
-    raise ValueError("block_split found no split with training and test pixels in every class "
-                     "after %d attempts (block=%d, buffer=%d, train_fraction=%g); try smaller blocks"
-                     % (attempts, block, buffer, train_fraction))
+    raise ValueError(
+        "block_split found no split with training and test pixels in every class "
+        "after %d attempts (block=%d, buffer=%d, train_fraction=%g); try smaller blocks"
+        % (attempts, block, buffer, train_fraction)
+    )
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -26,6 +26,7 @@ Backbones (``BACKBONES``):
   2-core CPU in minutes on small synthetic scenes, for demos and tests. Its
   ``features`` indices differ from torchvision's because of the BN layers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,14 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CeilMaxPool2d", "BackboneSpec", "BACKBONES", "VGG16_LAYOUT", "CONV1_PADDING",
-           "backbone_spec", "make_features", "make_fc", "pool_indices"]
+__all__ = [
+    "CeilMaxPool2d",
+    "BackboneSpec",
+    "BACKBONES",
+    "VGG16_LAYOUT",
+    "CONV1_PADDING",
+    "backbone_spec",
+    "make_features",
+    "make_fc",
+    "pool_indices",
+]
 
 # Convolutions per block of VGG16 (configuration "D").
 VGG16_LAYOUT: Tuple[int, ...] = (2, 2, 3, 3, 3)
 CONV1_PADDING = 100
 FC6_KERNEL = 7
-
 
 
 class CeilMaxPool2d(nn.MaxPool2d):
@@ -91,7 +100,9 @@ def backbone_spec(backbone) -> BackboneSpec:
     try:
         return BACKBONES[backbone]
     except (KeyError, TypeError):
-        raise ValueError("backbone must be one of %s, got %r" % (sorted(BACKBONES), backbone)) from None
+        raise ValueError(
+            "backbone must be one of %s, got %r" % (sorted(BACKBONES), backbone)
+        ) from None
 
 
 def make_features(spec: BackboneSpec, in_channels: int = 3) -> nn.Sequential:
@@ -117,7 +128,9 @@ def pool_indices(features: nn.Sequential):
     return [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
 
 
-def make_fc(spec: BackboneSpec, dropout: float) -> Tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module]:
+def make_fc(
+    spec: BackboneSpec, dropout: float
+) -> Tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module]:
     """fc6 (7x7 conv), its dropout, fc7 (1x1 conv), its dropout (element-wise, as Caffe)."""
     fc6 = nn.Conv2d(spec.widths[-1], spec.fc_width, FC6_KERNEL)
     fc7 = nn.Conv2d(spec.fc_width, spec.fc_width, 1)

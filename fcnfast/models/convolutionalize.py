@@ -6,6 +6,7 @@ convolution. The converted net takes any input size and returns a score map whos
 is the classifier's output for the ``input_size`` window whose top-left corner is
 ``(i * stride, j * stride)`` -- all windows at once, with the overlapping work shared.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,20 @@ from torch import nn
 __all__ = ["convolutionalize"]
 
 # modules that act element-wise (or per channel) and therefore work unchanged on (N, C, H, W)
-_POINTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-              nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout)
+_POINTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Identity,
+    nn.Dropout,
+)
 
 
 def _flat_modules(module: nn.Module):
@@ -33,8 +46,10 @@ def _flat_modules(module: nn.Module):
 def _linear_as_conv(linear: nn.Linear, channels: int, kernel: Sequence[int]) -> nn.Conv2d:
     kh, kw = kernel
     if linear.in_features != channels * kh * kw:
-        raise ValueError("Linear(in_features=%d) does not match the %dx%dx%d feature map before it"
-                         % (linear.in_features, channels, kh, kw))
+        raise ValueError(
+            "Linear(in_features=%d) does not match the %dx%dx%d feature map before it"
+            % (linear.in_features, channels, kh, kw)
+        )
     conv = nn.Conv2d(channels, linear.out_features, (kh, kw), bias=linear.bias is not None)
     conv = conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
@@ -55,8 +70,10 @@ def _batchnorm1d_as_2d(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
 
 def _softmax_over_channels(module):
     if module.dim not in (1, -1):
-        raise ValueError("%s(dim=%s) after Flatten cannot be convolutionalized (needs dim=1 or -1)"
-                         % (type(module).__name__, module.dim))
+        raise ValueError(
+            "%s(dim=%s) after Flatten cannot be convolutionalized (needs dim=1 or -1)"
+            % (type(module).__name__, module.dim)
+        )
     return type(module)(dim=1)
 
 
@@ -73,8 +90,9 @@ def _feature_shape(features: nn.Sequential, input_shape) -> torch.Size:
         for m, mode in zip(features.modules(), modes):
             m.training = mode
     if out.dim() != 4:
-        raise ValueError("the layers before Flatten must return (N, C, H, W), got shape %s"
-                         % (tuple(out.shape),))
+        raise ValueError(
+            "the layers before Flatten must return (N, C, H, W), got shape %s" % (tuple(out.shape),)
+        )
     return out.shape[1:]
 
 
@@ -82,7 +100,9 @@ def _input_channels(modules) -> int:
     for m in modules:
         if hasattr(m, "in_channels"):
             return int(m.in_channels)
-    raise ValueError("cannot infer the input channels: pass input_size as (channels, height, width)")
+    raise ValueError(
+        "cannot infer the input channels: pass input_size as (channels, height, width)"
+    )
 
 
 def _is_padded(m: nn.Module) -> bool:
@@ -122,18 +142,24 @@ def convolutionalize(classifier: nn.Module, input_size) -> nn.Sequential:
     so a warning is issued for them.
     """
     if not isinstance(classifier, nn.Sequential):
-        raise ValueError("convolutionalize expects an nn.Sequential classifier, got %s"
-                         % type(classifier).__name__)
+        raise ValueError(
+            "convolutionalize expects an nn.Sequential classifier, got %s"
+            % type(classifier).__name__
+        )
     modules = list(_flat_modules(classifier))
     flat_at = [i for i, m in enumerate(modules) if isinstance(m, nn.Flatten)]
     if len(flat_at) != 1:
-        raise ValueError("the classifier must contain exactly one nn.Flatten, found %d" % len(flat_at))
+        raise ValueError(
+            "the classifier must contain exactly one nn.Flatten, found %d" % len(flat_at)
+        )
     flatten = modules[flat_at[0]]
     if flatten.start_dim != 1 or flatten.end_dim != -1:
-        raise ValueError("nn.Flatten must use start_dim=1, end_dim=-1, got %d, %d"
-                         % (flatten.start_dim, flatten.end_dim))
-    body = [copy.deepcopy(m) for m in modules[:flat_at[0]]]
-    head = modules[flat_at[0] + 1:]
+        raise ValueError(
+            "nn.Flatten must use start_dim=1, end_dim=-1, got %d, %d"
+            % (flatten.start_dim, flatten.end_dim)
+        )
+    body = [copy.deepcopy(m) for m in modules[: flat_at[0]]]
+    head = modules[flat_at[0] + 1 :]
     if not any(isinstance(m, nn.Linear) for m in head):
         raise ValueError("the classifier has no nn.Linear after its nn.Flatten")
 
@@ -141,12 +167,17 @@ def convolutionalize(classifier: nn.Module, input_size) -> nn.Sequential:
     if len(size) == 2:
         size = (_input_channels(body + head),) + size
     if len(size) != 3 or min(size) <= 0:
-        raise ValueError("input_size must be (height, width) or (channels, height, width) of positive "
-                         "ints, got %r" % (input_size,))
+        raise ValueError(
+            "input_size must be (height, width) or (channels, height, width) of positive "
+            "ints, got %r" % (input_size,)
+        )
     for m in body:
         if _is_padded(m):
-            warnings.warn("convolutionalize: %r is padded; the dense output matches the classifier "
-                          "on windows only away from zero-padding effects" % m, stacklevel=2)
+            warnings.warn(
+                "convolutionalize: %r is padded; the dense output matches the classifier "
+                "on windows only away from zero-padding effects" % m,
+                stacklevel=2,
+            )
     features = nn.Sequential(*body)
     channels, fh, fw = _feature_shape(features, size)
 
@@ -163,8 +194,10 @@ def convolutionalize(classifier: nn.Module, input_size) -> nn.Sequential:
         elif isinstance(m, _POINTWISE):
             converted.append(copy.deepcopy(m))
         else:
-            raise ValueError("cannot convolutionalize %r after nn.Flatten (supported: Linear, "
-                             "BatchNorm1d, Softmax/LogSoftmax(dim=1) and element-wise layers)" % m)
+            raise ValueError(
+                "cannot convolutionalize %r after nn.Flatten (supported: Linear, "
+                "BatchNorm1d, Softmax/LogSoftmax(dim=1) and element-wise layers)" % m
+            )
     net = nn.Sequential(*body, *converted)
     net.window = size[1:]
     net.stride = _stride(body)

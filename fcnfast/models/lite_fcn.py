@@ -26,6 +26,7 @@ centre, and the crops are whole pixels:
 The even ``2f`` kernels of the VGG FCNs would put every output half a pixel
 off the feature grid here (they rely on VGG's 2x2 pooling and the pad of 100).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -33,11 +34,16 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .fcn import chunked_argmax
 from ..losses import IGNORE_INDEX, segmentation_loss
 from ..nn import ConvTranspose2d, NoScript, SkipFuse, bilinear_kernel
-from .efficientnet import (EfficientNetLite0, LITE0_FEATURE_CHANNELS, lite0_state_dict_from_package,
-                           load_lite0_state_dict, normalize_uint8)
+from .efficientnet import (
+    LITE0_FEATURE_CHANNELS,
+    EfficientNetLite0,
+    lite0_state_dict_from_package,
+    load_lite0_state_dict,
+    normalize_uint8,
+)
+from .fcn import chunked_argmax
 
 __all__ = ["LiteFCN", "LITE_VARIANTS"]
 
@@ -71,18 +77,27 @@ class LiteFCN(nn.Module, NoScript):
 
     backbone_name = "lite0"
 
-    def __init__(self, variant: str = "fcn8s", num_classes: int = 21, pretrained: bool = False,
-                 class_names: Optional[Sequence[str]] = None, drop_connect_rate: float = 0.2,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        variant: str = "fcn8s",
+        num_classes: int = 21,
+        pretrained: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+        drop_connect_rate: float = 0.2,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         if variant not in LITE_VARIANTS:
-            raise ValueError("variant must be one of %s for backbone 'lite0', got %r"
-                             % (sorted(LITE_VARIANTS), variant))
+            raise ValueError(
+                "variant must be one of %s for backbone 'lite0', got %r"
+                % (sorted(LITE_VARIANTS), variant)
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError("num_classes must be a positive int, got %r" % (num_classes,))
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError("class_names has %d names for num_classes=%d"
-                             % (len(class_names), num_classes))
+            raise ValueError(
+                "class_names has %d names for num_classes=%d" % (len(class_names), num_classes)
+            )
         self.variant = variant
         self.num_classes = num_classes
         self.in_channels = 3
@@ -106,13 +121,16 @@ class LiteFCN(nn.Module, NoScript):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError("x must be a (N, 3, H, W) tensor, got %s"
-                             % (tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__))
+            raise ValueError(
+                "x must be a (N, 3, H, W) tensor, got %s"
+                % (tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__)
+            )
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError("x must have a positive height and width, got %s" % (tuple(x.shape),))
 
-    def coarse_scores(self, x: torch.Tensor, backbone: Optional[nn.Module] = None
-                      ) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    def coarse_scores(
+        self, x: torch.Tensor, backbone: Optional[nn.Module] = None
+    ) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
         """Scores at stride ``upscale`` and the crop of the final upsampling.
 
         ``backbone``: another backbone computing the same features (``predict`` passes the
@@ -143,20 +161,26 @@ class LiteFCN(nn.Module, NoScript):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (N, 3, H, W) or (3, H, W), any size -> int64 labels (N, H, W) or (H, W)."""
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 RGB tensor (N, 3, H, W), got %s"
-                             % (images.dtype if isinstance(images, torch.Tensor)
-                                else type(images).__name__))
+            raise ValueError(
+                "images must be a uint8 RGB tensor (N, 3, H, W), got %s"
+                % (images.dtype if isinstance(images, torch.Tensor) else type(images).__name__)
+            )
         single = images.dim() == 3
         batch = images.unsqueeze(0) if single else images
         param = next(self.parameters())
         # in eval mode the backbone's batch norms are folded into its convolutions (a cached copy)
         backbone = None if self.backbone.training else self.backbone.folded()
         scores, crop = self.coarse_scores(self.preprocess(batch.to(param.device)), backbone)
-        labels = chunked_argmax(self.upscore, scores, crop)   # one image's scores at a time
+        labels = chunked_argmax(self.upscore, scores, crop)  # one image's scores at a time
         return labels[0] if single else labels
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-             reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """``F.cross_entropy(forward(x), target, ignore_index=ignore_index, reduction=reduction)``
         (``fcnfast.losses.segmentation_loss``).
 
@@ -199,5 +223,9 @@ class LiteFCN(nn.Module, NoScript):
         return "variant=%s, num_classes=%d, backbone=lite0" % (self.variant, self.num_classes)
 
     def config(self) -> Dict[str, object]:
-        return {"variant": self.variant, "num_classes": self.num_classes, "backbone": "lite0",
-                "class_names": list(self.class_names) if self.class_names else None}
+        return {
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "backbone": "lite0",
+            "class_names": list(self.class_names) if self.class_names else None,
+        }

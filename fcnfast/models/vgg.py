@@ -13,6 +13,7 @@ Key mapping (torchvision ``vgg16()`` -> FCN):
 
 Expected input normalisation is the torchvision one (see ``fcnfast.data.image_to_tensor``).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,26 +66,32 @@ def _read_state_dict(path_or_state_dict, source: str) -> Mapping[str, torch.Tens
     return state
 
 
-def load_vgg16(path_or_state_dict, num_classes: int = 21, model: str = "fcn8s",
-               **model_kwargs) -> FCN:
+def load_vgg16(
+    path_or_state_dict, num_classes: int = 21, model: str = "fcn8s", **model_kwargs
+) -> FCN:
     """An FCN (``build_model(model, num_classes=..., **model_kwargs)``) whose conv1_1 .. fc7
     come from a torchvision-format VGG16 state dict (a path to a ``torch.save`` file, or the dict).
 
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` naming the file for an
     unreadable one, for missing keys (listed) and for shape mismatches (key and both shapes).
     """
-    source = ("state dict" if isinstance(path_or_state_dict, Mapping)
-              else os.fspath(path_or_state_dict))
+    source = (
+        "state dict" if isinstance(path_or_state_dict, Mapping) else os.fspath(path_or_state_dict)
+    )
     state = _read_state_dict(path_or_state_dict, source)
     fcn = build_model(model, num_classes=num_classes, **model_kwargs)
     if fcn.spec.batch_norm:
-        raise ValueError("backbone %r has batch norm layers; a VGG16 state dict fits only "
-                         "backbones without batch norm (e.g. 'vgg16')" % fcn.spec.name)
+        raise ValueError(
+            "backbone %r has batch norm layers; a VGG16 state dict fits only "
+            "backbones without batch norm (e.g. 'vgg16')" % fcn.spec.name
+        )
     mapping = vgg16_key_map()
     missing = [key for key in mapping if key not in state]
     if missing:
-        raise ValueError("%s is not a torchvision VGG16 state dict: missing keys %s"
-                         % (source, ", ".join(missing)))
+        raise ValueError(
+            "%s is not a torchvision VGG16 state dict: missing keys %s"
+            % (source, ", ".join(missing))
+        )
     targets = dict(fcn.named_parameters())
     with torch.no_grad():
         for key, name in mapping.items():
@@ -93,8 +100,11 @@ def load_vgg16(path_or_state_dict, num_classes: int = 21, model: str = "fcn8s",
             if not isinstance(value, torch.Tensor):
                 raise ValueError("%s: %s is not a tensor" % (source, key))
             if value.numel() != target.numel() or (
-                    value.dim() == target.dim() and value.shape != target.shape):
-                raise ValueError("%s: %s has shape %s, the FCN's %s needs %s"
-                                 % (source, key, tuple(value.shape), name, tuple(target.shape)))
+                value.dim() == target.dim() and value.shape != target.shape
+            ):
+                raise ValueError(
+                    "%s: %s has shape %s, the FCN's %s needs %s"
+                    % (source, key, tuple(value.shape), name, tuple(target.shape))
+                )
             target.copy_(value.reshape(target.shape))
     return fcn

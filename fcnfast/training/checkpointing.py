@@ -4,6 +4,7 @@ the run files, the history on resume) and ``load_model`` for a trained model.
 The file format (``CHECKPOINT_FORMAT``, atomic ``save_checkpoint``, checked
 ``load_checkpoint``) is ``fcnfast.checkpoints``'; it is re-exported here.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,18 @@ from ..checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .config import TrainConfig, build_model_from_config
 from .distributed import Dist
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "RUN_FILES",
-           "existing_run", "rng_state", "set_rng_state", "gather_rng_states",
-           "set_aside_later_history"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "RUN_FILES",
+    "existing_run",
+    "rng_state",
+    "set_rng_state",
+    "gather_rng_states",
+    "set_aside_later_history",
+]
 
 RUN_FILES = ("checkpoint.pt", "history.jsonl")
 
@@ -50,8 +60,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -107,8 +122,9 @@ def load_model(path, device="cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ValueError("checkpoint %s does not fit model %s/%s: %s"
-                         % (path, cfg.model, cfg.backbone, exc)) from exc
+        raise ValueError(
+            "checkpoint %s does not fit model %s/%s: %s" % (path, cfg.model, cfg.backbone, exc)
+        ) from exc
     return model.to(device).eval(), ckpt
 
 
@@ -134,8 +150,10 @@ def set_aside_later_history(out: Path, epoch: int, say: Callable[[str], None]) -
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)  # atomic: a crash leaves the old or the new history, never half
-    say("history.jsonl: %d record(s) after epoch %d moved to history.superseded.jsonl "
-        "(they are trained again now)" % (len(later), epoch))
+    say(
+        "history.jsonl: %d record(s) after epoch %d moved to history.superseded.jsonl "
+        "(they are trained again now)" % (len(later), epoch)
+    )
 
 
 def fcnfast_version() -> str:

@@ -1,4 +1,5 @@
 """``TrainConfig``, the optimiser presets, and the model / optimiser a config builds."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZER_PRESETS", "TrainConfig", "build_optimizer", "build_model_from_config",
-           "resume_conflicts"]
+__all__ = [
+    "OPTIMIZER_PRESETS",
+    "TrainConfig",
+    "build_optimizer",
+    "build_model_from_config",
+    "resume_conflicts",
+]
 
 # Defaults each optimiser name fills in for the TrainConfig fields left at None.
 OPTIMIZER_PRESETS = {
@@ -29,40 +35,50 @@ class TrainConfig:
     ``lr``, ``momentum``, ``weight_decay``, ``batch_size`` and ``loss`` left at None take
     the values of ``OPTIMIZER_PRESETS[optimizer]`` (see ``resolved()``).
     """
-    data: str = "synthetic"           # "synthetic" or a VOC-format directory
+
+    data: str = "synthetic"  # "synthetic" or a VOC-format directory
     model: str = "fcn8s"
     backbone: str = "tiny"
     num_classes: int = 21
     fixed_upsampling: bool = False
-    dropout: float = 0.5              # fc6/fc7 element-wise dropout (the paper's 0.5)
+    dropout: float = 0.5  # fc6/fc7 element-wise dropout (the paper's 0.5)
     epochs: int = 1
-    optimizer: str = "sgd"            # sgd | adam | caffe
+    optimizer: str = "sgd"  # sgd | adam | caffe
     lr: Optional[float] = None
     momentum: Optional[float] = None
     weight_decay: Optional[float] = None
     batch_size: Optional[int] = None
-    loss: Optional[str] = None        # mean | sum
+    loss: Optional[str] = None  # mean | sum
     seed: int = 0
     # synthetic data (SyntheticScenes): training / validation image counts, side length
     train_images: int = 64
     val_images: int = 16
     image_size: int = 64
-    ignore_border: int = 0            # label pixels this close to another class 255 (VOC-like)
+    ignore_border: int = 0  # label pixels this close to another class 255 (VOC-like)
     data_seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
     # runtime (not part of the experiment's identity)
-    out: Optional[str] = None         # directory for checkpoint.pt and history.jsonl
+    out: Optional[str] = None  # directory for checkpoint.pt and history.jsonl
     device: str = "auto"
     num_workers: int = 0
-    save_every: int = 0               # also checkpoint every N steps (0: only after each epoch)
-    max_steps: Optional[int] = None   # stop after this many steps in total
+    save_every: int = 0  # also checkpoint every N steps (0: only after each epoch)
+    max_steps: Optional[int] = None  # stop after this many steps in total
     time_limit: Optional[float] = None  # stop training after this many seconds (checked each step)
     validate: bool = True
     quiet: bool = False
 
-    RUNTIME_FIELDS = ("epochs", "out", "device", "num_workers", "save_every", "max_steps",
-                      "time_limit", "validate", "quiet")
+    RUNTIME_FIELDS = (
+        "epochs",
+        "out",
+        "device",
+        "num_workers",
+        "save_every",
+        "max_steps",
+        "time_limit",
+        "validate",
+        "quiet",
+    )
     # may differ from the checkpoint on resume: the runtime fields and the learning rate
     # (set on the restored optimiser); every other field defines the experiment
     RESUME_SAFE_FIELDS = RUNTIME_FIELDS + ("lr",)
@@ -70,11 +86,13 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the optimiser preset filled in and every value checked."""
         if self.optimizer not in OPTIMIZER_PRESETS:
-            raise ValueError("optimizer must be one of %s, got %r"
-                             % (sorted(OPTIMIZER_PRESETS), self.optimizer))
+            raise ValueError(
+                "optimizer must be one of %s, got %r" % (sorted(OPTIMIZER_PRESETS), self.optimizer)
+            )
         preset = OPTIMIZER_PRESETS[self.optimizer]
-        cfg = dataclasses.replace(self, **{k: v for k, v in preset.items()
-                                           if getattr(self, k) is None})
+        cfg = dataclasses.replace(
+            self, **{k: v for k, v in preset.items() if getattr(self, k) is None}
+        )
         if cfg.loss not in ("mean", "sum"):
             raise ValueError("loss must be 'mean' or 'sum', got %r" % (cfg.loss,))
         for name in ("epochs", "batch_size", "num_classes", "train_images", "image_size"):
@@ -117,8 +135,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def build_model_from_config(cfg: TrainConfig) -> nn.Module:
@@ -133,8 +150,13 @@ def build_model_from_config(cfg: TrainConfig) -> nn.Module:
     """
     from ..models import build_model
 
-    return build_model(cfg.model, num_classes=cfg.num_classes, backbone=cfg.backbone,
-                       fixed_upsampling=cfg.fixed_upsampling, dropout=cfg.dropout)
+    return build_model(
+        cfg.model,
+        num_classes=cfg.num_classes,
+        backbone=cfg.backbone,
+        fixed_upsampling=cfg.fixed_upsampling,
+        dropout=cfg.dropout,
+    )
 
 
 def resume_conflicts(saved: dict, requested: dict) -> list:

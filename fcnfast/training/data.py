@@ -1,4 +1,5 @@
 """The datasets of a ``TrainConfig``, the label scan before training, and batching."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,12 +34,18 @@ def make_dataset(cfg: TrainConfig, part: str):
         # a disjoint seed: validation scenes are never training scenes
         seed = cfg.data_seed if part == "train" else cfg.data_seed + 1_000_003
         count = cfg.train_images if part == "train" else cfg.val_images
-        return data.SyntheticScenes(count, cfg.image_size, seed=seed,
-                                    num_classes=cfg.num_classes,
-                                    ignore_border=cfg.ignore_border)
+        return data.SyntheticScenes(
+            count,
+            cfg.image_size,
+            seed=seed,
+            num_classes=cfg.num_classes,
+            ignore_border=cfg.ignore_border,
+        )
     if not Path(cfg.data).is_dir():
-        raise FileNotFoundError("data directory not found: %s (use 'synthetic' or a dataset "
-                                "directory: VOC, list-file or images/ + labels/)" % cfg.data)
+        raise FileNotFoundError(
+            "data directory not found: %s (use 'synthetic' or a dataset "
+            "directory: VOC, list-file or images/ + labels/)" % cfg.data
+        )
     from ..data.layouts import NormalizedImages, detect_layout, open_segmentation
 
     split = cfg.train_split if part == "train" else cfg.val_split
@@ -47,8 +54,9 @@ def make_dataset(cfg: TrainConfig, part: str):
     return NormalizedImages(open_segmentation(cfg.data, split, num_classes=cfg.num_classes))
 
 
-def check_labels(dataset, num_classes: int, name: str = "data",
-                 source: Optional[str] = None) -> None:
+def check_labels(
+    dataset, num_classes: int, name: str = "data", source: Optional[str] = None
+) -> None:
     """Scan every label of ``dataset`` before training.
 
     Synthetic scenes are generated for ``num_classes`` and need no scan. Only label files are
@@ -87,10 +95,18 @@ def check_labels(dataset, num_classes: int, name: str = "data",
             first_bad = label_path
         largest = max(largest, top)
     if first_bad is not None:
-        raise ValueError("%s but the %s labels hold class %d (first in %s); %s"
-                         % (source or "--num-classes %d" % num_classes, name, largest, first_bad,
-                            "use --num-classes %d or more" % (largest + 1) if source is None
-                            else "classes run 0..%d (255 = ignore)" % (num_classes - 1)))
+        raise ValueError(
+            "%s but the %s labels hold class %d (first in %s); %s"
+            % (
+                source or "--num-classes %d" % num_classes,
+                name,
+                largest,
+                first_bad,
+                "use --num-classes %d or more" % (largest + 1)
+                if source is None
+                else "classes run 0..%d (255 = ignore)" % (num_classes - 1),
+            )
+        )
 
 
 def make_datasets(cfg: TrainConfig):
@@ -123,8 +139,8 @@ def pad_collate(batch):
     out_images = images[0].new_zeros((len(images), images[0].shape[0], height, width))
     out_labels = labels[0].new_full((len(labels), height, width), IGNORE_INDEX)
     for i, (im, lab) in enumerate(zip(images, labels)):
-        out_images[i, :, :im.shape[-2], :im.shape[-1]] = im
-        out_labels[i, :lab.shape[-2], :lab.shape[-1]] = lab
+        out_images[i, :, : im.shape[-2], : im.shape[-1]] = im
+        out_labels[i, : lab.shape[-2], : lab.shape[-1]] = lab
     return out_images, out_labels
 
 

@@ -4,6 +4,7 @@ The process group is created from torchrun's environment (``WORLD_SIZE``, ``RANK
 ``LOCAL_RANK``, ...): gloo on the CPU, nccl on CUDA. ``FCNFAST_DIST_TIMEOUT`` (seconds, default
 torch's own, 10-30 minutes) bounds how long a collective waits for a lost peer before failing.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,6 +23,7 @@ __all__ = ["Dist", "init_distributed", "average_buffers", "all_reduce_sum", "pic
 class Dist:
     """This process's place in the run: rank, world size, local rank (its GPU), and whether
     ``init_distributed`` created the process group (and so must destroy it)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -50,12 +52,14 @@ def init_distributed(device_type: str) -> Dist:
         # FCNFAST_DIST_TIMEOUT (seconds): how long a collective may wait for a lost peer
         # before failing (unset: torch's default, 10-30 minutes); see the README's table
         timeout = os.environ.get("FCNFAST_DIST_TIMEOUT")
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=float(timeout))
-                                if timeout else None)
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=float(timeout)) if timeout else None,
+        )
         owns = True
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                 owns)
+    return Dist(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
+    )
 
 
 def average_buffers(model: nn.Module, ctx: Dist) -> None:
@@ -99,18 +103,21 @@ def pick_device(name: str, ctx: Optional[Dist] = None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError("--device %r is not a device name (expected auto, cpu, cuda or cuda:N)"
-                         % (name,)) from exc
+        raise ValueError(
+            "--device %r is not a device name (expected auto, cpu, cuda or cuda:N)" % (name,)
+        ) from exc
     if device.type not in ("cpu", "cuda"):
         raise ValueError("--device %r: fcnfast runs on cpu or cuda, not %s" % (name, device.type))
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device %r: this torch %s has no usable CUDA device "
-                             "(torch.cuda.is_available() is False); use --device cpu"
-                             % (name, torch.__version__))
+            raise ValueError(
+                "--device %r: this torch %s has no usable CUDA device "
+                "(torch.cuda.is_available() is False); use --device cpu" % (name, torch.__version__)
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError("--device %r: only %d CUDA device(s) present"
-                             % (name, torch.cuda.device_count()))
+            raise ValueError(
+                "--device %r: only %d CUDA device(s) present" % (name, torch.cuda.device_count())
+            )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ctx.local_rank if ctx else torch.cuda.current_device())
     return device

@@ -1,6 +1,7 @@
 """Evaluation: ONE confusion matrix over a whole validation set (summed over processes), from
 which the FCN paper's four metrics follow (``fcnfast.metrics``); optionally tiled, optionally
 with a dense-CRF refinement."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -17,9 +18,16 @@ from .distributed import Dist, all_reduce_sum
 __all__ = ["evaluate", "crf_labels", "val_loader"]
 
 
-def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: bool = False,
-             crf: Optional[Callable] = None, ctx: Optional[Dist] = None,
-             tile: Optional[int] = 0):
+def evaluate(
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    device=None,
+    progress: bool = False,
+    crf: Optional[Callable] = None,
+    ctx: Optional[Dist] = None,
+    tile: Optional[int] = 0,
+):
     """Confusion matrix of ``model`` over every batch of ``loader`` (summed over processes).
 
     Args:
@@ -51,14 +59,26 @@ def evaluate(model: nn.Module, loader, num_classes: int, device=None, progress: 
     model.eval()
     try:
         with torch.no_grad():
-            for images, targets in tqdm(loader, desc="validate", leave=False,
-                                        disable=None if progress and ctx.main else True):
+            for images, targets in tqdm(
+                loader,
+                desc="validate",
+                leave=False,
+                disable=None if progress and ctx.main else True,
+            ):
                 images, targets = images.to(device), targets.to(device)
                 use_tile = _tiling().tile_for(model, images.shape[-2], images.shape[-1], tile)
                 if use_tile:
                     for i in range(images.shape[0]):
-                        _tiled_confusion(model, images[i:i + 1], targets[i:i + 1], num_classes,
-                                         use_tile, conf, crf, conf_crf)
+                        _tiled_confusion(
+                            model,
+                            images[i : i + 1],
+                            targets[i : i + 1],
+                            num_classes,
+                            use_tile,
+                            conf,
+                            crf,
+                            conf_crf,
+                        )
                     continue
                 if crf is None:
                     confusion_matrix(targets, model.predict(images), num_classes, out=conf)
@@ -88,15 +108,21 @@ def _tiled_confusion(model, image, target, num_classes, tile, conf, crf, conf_cr
         return image[:, :, y0:y1, x0:x1]
 
     labels = _tiling().tiled_labels(model, height, width, window, tile=tile)
-    confusion_matrix(target, torch.from_numpy(labels).to(target.device).long()[None],
-                     num_classes, out=conf)
+    confusion_matrix(
+        target, torch.from_numpy(labels).to(target.device).long()[None], num_classes, out=conf
+    )
     if crf is not None:
+
         def refine(logits, y0, y1, x0, x1):
             return crf(logits, image[:, :, y0:y1, x0:x1])[0]
 
         refined = _tiling().tiled_labels(model, height, width, window, tile=tile, crf=refine)
-        confusion_matrix(target, torch.from_numpy(refined).to(target.device).long()[None],
-                         num_classes, out=conf_crf)
+        confusion_matrix(
+            target,
+            torch.from_numpy(refined).to(target.device).long()[None],
+            num_classes,
+            out=conf_crf,
+        )
 
 
 def crf_labels(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -123,6 +149,11 @@ def val_loader(val_set, cfg: TrainConfig, ctx: Dist, device: torch.device):
     """The validation DataLoader of this process: a disjoint shard of ``val_set`` (no padding
     duplicates, unlike DistributedSampler), batches of ``cfg.batch_size`` (``pad_collate``)."""
     shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world)) if ctx.world > 1 else val_set
-    return DataLoader(shard, batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=cfg.num_workers, collate_fn=pad_collate,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(
+        shard,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=pad_collate,
+        pin_memory=device.type == "cuda",
+    )

@@ -5,6 +5,7 @@ the process group, builds (or restores) model and optimiser, then runs epochs of
 each epoch it validates, logs, appends to ``history.jsonl`` and writes a checkpoint. The state
 those steps share is one ``_Run``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..losses import segmentation_loss
 from ..metrics import format_scores, segmentation_scores
-from .checkpointing import (CHECKPOINT_FORMAT, fcnfast_version, gather_rng_states,
-                            load_checkpoint, save_checkpoint, set_aside_later_history,
-                            set_rng_state)
+from .checkpointing import (
+    CHECKPOINT_FORMAT,
+    fcnfast_version,
+    gather_rng_states,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_later_history,
+    set_rng_state,
+)
 from .config import TrainConfig, build_model_from_config, build_optimizer
 from .data import SkipSampler, check_labels, make_datasets, pad_collate
 from .distributed import Dist, all_reduce_sum, average_buffers, init_distributed, pick_device
@@ -44,11 +51,12 @@ class TrainResult:
     """What ``train`` returns: the trained model, the resolved config, the loss of every step,
     the per-epoch history records, the last validation confusion matrix, the checkpoint path
     (None without ``out``) and the wall time in seconds."""
+
     model: nn.Module
     config: TrainConfig
-    losses: list = field(default_factory=list)     # (step, loss) of every step this run took
-    history: list = field(default_factory=list)    # per-epoch dicts (loss, metrics)
-    conf: Optional[torch.Tensor] = None            # last validation confusion matrix
+    losses: list = field(default_factory=list)  # (step, loss) of every step this run took
+    history: list = field(default_factory=list)  # per-epoch dicts (loss, metrics)
+    conf: Optional[torch.Tensor] = None  # last validation confusion matrix
     checkpoint: Optional[Path] = None
     seconds: float = 0.0
 
@@ -69,6 +77,7 @@ class LossModule(nn.Module):
 @dataclass
 class _Run:
     """What the steps of one ``train`` call share."""
+
     cfg: TrainConfig
     ctx: Dist
     device: torch.device
@@ -82,7 +91,7 @@ class _Run:
     step_module: Optional[nn.Module] = None
     sampler: Optional[DistributedSampler] = None
     val_loader: Optional[DataLoader] = None
-    progress_off: Optional[bool] = None   # None: auto (off when not a TTY)
+    progress_off: Optional[bool] = None  # None: auto (off when not a TTY)
     epoch: int = 0
     batch_in_epoch: int = 0
     step: int = 0
@@ -134,6 +143,7 @@ def train(cfg: TrainConfig, resume=None, log: Callable[[str], None] = print) -> 
 
 # -- the steps of train() ---------------------------------------------------
 
+
 def _resolve_config(cfg: TrainConfig, resume):
     """(resolved config, checkpoint or None, new learning rate or None): on resume the
     checkpoint's config with ``cfg``'s runtime fields (and its lr, a safe change)."""
@@ -175,21 +185,43 @@ def _build(cfg: TrainConfig, ctx: Dist, device: torch.device, log, start_time: f
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_model_from_config(cfg).to(device)
-    return _Run(cfg=cfg, ctx=ctx, device=device, model=model,
-                optimizer=build_optimizer(model, cfg),
-                say=log if ctx.main else (lambda message: None), start_time=start_time,
-                result=TrainResult(model=model, config=cfg))
+    return _Run(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        say=log if ctx.main else (lambda message: None),
+        start_time=start_time,
+        result=TrainResult(model=model, config=cfg),
+    )
 
 
 def _describe(run: _Run, train_set, val_set) -> None:
     cfg = run.cfg
-    run.say("fcnfast train: %s/%s, %d classes%s | data %s (%d train, %d val images) | %s lr %g "
-            "momentum %g weight decay %g batch %d loss %s | %d epochs | %s, %d threads | out %s"
-            % (cfg.model, cfg.backbone, cfg.num_classes,
-               ", fixed upsampling" if cfg.fixed_upsampling else "", cfg.data, len(train_set),
-               len(val_set), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-               cfg.batch_size, cfg.loss, cfg.epochs, run.device, torch.get_num_threads(),
-               cfg.out or "(none)"))
+    run.say(
+        "fcnfast train: %s/%s, %d classes%s | data %s (%d train, %d val images) | %s lr %g "
+        "momentum %g weight decay %g batch %d loss %s | %d epochs | %s, %d threads | out %s"
+        % (
+            cfg.model,
+            cfg.backbone,
+            cfg.num_classes,
+            ", fixed upsampling" if cfg.fixed_upsampling else "",
+            cfg.data,
+            len(train_set),
+            len(val_set),
+            cfg.optimizer,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.batch_size,
+            cfg.loss,
+            cfg.epochs,
+            run.device,
+            torch.get_num_threads(),
+            cfg.out or "(none)",
+        )
+    )
 
 
 def _restore(run: _Run, ckpt: dict, resume, new_lr: Optional[float]) -> None:
@@ -199,8 +231,10 @@ def _restore(run: _Run, ckpt: dict, resume, new_lr: Optional[float]) -> None:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ValueError("checkpoint %s does not fit model %s/%s: %s"
-                         % (resume, cfg.model, cfg.backbone, str(exc).split("\n")[0])) from exc
+        raise ValueError(
+            "checkpoint %s does not fit model %s/%s: %s"
+            % (resume, cfg.model, cfg.backbone, str(exc).split("\n")[0])
+        ) from exc
     if new_lr is not None:
         for group in run.optimizer.param_groups:
             group["lr"] = new_lr
@@ -214,8 +248,10 @@ def _restore(run: _Run, ckpt: dict, resume, new_lr: Optional[float]) -> None:
     if cfg.out and run.ctx.main:
         set_aside_later_history(Path(cfg.out), run.epoch, say)
     if run.epoch >= cfg.epochs:
-        say("the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
-            % (run.epoch, cfg.epochs))
+        say(
+            "the checkpoint has already trained %d epochs (>= epochs=%d): nothing to do"
+            % (run.epoch, cfg.epochs)
+        )
 
 
 def _prepare_loop(run: _Run, train_set, val_set) -> None:
@@ -223,15 +259,20 @@ def _prepare_loop(run: _Run, train_set, val_set) -> None:
     cfg, ctx = run.cfg, run.ctx
     # one id per run, kept across resumes: every history record names the run it belongs to
     run.run_id = run.run_id or "%s-%s" % (
-        datetime.datetime.now().strftime("%Y%m%dT%H%M%S"), uuid.uuid4().hex[:8])
+        datetime.datetime.now().strftime("%Y%m%dT%H%M%S"),
+        uuid.uuid4().hex[:8],
+    )
     run.step_module = LossModule(run.model, cfg.loss)
     if ctx.world > 1:
         run.step_module = nn.parallel.DistributedDataParallel(
-            run.step_module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    run.sampler = DistributedSampler(train_set, num_replicas=ctx.world, rank=ctx.rank,
-                                     shuffle=True, seed=cfg.seed)
-    run.val_loader = (val_loader(val_set, cfg, ctx, run.device)
-                      if cfg.validate and len(val_set) else None)
+            run.step_module, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+    run.sampler = DistributedSampler(
+        train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed
+    )
+    run.val_loader = (
+        val_loader(val_set, cfg, ctx, run.device) if cfg.validate and len(val_set) else None
+    )
     run.out = Path(cfg.out) if cfg.out else None
     run.progress_off = True if (cfg.quiet or not ctx.main) else None
 
@@ -243,17 +284,28 @@ def _train_epoch(run: _Run, train_set):
 
     cfg, ctx, device = run.cfg, run.ctx, run.device
     run.sampler.set_epoch(run.epoch)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size,
-                        sampler=SkipSampler(run.sampler, run.batch_in_epoch * cfg.batch_size),
-                        num_workers=cfg.num_workers, collate_fn=pad_collate,
-                        pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed + run.epoch))
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=SkipSampler(run.sampler, run.batch_in_epoch * cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=pad_collate,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + run.epoch),
+    )
     run.model.train()
     # a mid-epoch checkpoint holds the all-reduced partial sum: rank 0 carries it
-    loss_sum = torch.tensor(run.resumed_loss if run.batch_in_epoch and ctx.main else [0.0, 0.0],
-                            dtype=torch.float64, device=device)
-    bar = tqdm(loader, desc="epoch %d/%d" % (run.epoch + 1, cfg.epochs), leave=False,
-               disable=run.progress_off)
+    loss_sum = torch.tensor(
+        run.resumed_loss if run.batch_in_epoch and ctx.main else [0.0, 0.0],
+        dtype=torch.float64,
+        device=device,
+    )
+    bar = tqdm(
+        loader,
+        desc="epoch %d/%d" % (run.epoch + 1, cfg.epochs),
+        leave=False,
+        disable=run.progress_off,
+    )
     stop = False
     for images, targets in bar:
         value = _step(run, images, targets)
@@ -286,10 +338,17 @@ def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor) -> float:
 def _stopped_mid_epoch(run: _Run, loss_sum: torch.Tensor) -> None:
     cfg = run.cfg
     _checkpoint(run, run.epoch, run.batch_in_epoch, loss_sum)
-    run.say("stopped at step %d (epoch %d, batch %d): %s reached"
-            % (run.step, run.epoch + 1, run.batch_in_epoch,
-               "max_steps" if cfg.max_steps is not None and run.step >= cfg.max_steps
-               else "time_limit"))
+    run.say(
+        "stopped at step %d (epoch %d, batch %d): %s reached"
+        % (
+            run.step,
+            run.epoch + 1,
+            run.batch_in_epoch,
+            "max_steps"
+            if cfg.max_steps is not None and run.step >= cfg.max_steps
+            else "time_limit",
+        )
+    )
 
 
 def _end_epoch(run: _Run, loss_sum: torch.Tensor) -> None:
@@ -303,25 +362,42 @@ def _end_epoch(run: _Run, loss_sum: torch.Tensor) -> None:
         record["loss"] = float(loss_sum[0] / loss_sum[1])
     metrics = None
     if run.val_loader is not None:
-        conf = evaluate(run.model, run.val_loader, cfg.num_classes, run.device,
-                        progress=run.progress_off is None, ctx=ctx)
+        conf = evaluate(
+            run.model,
+            run.val_loader,
+            cfg.num_classes,
+            run.device,
+            progress=run.progress_off is None,
+            ctx=ctx,
+        )
         metrics = segmentation_scores(conf)
         result.conf = conf
         record.update({k: metrics[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")})
     record["seconds"] = round(time.perf_counter() - run.start_time, 3)
     result.history.append(record)
-    run.say("epoch %d/%d  step %d  loss %.4g%s" % (
-        run.epoch, cfg.epochs, run.step, record.get("loss", float("nan")),
-        ("  " + format_scores(metrics)) if metrics else ""))
-    _checkpoint(run, run.epoch, 0, torch.zeros(2, dtype=torch.float64, device=run.device),
-                metrics)
+    run.say(
+        "epoch %d/%d  step %d  loss %.4g%s"
+        % (
+            run.epoch,
+            cfg.epochs,
+            run.step,
+            record.get("loss", float("nan")),
+            ("  " + format_scores(metrics)) if metrics else "",
+        )
+    )
+    _checkpoint(run, run.epoch, 0, torch.zeros(2, dtype=torch.float64, device=run.device), metrics)
     if run.out is not None and ctx.main:
         with open(run.out / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def _checkpoint(run: _Run, epoch_done: int, batches_done: int, epoch_loss: torch.Tensor,
-                metrics: Optional[dict] = None) -> None:
+def _checkpoint(
+    run: _Run,
+    epoch_done: int,
+    batches_done: int,
+    epoch_loss: torch.Tensor,
+    metrics: Optional[dict] = None,
+) -> None:
     """Write ``checkpoint.pt`` (rank 0). Collectives first: every process takes part."""
     ctx = run.ctx
     average_buffers(run.model, ctx)

@@ -179,6 +179,8 @@ void add(const std::string& name, void (*kernel)(P...)) {
   };
 }
 
+// clang-format does not settle on one layout of this macro
+// clang-format off
 #define FCN_EMU_KERNELS(X)                                                                   \
   X(skip_add_crop_kernel) X(skip_add_crop_backward_kernel) X(score_skip_kernel)             \
   X(score_skip_grad_feature_kernel) X(score_skip_grad_weight_kernel) X(channel_sum_kernel)  \
@@ -186,6 +188,7 @@ void add(const std::string& name, void (*kernel)(P...)) {
   X(conv_transpose2d_grad_weight_kernel) X(bilinear_upsample2d_kernel)                      \
   X(bilinear_upsample2d_backward_kernel) X(upsample_argmax_kernel) X(ce_pixel_kernel)       \
   X(ce_finalize_kernel) X(ce_grad_x_kernel) FCN_EMU_PLANTED_KERNELS(X)
+// clang-format on
 
 #ifndef FCN_EMU_PLANTED_KERNELS
 #define FCN_EMU_PLANTED_KERNELS(X)
@@ -254,14 +257,14 @@ int fcn_emu_launch(const char* name_expression, void** args, unsigned grid) {
 // v: planes, h, w, skip_h, skip_w, oy, ox
 int fcn_emu_skip_add_crop(int dt, const void* coarse, const void* skip, void* out, const int* v) {
   return checked([&] {
-    return fcnfast::cuda::skip_add_crop(DType(dt), coarse, skip, out, v[0], v[1], v[2], v[3],
-                                        v[4], v[5], v[6], nullptr);
+    return fcnfast::cuda::skip_add_crop(DType(dt), coarse, skip, out, v[0], v[1], v[2], v[3], v[4],
+                                        v[5], v[6], nullptr);
   });
 }
 int fcn_emu_skip_add_crop_backward(int dt, const void* grad, void* grad_skip, const int* v) {
   return checked([&] {
-    return fcnfast::cuda::skip_add_crop_backward(DType(dt), grad, grad_skip, v[0], v[1], v[2],
-                                                 v[3], v[4], v[5], v[6], nullptr);
+    return fcnfast::cuda::skip_add_crop_backward(DType(dt), grad, grad_skip, v[0], v[1], v[2], v[3],
+                                                 v[4], v[5], v[6], nullptr);
   });
 }
 int fcn_emu_score_skip(int dt, const void* coarse, const void* feature, const void* weight,
@@ -278,8 +281,8 @@ int fcn_emu_score_skip_backward(int dt, const void* grad, const void* feature, c
                                               shape_of<ScoreSkipShape>(v), nullptr);
   });
 }
-int fcn_emu_conv_transpose2d(int dt, const void* x, const void* weight, const void* bias,
-                             void* out, const int* v) {
+int fcn_emu_conv_transpose2d(int dt, const void* x, const void* weight, const void* bias, void* out,
+                             const int* v) {
   return checked([&] {
     return fcnfast::cuda::conv_transpose2d(DType(dt), x, weight, bias, out,
                                            shape_of<ConvTranspose2dShape>(v), nullptr);
@@ -324,8 +327,8 @@ int fcn_emu_upsample_cross_entropy(int dt, const void* x, const int64_t* target,
   });
 }
 int fcn_emu_upsample_cross_entropy_backward(int dt, const void* grad_loss, const void* x,
-                                            const int64_t* target, long long ignore_index,
-                                            int mean, void* gx, void* workspace, const int* v) {
+                                            const int64_t* target, long long ignore_index, int mean,
+                                            void* gx, void* workspace, const int* v) {
   return checked([&] {
     return fcnfast::cuda::upsample_cross_entropy_backward(DType(dt), grad_loss, x, target,
                                                           ignore_index, mean != 0, gx, workspace,

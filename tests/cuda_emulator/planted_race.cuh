@@ -19,7 +19,7 @@ __global__ void planted_tail_sum_kernel(const T* __restrict__ in, T* __restrict_
     for (int j = 0; j < kBlock; ++j) sum += buf[j];
     out[blockIdx.x] = T(sum);
   }
-  __syncthreads();  // keeps the barrier count uniform (no divergent-barrier report)
+  __syncthreads();          // keeps the barrier count uniform (no divergent-barrier report)
   buf[threadIdx.x] = T(0);  // what the next block would otherwise read as stale data
 }
 
