@@ -43,8 +43,8 @@ def tolerance(dtype, terms=1):
 REFERENCE_ONLY = os.environ.get("FCNFAST_BACKEND", "").lower() == "reference"
 
 # The smallest end-to-end CLI training run (``train``): one epoch on 2 + 1 synthetic
-# 36-pixel images, 4 classes, batch 2, no progress output. test_cli_errors.py and
-# test_cli_runs.py each held this list as TINY.
+# 36-pixel images, 4 classes, batch 2, no progress output (test_cli_errors, test_cli_runs,
+# test_images_io, test_tiling).
 TINY_TRAIN_ARGS = (
     "--epochs",
     "1",

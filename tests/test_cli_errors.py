@@ -9,28 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS
 from PIL import Image
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 from fcnfast import cli
-
-TINY = [
-    "--epochs",
-    "1",
-    "--train-images",
-    "2",
-    "--val-images",
-    "1",
-    "--image-size",
-    "36",
-    "--num-classes",
-    "4",
-    "--optimizer",
-    "adam",
-    "--batch-size",
-    "2",
-    "--quiet",
-]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +22,7 @@ def files(tmp_path_factory):
     from fcnfast.data import write_synthetic_voc
 
     root = tmp_path_factory.mktemp("errors")
-    assert cli.main(["train", *TINY, "--out", str(root / "run")]) == 0
+    assert cli.main(["train", *TINY_TRAIN_ARGS, "--out", str(root / "run")]) == 0
     voc = write_synthetic_voc(
         root / "voc6", num_train=2, num_val=1, size=(24, 28), seed=1, num_classes=6
     )
@@ -80,7 +63,7 @@ CASES = [
         ["train", "--resume", "CKPT", "--model", "fcn16s", "--backbone", "small"],
         "backbone: checkpoint 'tiny', given 'small'",
     ),
-    (["train", *TINY, "--out", "RUN"], "already holds a run"),
+    (["train", *TINY_TRAIN_ARGS, "--out", "RUN"], "already holds a run"),
     (["train", "--out", "TXT"], "is not a directory"),
     (["train", "--epochs", "0"], "--epochs: must be > 0"),
     (["train", "--model", "fcn99"], "invalid choice: 'fcn99'"),

@@ -5,27 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
 from fcnfast import cli
-
-TINY = [
-    "--epochs",
-    "1",
-    "--train-images",
-    "2",
-    "--val-images",
-    "1",
-    "--image-size",
-    "36",
-    "--num-classes",
-    "4",
-    "--optimizer",
-    "adam",
-    "--batch-size",
-    "2",
-    "--quiet",
-]
 
 
 def run(args, capsys):
@@ -40,7 +23,7 @@ def run(args, capsys):
 @pytest.fixture
 def run_dir(tmp_path, capsys):
     out = tmp_path / "run1"
-    code, _, err = run(["train", *TINY, "--out", str(out)], capsys)
+    code, _, err = run(["train", *TINY_TRAIN_ARGS, "--out", str(out)], capsys)
     assert code == 0, err
     return out
 
@@ -52,7 +35,7 @@ def _lines(path):
 def test_train_refuses_a_directory_holding_a_run(run_dir, capsys):
     before = (run_dir / "checkpoint.pt").read_bytes()
     history = (run_dir / "history.jsonl").read_text()
-    code, _, err = run(["train", *TINY, "--out", str(run_dir)], capsys)
+    code, _, err = run(["train", *TINY_TRAIN_ARGS, "--out", str(run_dir)], capsys)
     assert code == 2
     assert err.startswith("fcnfast: error: --out %s already holds a run" % run_dir)
     assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
@@ -63,7 +46,7 @@ def test_train_refuses_a_directory_holding_a_run(run_dir, capsys):
 
 def test_overwrite_replaces_the_run_and_its_history(run_dir, capsys):
     old_run = _lines(run_dir / "history.jsonl")[0]["run"]
-    code, out, err = run(["train", *TINY, "--out", str(run_dir), "--overwrite"], capsys)
+    code, out, err = run(["train", *TINY_TRAIN_ARGS, "--out", str(run_dir), "--overwrite"], capsys)
     assert code == 0, err
     assert "removed checkpoint.pt, history.jsonl" in err
     records = _lines(run_dir / "history.jsonl")
@@ -148,7 +131,7 @@ def test_resume_applies_a_new_learning_rate(run_dir, capsys):
 
 def test_resume_into_a_directory_of_another_run_is_refused(run_dir, tmp_path, capsys):
     other = tmp_path / "run2"
-    assert run(["train", *TINY, "--out", str(other)], capsys)[0] == 0
+    assert run(["train", *TINY_TRAIN_ARGS, "--out", str(other)], capsys)[0] == 0
     code, _, err = run(
         ["train", "--resume", str(run_dir / "checkpoint.pt"), "--epochs", "2", "--out", str(other)],
         capsys,
@@ -157,7 +140,7 @@ def test_resume_into_a_directory_of_another_run_is_refused(run_dir, tmp_path, ca
 
 
 def test_train_prints_a_header(tmp_path, capsys):
-    code, out, err = run(["train", *TINY, "--out", str(tmp_path / "r")], capsys)
+    code, out, err = run(["train", *TINY_TRAIN_ARGS, "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     header = out.splitlines()[0]
     for part in (

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN_ARGS
 from PIL import Image
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
@@ -88,31 +89,7 @@ def test_lossy_or_unknown_label_formats_are_refused(name, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert (
-        cli.main(
-            [
-                "train",
-                "--epochs",
-                "1",
-                "--train-images",
-                "2",
-                "--val-images",
-                "1",
-                "--image-size",
-                "36",
-                "--num-classes",
-                "4",
-                "--optimizer",
-                "adam",
-                "--batch-size",
-                "2",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert cli.main(["train", *TINY_TRAIN_ARGS, "--out", str(out)]) == 0
     return str(out / "checkpoint.pt")
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS
 from PIL import Image
 from single_thread import one_intraop_thread  # noqa: F401 (autouse fixture)
 
@@ -92,31 +93,7 @@ def _predict_tiled_equals_whole(args, tile, tmp_path, capsys):
 
 def test_predict_and_eval_tile_flag_equal_whole_image(tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        cli.main(
-            [
-                "train",
-                "--epochs",
-                "1",
-                "--train-images",
-                "2",
-                "--val-images",
-                "1",
-                "--image-size",
-                "36",
-                "--num-classes",
-                "4",
-                "--optimizer",
-                "adam",
-                "--batch-size",
-                "2",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert cli.main(["train", *TINY_TRAIN_ARGS, "--out", str(out)]) == 0
     from fcnfast.train import save_checkpoint
 
     ckpt = str(out / "checkpoint.pt")
