@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../host/checks.h"
+#include "parallel.h"
 #include "permutohedral.h"
 #include "vec8.h"
 
@@ -35,16 +36,12 @@ namespace {
 constexpr float kIsolated = 1e-4f;
 constexpr double kTruncate = 4.0;  // spatial Gaussian radius in standard deviations
 
-// Threads only pay off for chunks of at least this much work (multiply-adds): below it the
-// fork/join costs more (on a machine shared with other jobs, waiting for a descheduled
-// thread costs milliseconds per parallel region).
-constexpr int64_t kMinParallelWork = int64_t{1} << 20;
-
-// parallel(begin, end, work_per_item, fn): at::parallel_for with a grain from the work estimate.
+// parallel(begin, end, work_per_item, fn): at::parallel_for with a grain from the work
+// estimate (multiply-adds; cpu::kCrfMinWork per chunk: below it the fork/join costs more, and
+// on a machine shared with other jobs waiting for a descheduled thread costs milliseconds).
 auto parallel = [](int64_t begin, int64_t end, int64_t work_per_item, auto&& fn) {
-  const int64_t grain =
-      std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+  at::parallel_for(begin, end, cpu::grain_for(work_per_item, cpu::kCrfMinWork),
+                   [&](int64_t b, int64_t e) { fn(b, e); });
 };
 
 // Scratch buffers of the CRF (P x Cp floats each, 24 MB for a 500x500 image with 21 labels).

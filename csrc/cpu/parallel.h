@@ -13,6 +13,7 @@ namespace cpu {
 constexpr int64_t kRowMinWork = int64_t(1) << 14;     // streamed bilinear rows (bilinear_rows.h)
 constexpr int64_t kWindowMinWork = int64_t(1) << 16;  // score_skip's window loops
 constexpr int64_t kConvMinWork = int64_t(1) << 18;    // conv_transpose2d's phase / direct loops
+constexpr int64_t kCrfMinWork = int64_t(1) << 20;     // the dense CRF's lattice and blur passes
 
 // Items per chunk so that one chunk carries at least `min_work` operations when
 // each item costs `work_per_item` (at least one item).
