@@ -15,12 +15,7 @@
 // Torch-free; FCN_HD functions compile for host and device.
 #pragma once
 
-#include "geometry.h"
-
-#ifdef __CUDACC_RTC__
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-#endif
+#include "geometry.h"  // <cstdint>; under NVRTC, csrc/cuda/kernel_utils.cuh defines the types
 
 namespace fcnfast {
 

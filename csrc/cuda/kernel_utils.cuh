@@ -9,11 +9,13 @@
 #pragma once
 
 #ifdef __CUDACC_RTC__
-// NVRTC has no <cstdint>; geometry.h and the kernels only need these two.
+// NVRTC has no <cstdint>; the kernels and csrc/common (fast_div.h) need these.
 #ifndef FCNFAST_RTC_INT_TYPES
 #define FCNFAST_RTC_INT_TYPES
 typedef long long int64_t;
 typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
 #endif
 #else
 #include <cuda_runtime.h>
