@@ -16,6 +16,12 @@
 
 #include "cpu/large_output.h"
 
+#ifdef FCNFAST_WITH_CUDA
+namespace fcnfast {
+void check_pending_cuda_errors();  // csrc/cuda/bindings_cuda.cpp
+}  // namespace fcnfast
+#endif
+
 #ifndef FCNFAST_VERSION
 #define FCNFAST_VERSION "unknown"
 #endif
@@ -91,6 +97,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "bytes and blocks held by fcnfast's cache of large CPU outputs, and its hit/miss counts");
   m.def("cpu_output_cache_clear", &fcnfast::cpu::large_output_cache_clear,
         "return every cached large CPU output block to the operating system");
+#ifdef FCNFAST_WITH_CUDA
+  // the CUDA ops' device-side checks reported lazily (upsample_cross_entropy's labels)
+  // the GIL is released while it waits; a bad label is a Python ValueError with the
+  // ops' words (no C++ backtrace)
+  m.def(
+      "check_pending_errors",
+      [] {
+        try {
+          fcnfast::check_pending_cuda_errors();
+        } catch (const c10::ValueError& e) {
+          throw pybind11::value_error(e.what_without_backtrace());
+        }
+      },
+      pybind11::call_guard<pybind11::gil_scoped_release>(),
+      "wait for the device-side checks of earlier CUDA calls; raise the first failure");
+#endif
 #ifdef FCNFAST_SANITIZE
   m.attr("sanitize") = FCNFAST_SANITIZE;
 #else

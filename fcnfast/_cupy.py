@@ -535,12 +535,14 @@ def _ce_workspace(x, pixels):
     ws = torch.empty(2 * blocks + 1 + pixels, dtype=torch.float64, device=x.device)
     base = ws.data_ptr()
     np = _np()
-    # loss partials, int pixel counts, coefficient, lse (upsample_cross_entropy.cu CeWorkspace)
+    # loss partials, int pixel counts, int first bad pixels, coefficient, lse
+    # (upsample_cross_entropy.cu CeWorkspace)
     return (
         ws,
         blocks,
         np.uint64(base),
         np.uint64(base + 8 * blocks),
+        np.uint64(base + 12 * blocks),
         np.uint64(base + 16 * blocks),
         np.uint64(base + 8 * (2 * blocks + 1)),
     )
@@ -549,14 +551,16 @@ def _ce_workspace(x, pixels):
 def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
     _check_cuda(x, "x")
     crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-    # the label values (one host sync, as the bindings): an out-of-range label is a ValueError
+    # the label values, checked here (one host sync per call): the CuPy backend keeps the
+    # synchronous check rather than the compiled binding's deferred device-side report
+    # (csrc/host/pending_checks.h), so it passes no bad_label flag to the finalize kernel
     geo.check_target_values(target, x.shape[1], ignore_index)
     pixels, dims = _ce_dims(x, scale, crop)
     f, np = "upsample_cross_entropy.cu", _np()
     with _device(x):
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
-        ws, blocks, partials, counts, _, _ = _ce_workspace(x, pixels)
+        ws, blocks, partials, counts, first_bad, _, _ = _ce_workspace(x, pixels)
         _launch(
             f,
             "ce_pixel_kernel",
@@ -564,6 +568,7 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
             x.device,
             blocks,
             (_ptr(x), _ptr(target), np.int64(ignore_index), np.uint64(0), partials, counts)
+            + (first_bad,)
             + _i32(pixels, x.shape[1])
             + dims,
         )
@@ -573,9 +578,9 @@ def upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction):
             x.dtype,
             x.device,
             1,
-            (partials, counts)
+            (partials, counts, first_bad)
             + _i32(blocks, reduction == "mean")
-            + (np.uint64(0), _ptr(loss), np.uint64(0)),
+            + (np.uint64(0), _ptr(loss), np.uint64(0), np.uint64(0), np.uint64(0)),
         )
         # ws may be freed now: the caching allocator reuses it only in the same stream order
         del ws
@@ -595,14 +600,14 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
         gx = torch.empty_like(x)
         if gx.numel() == 0:
             return gx
-        ws, blocks, partials, counts, coef, lse = _ce_workspace(x, pixels)
+        ws, blocks, partials, counts, first_bad, coef, lse = _ce_workspace(x, pixels)
         _launch(
             f,
             "ce_pixel_kernel",
             x.dtype,
             x.device,
             blocks,
-            (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials, counts)
+            (_ptr(x), _ptr(target), np.int64(ignore_index), lse, partials, counts, first_bad)
             + _i32(pixels, x.shape[1])
             + dims,
         )
@@ -612,9 +617,9 @@ def upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, ignore_in
             x.dtype,
             x.device,
             1,
-            (partials, counts)
+            (partials, counts, first_bad)
             + _i32(blocks, reduction == "mean")
-            + (_ptr(grad_loss), np.uint64(0), coef),
+            + (_ptr(grad_loss), np.uint64(0), coef, np.uint64(0), np.uint64(0)),
         )
         _launch(
             f,

@@ -289,6 +289,18 @@ def upsample_cross_entropy(
 
     Under ``torch.autocast``: ``x`` is cast to float32 and the loss is float32 (as
     ``F.cross_entropy`` under autocast); the gradient reaches a bf16/fp16 ``x`` in its dtype.
+
+    Raises:
+        ValueError: a ``target`` value outside [0, C) that is not ``ignore_index``
+            ("target value V is out of bounds: ..."). On the CPU and with the CuPy backend
+            at once. With the compiled CUDA kernels the labels are checked on the device,
+            so a training step costs no device-to-host sync: the call returns a NaN loss
+            (either reduction; its gradients for that pixel's inputs are NaN too), and the
+            error is raised by a later ``upsample_cross_entropy`` call (forward or backward)
+            on that device once the check has completed, or by
+            :func:`check_pending_errors`, which waits for it; the message adds that an
+            earlier call's device-side check found it. ``FCNFAST_CUDA_SYNC_CHECKS=1``
+            checks every call before it returns instead (one host sync per call).
     """
     _refuse_trace("upsample_cross_entropy")
     if geo.same_batching(x, "x", target, "target", "H, W"):
@@ -303,6 +315,20 @@ def upsample_cross_entropy(
         (x, target, scale, crop, int(ignore_index), reduction),
         (x, target, scale, crop, ignore_index, reduction),
     )
+
+
+def check_pending_errors() -> None:
+    """Wait for the device-side checks of earlier CUDA calls and raise the first failure.
+
+    The compiled CUDA ``upsample_cross_entropy`` checks its labels on the device and reports
+    a bad one at a later call (see its docstring); this waits for every such pending check
+    on every device and raises its ``ValueError`` now, e.g. at the end of an epoch or
+    before trusting a NaN loss. A no-op without the compiled CUDA kernels (the CPU, the
+    CuPy backend and the reference check at once) or when nothing is pending.
+    """
+    check = getattr(_backend.extension(), "check_pending_errors", None)
+    if check is not None:
+        check()
 
 
 # ---------------------------------------------------------------------------

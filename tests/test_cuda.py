@@ -215,6 +215,106 @@ def test_cpu_cuda_mix_is_a_clear_error(name):
         ops.skip_add_crop(torch.randn(1, 2, 3, 3, device="cuda"), torch.randn(1, 2, 5, 5), (1, 1))
 
 
+# ---- upsample_cross_entropy's label check: on the device, reported by a later call ----
+
+BAD_LABEL = (
+    "target value 3 is out of bounds: classes are [0, 3) (x has 3 channels) and ignore_index is 255"
+)
+
+
+@pytest.fixture
+def lazy_label_checks(monkeypatch):
+    """The compiled CUDA kernels with their deferred label check (the default), nothing
+    pending before or after the test."""
+    _require_cuda_kernel("upsample_cross_entropy")
+    if fcnfast.backend("cuda") != "native":
+        pytest.skip("the deferred label check is the compiled CUDA kernels' (CuPy checks at once)")
+    monkeypatch.delenv("FCNFAST_CUDA_SYNC_CHECKS", raising=False)
+    with contextlib.suppress(ValueError):
+        ops.check_pending_errors()
+    yield
+    with contextlib.suppress(ValueError):
+        ops.check_pending_errors()
+
+
+def _ce_call(bad, reduction="mean"):
+    x = torch.randn(1, 3, 4, 4, device="cuda")
+    target = torch.zeros(1, 20, 20, dtype=torch.int64, device="cuda")
+    if bad:
+        target[0, 5, 7] = 3
+    return torch.ops.fcnfast.upsample_cross_entropy(x, target, 4, [0, 0, 20, 20], 255, reduction)
+
+
+@needs_cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bad_label_is_nan_then_reported_by_a_later_call(lazy_label_checks, reduction):
+    """No host sync in the call: a bad label gives a NaN loss (never a finite wrong one), and
+    the next call on the device, once the check has completed, raises the ops' ValueError
+    (with the flat index and a note); once only."""
+    loss = _ce_call(bad=True, reduction=reduction)  # returns: no sync, no error yet
+    torch.cuda.synchronize()  # the check has completed
+    assert loss.isnan()
+    with pytest.raises(ValueError) as info:
+        _ce_call(bad=False)
+    message = str(info.value)
+    assert BAD_LABEL in message and "flat index %d" % (5 * 20 + 7) in message, message
+    assert (
+        "earlier upsample_cross_entropy call" in message and "FCNFAST_CUDA_SYNC_CHECKS" in message
+    )
+    assert _ce_call(bad=False).isfinite()  # reported once
+    ops.check_pending_errors()  # nothing left
+
+
+@needs_cuda
+def test_bad_label_is_reported_by_the_backward(lazy_label_checks):
+    _ce_call(bad=True)
+    torch.cuda.synchronize()
+    x = torch.randn(1, 3, 4, 4, device="cuda")
+    target = torch.zeros(1, 20, 20, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="target value 3 is out of bounds"):
+        torch.ops.fcnfast.upsample_cross_entropy_backward(
+            torch.ones((), device="cuda"), x, target, 4, [0, 0, 20, 20], 255, "mean"
+        )
+
+
+@needs_cuda
+def test_check_pending_errors_waits_and_raises(lazy_label_checks):
+    ops.check_pending_errors()  # nothing pending: no error
+    _ce_call(bad=False)
+    ops.check_pending_errors()  # good labels: no error
+    loss = _ce_call(bad=True)
+    with pytest.raises(ValueError, match="target value 3 is out of bounds"):
+        ops.check_pending_errors()  # waits: no synchronize needed
+    assert loss.isnan()
+    ops.check_pending_errors()  # reported once
+    # a training step: raised by its backward (if the check completed by then) or here
+    x = torch.randn(1, 3, 4, 4, device="cuda", requires_grad=True)
+    target = torch.zeros(1, 20, 20, dtype=torch.int64, device="cuda")
+    target[0, 5, 7] = -2
+    with pytest.raises(ValueError, match="target value -2 is out of bounds"):
+        ops.upsample_cross_entropy(x, target, 4).backward()
+        ops.check_pending_errors()
+
+
+@needs_cuda
+def test_sync_checks_env_raises_in_the_call(lazy_label_checks, monkeypatch):
+    """FCNFAST_CUDA_SYNC_CHECKS=1: the label check before the call returns (one host sync),
+    the exact message of the other backends, nothing left pending; read on every call."""
+    monkeypatch.setenv("FCNFAST_CUDA_SYNC_CHECKS", "1")
+    with pytest.raises(ValueError) as info:
+        _ce_call(bad=True)
+    assert str(info.value).split("\nException raised from")[0].strip() == "fcnfast: " + BAD_LABEL
+    ops.check_pending_errors()  # nothing pending
+    assert _ce_call(bad=False).isfinite()
+    monkeypatch.setenv("FCNFAST_CUDA_SYNC_CHECKS", "0")
+    assert _ce_call(bad=True).isnan()  # deferred again
+    with pytest.raises(ValueError, match="target value 3"):
+        ops.check_pending_errors()
+    monkeypatch.setenv("FCNFAST_CUDA_SYNC_CHECKS", "yes")
+    with pytest.raises(ValueError, match="FCNFAST_CUDA_SYNC_CHECKS must be 0 or 1, got 'yes'"):
+        _ce_call(bad=False)
+
+
 @needs_cuda
 def test_cupy_matches_compiled():
     """The CuPy-compiled kernels agree with the nvcc-compiled ones (same source)."""

@@ -62,6 +62,8 @@ def _compile(root, out, extra=()):
             "-shared",
             "-fPIC",
             "-I" + root,
+            # csrc/host (pending_checks.h) when root is the installed copy (common/, cuda/ only)
+            "-I" + os.path.join(os.path.dirname(HERE), "csrc"),
             "-isystem",
             include,
             *extra,
@@ -76,6 +78,8 @@ def _compile(root, out, extra=()):
     lib = ctypes.CDLL(out)
     lib.fcn_emu_set_order.argtypes = (ctypes.c_int, ctypes.c_ulonglong)
     lib.fcn_emu_ce_workspace_bytes.restype = ctypes.c_longlong
+    lib.fcn_emu_pending_size.restype = ctypes.c_longlong
+    lib.fcn_emu_pending_max.restype = ctypes.c_longlong
     return lib
 
 
@@ -286,8 +290,8 @@ class Launchers:
 
     def _ce(self, x, target, scale, crop, ignore_index, reduction, grad_loss=None):
         if grad_loss is None:
+            # no host check of the label values: the kernels' flag reports them (below)
             crop = geo.check_upsample_cross_entropy(x, target, scale, crop, ignore_index, reduction)
-            geo.check_target_values(target, x.shape[1], ignore_index)  # the forward only
         else:
             crop = geo.check_upsample_cross_entropy_backward(
                 grad_loss, x, target, scale, crop, ignore_index, reduction
@@ -297,10 +301,13 @@ class Launchers:
         ws = torch.empty((self.lib.fcn_emu_ce_workspace_bytes(s) + 7) // 8, dtype=torch.float64)
         return s, ws
 
-    def upsample_cross_entropy(self, x, target, scale, crop, ignore_index, reduction):
+    def upsample_cross_entropy_flagged(self, x, target, scale, crop, ignore_index, reduction):
+        """The forward launcher as the binding calls it: (loss, the bad_label flag {index,
+        value}) -- the binding copies the flag to the host without a sync."""
         s, ws = self._ce(x, target, scale, crop, ignore_index, reduction)
         x, target = x.contiguous(), target.contiguous()
         loss = x.new_empty(())
+        flag = torch.full((2,), -7, dtype=torch.int64)  # the kernel must overwrite it
         self._call(
             "upsample_cross_entropy",
             DTYPE_CODE[x.dtype],
@@ -309,9 +316,24 @@ class Launchers:
             ctypes.c_longlong(ignore_index),
             int(reduction == "mean"),
             _p(loss),
+            _p(flag),
             _p(ws),
             s,
         )
+        return loss, flag
+
+    def upsample_cross_entropy(self, x, target, scale, crop, ignore_index, reduction):
+        """The forward with the binding's report of a bad label made at once (the emulator is
+        synchronous; on a GPU a later call raises it): the ValueError text of the other
+        backends, from the value the kernels recorded."""
+        loss, flag = self.upsample_cross_entropy_flagged(
+            x, target, scale, crop, ignore_index, reduction
+        )
+        if flag[0] >= 0:
+            raise ValueError(
+                "target value %d is out of bounds: classes are [0, %d) (x has %d channels) and "
+                "ignore_index is %d" % (flag[1], x.shape[1], x.shape[1], ignore_index)
+            )
         return loss
 
     def upsample_cross_entropy_backward(
@@ -584,6 +606,77 @@ def test_cross_entropy_backward_marks_bad_labels_nan(emulator, cpu_cupy, monkeyp
         .isfinite()
         .all()
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_cross_entropy_forward_flags_bad_labels(emulator, order, dtype, reduction):
+    """The CUDA forward checks the labels on the device (the binding reports them later,
+    without a sync): a label that is neither a class nor ignore_index makes the loss NaN for
+    either reduction and the flag holds the first one in memory order, {flat index, value},
+    whatever order the blocks and threads run in; good labels leave {-1, 0} and a finite loss.
+    40 x 40 x 2 pixels: 13 blocks of the pass-1 grid, the bad labels in different ones."""
+    emulator.fcn_emu_set_order(ORDERS[order], SEED)
+    impls = Launchers(emulator)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 10, 10, generator=g).to(dtype)
+    target = torch.randint(0, 3, (2, 40, 40), generator=g)
+    target[0, :2] = 255  # ignored pixels are not bad
+    args = (x, target, 4, [0, 0, 40, 40], 255, reduction)
+    loss, flag = impls.upsample_cross_entropy_flagged(*args)
+    assert flag.tolist() == [-1, 0]
+    assert loss.isfinite()
+    bad = target.clone()
+    for (n, y, xo), value in [((1, 30, 3), 9), ((0, 17, 5), -4), ((0, 17, 6), 3), ((1, 0, 0), 7)]:
+        bad[n, y, xo] = value
+    loss, flag = impls.upsample_cross_entropy_flagged(x, bad, *args[2:])
+    assert loss.isnan(), loss
+    assert flag.tolist() == [17 * 40 + 5, -4]
+    with pytest.raises(ValueError, match="target value -4 is out of bounds"):
+        impls.upsample_cross_entropy(x, bad, *args[2:])
+    # the largest int64 and the last pixel: the value is copied whole, the index not clipped
+    last = target.clone()
+    last[1, 39, 39] = 2**63 - 1
+    loss, flag = impls.upsample_cross_entropy_flagged(x, last, *args[2:])
+    assert loss.isnan() and flag.tolist() == [2 * 40 * 40 - 1, 2**63 - 1]
+
+
+def test_pending_checks_bookkeeping(emulator):
+    """csrc/host/pending_checks.h, the CUDA binding's list of label checks whose device flag
+    has not reached the host yet, driven with a fake check (ids; a check is ready once
+    completed or waited for): poll never waits and reports the earliest failed check that
+    is ready; wait_all waits for all and empties the list."""
+    lib = emulator
+    lib.fcn_emu_pending_reset()
+    assert lib.fcn_emu_pending_poll() == -1 and lib.fcn_emu_pending_size() == 0
+    for i, fails in enumerate([False, True, False, True]):
+        lib.fcn_emu_pending_add(i, int(fails))
+    assert lib.fcn_emu_pending_poll() == -1  # none ready: nothing reported, nothing dropped
+    assert lib.fcn_emu_pending_size() == 4 and lib.fcn_emu_pending_waits() == 0
+    lib.fcn_emu_pending_complete(0)
+    assert lib.fcn_emu_pending_poll() == -1  # a passed check is dropped silently
+    assert lib.fcn_emu_pending_size() == 3
+    lib.fcn_emu_pending_complete(3)  # out of order (another stream): reported before 1
+    assert lib.fcn_emu_pending_poll() == 3
+    assert lib.fcn_emu_pending_size() == 2
+    assert lib.fcn_emu_pending_poll() == -1  # reported once
+    lib.fcn_emu_pending_add(4, 1)
+    assert lib.fcn_emu_pending_wait_all() == 1  # the earliest failure of 1, 2, 4
+    assert lib.fcn_emu_pending_size() == 0 and lib.fcn_emu_pending_waits() == 3
+    assert lib.fcn_emu_pending_wait_all() == -1 and lib.fcn_emu_pending_poll() == -1
+    # bounded: at the limit add() waits for the oldest; a passed one is dropped, a failed
+    # one kept for the next poll
+    lib.fcn_emu_pending_reset()
+    limit = lib.fcn_emu_pending_max()
+    for i in range(limit):
+        lib.fcn_emu_pending_add(i, int(i == 0))
+    lib.fcn_emu_pending_add(limit, 0)
+    assert lib.fcn_emu_pending_waits() == 1 and lib.fcn_emu_pending_size() == limit + 1
+    assert lib.fcn_emu_pending_poll() == 0 and lib.fcn_emu_pending_size() == limit
+    lib.fcn_emu_pending_add(limit + 1, 0)  # the oldest (1) passes: dropped
+    assert lib.fcn_emu_pending_waits() == 2 and lib.fcn_emu_pending_size() == limit
+    lib.fcn_emu_pending_reset()
 
 
 def test_planted_race_is_caught_by_every_order_but_ascending(emulator):

@@ -34,17 +34,23 @@ Exceptions to "every backend", each stated in its row:
   refuses those before any fcnfast code runs, with its own words (``python_only``);
 * out-of-range labels of upsample_cross_entropy: a data check of the kernels; the reference
   leaves it to ``F.cross_entropy`` (IndexError / RuntimeError, tests/test_upsample_cross_entropy);
-  the CUDA backward (compiled and CuPy) does not check them -- a host check is a device sync
-  and the forward of the same step did it -- and gives NaN gradients for them instead
-  (tests/test_cuda_emulated.py, tests/test_upsample_cross_entropy.py);
+  the compiled CUDA forward checks them on the device without a host sync: it returns a NaN loss
+  and a later call (or ``fcnfast.ops.check_pending_errors()``) raises this row's message with a
+  note that an earlier call's device-side check found it (tests/test_cuda.py), so the ``cuda``
+  column runs these rows with ``FCNFAST_CUDA_SYNC_CHECKS=1``, the immediate check
+  (``cuda_sync_checks``); the CUDA backward (compiled and CuPy) does not check them -- a host
+  check is a device sync and the forward of the same step did it -- and gives NaN gradients for
+  them instead (tests/test_cuda_emulated.py, tests/test_upsample_cross_entropy.py);
 * mixed devices on the CPU: the dispatcher sends a call with a meta tensor to the fake kernel,
   so the native op never sees it (the CUDA column checks cpu-vs-cuda instead).
 """
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
+from unittest import mock
 
 import pytest
 import torch
@@ -206,6 +212,7 @@ class Row:
     wrapper: Optional[str] = None  # the public ops' and the reference's words (unbatched input)
     python_only: bool = False  # the dispatcher's schema refuses it first
     skip: Tuple[str, ...] = ()  # backends the row does not apply to (see the module doc)
+    cuda_sync_checks: bool = False  # the cuda column sets FCNFAST_CUDA_SYNC_CHECKS=1 (module doc)
 
 
 def _rows():
@@ -665,6 +672,7 @@ def _rows():
             "target value 3 is out of bounds: classes are [0, 3) (x has 3 channels) and "
             "ignore_index is 255",
             skip=("reference",),
+            cuda_sync_checks=True,
         ),
         R(
             "ce-label-negative",
@@ -677,6 +685,7 @@ def _rows():
             "target value -1 is out of bounds: classes are [0, 3) (x has 3 channels) and "
             "ignore_index is -100",
             skip=("reference",),
+            cuda_sync_checks=True,
         ),
         R(
             "ce-target-numel",
@@ -988,7 +997,10 @@ def _call(backend, row):
         pytest.skip("no GPU with fcnfast's CUDA kernels here")
     if backend == "native" and not _backend.has_kernel(row.op, "cpu"):
         pytest.skip("the native extension is not built")
-    return getattr(torch.ops.fcnfast, row.op)(*row.build(device))
+    # the CUDA binding reads FCNFAST_CUDA_SYNC_CHECKS on every call
+    sync = {"FCNFAST_CUDA_SYNC_CHECKS": "1"} if backend == "cuda" and row.cuda_sync_checks else {}
+    with mock.patch.dict(os.environ, sync):
+        return getattr(torch.ops.fcnfast, row.op)(*row.build(device))
 
 
 def _applies(row, backend) -> bool:

@@ -256,6 +256,16 @@ def test_errors(impl, kwargs, match):
         )
 
 
+def _rejects_label(match, forward):
+    """The forward rejects a bad label: at once (CPU, CuPy), or -- the compiled CUDA kernels,
+    which check on the device without a host sync -- with a NaN loss and the ValueError from
+    the next check (a later call, here ops.check_pending_errors)."""
+    with pytest.raises(ValueError, match=match):
+        loss = forward()
+        assert loss.isnan(), loss
+        ops.check_pending_errors()
+
+
 @pytest.mark.parametrize("bad,ignore_index", [(3, 255), (-1, 255), (255, -100), (7, 7 + 1)])
 def test_out_of_range_target(bad, ignore_index, device):
     require_native(OP, device)
@@ -265,10 +275,13 @@ def test_out_of_range_target(bad, ignore_index, device):
     target = torch.zeros(1, 20, 20, dtype=torch.int64)
     target[0, 5, 7] = bad
     xd, td = x.detach().to(device).requires_grad_(), target.to(device)
-    with pytest.raises(ValueError, match=match):
-        ops.upsample_cross_entropy(xd, td, 4, None, ignore_index)
-    with pytest.raises(ValueError, match=match):
-        torch.ops.fcnfast.upsample_cross_entropy(xd, td, 4, [0, 0, 20, 20], ignore_index, "mean")
+    _rejects_label(match, lambda: ops.upsample_cross_entropy(xd, td, 4, None, ignore_index))
+    _rejects_label(
+        match,
+        lambda: torch.ops.fcnfast.upsample_cross_entropy(
+            xd, td, 4, [0, 0, 20, 20], ignore_index, "mean"
+        ),
+    )
     backward = functools.partial(
         torch.ops.fcnfast.upsample_cross_entropy_backward,
         torch.tensor(1.0, device=device),

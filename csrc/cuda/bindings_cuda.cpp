@@ -8,14 +8,22 @@
 // only when the extension is built with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "host/op_checks.h"
+#include "host/pending_checks.h"
 #include "cuda/launchers.h"
 
 namespace fcnfast {
@@ -243,6 +251,65 @@ at::Tensor upsample_argmax_cuda(const at::Tensor& x, int64_t scale, at::IntArray
   return out;
 }
 
+// ---- the label check of upsample_cross_entropy, reported without a device sync ----
+//
+// The forward kernel writes the first bad label ({index, value}, or {-1, 0}) to a
+// device flag; the binding copies it asynchronously into pinned host memory and
+// records an event. Later calls of the op on that device poll the events
+// (csrc/host/pending_checks.h) and raise the ValueError of the other backends for
+// a completed flag that shows a bad label; fcnfast._C.check_pending_errors()
+// waits for them all. FCNFAST_CUDA_SYNC_CHECKS=1 checks every call before it
+// returns instead (check_target_values: one reduction and a host sync).
+
+struct LabelCheck {
+  at::cuda::CUDAEvent copied;  // recorded after the flag's copy to `flag`
+  at::Tensor flag;             // pinned host {index, value}
+  int64_t classes, ignore_index;
+  bool ready() { return copied.query(); }
+  void wait() { copied.synchronize(); }
+  bool failed() const { return flag.const_data_ptr<int64_t>()[0] >= 0; }
+};
+
+using LabelChecks = PendingChecks<LabelCheck>;
+
+// One list per device (the events of a device complete in its own order).
+LabelChecks& label_checks(c10::DeviceIndex device) {
+  static std::vector<std::unique_ptr<LabelChecks>> lists = [] {
+    std::vector<std::unique_ptr<LabelChecks>> v(c10::cuda::device_count());
+    for (auto& l : v) l = std::make_unique<LabelChecks>();
+    return v;
+  }();
+  return *lists.at(static_cast<size_t>(device));
+}
+
+void raise_label_check(const std::optional<LabelCheck>& failed) {
+  if (!failed) return;
+  const int64_t* f = failed->flag.const_data_ptr<int64_t>();
+  fail_target_value(f[1], failed->classes, failed->ignore_index,
+                    " (found at flat index " + std::to_string(f[0]) +
+                        " of the target by the device-side check of an earlier "
+                        "upsample_cross_entropy call on CUDA, whose loss is NaN; "
+                        "FCNFAST_CUDA_SYNC_CHECKS=1 checks each call before it returns)");
+}
+
+// FCNFAST_CUDA_SYNC_CHECKS: unset, "" or "0" lazy, "1" synchronous; read on every call.
+bool sync_label_checks() {
+  const char* v = std::getenv("FCNFAST_CUDA_SYNC_CHECKS");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "1") == 0,
+                    "fcnfast: FCNFAST_CUDA_SYNC_CHECKS must be 0 or 1, got '", v, "'");
+  return true;
+}
+
+// Queue the copy of the device flag and its event on the current stream.
+void defer_label_check(const at::Tensor& flag, int64_t classes, int64_t ignore_index) {
+  auto host = at::empty({2}, flag.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(flag, /*non_blocking=*/true);
+  LabelCheck check{at::cuda::CUDAEvent(cudaEventDisableTiming), host, classes, ignore_index};
+  check.copied.record(at::cuda::getCurrentCUDAStream());
+  label_checks(flag.device().index()).add(std::move(check));
+}
+
 struct CrossEntropyArgs {
   cuda::UpsampleShape shape;
   bool mean;
@@ -263,17 +330,23 @@ at::Tensor upsample_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& ta
   check_cuda(x, "x");
   const auto a =
       cross_entropy_args(check_upsample_cross_entropy(x, target, scale, crop, reduction));
-  // the label values: a reduction and one host sync per training step, so that an
-  // out-of-range label is the same ValueError as on every backend, not a NaN loss
-  check_target_values(target, x.size(1), ignore_index);
+  raise_label_check(label_checks(x.device().index()).poll());  // an earlier call's bad label
+  // the label values: checked on the device and reported by a later call (the loss is
+  // NaN meanwhile), or, with FCNFAST_CUDA_SYNC_CHECKS=1, here (a reduction and a host sync)
+  const bool sync = sync_label_checks();
+  if (sync) check_target_values(target, x.size(1), ignore_index);
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();
   auto loss = at::empty({}, xc.options());
   auto ws = ce_workspace(xc, a.shape);
-  C10_CUDA_CHECK(cuda::upsample_cross_entropy(dtype_of(xc), xc.const_data_ptr(),
-                                              t.const_data_ptr<int64_t>(), ignore_index, a.mean,
-                                              loss.data_ptr(), ws.data_ptr(), a.shape, stream()));
+  const bool defer = !sync && t.numel() > 0;
+  auto flag = defer ? at::empty({2}, t.options()) : at::Tensor();
+  C10_CUDA_CHECK(cuda::upsample_cross_entropy(
+      dtype_of(xc), xc.const_data_ptr(), t.const_data_ptr<int64_t>(), ignore_index, a.mean,
+      loss.data_ptr(), defer ? flag.mutable_data_ptr<int64_t>() : nullptr, ws.data_ptr(), a.shape,
+      stream()));
+  if (defer) defer_label_check(flag, x.size(1), ignore_index);
   return loss;
 }
 
@@ -282,10 +355,12 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
                                                 at::IntArrayRef crop, int64_t ignore_index,
                                                 c10::string_view reduction) {
   check_cuda(x, "x");
-  // no label-value check (a second host sync per step): the forward checked these labels,
-  // and a bad one gives NaN gradients here (upsample_cross_entropy.cu), never wrong ones
+  // no label-value check of its own (a host sync): the forward checked these labels (on
+  // the device; reported here if that check has completed), and a bad one gives NaN
+  // gradients (upsample_cross_entropy.cu), never wrong ones
   const auto a = cross_entropy_args(
       check_upsample_cross_entropy_backward(grad_loss, x, target, scale, crop, reduction));
+  raise_label_check(label_checks(x.device().index()).poll());
   c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto t = target.contiguous();
@@ -300,6 +375,14 @@ at::Tensor upsample_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
 }
 
 }  // namespace
+
+// fcnfast._C.check_pending_errors (csrc/bindings.cpp): waits for the label checks of
+// every device and raises the first failure.
+void check_pending_cuda_errors() {
+  for (c10::DeviceIndex d = 0; d < c10::cuda::device_count(); ++d) {
+    raise_label_check(label_checks(d).wait_all());
+  }
+}
 
 TORCH_LIBRARY_IMPL(fcnfast, CUDA, m) {
   m.impl("conv_transpose2d", &conv_transpose2d_cuda);

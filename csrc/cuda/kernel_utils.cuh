@@ -145,6 +145,23 @@ __device__ __forceinline__ Acc block_sum(Acc v) {
   return group_sum(v, kBlock);
 }
 
+// Minimum over the whole block (blockDim.x == kBlock), the same fixed tree as
+// group_sum (a minimum does not depend on the order; the tree keeps it barrier-safe).
+__device__ __forceinline__ int block_min(int v) {
+  __shared__ int buf[kBlock];
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = kBlock / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half && buf[threadIdx.x + half] < buf[threadIdx.x]) {
+      buf[threadIdx.x] = buf[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  const int m = buf[0];
+  __syncthreads();  // buf may be reused by the next call
+  return m;
+}
+
 // Grid-stride loops. Sizes are int32 (the host checks every tensor against
 // INT32_MAX); the counter is unsigned so i + stride cannot overflow.
 #define FCN_GRID_STRIDE(i, n)                                                 \

@@ -80,11 +80,13 @@ cudaError_t upsample_argmax(DType dtype, const void* x, int64_t* labels, const U
 // coefficient and one log-sum-exp per kept pixel).
 size_t upsample_cross_entropy_workspace_bytes(const UpsampleShape& s);
 // loss: one element of dtype. mean: divide by the number of non-ignored pixels.
-// A target outside [0, channels) that is not ignore_index gives a NaN loss
-// (the binding rejects it before launching).
+// A target outside [0, channels) that is not ignore_index makes the loss NaN
+// (either reduction). bad_label (device, two int64, may be null) receives the
+// first such label in memory order as {flat index, value}, or {-1, 0}: the
+// binding reports it without a device sync (csrc/host/pending_checks.h).
 cudaError_t upsample_cross_entropy(DType dtype, const void* x, const int64_t* target,
-                                   int64_t ignore_index, bool mean, void* loss, void* workspace,
-                                   const UpsampleShape& s, cudaStream_t stream);
+                                   int64_t ignore_index, bool mean, void* loss, int64_t* bad_label,
+                                   void* workspace, const UpsampleShape& s, cudaStream_t stream);
 // grad_loss: one element of dtype (on the device); grad_x has x's shape.
 cudaError_t upsample_cross_entropy_backward(DType dtype, const void* grad_loss, const void* x,
                                             const int64_t* target, int64_t ignore_index, bool mean,

@@ -255,9 +255,13 @@ inline CrossEntropyGeometry check_upsample_cross_entropy_backward(
 }
 
 // A label that is neither a class of x nor ignore_index (F.cross_entropy's contract).
-[[noreturn]] inline void fail_target_value(int64_t value, int64_t classes, int64_t ignore_index) {
+// note: appended, e.g. the CUDA binding's word that a device check of an earlier
+// call found it.
+[[noreturn]] inline void fail_target_value(int64_t value, int64_t classes, int64_t ignore_index,
+                                           const std::string& note = std::string()) {
   TORCH_CHECK_VALUE(false, "fcnfast: target value ", value, " is out of bounds: classes are [0, ",
-                    classes, ") (x has ", classes, " channels) and ignore_index is ", ignore_index);
+                    classes, ") (x has ", classes, " channels) and ignore_index is ", ignore_index,
+                    note);
   __builtin_unreachable();
 }
 

@@ -37,8 +37,11 @@
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
+
+#include "host/pending_checks.h"  // torch-free: its bookkeeping is tested with a fake check
 
 namespace emu {
 uint3 thread_idx, block_idx;
@@ -318,12 +321,12 @@ long long fcn_emu_ce_workspace_bytes(const int* v) {
       fcnfast::cuda::upsample_cross_entropy_workspace_bytes(shape_of<UpsampleShape>(v)));
 }
 int fcn_emu_upsample_cross_entropy(int dt, const void* x, const int64_t* target,
-                                   long long ignore_index, int mean, void* loss, void* workspace,
-                                   const int* v) {
+                                   long long ignore_index, int mean, void* loss, int64_t* bad_label,
+                                   void* workspace, const int* v) {
   return checked([&] {
     return fcnfast::cuda::upsample_cross_entropy(DType(dt), x, target, ignore_index, mean != 0,
-                                                 loss, workspace, shape_of<UpsampleShape>(v),
-                                                 nullptr);
+                                                 loss, bad_label, workspace,
+                                                 shape_of<UpsampleShape>(v), nullptr);
   });
 }
 int fcn_emu_upsample_cross_entropy_backward(int dt, const void* grad_loss, const void* x,
@@ -334,6 +337,64 @@ int fcn_emu_upsample_cross_entropy_backward(int dt, const void* grad_loss, const
                                                           ignore_index, mean != 0, gx, workspace,
                                                           shape_of<UpsampleShape>(v), nullptr);
   });
+}
+
+// ---- csrc/host/pending_checks.h with a fake check (the CUDA binding's uses events) ----
+// A script from Python: add checks by id (failed or not), complete them, poll or
+// wait; a waited check counts as completed.
+
+}  // extern "C"
+
+namespace {
+
+struct FakeCheck {
+  int id;
+  bool fails;
+  bool ready() { return fake_done().count(id) > 0; }
+  void wait() {
+    fake_done().insert(id);
+    ++fake_waits();
+  }
+  bool failed() const { return fails; }
+  static std::unordered_set<int>& fake_done() {
+    static std::unordered_set<int> s;
+    return s;
+  }
+  static int& fake_waits() {
+    static int n = 0;
+    return n;
+  }
+};
+
+fcnfast::PendingChecks<FakeCheck>& fake_checks() {
+  static fcnfast::PendingChecks<FakeCheck> p;
+  return p;
+}
+
+}  // namespace
+
+extern "C" {
+
+void fcn_emu_pending_reset() {
+  fake_checks().wait_all();
+  FakeCheck::fake_done().clear();
+  FakeCheck::fake_waits() = 0;
+}
+void fcn_emu_pending_add(int id, int fails) { fake_checks().add(FakeCheck{id, fails != 0}); }
+void fcn_emu_pending_complete(int id) { FakeCheck::fake_done().insert(id); }
+// The id of the failed check reported, or -1.
+int fcn_emu_pending_poll() {
+  const auto c = fake_checks().poll();
+  return c ? c->id : -1;
+}
+int fcn_emu_pending_wait_all() {
+  const auto c = fake_checks().wait_all();
+  return c ? c->id : -1;
+}
+long long fcn_emu_pending_size() { return static_cast<long long>(fake_checks().size()); }
+int fcn_emu_pending_waits() { return FakeCheck::fake_waits(); }
+long long fcn_emu_pending_max() {
+  return static_cast<long long>(fcnfast::PendingChecks<FakeCheck>::kMaxPending);
 }
 
 }  // extern "C"
