@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from .. import ops
 from ..losses import segmentation_loss
 from ..metrics import format_scores, segmentation_scores
 from .checkpointing import (
@@ -317,6 +318,10 @@ def _train_epoch(run: _Run, train_set):
         if stop:
             break
     bar.close()
+    if device.type == "cuda":
+        # CUDA checks the labels on the device and reports a bad one at the next loss call:
+        # the epoch's last step has none, so wait for its check here
+        ops.check_pending_errors()
     return loss_sum, stop
 
 
