@@ -122,6 +122,9 @@ def extension():
     return _load_extension()
 
 
+_registered = set()  # (op, dispatch key) pairs known to have a kernel
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """True when the native backend should run ``op`` for tensors on ``device_type``."""
     if _requested() == "reference" or extension() is None:
@@ -129,7 +132,13 @@ def has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    found = torch._C._dispatch_has_kernel_for_dispatch_key("fcnfast::" + op, key)
+    found = (op, key) in _registered
+    if not found:
+        # a registration only ever appears (the extension's load, CuPy's kernels), so a
+        # positive answer is kept: the dispatcher query costs ~10 us per op call
+        found = torch._C._dispatch_has_kernel_for_dispatch_key("fcnfast::" + op, key)
+        if found:
+            _registered.add((op, key))
     if not found and key == "CUDA":
         _warn_no_cuda_kernels()
     return found
