@@ -163,17 +163,18 @@ def dense_crf_reference(
     ``n = K.sum(1) ** -0.5`` (0 where the sum is below 1e-4). Computes in float64 for float64
     logits, else float32.
     """
-    logits, appearance, squeeze = _prepare(unary_logits, image, pca_components)
-    params = _check_params(
+    return dense_crf(
+        unary_logits,
+        image,
         iterations,
         spatial_std,
         spatial_weight,
         bilateral_spatial_std,
         bilateral_color_std,
         bilateral_weight,
+        pca_components,
+        backend="reference",
     )
-    q = _mean_field_reference(logits, appearance, *params).to(unary_logits.dtype)
-    return q.squeeze(0) if squeeze else q
 
 
 def refine_labels(logits, image, **kwargs):
