@@ -6,7 +6,8 @@ with AVX-512F), a phase convolution on oneDNN for the other dense geometries,
 and a per-pixel gather for dilated/sparse ones (built on the torch-free
 csrc/common/conv_transpose2d.h meant for the CUDA kernels too). The `path`
 fixture runs each test on "rows" (the default choice), "phase"
-(FCNFAST_NO_AVX512=1) and "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1), and on "cuda"
+(FCNFAST_NO_AVX512=1), "direct" (FCNFAST_CONV_TRANSPOSE_DIRECT=1), "aten" (the default
+routing of small deconvolutions to ATen, FCNFAST_CONV_TRANSPOSE_ATEN), and on "cuda"
 (the CUDA kernels, where a CUDA device is present; the CPU reference is the oracle).
 """
 
@@ -66,13 +67,17 @@ def _make(shape, dtype=torch.float32, bias=True):
     return x, weight, b, kwargs
 
 
-@pytest.fixture(params=with_cuda("rows", "phase", "direct"))
+@pytest.fixture(params=with_cuda("rows", "phase", "direct", "aten"))
 def path(request, monkeypatch):
+    """The CPU path: "aten" is the default routing (small float32 deconvolutions at stride
+    <= 2 through ATen's transposed convolution, the rest as "rows"); the others force one
+    kernel (conftest turns the ATen route off for every other test)."""
     if request.param != "cuda":
         monkeypatch.setenv(
             "FCNFAST_CONV_TRANSPOSE_DIRECT", "1" if request.param == "direct" else "0"
         )
         monkeypatch.setenv("FCNFAST_NO_AVX512", "1" if request.param == "phase" else "0")
+        monkeypatch.setenv("FCNFAST_CONV_TRANSPOSE_ATEN", "1" if request.param == "aten" else "0")
     return request.param
 
 

@@ -107,6 +107,25 @@ bool force_direct() {
   return v != nullptr && v[0] == '1';
 }
 
+// Small float32 deconvolutions at stride <= 2 (an FCN's upscore2, Lite0's k3 s2 layers) run as
+// ATen's own transposed convolution (oneDNN) plus the crop: the phase decomposition's per-call
+// work (finite checks, window copy, weight re-layout, result permutation) is fixed and lost to
+// it there -- measured on the 2-core AVX2 VM, 2 threads: 0.20x PyTorch for C=11 k3 s2 on 12x12,
+// 0.72x for C=21 k4 s2 on 16x16, 0.83x for C=150 k4 s2 on 16x16 (92 M multiply-adds), but 1.18x
+// for C=150 k4 s2 on 34x34 (416 M). The result is the reference's expression itself. Larger
+// strides keep the phase path (k16 s8 on 8x8 input: 1.36x). FCNFAST_CONV_TRANSPOSE_ATEN=0 turns
+// the route off (the tests run the kernels on every shape that way).
+constexpr int64_t kAtenMaxMacs = int64_t{192} << 20;
+
+bool use_aten_forward(const ConvTranspose2dGeom& g, int64_t batch, at::ScalarType dtype) {
+  const char* v = std::getenv("FCNFAST_CONV_TRANSPOSE_ATEN");
+  if ((v != nullptr && v[0] == '0') || force_direct() || dtype != at::kFloat) return false;
+  if (g.stride_h > 2 || g.stride_w > 2) return false;
+  const int64_t macs = batch * g.in_channels * (g.out_channels / g.groups) * g.in_h * g.in_w *
+                       g.kernel_h * g.kernel_w;
+  return macs <= kAtenMaxMacs;
+}
+
 // The phase convolution multiplies stride^2 * taps^2 weight entries per (ci, co)
 // where kernel^2 are non-zero; use it unless that wastes more than 2x.
 bool use_phase_conv(const PhasePlan& p) {
@@ -574,6 +593,12 @@ at::Tensor conv_transpose2d_cpu(const at::Tensor& x, const at::Tensor& weight,
   const ConvTArgs a = check_conv_transpose2d(x, weight, bias, stride, padding, output_padding,
                                              groups, dilation, crop);
   const auto& g = a.g;
+  if (use_aten_forward(g, a.batch, x.scalar_type()) && a.batch > 0 && g.crop_h > 0 &&
+      g.crop_w > 0) {
+    const auto full =
+        at::conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation);
+    return full.narrow(2, g.crop_top, g.crop_h).narrow(3, g.crop_left, g.crop_w).contiguous();
+  }
   // a reused block when one is free: no page faults (large_output.h)
   auto out = cpu::empty_large({a.batch, g.out_channels, g.crop_h, g.crop_w}, x.options());
   if (out.numel() == 0) return out;
