@@ -33,6 +33,8 @@ namespace permutohedral {
 
 constexpr int kMaxDim = 16;       // feature dimensions d (2 spatial + appearance)
 constexpr int kMaxTabulated = 8;  // tabulate blur entries per vertex for d + 1 <= this
+// ... and while the tables (3 x vertices x 2^(d+1) floats) stay below this
+constexpr int64_t kMaxTableBytes = int64_t{256} << 20;
 
 // Largest |feature| (in std units) whose lattice coordinates stay exact integers in float32 and
 // far from int32 overflow; features outside (or NaN/Inf) must be rejected before building.
@@ -267,12 +269,13 @@ class Lattice {
   // present). Subtracting it gives the paper's i != j messages exactly for the lattice operator.
   // Two vertices of a simplex differ by sum_{j in S} e_j for a direction set S read off the
   // point's rank permutation; B[v, v + sum_S e_j] depends only on (v, S) and is tabulated per
-  // vertex for all 2^(d+1) sets when d+1 <= kMaxTabulated.
+  // vertex for all 2^(d+1) sets when d+1 <= kMaxTabulated and the tables fit kMaxTableBytes.
   template <class ParFor>
   void self_weights(float* out, ParFor par) const {
     const int D1 = d_ + 1;
-    const bool tabulate = D1 <= kMaxTabulated;
     const int64_t sets = int64_t{1} << D1;
+    const bool tabulate = D1 <= kMaxTabulated &&
+                          3 * m_ * sets * static_cast<int64_t>(sizeof(float)) <= kMaxTableBytes;
     std::vector<float> table;
     if (tabulate) table = blur_entries(par);
     par(0, n_, D1 * D1 * (tabulate ? 2 : D1), [&](int64_t begin, int64_t end) {
@@ -320,7 +323,8 @@ class Lattice {
       const float v = elevated[k] * inv_d1;
       const float up = std::ceil(v), down = std::floor(v);
       // the nearer multiple of D1 (down on a tie), in integer arithmetic: written as a choice
-      // it compiles to a branch that mispredicts half the time (1/4 of the lattice build)
+      // it compiles to a branch that mispredicts half the time (permutohedral_filter on a
+      // 500x500 image's 5-D features: 107.6 -> 99.0 ms without it)
       const int32_t nearer_up = (up * D1 - elevated[k]) < (elevated[k] - down * D1);
       const int32_t lo = static_cast<int32_t>(down), hi = static_cast<int32_t>(up);
       const int32_t multiple = lo + ((hi - lo) & -nearer_up);  // hi - lo is 0 or 1
