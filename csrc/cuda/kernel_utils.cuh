@@ -119,24 +119,43 @@ __device__ __forceinline__ int split_index(const FastDivs<N>& f, int n, int idx,
   return idx;
 }
 
-// Deterministic sums over groups of `group` consecutive threads (group a power
-// of two dividing kBlock): a fixed shared-memory tree per group, so each sum
-// depends only on the inputs and the group size. Every thread of the block
-// must call it with the same group (the barriers are block-wide); every thread
-// gets the sum of its group.
-template <typename Acc>
-__device__ __forceinline__ Acc group_sum(Acc v, int group) {
+// Deterministic reductions over groups of `group` consecutive threads (group a
+// power of two dividing kBlock): a fixed shared-memory tree per group combining
+// with `combine` (Sum, Min), so each result depends only on the inputs and the
+// group size. Every thread of the block must call it with the same group (the
+// barriers are block-wide); every thread gets the result of its group.
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+struct Min {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return b < a ? b : a;
+  }
+};
+
+template <typename Acc, typename Combine>
+__device__ __forceinline__ Acc group_reduce(Acc v, int group, Combine combine) {
   __shared__ Acc buf[kBlock];
   buf[threadIdx.x] = v;
   __syncthreads();
   const int lane = static_cast<int>(threadIdx.x) & (group - 1);
   for (int half = group / 2; half > 0; half >>= 1) {
-    if (lane < half) buf[threadIdx.x] += buf[threadIdx.x + half];
+    if (lane < half) buf[threadIdx.x] = combine(buf[threadIdx.x], buf[threadIdx.x + half]);
     __syncthreads();
   }
   const Acc total = buf[threadIdx.x - lane];
   __syncthreads();  // buf may be reused by the next call
   return total;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc group_sum(Acc v, int group) {
+  return group_reduce(v, group, Sum());
 }
 
 // Sum over the whole block (blockDim.x == kBlock).
@@ -145,22 +164,8 @@ __device__ __forceinline__ Acc block_sum(Acc v) {
   return group_sum(v, kBlock);
 }
 
-// Minimum over the whole block (blockDim.x == kBlock), the same fixed tree as
-// group_sum (a minimum does not depend on the order; the tree keeps it barrier-safe).
-__device__ __forceinline__ int block_min(int v) {
-  __shared__ int buf[kBlock];
-  buf[threadIdx.x] = v;
-  __syncthreads();
-  for (int half = kBlock / 2; half > 0; half >>= 1) {
-    if (static_cast<int>(threadIdx.x) < half && buf[threadIdx.x + half] < buf[threadIdx.x]) {
-      buf[threadIdx.x] = buf[threadIdx.x + half];
-    }
-    __syncthreads();
-  }
-  const int m = buf[0];
-  __syncthreads();  // buf may be reused by the next call
-  return m;
-}
+// Minimum over the whole block (the first bad pixel of upsample_cross_entropy).
+__device__ __forceinline__ int block_min(int v) { return group_reduce(v, kBlock, Min()); }
 
 // Grid-stride loops. Sizes are int32 (the host checks every tensor against
 // INT32_MAX); the counter is unsigned so i + stride cannot overflow.
