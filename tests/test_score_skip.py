@@ -35,6 +35,7 @@ SHAPES = [
     (2, 3, 2, 0, 4, 9, 9, 9, 1, 1.0),  # 0-row window at the bottom edge
     (2, 7, 25, 5, 13, 6, 15, 1, 1, 0.5),  # K = 2 * 12 + 1 rows, 65 pixels: 1-lane tail
     (1, 9, 12, 4, 8, 4, 8, 0, 0, 1.0),  # exactly one 12-row, 32-pixel block
+    (2, 5, 13, 19, 7, 23, 10, 3, 2, 0.5),  # 133 pixels: a 128-pixel panel + 5, rows of 7
 ]
 
 
