@@ -113,7 +113,8 @@ bool force_direct() {
 // it there -- measured on the 2-core AVX2 VM, 2 threads: 0.20x PyTorch for C=11 k3 s2 on 12x12,
 // 0.72x for C=21 k4 s2 on 16x16, 0.83x for C=150 k4 s2 on 16x16 (92 M multiply-adds), but 1.18x
 // for C=150 k4 s2 on 34x34 (416 M). The result is the reference's expression itself. Larger
-// strides keep the phase path (k16 s8 on 8x8 input: 1.36x). FCNFAST_CONV_TRANSPOSE_ATEN=0 turns
+// strides keep the phase path (k16 s8 on 8x8 input: 1.36x), and so do the geometries the AVX-512
+// row kernel (phase_rows_avx512.h) takes on CPUs that have it. FCNFAST_CONV_TRANSPOSE_ATEN=0 turns
 // the route off (the tests run the kernels on every shape that way).
 constexpr int64_t kAtenMaxMacs = int64_t{192} << 20;
 
@@ -121,6 +122,9 @@ bool use_aten_forward(const ConvTranspose2dGeom& g, int64_t batch, at::ScalarTyp
   const char* v = std::getenv("FCNFAST_CONV_TRANSPOSE_ATEN");
   if ((v != nullptr && v[0] == '0') || force_direct() || dtype != at::kFloat) return false;
   if (g.stride_h > 2 || g.stride_w > 2) return false;
+  // where the AVX-512 row kernel takes the layer it beats oneDNN (Zen 5 VM, 2 threads, C=21
+  // k4 s2 on 16x16: 0.18 ms against ATen's 0.57 ms in the same process)
+  if (cpu::phase_rows_eligible(g)) return false;
   const int64_t macs = batch * g.in_channels * (g.out_channels / g.groups) * g.in_h * g.in_w *
                        g.kernel_h * g.kernel_w;
   return macs <= kAtenMaxMacs;
