@@ -118,7 +118,9 @@ def conv_transpose2d(
         device); the result has the input's dtype.
 
     Under ``torch.autocast``: ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
-    (as ``F.conv_transpose2d``); the kernel accumulates in fp32.
+    (as ``F.conv_transpose2d``); the kernel accumulates in fp32. bfloat16 on a CPU with
+    AVX512-BF16: the phase GEMM runs on oneDNN's bf16 kernels (fp32 accumulation, the sum
+    rounded to bfloat16 before the bias is added); elsewhere the operands are converted to fp32.
     """
     _refuse_trace("conv_transpose2d")
     if geo.is_unbatched(x, "x"):

@@ -43,10 +43,12 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../host/op_checks.h"
 #include "../common/conv_transpose2d.h"
+#include "isa.h"
 #include "large_output.h"
 #include "parallel.h"
 #include "phase_rows_avx512.h"
@@ -192,7 +194,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const PhasePlan& p, int64_t gr
                       w.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (!every_phase_tap_used(p.h) || !every_phase_tap_used(p.w)) wc.zero_();
   TORCH_INTERNAL_ASSERT(wc.is_contiguous(at::MemoryFormat::ChannelsLast));
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "conv_transpose2d_phase_weight", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, acc_type, "conv_transpose2d_phase_weight", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = wc.data_ptr<scalar_t>();
     const int64_t kh = p.h.kernel, kw = p.w.kernel;
@@ -330,8 +332,8 @@ inline void store_row(scalar_t* dst, const acc_t* src, int64_t n, bool /*stream*
 // Along the width, block qx and phase rx give output column
 // qx * s_w + rx - off: runs of s_w contiguous columns, assembled in `row`
 // (crop_w elements) and then stored.
-template <typename scalar_t, typename acc_t>
-void scatter_row(const acc_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
+template <typename scalar_t, typename src_t, typename acc_t>
+void scatter_row(const src_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
                  const scalar_t* bias_g, scalar_t* out_ng, acc_t* row, bool stream) {
   const int64_t sh = p.h.stride, sw = p.w.stride;
   const int64_t oh = p.h.crop_len, ow = p.w.crop_len;
@@ -341,13 +343,13 @@ void scatter_row(const acc_t* rt, int64_t ld, const PhasePlan& p, int64_t qy,
     for (int64_t ry = 0; ry < sh; ++ry) {
       const int64_t y = out_row(p.h, qy, ry);
       if (y < 0) continue;
-      const acc_t* src = rt + (co * sh + ry) * sw;
+      const src_t* src = rt + (co * sh + ry) * sw;
       for (int64_t qx = 0; qx < p.w.nq; ++qx) {
         const int64_t x0 = qx * sw - off;
         const int64_t rx_lo = std::max<int64_t>(0, -x0), rx_hi = std::min<int64_t>(sw, ow - x0);
-        const acc_t* s = src + qx * ld;
+        const src_t* s = src + qx * ld;
         acc_t* r = row + x0;
-        for (int64_t rx = rx_lo; rx < rx_hi; ++rx) r[rx] = s[rx] + b;
+        for (int64_t rx = rx_lo; rx < rx_hi; ++rx) r[rx] = static_cast<acc_t>(s[rx]) + b;
       }
       store_row(out_ng + (co * oh + y) * ow, row, ow, stream);
     }
@@ -391,7 +393,8 @@ at::Tensor phase_conv(const at::Tensor& input, const at::Tensor& wc, int64_t gro
 #if AT_MKLDNN_ENABLED()
   // fp32 goes to oneDNN directly: ATen's heuristic sends small inputs (an FCN
   // k4 s2 layer on a 16x16 score map) to its im2col path, 1.6x slower here.
-  if (input.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn())
+  if ((input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16) &&
+      at::globalContext().userEnabledMkldnn())
     return at::mkldnn_convolution(input, wc, std::nullopt, {0, 0}, {1, 1}, {1, 1}, groups)
         .contiguous(at::MemoryFormat::ChannelsLast);
 #endif
@@ -411,17 +414,21 @@ int64_t rows_per_chunk(const PhasePlan& p, int64_t groups, int64_t elem_size) {
   return std::clamp<int64_t>((int64_t(8) << 20) / std::max<int64_t>(1, row_bytes), 1, p.h.nq);
 }
 
-template <typename scalar_t>
-void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
-                        const at::Tensor& weight, const scalar_t* bias, at::Tensor& out) {
+// conv_t: the phase convolution's operand (and result) type -- acc_t, or bfloat16 itself for a
+// bfloat16 layer on a CPU with AVX512-BF16 (oneDNN's bf16 kernels accumulate in fp32; the
+// operands are the layer's own bf16 values, so only the GEMM result is rounded, to bf16, before
+// the bias is added).
+template <typename scalar_t, typename conv_t>
+void forward_phase_conv_as(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
+                           const at::Tensor& weight, const scalar_t* bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
-  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor input = phase_input<scalar_t, acc_t>(x, input_window(p));
-  const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
+  const at::ScalarType conv_type = c10::CppTypeToScalarType<conv_t>::value;
+  const at::Tensor input = phase_input<scalar_t, conv_t>(x, input_window(p));
+  const at::Tensor wc = phase_weight(weight, p, g.groups, conv_type);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
-  const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(acc_t));
+  const int64_t chunk = rows_per_chunk(p, g.groups, sizeof(conv_t));
   const bool stream = cpu::use_streaming_stores(out);
   for (int64_t n = 0; n < a.batch; ++n)
     for (int64_t q0 = 0; q0 < rows; q0 += chunk) {
@@ -429,7 +436,7 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
       // block rows [q0, q1) need window rows [q0, q1 + taps_h - 1)
       const at::Tensor r =
           phase_conv(input.narrow(0, n, 1).narrow(2, q0, q1 - q0 + p.h.taps - 1), wc, g.groups);
-      const acc_t* rp = r.data_ptr<acc_t>();
+      const conv_t* rp = r.data_ptr<conv_t>();
       // one unit = one block row of one group: a permutation of the phase
       // convolution's channels-last rows into the output
       at::parallel_for(
@@ -445,6 +452,16 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
             cpu::stream_fence();
           });
     }
+}
+
+template <typename scalar_t>
+void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& x,
+                        const at::Tensor& weight, const scalar_t* bias, at::Tensor& out) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (cpu::use_avx512_bf16())
+      return forward_phase_conv_as<scalar_t, scalar_t>(a, p, x, weight, bias, out);
+  }
+  forward_phase_conv_as<scalar_t, at::opmath_type<scalar_t>>(a, p, x, weight, bias, out);
 }
 
 template <typename scalar_t>

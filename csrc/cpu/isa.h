@@ -26,6 +26,18 @@ inline bool use_avx512() {
 #endif
 }
 
+// Whether bfloat16 layers may run their GEMMs in bfloat16 (oneDNN's AVX512-BF16 kernels, fp32
+// accumulation) instead of converting to fp32 first: the CPU has AVX512-BF16 and
+// FCNFAST_NO_AVX512=1 is not set. Without the instructions oneDNN would emulate them.
+inline bool use_avx512_bf16() {
+#if defined(FCNFAST_HAVE_AVX512_KERNELS)
+  static const bool cpu_has = __builtin_cpu_supports("avx512bf16");
+  return cpu_has && use_avx512();
+#else
+  return false;
+#endif
+}
+
 #if defined(FCNFAST_HAVE_AVX512_KERNELS)
 // The 16-lane mask selecting the first `lanes` lanes (none for lanes <= 0).
 inline __mmask16 lane_mask(int64_t lanes) {

@@ -1,0 +1,105 @@
+"""The learned FCN-8s upscore8 deconvolution (k16 s8 + crop, 70x70 -> 500x500) in bfloat16:
+time and error against float64, side by side with PyTorch's expression.
+
+Rows, per class count C: PyTorch's ``F.conv_transpose2d(...)[..., 31:531, 31:531]`` in fp32 and
+in bf16, and ``fcnfast.ops.conv_transpose2d`` in fp32, in bf16 on its bf16 GEMM path (oneDNN's
+AVX512-BF16 kernels, fp32 accumulation; CPUs with AVX512-BF16 only) and in bf16 converted to fp32
+first (``FCNFAST_NO_AVX512=1``, the path of every other CPU). The error is max |y - y64| / max |y64|
+against the float64 result on the same (bf16-rounded) inputs, so it measures the arithmetic, not
+the rounding of the inputs. Times: median of ``--reps`` calls after one warm-up call.
+
+    PYTHONPATH=. python benchmarks/bf16_deconv.py --classes 21 59 150 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fcnfast import ops
+
+CROP = (31, 31, 500, 500)
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _rel_error(y: torch.Tensor, y64: torch.Tensor) -> float:
+    return ((y.double() - y64).abs().max() / y64.abs().max()).item()
+
+
+def _fcnfast(x, w, no_avx512: bool):
+    def run():
+        previous = os.environ.get("FCNFAST_NO_AVX512")
+        os.environ["FCNFAST_NO_AVX512"] = "1" if no_avx512 else "0"
+        try:
+            return ops.conv_transpose2d(x, w, None, 8, crop=CROP)
+        finally:
+            if previous is None:
+                del os.environ["FCNFAST_NO_AVX512"]
+            else:
+                os.environ["FCNFAST_NO_AVX512"] = previous
+
+    return run
+
+
+def rows(c: int, reps: int):
+    gen = torch.Generator().manual_seed(c)
+    x = torch.randn(1, c, 70, 70, generator=gen).bfloat16()
+    w = (torch.randn(c, c, 16, 16, generator=gen) / (4 * c**0.5)).bfloat16()
+    top, left, h, wd = CROP
+    y64 = F.conv_transpose2d(x.double(), w.double(), stride=8)[..., top : top + h, left : left + wd]
+    x32, w32 = x.float(), w.float()
+    cases = [
+        ("PyTorch fp32", lambda: F.conv_transpose2d(x32, w32, stride=8)[..., 31:531, 31:531]),
+        ("PyTorch bf16", lambda: F.conv_transpose2d(x, w, stride=8)[..., 31:531, 31:531]),
+        ("fcnfast fp32", lambda: ops.conv_transpose2d(x32, w32, None, 8, crop=CROP)),
+        ("fcnfast bf16 (bf16 GEMM)", _fcnfast(x, w, no_avx512=False)),
+        ("fcnfast bf16 (fp32 GEMM)", _fcnfast(x, w, no_avx512=True)),
+    ]
+    for name, fn in cases:
+        yield name, _median_ms(fn, reps), _rel_error(fn(), y64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[21, 59, 150])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    print(
+        "torch %s, %s, %d threads, avx512_bf16 %s, loadavg %s"
+        % (
+            torch.__version__,
+            platform.processor() or platform.machine(),
+            args.threads,
+            "avx512_bf16" in flags,
+            "%.2f %.2f %.2f" % os.getloadavg(),
+        )
+    )
+    print("| C | implementation | ms | x vs PyTorch bf16 | max rel. error vs fp64 |")
+    print("|---:|---|---:|---:|---:|")
+    for c in args.classes:
+        results = list(rows(c, args.reps))
+        torch_bf16 = dict((name, ms) for name, ms, _ in results)["PyTorch bf16"]
+        for name, ms, err in results:
+            print("| %d | %s | %.1f | %.2fx | %.2e |" % (c, name, ms, torch_bf16 / ms, err))
+
+
+if __name__ == "__main__":
+    main()
