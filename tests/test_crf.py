@@ -392,6 +392,30 @@ def test_deterministic_and_thread_independent():
     assert torch.equal(first, single)
 
 
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return " avx512f" in fh.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512f(), reason="the CPU has no AVX-512F: one blur kernel only")
+@pytest.mark.parametrize("shape", [(3, 9, 70), (21, 6, 40), (17, 3, 5), (40, 11, 13)])
+def test_avx512_blur_is_bitwise_the_avx2_blur(shape, monkeypatch):
+    """The spatial blur's 16-lane rows (64-float blocks, masked tails; the vertical pass's
+    512-float strips) do per element what the 8-lane rows do: the same bits."""
+    require_native("dense_crf")
+    c, h, w = shape
+    image, _ = blocks_image(h, w, noise=10.0)
+    logits = random_logits(c, h, w, seed=3)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FCNFAST_NO_AVX512", flag)
+        out[flag] = crf.dense_crf(logits, image, iterations=3)
+    assert torch.equal(out["0"], out["1"])
+
+
 def test_opcheck():
     require_native("dense_crf")
     image, _ = blocks_image(6, 7)
