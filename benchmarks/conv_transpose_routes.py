@@ -49,7 +49,7 @@ def main() -> None:
         % ((torch.__version__, args.threads) + os.getloadavg())
     )
     print("| C | PyTorch ms | %s |" % " | ".join("%s ms" % r for r in ROUTES))
-    print("|---:|---:|%s" % "---:|" * len(ROUTES))
+    print("|---:|---:|" + "---:|" * len(ROUTES))
     try:
         for c in args.classes:
             x = torch.randn(1, c, args.size, args.size)

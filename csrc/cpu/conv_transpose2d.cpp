@@ -119,16 +119,22 @@ bool force_direct() {
 // row kernel (phase_rows_avx512.h) takes on CPUs that have it. FCNFAST_CONV_TRANSPOSE_ATEN=0 turns
 // the route off (the tests run the kernels on every shape that way).
 constexpr int64_t kAtenMaxMacs = int64_t{192} << 20;
+// On AVX-512 CPUs (Zen 5 VM, 2 threads, k4 s2 on 16x16, benchmarks/conv_transpose_routes.py:
+// routes alternated in one process) fcnfast's kernels beat ATen's route up to C=59 -- C=21
+// 0.23 vs 0.42 ms (row kernel), C=32 0.30 vs 0.54, C=59 0.47 vs 0.61 ms (phase convolution,
+// 14 M multiply-adds) -- and lose at C=150 (92 M): 2.72 vs 1.29 ms.
+constexpr int64_t kAtenMinMacsAvx512 = int64_t{32} << 20;
 
 bool use_aten_forward(const ConvTranspose2dGeom& g, int64_t batch, at::ScalarType dtype) {
   const char* v = std::getenv("FCNFAST_CONV_TRANSPOSE_ATEN");
   if ((v != nullptr && v[0] == '0') || force_direct() || dtype != at::kFloat) return false;
   if (g.stride_h > 2 || g.stride_w > 2) return false;
-  // where the AVX-512 row kernel takes the layer it beats oneDNN (Zen 5 VM, 2 threads, C=21
-  // k4 s2 on 16x16: 0.18 ms against ATen's 0.57 ms in the same process)
+  // where the AVX-512 row kernel takes the layer it beats oneDNN
   if (cpu::phase_rows_eligible(g)) return false;
   const int64_t macs = batch * g.in_channels * (g.out_channels / g.groups) * g.in_h * g.in_w *
                        g.kernel_h * g.kernel_w;
+  // and on AVX-512 CPUs the phase convolution wins the smaller ones too
+  if (cpu::use_avx512() && macs < kAtenMinMacsAvx512) return false;
   return macs <= kAtenMaxMacs;
 }
 
