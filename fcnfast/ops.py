@@ -119,8 +119,9 @@ def conv_transpose2d(
 
     Under ``torch.autocast``: ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
     (as ``F.conv_transpose2d``); the kernel accumulates in fp32. bfloat16 on a CPU with
-    AVX512-BF16: the phase GEMM runs on oneDNN's bf16 kernels (fp32 accumulation, the sum
-    rounded to bfloat16 before the bias is added); elsewhere the operands are converted to fp32.
+    AVX512-BF16: the phase GEMMs of the forward and the backward run on oneDNN's bf16 kernels
+    (fp32 accumulation; the forward's sum is rounded to bfloat16 before the bias is added, the
+    weight gradient summed over images in fp32); elsewhere the operands are converted to fp32.
     """
     _refuse_trace("conv_transpose2d")
     if geo.is_unbatched(x, "x"):

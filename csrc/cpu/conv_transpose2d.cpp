@@ -470,23 +470,26 @@ void forward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor
   forward_phase_conv_as<scalar_t, at::opmath_type<scalar_t>>(a, p, x, weight, bias, out);
 }
 
-template <typename scalar_t>
-void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& grad,
-                         const at::Tensor& x, const at::Tensor& weight, at::Tensor* grad_x,
-                         at::Tensor* grad_weight) {
+// conv_t as in forward_phase_conv_as: the phase GEMMs' operand type. The weight gradient is summed
+// over images in acc_t either way.
+template <typename scalar_t, typename conv_t>
+void backward_phase_conv_as(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& grad,
+                            const at::Tensor& x, const at::Tensor& weight, at::Tensor* grad_x,
+                            at::Tensor* grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& g = a.g;
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::ScalarType conv_type = c10::CppTypeToScalarType<conv_t>::value;
   const int64_t nqw = p.w.nq, rows = p.h.nq, ld = g.groups * p.m_cols();
   const InputWindow win = input_window(p);
-  const at::Tensor input = phase_input<scalar_t, acc_t>(x, win);
-  const at::Tensor wc = phase_weight(weight, p, g.groups, acc_type);
+  const at::Tensor input = phase_input<scalar_t, conv_t>(x, win);
+  const at::Tensor wc = phase_weight(weight, p, g.groups, conv_type);
   // one image's gradient permuted into the phase convolution's output layout
   at::Tensor gt =
       cpu::empty_large({1, ld, rows, nqw}, input.options(), at::MemoryFormat::ChannelsLast);
-  at::Tensor dwc = grad_weight ? at::zeros_like(wc) : at::Tensor();
+  at::Tensor dwc = grad_weight ? at::zeros_like(wc, wc.options().dtype(acc_type)) : at::Tensor();
   const scalar_t* gp = grad.data_ptr<scalar_t>();
-  acc_t* gtp = gt.data_ptr<acc_t>();
+  conv_t* gtp = gt.data_ptr<conv_t>();
   // images in a fixed order (the weight gradient sums them in that order)
   for (int64_t n = 0; n < a.batch; ++n) {
     at::parallel_for(0, g.groups * rows, cpu::grain_for(nqw * p.m_cols(), cpu::kConvMinWork),
@@ -507,12 +510,24 @@ void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tenso
       window_view(grad_x->narrow(0, n, 1), win, false)
           .copy_(window_view(std::get<0>(grads), win, true));
     }
-    if (grad_weight) dwc.add_(std::get<1>(grads));
+    if (grad_weight) dwc.add_(std::get<1>(grads));  // promotes a bf16 gradient to acc_t
   }
   if (grad_weight) {
     const at::Tensor dwc_c = dwc.contiguous();
     unphase_weight(dwc_c.data_ptr<acc_t>(), p, g.in_channels, grad_weight->data_ptr<scalar_t>());
   }
+}
+
+template <typename scalar_t>
+void backward_phase_conv(const ConvTArgs& a, const PhasePlan& p, const at::Tensor& grad,
+                         const at::Tensor& x, const at::Tensor& weight, at::Tensor* grad_x,
+                         at::Tensor* grad_weight) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (cpu::use_avx512_bf16())
+      return backward_phase_conv_as<scalar_t, scalar_t>(a, p, grad, x, weight, grad_x, grad_weight);
+  }
+  backward_phase_conv_as<scalar_t, at::opmath_type<scalar_t>>(a, p, grad, x, weight, grad_x,
+                                                              grad_weight);
 }
 
 // ---------------------------------------------------------------------------
