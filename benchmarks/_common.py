@@ -2,6 +2,7 @@
 
 import os
 import platform
+import time
 
 import torch
 
@@ -29,3 +30,17 @@ def machine(details: str) -> str:
         str: the line.
     """
     return "%s, %d cores, torch %s%s" % (cpu_model(), os.cpu_count(), torch.__version__, details)
+
+
+def median_ms(fn, calls: int, warmup: int = 1) -> float:
+    """The median wall time of ``calls`` calls of ``fn`` in ms (the upper one of an even count),
+    after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3

@@ -205,6 +205,29 @@ def _rss(field):
     return float("nan")
 
 
+def train_step(model_name, model, net, fast, fmt, bf16=False):
+    """``step(images, target) -> loss``: one training step of ``net`` (the fcnfast ``model`` when
+    ``fast``, else the plain FCN sharing its backbone): ``zero_grad``, forward + loss (under bf16
+    autocast when ``bf16``), ``backward``, SGD (momentum 0.9) ``step``; ``fmt`` is the memory
+    format of the float input."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)
+
+    def step(imgs, tgt):
+        x = _to_float(model_name, model, imgs).contiguous(memory_format=fmt)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fast:
+                loss = net.loss(x, tgt)
+            else:
+                loss = F.cross_entropy(net(x), tgt, ignore_index=255)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
 def child(args):
     import fcnfast
 
@@ -223,20 +246,7 @@ def child(args):
 
     if args.phase == "train":
         net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)
-
-        def call(imgs, tgt):
-            x = _to_float(args.model, model, imgs).contiguous(memory_format=fmt)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                if fast:
-                    loss = net.loss(x, tgt)
-                else:
-                    loss = F.cross_entropy(net(x), tgt, ignore_index=255)
-            loss.backward()
-            opt.step()
-            return loss.item()
+        call = train_step(args.model, model, net, fast, fmt, bf16)
     else:
         net.eval()
 

@@ -18,26 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 
+import _common  # benchmarks/_common.py: the machine line, median_ms
 import torch
 import torch.nn.functional as F
 
 from fcnfast import ops
 
 CROP = (31, 31, 500, 500)
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def _rel_error(y: torch.Tensor, y64: torch.Tensor) -> float:
@@ -96,7 +84,7 @@ def rows(c: int, reps: int, backward: bool):
         ("fcnfast bf16 (fp32 GEMM)", run(_fcnfast(no_avx512=True), torch.bfloat16)),
     ]
     for name, fn in cases:
-        yield name, _median_ms(fn, reps), error(fn(), ref)
+        yield name, _common.median_ms(fn, reps), error(fn(), ref)
 
 
 def main() -> None:
@@ -110,16 +98,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    print(
-        "torch %s, %s, %d threads, avx512_bf16 %s, loadavg %s"
-        % (
-            torch.__version__,
-            platform.processor() or platform.machine(),
-            args.threads,
-            "avx512_bf16" in flags,
-            "%.2f %.2f %.2f" % os.getloadavg(),
-        )
+    details = ", %d threads, avx512_bf16 %s, load average %.2f %.2f %.2f" % (
+        (args.threads, "avx512_bf16" in flags) + os.getloadavg()
     )
+    print(_common.machine(details))
     what = "forward + backward" if args.backward else "forward"
     print(what)
     print("| C | implementation | ms | x vs PyTorch bf16 | max rel. error vs fp64 |")

@@ -13,24 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import _common  # benchmarks/_common.py: the machine line
+import _common  # benchmarks/_common.py: the machine line, median_ms
 import torch
 
 from fcnfast import ops
-
-
-def median_ms(fn, calls=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
 
 
 def main(argv=None):
@@ -51,9 +38,9 @@ def main(argv=None):
             out = upsample()
             dst, src = torch.empty_like(out), torch.randn_like(out)
             mb = out.numel() * out.element_size() / 1e6
-            t_op = median_ms(upsample)
-            t_fill = median_ms(lambda dst=dst: dst.fill_(1.0))
-            t_copy = median_ms(lambda dst=dst, src=src: dst.copy_(src))
+            t_op = _common.median_ms(upsample, calls=30, warmup=5)
+            t_fill = _common.median_ms(lambda dst=dst: dst.fill_(1.0), calls=30, warmup=5)
+            t_copy = _common.median_ms(lambda dst=dst, src=src: dst.copy_(src), calls=30, warmup=5)
             print(
                 "| %d | %d | %.0f | %.2f | %.1f | %.1f | %.0f%% | %.1f |"
                 % (

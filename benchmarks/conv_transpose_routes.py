@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 
+import _common  # benchmarks/_common.py: the machine line
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +46,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     saved = {k: os.environ.get(k) for env in ROUTES.values() for k in env}
     print(
-        "torch %s, %d threads, loadavg %.2f %.2f %.2f"
-        % ((torch.__version__, args.threads) + os.getloadavg())
+        _common.machine(
+            ", %d threads, load average %.2f %.2f %.2f" % ((args.threads,) + os.getloadavg())
+        )
     )
     print("| C | PyTorch ms | %s |" % " | ".join("%s ms" % r for r in ROUTES))
     print("|---:|---:|" + "---:|" * len(ROUTES))

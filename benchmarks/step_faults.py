@@ -9,33 +9,11 @@ FCN alternating in one process (the models, inputs and step of bench_end_to_end.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import sys
 import time
 
+import bench_end_to_end as e2e  # benchmarks/bench_end_to_end.py: models, inputs, the step
 import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_end_to_end as e2e  # noqa: E402
-
-
-def _step(net, model, images, target, fast: bool):
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)
-
-    def call():
-        x = model.preprocess(images).contiguous(memory_format=torch.channels_last)
-        opt.zero_grad(set_to_none=True)
-        if fast:
-            loss = net.loss(x, target)
-        else:
-            loss = F.cross_entropy(net(x), target, ignore_index=255)
-        loss.backward()
-        opt.step()
-
-    return call
 
 
 def main() -> None:
@@ -49,18 +27,18 @@ def main() -> None:
         m.to(memory_format=torch.channels_last).train()
     images, target = make_input(4, (360, 480))
     steps = {
-        "native": _step(model, model, images, target, fast=True),
-        "plain": _step(plain, model, images, target, fast=False),
+        name: e2e.train_step("lite0", model, net, fast, torch.channels_last)
+        for name, net, fast in (("native", model, True), ("plain", plain, False))
     }
-    for call in steps.values():
-        call()  # warm-up: library init, optimizer state
+    for step in steps.values():
+        step(images, target)  # warm-up: library init, optimizer state
     print("| step | implementation | wall ms | user ms | sys ms | minor faults |")
     print("|---:|---|---:|---:|---:|---:|")
     for i in range(args.steps):
-        for name, call in steps.items():
+        for name, step in steps.items():
             before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
-            call()
+            step(images, target)
             wall = time.perf_counter() - start
             after = resource.getrusage(resource.RUSAGE_SELF)
             print(
